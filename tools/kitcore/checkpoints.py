@@ -1,0 +1,174 @@
+"""Checkpoints: checking a HuggingFace checkpoint directory, its fingerprint, and the default ones.
+
+Checkpoints are only ever read from safetensors (never unpickled), and never with trust_remote_code.
+Every problem with a directory raises `UsageError` with one line naming the problem and the fix.
+"""
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UsageError
+
+FAMILIES = {"llama": ("llama",), "qwen3_moe": ("qwen3_moe",)}
+# Bump when the tiny-checkpoint recipe changes, so that caches are regenerated.
+RECIPE_VERSION = 1
+_FULL_HASH_LIMIT = 64 << 20  # files up to 64 MiB are hashed in full, larger ones by header + samples
+
+
+def cache_root():
+    root = os.environ.get("LLM_KIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llm-kit")
+    return Path(root)
+
+
+def _read_safetensors_header(path):
+    """The header dict of one .safetensors file; checks that the file holds every byte it declares."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise UsageError(f"{path}: truncated safetensors file ({size} bytes); re-download or regenerate it")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > 100 << 20:
+            raise UsageError(f"{path}: corrupt safetensors header (declares {n} header bytes in a {size}-byte file); "
+                             "re-download or regenerate it")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            raise UsageError(f"{path}: corrupt safetensors header (not JSON); re-download or regenerate it") from None
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise UsageError(f"{path}: truncated safetensors file ({size} bytes, header declares {8 + n + end}); "
+                         "re-download or regenerate it")
+    return header
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: dict
+    weight_files: list  # Path of every .safetensors shard
+    tensors: dict  # tensor name -> (file Path, shape list, dtype str)
+
+    @property
+    def model_type(self):
+        return self.config.get("model_type")
+
+    @property
+    def fingerprint(self):
+        """sha256 over config.json and the weights (full bytes for small files, header + samples otherwise)."""
+        h = hashlib.sha256()
+        h.update((self.path / "config.json").read_bytes())
+        for f in self.weight_files:
+            size = f.stat().st_size
+            h.update(f.name.encode())
+            h.update(str(size).encode())
+            with open(f, "rb") as fh:
+                if size <= _FULL_HASH_LIMIT:
+                    h.update(fh.read())
+                else:
+                    for offset in (0, size // 2, size - (1 << 20)):
+                        fh.seek(offset)
+                        h.update(fh.read(1 << 20))
+        return h.hexdigest()[:16]
+
+    def load_tensors(self, names):
+        """Load the named tensors from whichever shards hold them (safetensors only)."""
+        from safetensors import safe_open
+
+        missing = [n for n in names if n not in self.tensors]
+        if missing:
+            raise UsageError(f"{self.path}: checkpoint lacks weight {missing[0]}"
+                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                             + "; is it the right model and layer?")
+        by_file = {}
+        for n in names:
+            by_file.setdefault(self.tensors[n][0], []).append(n)
+        out = {}
+        for f, keys in by_file.items():
+            with safe_open(str(f), framework="pt") as st:
+                for k in keys:
+                    out[k] = st.get_tensor(k)
+        return out
+
+
+def open_checkpoint(path, family=None):
+    """Check a checkpoint directory and return a `Checkpoint`; `family` is 'llama' or 'qwen3_moe'."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"--model_path {path}: no such directory; pass a HuggingFace checkpoint directory "
+                         "(or omit --model_path to use the kit's default checkpoint)")
+    if not p.is_dir():
+        raise UsageError(f"--model_path {path}: is a file, not a checkpoint directory")
+    cfg_path = p / "config.json"
+    if not cfg_path.is_file():
+        raise UsageError(f"{path}: no config.json; a HuggingFace checkpoint directory needs config.json "
+                         "and *.safetensors")
+    try:
+        config = json.loads(cfg_path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise UsageError(f"{cfg_path}: corrupt config.json (not a JSON object); restore it from the source") from None
+    if family is not None and config.get("model_type") not in FAMILIES[family]:
+        raise UsageError(f"{path}: model_type is {config.get('model_type')!r}, this script checks {family} "
+                         f"checkpoints; use the {family} checkpoint or the script for its family")
+    index_path = p / "model.safetensors.index.json"
+    tensors = {}
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise UsageError(f"{index_path}: corrupt index (no weight_map); restore it from the source") from None
+        files = sorted({p / f for f in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise UsageError(f"{path}: shard {f.name} listed in the index is missing; download it")
+    else:
+        files = sorted(p.glob("*.safetensors"))
+    if not files:
+        pickles = [f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        hint = (f" (found {pickles[0]}: pickled weights are never loaded; convert them to safetensors)"
+                if pickles else "")
+        raise UsageError(f"{path}: no *.safetensors weights{hint}")
+    for f in files:
+        for name, info in _read_safetensors_header(f).items():
+            if name != "__metadata__":
+                tensors[name] = (f, info["shape"], info["dtype"])
+    if not tensors:
+        raise UsageError(f"{path}: the safetensors files hold no tensors; regenerate the checkpoint")
+    return Checkpoint(p, config, files, tensors)
+
+
+def default_checkpoint(family, seed=0):
+    """The kit's embedded checkpoint for `family`, generated once into the cache and reused."""
+    target = cache_root() / "checkpoints" / f"{family}-tiny-seed{seed}-r{RECIPE_VERSION}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits, then finds the finished checkpoint
+        if not (target / "config.json").is_file():
+            from .tiny import write_checkpoint
+
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+            try:
+                write_checkpoint(family, tmp, seed=seed, size="tiny")
+                os.replace(tmp, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_checkpoint(model_path, family, seed=0):
+    """`--model_path` if given, else the default checkpoint; opened and checked."""
+    if model_path is None:
+        return open_checkpoint(default_checkpoint(family, seed), family)
+    return open_checkpoint(model_path, family)

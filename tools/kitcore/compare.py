@@ -1,0 +1,154 @@
+"""The comparison core: one function, `compare`, used for every tensor the kit checks.
+
+A candidate tensor is compared with a reference tensor (the reference is always the second
+argument). Both are cast to float64 on the CPU, so the figures do not depend on the device.
+
+Figures:
+    max_abs, mean_abs     |cand - ref|
+    max_rel               max |cand - ref| / |ref| over elements with ref != 0 (reported, never gated:
+                          near-zero reference values dominate it)
+    cosine                cosine similarity of the flattened tensors (reported, never gated alone:
+                          it is blind to a uniform rescale, e.g. a wrong final-norm weight)
+    nmse                  sum((cand - ref)^2) / sum(ref^2), the error measure of llama.cpp's test-backend-ops
+    allclose              every element within  atol + rtol * |ref|,  atol = atol_rms * rms(ref)
+    nan/inf counts        on each side; any NaN or Inf on either side is a failure
+    worst_index           where |cand - ref| is largest
+
+A comparison passes when the shapes match, nothing is NaN/Inf, allclose holds and nmse <= the
+tolerance's nmse. Tolerances scale with the reference's RMS so that the same table serves the
+logits (RMS ~ 3) and the residual stream of layer 0 (RMS ~ 0.04).
+"""
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol_rms: float
+    nmse: float
+
+
+# Tolerances for a candidate computing in the given dtype, checked against a float32 (or float64)
+# reference. Measured on the default checkpoints (tools/measure_tolerances.py, README "Tolerances"):
+# the largest error of a correct engine (hf eager/sdpa, compile) over 3 seeds and every capture
+# point, times a margin of at least 3.
+TOLERANCES = {
+    torch.float64: Tolerance(rtol=1e-7, atol_rms=1e-7, nmse=1e-14),
+    torch.float32: Tolerance(rtol=1e-4, atol_rms=1e-4, nmse=1e-9),
+    torch.float16: Tolerance(rtol=1e-2, atol_rms=2e-2, nmse=3e-5),
+    torch.bfloat16: Tolerance(rtol=5e-2, atol_rms=1.2e-1, nmse=3e-4),
+}
+
+
+def tolerance_for(dtype):
+    return TOLERANCES[dtype]
+
+
+def looser(*dtypes):
+    """The tolerance of the least precise dtype, for comparing two candidates with each other."""
+    return max((TOLERANCES[d] for d in dtypes), key=lambda t: t.nmse)
+
+
+@dataclass
+class Comparison:
+    name: str
+    passed: bool
+    reason: str
+    shape_candidate: tuple
+    shape_reference: tuple
+    numel: int = 0
+    max_abs: float = float("nan")
+    mean_abs: float = float("nan")
+    max_rel: float = float("nan")
+    cosine: float = float("nan")
+    nmse: float = float("nan")
+    rms_reference: float = float("nan")
+    allclose: bool = False
+    mismatched: int = 0
+    nan_candidate: int = 0
+    inf_candidate: int = 0
+    nan_reference: int = 0
+    inf_reference: int = 0
+    worst_index: tuple = ()
+    worst_candidate: float = float("nan")
+    worst_reference: float = float("nan")
+    tolerance: Tolerance = None
+
+    def as_dict(self):
+        d = asdict(self)
+        d["shape_candidate"] = list(self.shape_candidate)
+        d["shape_reference"] = list(self.shape_reference)
+        d["worst_index"] = list(self.worst_index)
+        return d
+
+    def message(self):
+        """One paragraph in the spirit of torch.testing.assert_close."""
+        head = f"{self.name}: {'PASS' if self.passed else 'FAIL'}"
+        if self.reason and not self.passed:
+            head += f" ({self.reason})"
+        if self.shape_candidate != self.shape_reference:
+            return head
+        tol = self.tolerance
+        return (
+            f"{head}\n"
+            f"  mismatched elements: {self.mismatched} / {self.numel} "
+            f"({100.0 * self.mismatched / max(self.numel, 1):.3f}%)\n"
+            f"  greatest absolute difference: {self.max_abs:.3e} at index {self.worst_index} "
+            f"(candidate {self.worst_candidate:.6g}, reference {self.worst_reference:.6g}; "
+            f"allowed atol {tol.atol_rms:.1e} x rms {self.rms_reference:.3e} + rtol {tol.rtol:.1e} x |ref|)\n"
+            f"  mean abs {self.mean_abs:.3e}, max rel {self.max_rel:.3e}, cosine {self.cosine:.9f}, "
+            f"nmse {self.nmse:.3e} (allowed {tol.nmse:.1e})"
+        )
+
+
+def compare(candidate, reference, tolerance, name="tensor"):
+    """Compare `candidate` with `reference`; `tolerance` is a Tolerance or a torch dtype."""
+    if isinstance(tolerance, torch.dtype):
+        tolerance = tolerance_for(tolerance)
+    shape_c, shape_r = tuple(candidate.shape), tuple(reference.shape)
+    if shape_c != shape_r:
+        return Comparison(name, False, f"shape mismatch: candidate {list(shape_c)} vs reference {list(shape_r)}",
+                          shape_c, shape_r, tolerance=tolerance)
+    c = candidate.detach().to("cpu", torch.float64)
+    r = reference.detach().to("cpu", torch.float64)
+    result = Comparison(name, False, "", shape_c, shape_r, numel=r.numel(), tolerance=tolerance,
+                        nan_candidate=int(torch.isnan(c).sum()), inf_candidate=int(torch.isinf(c).sum()),
+                        nan_reference=int(torch.isnan(r).sum()), inf_reference=int(torch.isinf(r).sum()))
+    if r.numel() == 0:
+        result.reason = "empty tensors"
+        return result
+    finite = torch.isfinite(c) & torch.isfinite(r)
+    diff = torch.where(finite, (c - r).abs(), torch.zeros_like(r))
+    ref_finite = torch.where(finite, r, torch.zeros_like(r))
+    result.max_abs = float(diff.max())
+    result.mean_abs = float(diff.sum() / max(int(finite.sum()), 1))
+    nonzero = ref_finite != 0
+    result.max_rel = float((diff[nonzero] / ref_finite[nonzero].abs()).max()) if nonzero.any() else 0.0
+    ref_sq = float((ref_finite**2).sum())
+    err_sq = float((diff**2).sum())
+    result.nmse = err_sq / ref_sq if ref_sq > 0 else (0.0 if err_sq == 0 else float("inf"))
+    result.rms_reference = (ref_sq / r.numel()) ** 0.5
+    c_finite = torch.where(finite, c, torch.zeros_like(c))
+    denom = float(c_finite.norm() * ref_finite.norm())
+    result.cosine = float((c_finite * ref_finite).sum()) / denom if denom > 0 else (1.0 if err_sq == 0 else 0.0)
+    flat_worst = int(diff.argmax())
+    result.worst_index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_worst), shape_r))
+    result.worst_candidate = float(c.reshape(-1)[flat_worst])
+    result.worst_reference = float(r.reshape(-1)[flat_worst])
+    allowed = tolerance.atol_rms * result.rms_reference + tolerance.rtol * ref_finite.abs()
+    result.mismatched = int((~finite).sum() + (diff > allowed).sum())
+    result.allclose = result.mismatched == 0
+
+    non_finite = result.nan_candidate + result.inf_candidate + result.nan_reference + result.inf_reference
+    if non_finite:
+        result.reason = (f"non-finite values: candidate {result.nan_candidate} NaN / {result.inf_candidate} Inf, "
+                         f"reference {result.nan_reference} NaN / {result.inf_reference} Inf")
+    elif not result.allclose:
+        result.reason = f"{result.mismatched} elements outside tolerance"
+    elif result.nmse > tolerance.nmse:
+        result.reason = f"nmse {result.nmse:.3e} above {tolerance.nmse:.1e}"
+    result.passed = not result.reason
+    return result

@@ -1,0 +1,228 @@
+"""Embedded checkpoints, generated locally: nothing is downloaded.
+
+Recipe (measured in shared notes/tiny-training.md):
+  * corpus: docstrings of the Python standard library, read with `ast` (no imports);
+  * tokenizer: byte-level BPE, 2048 tokens, trained on that corpus with `tokenizers`;
+  * Llama "tiny": 2 layers, hidden 128, 4 heads / 2 KV heads, head_dim 32, trained for a fixed number
+    of steps (not a time budget) so that its next-token distributions are peaked like a real model's;
+  * Qwen3-MoE "tiny": 2 layers, hidden 128, 4 heads / 2 KV heads, q_norm/k_norm, 8 experts, top-2,
+    random init (std 0.02), saved with per-expert weights like real Qwen3 checkpoints;
+  * larger `size`s are random init, for scale and speed measurements.
+
+Determinism: the same seed, thread count (fixed to 2 here) and CPU vector ISA give byte-identical
+safetensors. Another ISA or Python version gives a slightly different checkpoint (logits drift ~6e-3),
+which is why the kit always computes its reference from the checkpoint under test.
+"""
+
+import ast
+import json
+import math
+import os
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+GENERATION_THREADS = 2
+TRAIN_STEPS = 600
+TRAIN_BATCH, TRAIN_WINDOW, TRAIN_LR = 8, 128, 2e-3
+VOCAB = 2048
+EOT = "<|endoftext|>"
+
+# size -> config overrides; "tiny" is the default embedded checkpoint
+SIZES = {
+    "llama": {
+        "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=32, vocab_size=VOCAB, max_position_embeddings=512),
+        "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=2, head_dim=64, vocab_size=VOCAB, max_position_embeddings=2048),
+        "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+                   num_key_value_heads=8, head_dim=64, vocab_size=32000, max_position_embeddings=4096),
+    },
+    "qwen3_moe": {
+        "tiny": dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8,
+                     num_experts_per_tok=2, vocab_size=VOCAB, max_position_embeddings=1024),
+        "small": dict(hidden_size=1024, intermediate_size=2816, moe_intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=16, num_key_value_heads=4, head_dim=64, num_experts=32,
+                      num_experts_per_tok=4, vocab_size=VOCAB, max_position_embeddings=2048),
+        "1b": dict(hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=16,
+                   num_attention_heads=16, num_key_value_heads=4, head_dim=64, num_experts=32,
+                   num_experts_per_tok=4, vocab_size=32000, max_position_embeddings=4096),
+    },
+}
+
+DEFAULT_PROMPT = ("Return a new list containing all items from the iterable in ascending order. "
+                  "A custom key function can be supplied to customize the sort order.")
+
+
+def stdlib_docstrings():
+    """Docstrings (>= 40 chars) of the standard library, in a fixed order, without importing anything."""
+    root = sysconfig.get_paths()["stdlib"]
+    skip = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+    docs = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip and not d.startswith("config-"))
+        for name in sorted(filenames):
+            if not name.endswith(".py"):
+                continue
+            try:
+                tree = ast.parse(Path(dirpath, name).read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node, clean=True)
+                    if doc and len(doc) >= 40:
+                        docs.append(doc)
+    return docs
+
+
+def train_tokenizer(docs):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, min_frequency=2, show_progress=False, special_tokens=[EOT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(docs, trainer=trainer)
+    return tok
+
+
+def save_tokenizer(tok, out):
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT, pad_token=EOT, unk_token=None)
+    fast.model_max_length = 1 << 20
+    fast.save_pretrained(out)
+
+
+def _split(docs, tok):
+    """Token streams for training and held-out text (every 20th block of 50 docstrings is held out)."""
+    eot = tok.token_to_id(EOT)
+    train, held = [], []
+    for i, enc in enumerate(tok.encode_batch(docs)):
+        (held if (i // 50) % 20 == 7 else train).extend(enc.ids + [eot])
+    return torch.tensor(train), torch.tensor(held)
+
+
+def _train(model, stream, seed, steps):
+    g = torch.Generator().manual_seed(seed)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=TRAIN_LR, betas=(0.9, 0.95))
+    warmup = max(steps // 20, 1)
+
+    def lr_at(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(steps - warmup, 1)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(stream) - TRAIN_WINDOW - 1, (TRAIN_BATCH,), generator=g)
+        x = torch.stack([stream[s:s + TRAIN_WINDOW] for s in starts.tolist()])
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def held_out_stats(model, stream, windows=32, length=128):
+    """Median top-1 probability and mean loss on evenly spaced held-out windows."""
+    step = max((len(stream) - length - 1) // windows, 1)
+    top1, losses = [], []
+    for i in range(windows):
+        x = stream[i * step:i * step + length + 1][None]
+        logits = model(input_ids=x[:, :-1]).logits.float()
+        probs = logits.softmax(-1)
+        top1.append(probs.max(-1).values.flatten())
+        losses.append(torch.nn.functional.cross_entropy(logits[0], x[0, 1:]))
+    return {"median_top1_prob": float(torch.cat(top1).median()), "held_out_loss": float(torch.stack(losses).mean())}
+
+
+def _qwen3_style_config(out):
+    """Rewrite config.json in the style of the real Qwen3 / Llama checkpoints (top-level rope_theta,
+    num_experts), which transformers 4.57 and 5.x both read."""
+    path = Path(out) / "config.json"
+    cfg = json.loads(path.read_text())
+    rope = cfg.pop("rope_parameters", None) or {}
+    cfg["rope_theta"] = rope.get("rope_theta", 10000.0)
+    if "num_local_experts" in cfg:
+        cfg["num_experts"] = cfg.pop("num_local_experts")
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def build_model(family, size, seed):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    shape = SIZES[family][size]
+    common = dict(tie_word_embeddings=False, rms_norm_eps=1e-6, rope_theta=10000.0, initializer_range=0.02,
+                  bos_token_id=None, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(seed)
+    if family == "llama":
+        cfg = LlamaConfig(**shape, **common)
+        cfg._attn_implementation = "sdpa"
+        return LlamaForCausalLM(cfg)
+    cfg = Qwen3MoeConfig(**shape, **common, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+    cfg._attn_implementation = "sdpa"
+    cfg._experts_implementation = "eager"
+    return Qwen3MoeForCausalLM(cfg)
+
+
+def write_checkpoint(family, out, seed=0, size="tiny", dtype=torch.float32, log=print):
+    """Write a HuggingFace checkpoint directory for `family` into `out` (created if missing)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(GENERATION_THREADS)
+    torch.use_deterministic_algorithms(True)
+    t0 = time.perf_counter()
+    try:
+        docs = stdlib_docstrings()
+        tok = train_tokenizer(docs)
+        save_tokenizer(tok, out)
+        model = build_model(family, size, seed)
+        meta = {"family": family, "size": size, "seed": seed, "threads": GENERATION_THREADS,
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+                "parameters": sum(p.numel() for p in model.parameters()), "docstrings": len(docs)}
+        train, held = _split(docs, tok)
+        if family == "llama" and size == "tiny":
+            meta["train_steps"] = TRAIN_STEPS
+            meta["final_train_loss"] = _train(model, train, seed, TRAIN_STEPS)
+        else:
+            meta["train_steps"] = 0
+        if size == "tiny":
+            meta.update(held_out_stats(model, held))
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        model.to(dtype).save_pretrained(out, max_shard_size="1GB")
+        (out / "generation_config.json").write_text(json.dumps(
+            {"do_sample": False, "eos_token_id": 0, "pad_token_id": 0}, indent=2) + "\n")
+        _qwen3_style_config(out)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+    meta["generation_seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "kit_metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "README.md").write_text(
+        f"# Kit checkpoint: {family} {size}, seed {seed}\n\n"
+        f"Generated locally by tools/tiny_checkpoint.py ({meta['parameters']:,} parameters, "
+        f"{meta['train_steps']} training steps on Python standard-library docstrings).\n"
+        + (f"Held-out median top-1 probability: {meta['median_top1_prob']:.3f}; "
+           f"held-out loss {meta['held_out_loss']:.3f} nats/token.\n" if "median_top1_prob" in meta else "")
+        + "See kit_metadata.json for the full record.\n")
+    log(f"wrote {family} {size} checkpoint (seed {seed}) to {out} in {meta['generation_seconds']} s")
+    return meta

@@ -1,0 +1,36 @@
+#!/usr/bin/env python3
+"""Write a small deterministic HuggingFace checkpoint (config.json, model.safetensors, tokenizer).
+
+    python tools/tiny_checkpoint.py --family llama --out /tmp/tiny-llama [--seed 0] [--size tiny]
+
+`tiny` is the kit's default checkpoint (the Llama is briefly trained on Python docstrings);
+`small` and `1b` are random-init shapes for scale and speed measurements.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kitcore import cli, tiny  # noqa: E402
+from kitcore.devices import parse_dtype  # noqa: E402
+from kitcore.errors import UsageError  # noqa: E402
+
+
+def main(argv=None):
+    parser = cli.ArgumentParser(description=__doc__)
+    parser.add_argument("--family", required=True, choices=sorted(tiny.SIZES))
+    parser.add_argument("--out", required=True, help="output directory (must be empty or absent)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", default="tiny", choices=["tiny", "small", "1b"])
+    parser.add_argument("--dtype", default="float32", help="dtype of the saved weights (default float32)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"--out {out}: directory is not empty; choose a new directory")
+    tiny.write_checkpoint(args.family, out, seed=args.seed, size=args.size, dtype=parse_dtype(args.dtype))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
