@@ -1,0 +1,292 @@
+"""Engines: what is under test. This docstring is the one place where the engine protocol is defined.
+
+An engine is a class, chosen with `--engine`:
+    hf                          HuggingFace Transformers on the chosen device/dtype (`--attn eager|sdpa`)
+    compile                     the same model through torch.compile (inductor: C++ on the CPU)
+    package.module:Class        a plugin, imported from an installed module
+    path/to/file.py:Class       a plugin, loaded from a file
+
+Constructor:
+    Engine(model_path: str, device: kitcore.devices.Device, dtype: torch.dtype, attn: str)
+
+Required (end-to-end and forward validation):
+    new_cache() -> object
+        A fresh, empty KV cache; the kit treats it as opaque and hands it back to forward().
+    forward(input_ids, position_ids, attention_mask=None, cache=None) -> logits
+        input_ids, position_ids: int64 [B, S] on the CPU; attention_mask: int64 [B, past + S] with 1 for real
+        tokens and 0 for padding, or None (no padding). With a cache, the S new positions are appended to
+        it (prefill when it is empty, decode when S == 1). Returns logits [B, S, vocab] as a torch tensor
+        on any device, in any dtype.
+
+Optional capabilities (intermediate validation; an engine without them gets exit code 3 there):
+    capture(input_ids, position_ids) -> dict[str, Tensor]
+        The intermediate tensors of one no-cache forward, keyed by the point names of kitcore.points.
+    run_component(point, layer, inputs, position_ids) -> Tensor
+        Run the engine's own implementation of one component on the given inputs (the reference's
+        captured tensors, keyed by the names in kitcore.points.COMPONENT_INPUTS). Used by the dual test.
+    rope(x, position_ids) -> Tensor
+        Apply the engine's rotary embedding to x [B, heads, S, head_dim]. Used by the RoPE validation.
+
+`HFEngine` implements all of them and exposes the loaded transformers model as `.model`; plugins can
+subclass it and override one piece (see test/kit/faulty_engines.py for examples).
+"""
+
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+
+import torch
+
+from .errors import Unavailable, UsageError
+from .points import LAYER_POINTS
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def causal_mask(q_len, kv_len, dtype, additive, device):
+    """[1, 1, q_len, kv_len] causal mask whose last query row sees every key (prefill on top of a cache).
+    Bool (True = attend) for sdpa-style functions, additive float (0 / finfo.min) for eager."""
+    past = kv_len - q_len
+    allowed = torch.arange(kv_len, device=device)[None, :] <= (torch.arange(q_len, device=device)[:, None] + past)
+    allowed = allowed[None, None]
+    if not additive:
+        return allowed
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class HFEngine:
+    """HuggingFace Transformers, loaded from safetensors on the chosen device and dtype."""
+
+    name = "hf"
+
+    def __init__(self, model_path, device, dtype, attn="sdpa"):
+        from transformers import AutoModelForCausalLM
+
+        _quiet_transformers()
+        self.device, self.dtype, self.attn = device, dtype, attn
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=dtype, attn_implementation=attn, use_safetensors=True, trust_remote_code=False
+        ).to(device.torch_device).eval()
+        self.config = self.model.config
+        params = inspect.signature(type(self.model).forward).parameters
+        # transformers >= 5.24 calls the cache `cache`; older releases `past_key_values`
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def layers(self):
+        return self.model.model.layers
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.config)
+
+    @torch.no_grad()
+    def forward(self, input_ids, position_ids, attention_mask=None, cache=None):
+        dev = self.device.torch_device
+        kwargs = {self._cache_kwarg: cache, "use_cache": cache is not None}
+        out = self.model(input_ids=input_ids.to(dev), position_ids=position_ids.to(dev),
+                         attention_mask=None if attention_mask is None else attention_mask.to(dev), **kwargs)
+        return out.logits
+
+    # ---- optional capabilities -------------------------------------------------------------------
+
+    def _modeling(self):
+        return sys.modules[type(self.layers[0].self_attn).__module__]
+
+    def _heads(self, x, n_heads):
+        """[B, S, n*D] -> [B, n, S, D]"""
+        b, s, _ = x.shape
+        return x.view(b, s, n_heads, -1).transpose(1, 2)
+
+    def rope(self, x, position_ids):
+        cos, sin = self.model.model.rotary_emb(x, position_ids.to(x.device))
+        return self._modeling().apply_rotary_pos_emb(x, x, cos, sin)[0]
+
+    def _rope_point(self, attn, proj_out, position_ids, key):
+        """q or k after the (optional q_norm/k_norm and) rotary embedding, as [B, heads, S, D]."""
+        n = self.config.num_attention_heads if not key else self.config.num_key_value_heads
+        b, s, _ = proj_out.shape
+        x = proj_out.view(b, s, n, -1)
+        norm = getattr(attn, "k_norm" if key else "q_norm", None)
+        if norm is not None:
+            x = norm(x)
+        return self.rope(x.transpose(1, 2), position_ids)
+
+    @torch.no_grad()
+    def capture(self, input_ids, position_ids):
+        """Forward hooks on every module of interest; q/k after RoPE are recomputed from the captured
+        projections with the model's own rotary embedding (HF applies RoPE inside forward, unhooked)."""
+        dev = self.device.torch_device
+        captured, handles = {}, []
+
+        def keep(name, tensor):
+            captured[name] = tensor.detach().to("cpu")
+
+        def out_hook(name):
+            return lambda mod, args, out: keep(name, out[0] if isinstance(out, tuple) else out)
+
+        def in_hook(name):
+            return lambda mod, args: keep(name, args[0])
+
+        m = self.model.model
+        handles.append(m.embed_tokens.register_forward_hook(out_hook("embed_tokens")))
+        for i, layer in enumerate(m.layers):
+            p = f"layers.{i}."
+            attn, mlp = layer.self_attn, layer.mlp
+            handles += [
+                layer.input_layernorm.register_forward_hook(out_hook(p + "input_layernorm")),
+                attn.q_proj.register_forward_hook(out_hook(p + "q_proj")),
+                attn.k_proj.register_forward_hook(out_hook(p + "k_proj")),
+                attn.v_proj.register_forward_hook(out_hook(p + "v_proj")),
+                attn.o_proj.register_forward_pre_hook(in_hook(p + "attn_out")),
+                attn.o_proj.register_forward_hook(out_hook(p + "o_proj")),
+                layer.post_attention_layernorm.register_forward_pre_hook(in_hook(p + "attn_residual")),
+                layer.post_attention_layernorm.register_forward_hook(out_hook(p + "post_attention_layernorm")),
+                layer.register_forward_hook(out_hook(p + "output")),
+            ]
+            if hasattr(mlp, "gate_proj"):  # dense MLP (Llama); MoE blocks have no such points
+                handles += [
+                    mlp.gate_proj.register_forward_hook(out_hook(p + "gate_proj")),
+                    mlp.up_proj.register_forward_hook(out_hook(p + "up_proj")),
+                    mlp.down_proj.register_forward_pre_hook(in_hook(p + "act_mul")),
+                    mlp.down_proj.register_forward_hook(out_hook(p + "down_proj")),
+                ]
+        handles.append(m.norm.register_forward_hook(out_hook("final_norm")))
+        handles.append(self.model.lm_head.register_forward_hook(out_hook("logits")))
+        try:
+            self.forward(input_ids, position_ids)
+        finally:
+            for h in handles:
+                h.remove()
+        for i, layer in enumerate(m.layers):
+            p = f"layers.{i}."
+            for point, key in (("q_rope", False), ("k_rope", True)):
+                proj = captured[p + ("k_proj" if key else "q_proj")].to(dev)
+                captured[p + point] = self._rope_point(layer.self_attn, proj, position_ids, key).to("cpu")
+        return captured
+
+    @torch.no_grad()
+    def run_component(self, point, layer, inputs, position_ids):
+        dev, dt = self.device.torch_device, self.dtype
+        x = {k: v.to(dev, dt) if v.is_floating_point() else v.to(dev) for k, v in inputs.items()}
+        m = self.model.model
+        if point == "embed_tokens":
+            return m.embed_tokens(x["input_ids"])
+        if point == "final_norm":
+            return m.norm(x["last_layer_output"])
+        if point == "logits":
+            return self.model.lm_head(x["final_norm"])
+        blk = m.layers[layer]
+        attn, mlp = blk.self_attn, blk.mlp
+        if point == "input_layernorm":
+            return blk.input_layernorm(x["layer_input"])
+        if point in ("q_proj", "k_proj", "v_proj"):
+            return getattr(attn, point)(x["input_layernorm"])
+        if point == "q_rope":
+            return self._rope_point(attn, x["q_proj"], position_ids, key=False)
+        if point == "k_rope":
+            return self._rope_point(attn, x["k_proj"], position_ids, key=True)
+        if point == "attn_out":
+            return self._attention_core(attn, x["q_rope"], x["k_rope"], x["v_proj"])
+        if point == "o_proj":
+            return attn.o_proj(x["attn_out"])
+        if point == "attn_residual":
+            return x["layer_input"] + x["o_proj"]
+        if point == "post_attention_layernorm":
+            return blk.post_attention_layernorm(x["attn_residual"])
+        if point in ("gate_proj", "up_proj"):
+            return getattr(mlp, point)(x["post_attention_layernorm"])
+        if point == "act_mul":
+            return mlp.act_fn(x["gate_proj"]) * x["up_proj"]
+        if point == "down_proj":
+            return mlp.down_proj(x["act_mul"])
+        if point == "output":
+            return x["attn_residual"] + x["down_proj"]
+        raise UsageError(f"unknown point {point!r}; points are {', '.join(LAYER_POINTS)}")
+
+    def _attention_core(self, attn, q, k, v_proj):
+        """softmax(q k^T * scale + causal) v through the model's own attention function."""
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        v = self._heads(v_proj, self.config.num_key_value_heads)
+        impl = self.config._attn_implementation
+        fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, self._modeling().eager_attention_forward)
+        s = q.shape[2]
+        mask = causal_mask(s, k.shape[2], q.dtype, additive=impl == "eager", device=q.device)
+        out, _ = fn(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
+        return out.reshape(q.shape[0], s, -1)
+
+
+class CompileEngine(HFEngine):
+    """The HF model through torch.compile (dynamic shapes, so one compilation serves every length).
+    Intermediates are not captured: hooks would change the compiled graph under test."""
+
+    name = "compile"
+    capture = None
+    run_component = None
+    rope = None
+
+    def __init__(self, model_path, device, dtype, attn="sdpa"):
+        super().__init__(model_path, device, dtype, attn)
+        self._compiled = torch.compile(self.model, dynamic=True)
+
+    @torch.no_grad()
+    def forward(self, input_ids, position_ids, attention_mask=None, cache=None):
+        dev = self.device.torch_device
+        kwargs = {self._cache_kwarg: cache, "use_cache": cache is not None}
+        out = self._compiled(input_ids=input_ids.to(dev), position_ids=position_ids.to(dev),
+                             attention_mask=None if attention_mask is None else attention_mask.to(dev), **kwargs)
+        return out.logits
+
+
+BUILTIN_ENGINES = {"hf": HFEngine, "compile": CompileEngine}
+
+
+def engine_class(spec):
+    """Resolve `--engine` to a class: a built-in name, `package.module:Class` or `path/file.py:Class`."""
+    if spec in BUILTIN_ENGINES:
+        return BUILTIN_ENGINES[spec]
+    if ":" not in spec:
+        raise UsageError(f"--engine {spec!r}: unknown engine; use one of {', '.join(BUILTIN_ENGINES)}, "
+                         "package.module:Class or path/to/file.py:Class")
+    target, cls_name = spec.rsplit(":", 1)
+    if target.endswith(".py"):
+        if not os.path.isfile(target):
+            raise UsageError(f"--engine {spec!r}: file {target} does not exist")
+        mod_name = "kit_engine_" + os.path.splitext(os.path.basename(target))[0]
+        module_spec = importlib.util.spec_from_file_location(mod_name, target)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[mod_name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise Unavailable(f"--engine {spec!r}: cannot import {target} ({exc}); install the plugin's package")
+    cls = getattr(module, cls_name, None)
+    if cls is None:
+        raise UsageError(f"--engine {spec!r}: {target} has no class {cls_name}")
+    for method in ("new_cache", "forward"):
+        if not callable(getattr(cls, method, None)):
+            raise UsageError(f"--engine {spec!r}: {cls_name} lacks the required method {method}() "
+                             "(see the engine protocol in tools/kitcore/engines.py)")
+    return cls
+
+
+def load_engine(spec, model_path, device, dtype, attn):
+    return engine_class(spec)(str(model_path), device, dtype, attn)
+
+
+def require(engine, capability, spec, purpose):
+    if not callable(getattr(engine, capability, None)):
+        raise Unavailable(f"engine {spec!r} does not implement {capability}(), which {purpose} needs "
+                          "(see the engine protocol in tools/kitcore/engines.py)")
