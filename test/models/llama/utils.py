@@ -1,0 +1,313 @@
+"""Helpers of the Llama correctness suite (the comparison core itself lives in tools/kitcore/compare.py).
+
+* Tensor conversion between torch and other libraries (numpy, an engine's own tensors).
+* Parameter-name normalisation between HF names and an engine's names.
+* RoPE reference functions (half-split "NeoX" layout, which HF uses, and interleaved "GPT-J" layout).
+* What the three scripts share: flags, engine and input set-up, the logits check.
+"""
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
+
+from kitcore import checkpoints, cli, devices, engines  # noqa: E402
+from kitcore.compare import compare, tolerance_for  # noqa: E402
+from kitcore.errors import UsageError  # noqa: E402
+from kitcore.results import Results, environment  # noqa: E402
+from kitcore.tiny import DEFAULT_PROMPT  # noqa: E402
+
+FAMILY = "llama"
+
+# ---- tensor conversion ---------------------------------------------------------------------------
+
+
+def to_torch(x):
+    """Any tensor-like object -> torch.Tensor.
+
+    Zero-copy through DLPack when the object supports it (numpy >= 1.22, cupy, jax, engines that export
+    `__dlpack__`): the returned tensor *shares* memory with `x`, so the caller must keep `x` alive for as
+    long as the tensor is used (keep-alive rule). Otherwise an explicit copy is made, which owns its memory.
+    """
+    if isinstance(x, torch.Tensor):
+        return x
+    if hasattr(x, "__dlpack__"):
+        try:
+            return torch.from_dlpack(x)
+        except (RuntimeError, TypeError, BufferError):
+            pass  # e.g. a read-only numpy array or a dtype DLPack lacks: fall through to a copy
+    import numpy as np
+
+    return torch.tensor(np.asarray(x))
+
+
+def to_numpy(t):
+    """torch.Tensor -> numpy array. Zero-copy for a contiguous CPU tensor of a numpy dtype (shares memory:
+    keep `t` alive); bfloat16, which numpy lacks, and device tensors are copied to float32 / the CPU."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.cpu().numpy()
+
+
+# ---- parameter names ------------------------------------------------------------------------------
+
+
+def normalize_param_name(name, prefix="model."):
+    """Strip the HF wrapper prefix: 'model.layers.0.self_attn.q_proj.weight' -> 'layers.0.self_attn...'."""
+    return name[len(prefix):] if name.startswith(prefix) else name
+
+
+def map_param_names(hf_names, engine_names, rename=None):
+    """Pair HF parameter names with an engine's names, after normalisation and an optional `rename(name)`.
+    Returns {hf_name: engine_name}; raises UsageError naming the first parameter without a partner, so a
+    missing weight is never silently skipped."""
+    rename = rename or (lambda n: n)
+    by_key = {normalize_param_name(rename(n)): n for n in engine_names}
+    pairs, missing = {}, []
+    for n in hf_names:
+        key = normalize_param_name(n)
+        if key in by_key:
+            pairs[n] = by_key.pop(key)
+        else:
+            missing.append(n)
+    if missing or by_key:
+        lonely = missing[0] if missing else next(iter(by_key.values()))
+        raise UsageError(f"parameter {lonely} has no partner ({len(missing)} HF and {len(by_key)} engine "
+                         "names unmatched); fix the name mapping")
+    return pairs
+
+
+# ---- RoPE references ------------------------------------------------------------------------------
+
+
+def rope_angles(position_ids, head_dim, theta):
+    """[B, S, head_dim/2] angles pos * theta^(-2i/d), in float64."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    return position_ids.to(torch.float64)[..., None] * inv_freq
+
+
+def rope_half(x, position_ids, theta):
+    """Half-split ("NeoX", HF) layout: dimension i pairs with i + d/2. x: [B, heads, S, d]."""
+    a = rope_angles(position_ids, x.shape[-1], theta)[:, None]
+    cos, sin = a.cos(), a.sin()
+    x = x.to(torch.float64)
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def rope_interleaved(x, position_ids, theta):
+    """Interleaved ("GPT-J", llama.cpp/Meta) layout: dimension 2i pairs with 2i + 1."""
+    a = rope_angles(position_ids, x.shape[-1], theta)[:, None]
+    cos, sin = a.cos(), a.sin()
+    x = x.to(torch.float64)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+
+
+def half_to_interleaved_rows(w, n_heads):
+    """Permute the output rows of q_proj/k_proj from the half-split to the interleaved layout, per head
+    (what GGUF converters do for llama.cpp). Works on weights [rows, cols] and on outputs [..., rows]."""
+    if w.dim() == 2:
+        return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+    lead = w.shape[:-1]
+    return w.reshape(*lead, n_heads, 2, w.shape[-1] // n_heads // 2).swapaxes(-1, -2).reshape(w.shape)
+
+
+# ---- what the scripts share ---------------------------------------------------------------------
+
+
+def build_parser(doc, decode=False):
+    p = cli.ArgumentParser(description=doc)
+    p.add_argument("--model_path", help="HF checkpoint directory (default: the kit's embedded tiny Llama)")
+    p.add_argument("--reference_path", help="checkpoint of the reference (default: --model_path)")
+    p.add_argument("--engine", default="hf", help="hf | compile | package.module:Class | file.py:Class")
+    p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa"], help="attention of the hf/compile engine")
+    p.add_argument("--dtype", default="bfloat16", help="candidate dtype: float32 | bfloat16 | float16 (default bf16)")
+    p.add_argument("--reference_dtype", default="float32", choices=["float32", "float64"],
+                   help="dtype of the CPU reference (default float32)")
+    devices.add_device_args(p)
+    inputs = p.add_mutually_exclusive_group()
+    inputs.add_argument("--prompt", default=None, help="prompt text (default: an English sentence)")
+    inputs.add_argument("--input_ids", help="comma-separated token ids instead of a prompt, e.g. 1,2,3")
+    inputs.add_argument("--prompts-file", dest="prompts_file", help="one prompt per line: a padded batch")
+    p.add_argument("--seed", type=int, default=0, help="seed for anything random (default 0)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice); recorded")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH (atomically)")
+    if decode:
+        p.add_argument("--decode_steps", type=int, default=8, help="teacher-forced decode steps (default 8)")
+    return p
+
+
+@dataclass
+class Inputs:
+    input_ids: torch.Tensor  # [B, S] int64
+    position_ids: torch.Tensor  # [B, S]
+    attention_mask: torch.Tensor  # [B, S], 1 = real token (left padding)
+    padded: bool
+
+    @property
+    def mask_or_none(self):
+        return self.attention_mask if self.padded else None
+
+
+def _tokenizer(path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: cannot load the tokenizer ({str(exc).splitlines()[0]}); "
+                         "pass token ids with --input_ids instead") from None
+
+
+def build_inputs(args, checkpoint, extra_positions=0):
+    """Token ids from --input_ids, --prompts-file or --prompt, left-padded into a batch and checked."""
+    cfg = checkpoint.config
+    vocab, max_pos = cfg["vocab_size"], cfg.get("max_position_embeddings")
+    if args.input_ids is not None:
+        try:
+            rows = [[int(t) for t in args.input_ids.split(",") if t.strip()]]
+        except ValueError:
+            raise UsageError(f"--input_ids {args.input_ids!r}: expected comma-separated integers, e.g. 1,2,3") from None
+    else:
+        if args.prompts_file:
+            try:
+                prompts = [ln.rstrip("\n") for ln in Path(args.prompts_file).read_text().splitlines() if ln.strip()]
+            except OSError as exc:
+                raise UsageError(f"--prompts-file {args.prompts_file}: {exc.strerror}") from None
+            if not prompts:
+                raise UsageError(f"--prompts-file {args.prompts_file}: no prompts (one per line)")
+        else:
+            prompts = [DEFAULT_PROMPT if args.prompt is None else args.prompt]
+        if any(not p.strip() for p in prompts):
+            raise UsageError("empty prompt; give some text with --prompt")
+        tok = _tokenizer(checkpoint.path)
+        rows = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    for r in rows:
+        if not r:
+            raise UsageError("empty input: no tokens; give a prompt or --input_ids")
+        bad = [t for t in r if not 0 <= t < vocab]
+        if bad:
+            raise UsageError(f"token id {bad[0]} is outside the vocabulary [0, {vocab}); fix --input_ids")
+        if max_pos and len(r) + extra_positions > max_pos:
+            raise UsageError(f"input of {len(r)} tokens" + (f" + {extra_positions} decode steps" if extra_positions
+                             else "") + f" exceeds max_position_embeddings={max_pos}; shorten the prompt")
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return Inputs(ids, positions, mask, padded=bool((mask == 0).any()))
+
+
+@dataclass
+class Run:
+    args: object
+    results: Results
+    device: devices.Device
+    dtype: torch.dtype
+    checkpoint: checkpoints.Checkpoint
+    reference_checkpoint: checkpoints.Checkpoint
+    inputs: Inputs
+    reference: engines.HFEngine
+    candidate: object
+    timings: dict
+
+
+def setup(args, script, extra_positions=0):
+    """Parse-independent set-up of a Llama check: device, dtype, checkpoints, inputs, both engines."""
+    devices.set_threads(args.threads)
+    device = devices.resolve_device(args)
+    dtype = devices.parse_dtype(args.dtype)
+    if dtype == torch.float64:
+        raise UsageError("--dtype float64 is a reference dtype; the candidate takes float32, bfloat16 or float16")
+    device.check_dtype(dtype)
+    torch.manual_seed(args.seed)
+    checkpoint = checkpoints.resolve_checkpoint(args.model_path, FAMILY, args.seed if args.model_path is None else 0)
+    reference_checkpoint = (checkpoints.open_checkpoint(args.reference_path, FAMILY) if args.reference_path
+                            else checkpoint)
+    inputs = build_inputs(args, reference_checkpoint, extra_positions)
+    results = Results(script, labels={"device": str(device), "dtype": args.dtype, "engine": args.engine})
+    results.env = environment(device, dtype, args.seed, checkpoint)
+    results.env["reference"] = {"checkpoint": str(reference_checkpoint.path),
+                                "checkpoint_hash": reference_checkpoint.fingerprint,
+                                "device": "cpu", "dtype": args.reference_dtype, "attn": "eager"}
+    env = results.env
+    print(f"{script}: engine={args.engine} attn={args.attn} device={env['device_name']} dtype={args.dtype} "
+          f"seed={args.seed} threads={env['threads']}")
+    print(f"  checkpoint {checkpoint.path} (hash {env['checkpoint_hash']}); reference: HF eager "
+          f"{args.reference_dtype} on cpu from {reference_checkpoint.path}")
+    print(f"  torch {env['torch']}, transformers {env['transformers']}; input: {tuple(inputs.input_ids.shape)} "
+          f"tokens (batch x length)")
+    timings = {}
+    t0 = time.perf_counter()
+    reference = engines.HFEngine(str(reference_checkpoint.path), devices.Device("cpu", "cpu"),
+                                 devices.parse_dtype(args.reference_dtype), "eager")
+    timings["reference_load_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    candidate = engines.load_engine(args.engine, checkpoint.path, device, dtype, args.attn)
+    timings["candidate_load_s"] = time.perf_counter() - t0
+    return Run(args, results, device, dtype, checkpoint, reference_checkpoint, inputs, reference, candidate, timings)
+
+
+@dataclass
+class LogitsCheck:
+    comparison: object
+    positions: int
+    top1_agreement: float  # fraction of positions with the same argmax
+    decisive_positions: int  # positions whose reference top-1/top-2 gap exceeds what the tolerance allows
+    decisive_disagreements: int  # argmax differs where the gap is decisive: a real failure
+    top5_containment: float  # each side's top-1 inside the other's top-5, both ways
+    collapsed: bool  # the candidate predicts one token everywhere while the reference does not
+    passed: bool
+
+    def reasons(self):
+        out = []
+        if not self.comparison.passed:
+            out.append(self.comparison.reason)
+        if self.decisive_disagreements:
+            out.append(f"top-1 differs at {self.decisive_disagreements} decisive position(s)")
+        if self.collapsed:
+            out.append("collapse: the candidate predicts the same token at every position")
+        return "; ".join(out)
+
+
+def check_logits(candidate, reference, mask, dtype, name="logits"):
+    """Compare logits [B, S, V] at the real (unpadded) positions: figures, top-1/top-5, collapse."""
+    valid = mask.bool().to("cpu")
+    cand = candidate.detach().to("cpu", torch.float64)
+    ref = reference.detach().to("cpu", torch.float64)
+    if cand.shape != ref.shape:
+        comparison = compare(cand, ref, dtype, name)
+        return LogitsCheck(comparison, 0, 0.0, 0, 0, 0.0, False, False)
+    cand, ref = cand[valid], ref[valid]  # [positions, V]
+    comparison = compare(cand, ref, dtype, name)
+    tol = tolerance_for(dtype)
+    top2 = ref.topk(2, dim=-1)
+    gap = top2.values[:, 0] - top2.values[:, 1]
+    allowed = tol.atol_rms * comparison.rms_reference + tol.rtol * top2.values[:, 0].abs()
+    decisive = gap > 2 * allowed  # within tolerance, no flip is possible at such a gap
+    c_top1, r_top1 = cand.argmax(-1), ref.argmax(-1)
+    agree = c_top1 == r_top1
+    c_top5, r_top5 = cand.topk(5, dim=-1).indices, ref.topk(5, dim=-1).indices
+    contained = (c_top5 == r_top1[:, None]).any(-1) & (r_top5 == c_top1[:, None]).any(-1)
+    n = ref.shape[0]
+    collapsed = n >= 4 and c_top1.unique().numel() == 1 and r_top1.unique().numel() > 1
+    decisive_bad = int((decisive & ~agree).sum())
+    passed = comparison.passed and decisive_bad == 0 and not collapsed
+    return LogitsCheck(comparison, n, float(agree.double().mean()), int(decisive.sum()), decisive_bad,
+                       float(contained.double().mean()), collapsed, passed)
+
+
+def record_logits_check(results, case, check, **labels):
+    results.add_comparison(case, check.comparison, **labels)
+    results.add(case, "top1_agreement", check.top1_agreement, unit="fraction", **labels)
+    results.add(case, "top5_containment", check.top5_containment, unit="fraction", **labels)
+    results.add(case, "decisive_top1_disagreements", check.decisive_disagreements, unit="count", **labels)
