@@ -43,8 +43,11 @@ TOLERANCES = {
 }
 
 
-def tolerance_for(dtype):
-    return TOLERANCES[dtype]
+def tolerance_for(dtype_or_tolerance):
+    """The Tolerance of a dtype; a Tolerance passes through unchanged."""
+    if isinstance(dtype_or_tolerance, Tolerance):
+        return dtype_or_tolerance
+    return TOLERANCES[dtype_or_tolerance]
 
 
 def looser(*dtypes):
@@ -105,9 +108,8 @@ class Comparison:
 
 
 def compare(candidate, reference, tolerance, name="tensor"):
-    """Compare `candidate` with `reference`; `tolerance` is a Tolerance or a torch dtype."""
-    if isinstance(tolerance, torch.dtype):
-        tolerance = tolerance_for(tolerance)
+    """Compare `candidate` with `reference`; `tolerance` is a Tolerance or the candidate's torch dtype."""
+    tolerance = tolerance_for(tolerance)
     shape_c, shape_r = tuple(candidate.shape), tuple(reference.shape)
     if shape_c != shape_r:
         return Comparison(name, False, f"shape mismatch: candidate {list(shape_c)} vs reference {list(shape_r)}",
