@@ -10,8 +10,10 @@ import json
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from .errors import UsageError
@@ -61,7 +63,7 @@ class Checkpoint:
     def model_type(self):
         return self.config.get("model_type")
 
-    @property
+    @cached_property
     def fingerprint(self):
         """sha256 over config.json and the weights (full bytes for small files, header + samples otherwise)."""
         h = hashlib.sha256()
@@ -158,9 +160,11 @@ def default_checkpoint(family, seed=0):
         if not (target / "config.json").is_file():
             from .tiny import write_checkpoint
 
+            print(f"generating the default {family} checkpoint once into {target} (about 30 s)...",
+                  file=sys.stderr, flush=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
             try:
-                write_checkpoint(family, tmp, seed=seed, size="tiny")
+                write_checkpoint(family, tmp, seed=seed, size="tiny", log=lambda message: None)
                 os.replace(tmp, target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,77 @@
+"""Engine plugins with injected faults, loaded with `--engine test/kit/faulty_engines.py:<Class>`.
+
+They subclass the built-in hf engine and change one thing, which is also how a real plugin is written.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+
+from kitcore.engines import HFEngine  # noqa: E402
+
+
+class DropOldestCacheEngine(HFEngine):
+    """A KV cache that drops its oldest entry on every decode step."""
+
+    name = "drop-oldest-cache"
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        class DropOldestCache(DynamicCache):
+            def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+                keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+                if key_states.shape[-2] == 1 and keys.shape[-2] > 1:
+                    layer = self.layers[layer_idx]
+                    layer.keys, layer.values = keys[:, :, 1:], values[:, :, 1:]
+                    return layer.keys, layer.values
+                return keys, values
+
+        return DropOldestCache(config=self.config)
+
+
+def _gqa_off_by_one_attention(module, query, key, value, attention_mask, **kwargs):
+    """sdpa, but query head h reads KV head (h // groups + 1) % kv_heads instead of h // groups."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key.roll(-1, dims=1), value.roll(-1, dims=1), attention_mask,
+                                  **kwargs)
+
+
+class GQAOffByOneEngine(HFEngine):
+    """Grouped-query attention that maps query heads to the wrong KV head."""
+
+    name = "gqa-off-by-one"
+
+    def __init__(self, model_path, device, dtype, attn="sdpa"):
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        super().__init__(model_path, device, dtype, "sdpa")
+        AttentionInterface.register("kit_gqa_off_by_one", _gqa_off_by_one_attention)
+        AttentionMaskInterface.register("kit_gqa_off_by_one", sdpa_mask)
+        self.model.config._attn_implementation = "kit_gqa_off_by_one"
+
+
+class NoCaptureEngine(HFEngine):
+    """A plugin with only the required methods: forward with a KV cache."""
+
+    name = "forward-only"
+    capture = None
+    run_component = None
+    rope = None
+
+
+class NaNEngine(HFEngine):
+    """Returns NaN logits at one position."""
+
+    name = "nan"
+
+    @torch.no_grad()
+    def forward(self, input_ids, position_ids, attention_mask=None, cache=None):
+        logits = super().forward(input_ids, position_ids, attention_mask, cache).clone()
+        logits[:, -1, 0] = float("nan")
+        return logits
