@@ -26,6 +26,8 @@ def run(main, argv=None):
     prog = os.path.basename(sys.argv[0])
     try:
         return main(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     except KitError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code

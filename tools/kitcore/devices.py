@@ -119,15 +119,15 @@ def resolve_device(args):
     else:
         return Device("cpu", "cpu")
     label = f"--{vendor}" if vendor in VENDOR_FLAGS else f"--device {spec}"
-    try:
-        torch_device = torch.device(spec)
-    except RuntimeError:
-        raise UsageError(f"{label}: {spec!r} is not a torch device string; use e.g. cuda:0 or cpu") from None
-    if module is not None:
+    if module is not None:  # torch only knows the "musa" device type once torch_musa is imported
         try:
             importlib.import_module(module)
         except ImportError:
             raise Unavailable(f"{label}: backend module {module} is not installed; fix: {hint}") from None
+    try:
+        torch_device = torch.device(spec)
+    except RuntimeError:
+        raise UsageError(f"{label}: {spec!r} is not a torch device string; use e.g. cuda:0 or cpu") from None
     if torch_device.type == "cpu":
         return Device(torch_device, vendor)
     backend = getattr(torch, torch_device.type, None)

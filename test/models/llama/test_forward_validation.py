@@ -121,6 +121,11 @@ def main(argv=None):
         steps.append({"step": step, "kind": kind, "close": close,
                       **{n: c.comparison.as_dict() for n, c in checks.items()}})
     results.extra["steps"] = steps
+    for label, spec, key in (("A", specs[0], "a_cache"), ("B", specs[1], "b_cache")):
+        bad = [s["step"] for s in steps if not s[key]["passed"]]
+        if bad:
+            print(f"engine {label} ({spec}): its cached logits differ from its own no-cache forward from step "
+                  f"{bad[0]} on: a KV-cache bug, not kernel rounding")
     print(f"\nverdict: {'PASS: every step CLOSE' if all_close else 'FAIL: some steps NOT_CLOSE'}")
     return results.finish(all_close, args.json)
 

@@ -33,6 +33,16 @@ from kitcore.points import component_inputs, point_order  # noqa: E402
 
 SCRIPT = "test_intermediate_validation"
 ROPE_POSITIONS = 16
+COMMON_THETAS = (10000.0, 100000.0, 500000.0, 1000000.0, 5000000.0, 10000000.0)
+
+
+def _rotations(engine, x, dtype, device, max_pos):
+    """The engine's rotation of x at positions [0, 16) and at the last 16 positions of the context."""
+    out = []
+    for start in (0, max_pos - ROPE_POSITIONS):
+        pos = torch.arange(start, start + ROPE_POSITIONS)[None]
+        out.append((engine.rope(x.to(device.torch_device, dtype), pos.to(device.torch_device)), pos))
+    return out
 
 
 def check_rope(engine, config, dtype, device, seed):
@@ -42,10 +52,10 @@ def check_rope(engine, config, dtype, device, seed):
     max_pos = config.get("max_position_embeddings", 2048)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 2, ROPE_POSITIONS, head_dim, generator=g)
+    rotations = _rotations(engine, x, dtype, device, max_pos)
     cases = {}
-    for label, start in (("small", 0), ("large", max_pos - ROPE_POSITIONS)):
-        pos = torch.arange(start, start + ROPE_POSITIONS)[None]
-        got = engine.rope(x.to(device.torch_device, dtype), pos.to(device.torch_device))
+    for label, (got, pos) in zip(("small", "large"), rotations):
+        start = int(pos[0, 0])
         half = compare(got, utils.rope_half(x, pos, theta), dtype, f"rope {label} positions vs half-split")
         inter = compare(got, utils.rope_interleaved(x, pos, theta), dtype, f"rope {label} positions vs interleaved")
         cases[label] = (start, half, inter)
@@ -55,11 +65,12 @@ def check_rope(engine, config, dtype, device, seed):
     elif all(inter.passed for _, _, inter in cases.values()):
         diagnosis = ("the candidate rotates in the INTERLEAVED (GPT-J) layout, HF uses HALF-SPLIT (NeoX): "
                      "pair dimension i with i + head_dim/2, or permute the q/k weight rows")
-    elif cases["small"][1].passed:
-        diagnosis = (f"correct at small positions but wrong at large ones: the frequencies differ "
-                     f"(rope_theta should be {theta:g}; check rope scaling)")
     else:
-        diagnosis = f"matches neither layout (rope_theta {theta:g}, head_dim {head_dim})"
+        diagnosis = f"matches neither layout with rope_theta {theta:g} (head_dim {head_dim})"
+        for other in COMMON_THETAS:
+            if other != theta and all(compare(got, utils.rope_half(x, pos, other), dtype).passed
+                                      for got, pos in rotations):
+                diagnosis = f"the candidate rotates with rope_theta {other:g}, the reference uses {theta:g}"
     return passed, diagnosis, cases
 
 

@@ -1,0 +1,183 @@
+"""The Llama suite catches real bugs at the right place and passes correct engines in every dtype."""
+
+import json
+
+import pytest
+from conftest import (FAULTY_ENGINES, LLAMA, copy_checkpoint, edit_config, edit_weights, permute_qk_rows,
+                      run_script, run_subprocess, scale_weight)
+
+from kitcore import checkpoints
+
+INFERENCE = f"{LLAMA}/test_llama_inference.py"
+FORWARD = f"{LLAMA}/test_forward_validation.py"
+INTERMEDIATE = f"{LLAMA}/test_intermediate_validation.py"
+
+CORRECT_ENGINES = [("hf", "eager"), ("hf", "sdpa"), ("compile", "sdpa")]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("engine,attn", CORRECT_ENGINES)
+def test_correct_engine_passes_every_script(seed, dtype, engine, attn, tmp_path):
+    ckpt = checkpoints.default_checkpoint("llama", seed)
+    common = ["--model_path", ckpt, "--engine", engine, "--attn", attn, "--dtype", dtype, "--seed", seed]
+    r = run_script(INFERENCE, *common, json_path=tmp_path / "e2e.json")
+    assert r.code == 0, r
+    assert r.json["verdict"] == "pass"
+    r = run_script(FORWARD, *common, "--decode_steps", 4, json_path=tmp_path / "fwd.json")
+    assert r.code == 0, r
+    assert all(step["close"] for step in r.json["steps"])
+    if engine == "hf":  # compile has no capture(): intermediate validation does not apply to it
+        r = run_script(INTERMEDIATE, *common, json_path=tmp_path / "iv.json")
+        assert r.code == 0, r
+        assert r.json["first_divergence"] is None
+        assert r.json["rope"]["passed"]
+
+
+def faulty(tmp_path, llama_checkpoint, weights=None, **config):
+    ckpt = copy_checkpoint(llama_checkpoint, tmp_path / "faulty")
+    if weights:
+        edit_weights(ckpt, weights)
+    if config:
+        edit_config(ckpt, **config)
+    return ckpt
+
+
+def config_of(ckpt):
+    return json.loads((ckpt / "config.json").read_text())
+
+
+CHECKPOINT_FAULTS = {
+    # name: (weights edit, config edits, expected first divergence, expected largest own error)
+    "down_proj_1pct": (scale_weight("model.layers.1.mlp.down_proj.weight", 1.01), {},
+                       (1, "down_proj"), (1, "down_proj")),
+    "qk_rows_interleaved": ("permute", {}, (0, "q_proj"), None),
+    "rope_theta": (None, {"rope_theta": 500000.0}, (0, "q_rope"), None),
+    "rms_norm_eps": (None, {"rms_norm_eps": 1e-2}, (0, "input_layernorm"), None),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(CHECKPOINT_FAULTS))
+def test_checkpoint_fault_fails_at_the_right_place(fault, llama_checkpoint, tmp_path):
+    weights, config, first, largest = CHECKPOINT_FAULTS[fault]
+    if weights == "permute":
+        cfg = config_of(llama_checkpoint)
+
+        def weights(sd):
+            permute_qk_rows(sd, cfg)
+    ckpt = faulty(tmp_path, llama_checkpoint, weights, **config)
+    common = ["--model_path", ckpt, "--reference_path", llama_checkpoint, "--dtype", "float32"]
+    r = run_script(INTERMEDIATE, *common, json_path=tmp_path / "iv.json")
+    assert r.code == 1, r
+    assert r.json["verdict"] == "fail"
+    assert r.json["first_divergence"] == {"layer": first[0], "point": first[1]}, r
+    own = r.json["largest_own_error"]
+    if largest:
+        assert (own["layer"], own["point"]) == largest, r
+    assert "first divergence: layers.%d.%s" % first in r.out
+    if fault == "qk_rows_interleaved":
+        assert "interleaved-vs-half-split RoPE layout mistake" in r.out
+    if fault == "rope_theta":
+        assert not r.json["rope"]["passed"]
+        assert "rope_theta" in r.json["rope"]["diagnosis"]
+    r = run_script(INFERENCE, *common, json_path=tmp_path / "e2e.json")
+    assert r.code == 1, r
+    r = run_script(FORWARD, *common, "--decode_steps", 2)
+    assert r.code == 1, r
+
+
+def test_gqa_head_mapping_off_by_one_is_located(llama_checkpoint, tmp_path):
+    engine = f"{FAULTY_ENGINES}:GQAOffByOneEngine"
+    r = run_script(INTERMEDIATE, "--model_path", llama_checkpoint, "--engine", engine, "--dtype", "float32",
+                   json_path=tmp_path / "iv.json")
+    assert r.code == 1, r
+    assert r.json["first_divergence"] == {"layer": 0, "point": "attn_out"}
+    assert r.json["largest_own_error"]["point"] == "attn_out"
+    point_status = {p["point"]: p["status"] for p in r.json["points"]}
+    assert point_status["layers.0.attn_out"] == "FAIL: ADDS error"
+    assert point_status["layers.0.o_proj"] == "FAIL: inherits error"
+    assert run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", engine, "--dtype", "float32").code == 1
+
+
+def test_kv_cache_dropping_oldest_entry_fails_decode_only(llama_checkpoint, tmp_path):
+    engine = f"{FAULTY_ENGINES}:DropOldestCacheEngine"
+    common = ["--model_path", llama_checkpoint, "--engine", engine, "--dtype", "float32"]
+    r = run_script(FORWARD, *common, "--decode_steps", 3, json_path=tmp_path / "fwd.json")
+    assert r.code == 1, r
+    steps = r.json["steps"]
+    assert steps[0]["close"], "the prefill does not touch the faulty cache path"
+    assert not any(s["close"] for s in steps[1:])
+    assert not steps[1]["a_cache"]["passed"] and steps[1]["b_cache"]["passed"]
+    assert "KV-cache bug" in r.out
+    # no cache in the end-to-end check: the same engine passes there, which isolates the fault
+    assert run_script(INFERENCE, *common).code == 0
+
+
+def test_nan_logits_fail(llama_checkpoint):
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", f"{FAULTY_ENGINES}:NaNEngine")
+    assert r.code == 1, r
+    assert "non-finite values: candidate 1 NaN" in r.out
+
+
+def test_forward_only_plugin_works_where_it_should(llama_checkpoint):
+    engine = f"{FAULTY_ENGINES}:NoCaptureEngine"
+    assert run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", engine).code == 0
+    assert run_script(FORWARD, "--model_path", llama_checkpoint, "--engine", engine, "--decode_steps", 2).code == 0
+    r = run_script(INTERMEDIATE, "--model_path", llama_checkpoint, "--engine", engine)
+    assert r.code == 3 and "does not implement capture()" in r.err, r
+
+
+def test_padded_batch_of_prompts(llama_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Return the sum of two numbers.\nOpen a file and return a stream. Raise OSError upon failure.\n")
+    for script in (INFERENCE, FORWARD):
+        r = run_script(script, "--model_path", llama_checkpoint, "--prompts-file", prompts, "--dtype", "float32")
+        assert r.code == 0, r
+        assert "input: (2, " in r.out
+
+
+def test_engines_python_vs_compiled(llama_checkpoint, tmp_path):
+    r = run_script(FORWARD, "--model_path", llama_checkpoint, "--engines", "hf,compile", "--dtype", "float32",
+                   "--decode_steps", 2, json_path=tmp_path / "fwd.json")
+    assert r.code == 0, r
+    assert "A = hf" in r.out and "B = compile" in r.out
+
+
+@pytest.mark.parametrize("argv,code,message", [
+    (["--prompt", ""], 2, "empty prompt"),
+    (["--input_ids", "1,2,99999"], 2, "outside the vocabulary"),
+    (["--input_ids", "1,x"], 2, "expected comma-separated integers"),
+    (["--input_ids", ",".join(["5"] * 600)], 2, "exceeds max_position_embeddings=512"),
+    (["--bogus"], 2, "unrecognized arguments: --bogus"),
+    (["--dtype", "int8"], 2, "unknown dtype"),
+    (["--engine", "nonsense"], 2, "unknown engine"),
+    (["--engine", "no_such_package.module:Engine"], 3, "cannot import"),
+    (["--nvidia"], 3, "--nvidia: no cuda device is present"),
+    (["--moore"], 3, "torch_musa is not installed"),
+])
+def test_bad_input_gives_one_line_and_exit_code(argv, code, message, llama_checkpoint):
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, *argv)
+    assert r.code == code, r
+    assert message in r.err, r
+    assert len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err, r
+
+
+def test_not_a_llama_checkpoint(moe_checkpoint):
+    for script in (INFERENCE, FORWARD, INTERMEDIATE):
+        r = run_script(script, "--model_path", moe_checkpoint)
+        assert r.code == 2 and "model_type is 'qwen3_moe'" in r.err, r
+
+
+def test_decode_steps_beyond_context(llama_checkpoint):
+    r = run_script(FORWARD, "--model_path", llama_checkpoint, "--input_ids", ",".join(["5"] * 500),
+                   "--decode_steps", 20)
+    assert r.code == 2 and "20 decode steps exceeds max_position_embeddings" in r.err, r
+
+
+def test_scripts_run_from_any_directory(llama_checkpoint, tmp_path):
+    r = run_subprocess(INFERENCE, "--model_path", llama_checkpoint, "--json", tmp_path / "out.json", cwd=tmp_path)
+    assert r.code == 0, r
+    assert r.out.strip().splitlines()[-1].startswith("KIT script=test_llama_inference case=all metric=verdict")
+    assert json.loads((tmp_path / "out.json").read_text())["env"]["checkpoint_hash"]
+    r = run_subprocess(INTERMEDIATE, "--model_path", llama_checkpoint, "--nvidia", cwd=tmp_path)
+    assert r.code == 3 and len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err, r
