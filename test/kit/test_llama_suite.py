@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import (FAULTY_ENGINES, LLAMA, copy_checkpoint, edit_config, edit_weights, permute_qk_rows,
+from kit_helpers import (FAULTY_ENGINES, LLAMA, copy_checkpoint, edit_config, edit_weights, permute_qk_rows,
                       run_script, run_subprocess, scale_weight)
 
 from kitcore import checkpoints

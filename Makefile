@@ -1,0 +1,42 @@
+# Short names for the kit's jobs. Every target builds the environment (.venv) first when it is missing.
+# DEVICE is a torch device string (cpu, cuda, cuda:1, musa); DTYPE the candidate dtype.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEVICE ?= cpu
+DTYPE ?= bfloat16
+LLAMA := test/models/llama
+QWEN := test/models/qwen3_moe
+
+.PHONY: help setup test validate-llama bench-qwen3-moe matrix report clean
+
+help:  ## list the targets
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+	@echo "  variables: DEVICE=$(DEVICE) DTYPE=$(DTYPE) PYTHON=$(PYTHON)"
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+setup: $(VENV)/.installed  ## create .venv from requirements.txt (once)
+
+test: $(VENV)/.installed  ## run the kit's own test suite
+	$(PY) -m pytest -q test
+
+validate-llama: $(VENV)/.installed  ## the three Llama checks against HF Transformers (DEVICE, DTYPE)
+	@status=0; for script in test_llama_inference test_forward_validation test_intermediate_validation; do \
+		$(PY) $(LLAMA)/$$script.py --device $(DEVICE) --dtype $(DTYPE) || status=1; done; exit $$status
+
+bench-qwen3-moe: $(VENV)/.installed  ## Qwen3-MoE attention and MoE block benchmarks with correctness (DEVICE, DTYPE)
+	@status=0; for script in attention_test moe_test; do \
+		$(PY) $(QWEN)/$$script.py --device $(DEVICE) --dtype $(DTYPE) || status=1; done; exit $$status
+
+matrix: $(VENV)/.installed  ## every device x dtype this machine allows, through nox
+	$(VENV)/bin/nox --no-venv -s matrix
+
+report: $(VENV)/.installed  ## HTML report of results/results.jsonl -> report.html
+	$(PY) tools/report.py results/results.jsonl -o report.html
+
+clean:  ## remove .venv, .nox, logs, results and the report (not the checkpoint cache)
+	rm -rf $(VENV) .nox logs results report.html .pytest_cache

@@ -1,0 +1,122 @@
+"""Embedded checkpoints: real HF directories, deterministic, realistic; bad checkpoints refused clearly."""
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+from kit_helpers import LLAMA, run_script, run_subprocess
+
+from kitcore import checkpoints, tiny
+from kitcore.errors import UsageError
+
+INFERENCE = f"{LLAMA}/test_llama_inference.py"
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_llama_generation_is_byte_identical(llama_checkpoint, tmp_path):
+    tiny.write_checkpoint("llama", tmp_path / "again", seed=0, log=lambda m: None)
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert sha(tmp_path / "again" / name) == sha(llama_checkpoint / name), name
+
+
+def test_qwen3_moe_generation_is_byte_identical_and_seed_dependent(moe_checkpoint, tmp_path):
+    tiny.write_checkpoint("qwen3_moe", tmp_path / "same", seed=0, log=lambda m: None)
+    tiny.write_checkpoint("qwen3_moe", tmp_path / "other", seed=1, log=lambda m: None)
+    assert sha(tmp_path / "same" / "model.safetensors") == sha(moe_checkpoint / "model.safetensors")
+    assert sha(tmp_path / "other" / "model.safetensors") != sha(moe_checkpoint / "model.safetensors")
+
+
+def test_llama_is_trained_to_be_peaked(llama_checkpoint):
+    meta = json.loads((llama_checkpoint / "kit_metadata.json").read_text())
+    assert meta["train_steps"] > 0
+    assert meta["median_top1_prob"] > 0.08  # random init: ~0.001 (1/vocab)
+    assert "Held-out median top-1 probability" in (llama_checkpoint / "README.md").read_text()
+
+
+def test_checkpoint_directories_are_complete(llama_checkpoint, moe_checkpoint):
+    for ckpt in (llama_checkpoint, moe_checkpoint):
+        for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                     "tokenizer_config.json"):
+            assert (ckpt / name).is_file(), name
+
+
+def test_qwen3_moe_layout_matches_real_checkpoints(moe_checkpoint):
+    cfg = json.loads((moe_checkpoint / "config.json").read_text())
+    # the spelling of real Qwen3 checkpoints, which transformers 4.57 and 5.x both read
+    assert cfg["num_experts"] == 8 and "num_local_experts" not in cfg and cfg["rope_theta"] == 10000.0
+    assert cfg["num_experts_per_tok"] == 2 and cfg["num_key_value_heads"] < cfg["num_attention_heads"]
+    ck = checkpoints.open_checkpoint(moe_checkpoint, "qwen3_moe")
+    for e in range(8):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            assert f"model.layers.0.mlp.experts.{e}.{proj}.weight" in ck.tensors
+    assert "model.layers.1.self_attn.q_norm.weight" in ck.tensors
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(moe_checkpoint))
+    assert model.config.num_experts == 8
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_larger_sizes_are_sharded_with_an_index(tmp_path):
+    # "small" is a random-init shape for scale runs; shards are 1 GB, so force sharding via a tiny limit
+    model = tiny.build_model("llama", "small", seed=0)
+    model.save_pretrained(tmp_path, max_shard_size="20MB")
+    ck = checkpoints.open_checkpoint(tmp_path)
+    assert len(ck.weight_files) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(ck.load_tensors(["lm_head.weight", "model.embed_tokens.weight"])) == 2
+
+
+def test_tiny_checkpoint_cli_refuses_a_non_empty_directory(tmp_path):
+    (tmp_path / "x").write_text("")
+    r = run_script("tools/tiny_checkpoint.py", "--family", "llama", "--out", tmp_path)
+    assert r.code == 2 and "directory is not empty" in r.err
+
+
+def broken(tmp_path, llama_checkpoint, kind):
+    d = tmp_path / kind
+    if kind == "missing":
+        return d
+    d.mkdir()
+    if kind == "empty":
+        return d
+    for f in llama_checkpoint.iterdir():
+        shutil.copy(f, d)
+    weights = d / "model.safetensors"
+    if kind == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif kind == "no_safetensors":
+        weights.unlink()
+    elif kind == "pickled_only":
+        weights.rename(d / "pytorch_model.bin")
+    elif kind == "corrupt_config":
+        (d / "config.json").write_text('{"model_type": "llama", ')
+    elif kind == "corrupt_header":
+        weights.write_bytes(b"\xff" * 64)
+    return d
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("missing", "no such directory"),
+    ("empty", "no config.json"),
+    ("truncated", "truncated safetensors file"),
+    ("no_safetensors", "no *.safetensors weights"),
+    ("pickled_only", "pickled weights are never loaded"),
+    ("corrupt_config", "corrupt config.json"),
+    ("corrupt_header", "corrupt safetensors header"),
+])
+def test_bad_checkpoint_is_refused_in_one_line(kind, message, tmp_path, llama_checkpoint):
+    path = broken(tmp_path, llama_checkpoint, kind)
+    with pytest.raises(UsageError, match=message.replace("*", r"\*")):
+        checkpoints.open_checkpoint(path, "llama")
+    r = run_script(INFERENCE, "--model_path", path)
+    assert r.code == 2 and message in r.err and len(r.err.strip().splitlines()) == 1, r
+
+
+def test_bad_checkpoint_through_the_real_command_line(tmp_path, llama_checkpoint):
+    r = run_subprocess(INFERENCE, "--model_path", broken(tmp_path, llama_checkpoint, "truncated"))
+    assert r.code == 2 and "Traceback" not in r.err and len(r.err.strip().splitlines()) == 1, r

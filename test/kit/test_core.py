@@ -1,0 +1,178 @@
+"""The shared core: comparison, device layer, metric lines and JSON, timing."""
+
+import argparse
+import io
+import json
+import math
+
+import pytest
+import torch
+
+from kitcore import devices
+from kitcore.compare import TOLERANCES, compare
+from kitcore.errors import EXIT_UNAVAILABLE, EXIT_USAGE, Unavailable, UsageError
+from kitcore.results import Results, write_json_atomic
+from kitcore.timing import Measurement, benchmark
+
+
+def ref_tensor():
+    return torch.linspace(-3, 3, 60, dtype=torch.float32).reshape(3, 4, 5)
+
+
+# ---- compare -------------------------------------------------------------------------------------
+
+def test_identical_tensors_pass_with_zero_error():
+    c = compare(ref_tensor(), ref_tensor(), torch.float32)
+    assert c.passed and c.max_abs == 0 and c.nmse == 0 and c.cosine == pytest.approx(1.0) and c.mismatched == 0
+
+
+def test_figures_and_worst_index():
+    ref = ref_tensor()
+    cand = ref.clone()
+    cand[1, 2, 3] += 0.5
+    c = compare(cand, ref, torch.float32)
+    assert not c.passed and c.worst_index == (1, 2, 3)
+    assert c.max_abs == pytest.approx(0.5, rel=1e-6)
+    assert c.mean_abs == pytest.approx(0.5 / 60, rel=1e-6)
+    assert c.nmse == pytest.approx(0.25 / float(ref.double().pow(2).sum()), rel=1e-6)
+    assert c.mismatched == 1 and "1 elements outside tolerance" in c.reason
+    assert "greatest absolute difference: 5.000e-01 at index (1, 2, 3)" in c.message()
+
+
+@pytest.mark.parametrize("side", ["candidate", "reference"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_inf_on_either_side_fails(side, value):
+    ref, cand = ref_tensor(), ref_tensor()
+    (cand if side == "candidate" else ref)[0, 0, 0] = value
+    c = compare(cand, ref, torch.float32)
+    assert not c.passed and "non-finite" in c.reason
+    counts = (c.nan_candidate, c.inf_candidate) if side == "candidate" else (c.nan_reference, c.inf_reference)
+    assert counts == ((1, 0) if math.isnan(value) else (0, 1))
+    assert math.isfinite(c.max_abs)  # the figures still describe the finite part
+
+
+def test_shape_mismatch_fails_with_both_shapes():
+    c = compare(torch.zeros(2, 3), torch.zeros(3, 2), torch.float32)
+    assert not c.passed and c.reason == "shape mismatch: candidate [2, 3] vs reference [3, 2]"
+    assert "shape mismatch" in c.message()
+
+
+def test_bf16_rounding_passes_bf16_tolerance_but_not_float32():
+    ref = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    rounded = ref.to(torch.bfloat16)
+    assert compare(rounded, ref, torch.bfloat16).passed
+    assert not compare(rounded, ref, torch.float32).passed
+
+
+def test_uniform_rescale_is_invisible_to_cosine_but_fails():
+    ref = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    c = compare(ref * 1.03, ref, torch.bfloat16)
+    assert c.cosine == pytest.approx(1.0, abs=1e-12)
+    assert not c.passed and "nmse" in c.reason
+
+
+def test_tolerance_table_is_ordered_by_precision():
+    order = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+    assert [TOLERANCES[d].nmse for d in order] == sorted(TOLERANCES[d].nmse for d in order)
+
+
+# ---- devices -------------------------------------------------------------------------------------
+
+def parse_device(*argv):
+    parser = argparse.ArgumentParser()
+    devices.add_device_args(parser)
+    return devices.resolve_device(parser.parse_args(argv))
+
+
+def test_cpu_is_the_default_and_cpu_flag_works():
+    assert parse_device().type == "cpu"
+    d = parse_device("--cpu")
+    assert d.type == "cpu" and "threads" in d.name() and d.peak_memory_bytes() is None
+    d.synchronize()
+    d.empty_cache()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+@pytest.mark.parametrize("flag", ["--nvidia", "--metax", "--mars", "--iluvatar"])
+def test_absent_cuda_vendor_is_refused_with_exit_3(flag):
+    with pytest.raises(Unavailable) as exc:
+        parse_device(flag)
+    assert exc.value.exit_code == EXIT_UNAVAILABLE
+    assert str(exc.value).startswith(f"{flag}: no cuda device is present")
+
+
+def test_moore_without_torch_musa_is_refused():
+    with pytest.raises(Unavailable, match="backend module torch_musa is not installed"):
+        parse_device("--moore")
+
+
+def test_bad_device_string_is_a_usage_error():
+    with pytest.raises(UsageError) as exc:
+        parse_device("--device", "warp:0")
+    assert exc.value.exit_code == EXIT_USAGE
+
+
+def test_dtype_the_device_cannot_compute_in_is_refused():
+    devices.Device("cpu", "cpu").check_dtype(torch.bfloat16)
+    with pytest.raises(UsageError, match="float8_e4m3fn is not supported on cpu"):
+        devices.Device("cpu", "cpu").check_dtype(torch.float8_e4m3fn)
+
+
+# ---- metric lines and JSON -----------------------------------------------------------------------
+
+def test_metric_lines_are_one_record_per_line():
+    out = io.StringIO()
+    r = Results("demo", labels={"device": "cpu", "dtype": "bfloat16"}, stream=out)
+    r.add("prefill 64", "median_ms", 1.5, unit="ms", engine="hf")
+    r.add("case", "passed", True, unit="bool")
+    code = r.finish(False)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "KIT script=demo case=prefill_64 metric=median_ms value=1.5 unit=ms device=cpu dtype=bfloat16 engine=hf"
+    assert lines[1].split()[4] == "value=1"
+    assert lines[2] == ("KIT script=demo case=all metric=verdict value=1 unit=exit_code device=cpu dtype=bfloat16 "
+                        "verdict=fail")
+    assert code == 1
+
+
+def test_json_is_written_atomically(tmp_path):
+    target = tmp_path / "sub" / "r.json"
+    write_json_atomic(target, {"a": float("nan"), "b": [1, 2]})
+    assert json.loads(target.read_text()) == {"a": "nan", "b": [1, 2]}
+    with pytest.raises(TypeError):
+        write_json_atomic(target, {"x": object()})
+    assert json.loads(target.read_text())["b"] == [1, 2]  # the old file survives a failed write
+    assert [p.name for p in target.parent.iterdir()] == ["r.json"]  # no temp file left behind
+
+
+# ---- timing --------------------------------------------------------------------------------------
+
+def test_measurement_statistics():
+    m = Measurement("x", [1.0, 2.0, 3.0, 4.0, 100.0], warmups=2)
+    assert m.median_ms == 3.0 and m.n == 5 and m.mean_ms == 22.0
+    assert m.iqr_ms == pytest.approx(2.0) and m.spread_warning
+    assert m.p10_ms == pytest.approx(1.4) and m.p90_ms == pytest.approx(61.6)
+
+
+def test_benchmark_refuses_zero_runs():
+    with pytest.raises(UsageError, match="--runs must be at least 1"):
+        benchmark(lambda: None, devices.Device("cpu", "cpu"), 1, 0, "x")
+
+
+def test_timing_loop_overhead_matches_torch_utils_benchmark():
+    """The kit's loop adds < 3% to a ~2 ms call: ratio of medians against torch.utils.benchmark."""
+    from torch.utils import benchmark as tb
+
+    x = torch.randn(384, 384)
+
+    def call():
+        for _ in range(8):
+            x @ x
+
+    cpu = devices.Device("cpu", "cpu")
+    ratios = []
+    for _ in range(3):  # the machine may be shared: keep the best of three interleaved pairs
+        ours = benchmark(call, cpu, warmups=5, runs=60, what="matmul").median_ms
+        timer = tb.Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads())
+        theirs = timer.blocked_autorange(min_run_time=0.3).median * 1e3
+        ratios.append(ours / theirs)
+    assert min(abs(r - 1) for r in ratios) < 0.03, ratios
