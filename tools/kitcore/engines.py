@@ -251,12 +251,13 @@ class CompileEngine(HFEngine):
 BUILTIN_ENGINES = {"hf": HFEngine, "compile": CompileEngine}
 
 
-def engine_class(spec):
-    """Resolve `--engine` to a class: a built-in name, `package.module:Class` or `path/file.py:Class`."""
-    if spec in BUILTIN_ENGINES:
-        return BUILTIN_ENGINES[spec]
+def resolve_class(spec, builtins, required, protocol):
+    """`--engine` -> a class: a built-in name, `package.module:Class` or `path/file.py:Class`.
+    `required` names the methods the class must have; `protocol` says where they are documented."""
+    if spec in builtins:
+        return builtins[spec]
     if ":" not in spec:
-        raise UsageError(f"--engine {spec!r}: unknown engine; use one of {', '.join(BUILTIN_ENGINES)}, "
+        raise UsageError(f"--engine {spec!r}: unknown engine; use one of {', '.join(builtins)}, "
                          "package.module:Class or path/to/file.py:Class")
     target, cls_name = spec.rsplit(":", 1)
     if target.endswith(".py"):
@@ -275,11 +276,15 @@ def engine_class(spec):
     cls = getattr(module, cls_name, None)
     if cls is None:
         raise UsageError(f"--engine {spec!r}: {target} has no class {cls_name}")
-    for method in ("new_cache", "forward"):
+    for method in required:
         if not callable(getattr(cls, method, None)):
             raise UsageError(f"--engine {spec!r}: {cls_name} lacks the required method {method}() "
-                             "(see the engine protocol in tools/kitcore/engines.py)")
+                             f"(see the engine protocol in {protocol})")
     return cls
+
+
+def engine_class(spec):
+    return resolve_class(spec, BUILTIN_ENGINES, ("new_cache", "forward"), "tools/kitcore/engines.py")
 
 
 def load_engine(spec, model_path, device, dtype, attn):

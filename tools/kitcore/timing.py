@@ -110,3 +110,48 @@ def benchmark(fn, device, warmups, runs, what, setup=None):
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
     return Measurement(what, samples, warmups)
+
+
+def time_requests(calls, device, warmups, runs, reset, what):
+    """Run `calls` one after another, as a serving loop meets them, `runs` times after `warmups` rounds.
+
+    `reset()` (untimed) runs before every round, e.g. to crop KV caches back to their past. Returns one
+    Measurement per call (from that call's start to its output being ready on the device) and the
+    batch-relative samples: for every round, the time from the round's start to each call's end.
+    """
+    check_counts(warmups, runs)
+    for _ in range(warmups):
+        reset()
+        for fn in calls:
+            fn()
+    device.synchronize()
+    per_call = [[] for _ in calls]
+    batch_relative = []
+    rounds = []
+    for _ in range(runs):
+        reset()
+        device.synchronize()
+        if device.has_events():
+            marks = [device.event() for _ in range(len(calls) + 1)]
+            marks[0].record()
+            for fn, mark in zip(calls, marks[1:]):
+                fn()
+                mark.record()
+            rounds.append(marks)
+        else:
+            marks = [time.perf_counter()]
+            for fn in calls:
+                fn()
+                marks.append(time.perf_counter())
+            rounds.append([m * 1e3 for m in marks])
+    device.synchronize()
+    for marks in rounds:
+        if device.has_events():
+            ends = [marks[0].elapsed_time(m) for m in marks[1:]]
+        else:
+            ends = [m - marks[0] for m in marks[1:]]
+        starts = [0.0] + ends[:-1]
+        for i, (s, e) in enumerate(zip(starts, ends)):
+            per_call[i].append(e - s)
+        batch_relative.append(ends)
+    return [Measurement(f"{what} #{i}", s, warmups) for i, s in enumerate(per_call)], batch_relative

@@ -1,0 +1,250 @@
+#!/usr/bin/env python3
+"""Qwen3-MoE attention of one layer: prefill TTFT and decode throughput, checked against a float32 reference.
+
+Prefill cases (seqlen:pastlen, default 64:512,128:0,256:0,256:256) run one after another, each on top of
+its own KV cache holding `pastlen` random past positions, with an explicit causal mask offset by the
+past. Timed per request: from the request's start to its output being ready (device-synchronised); the
+cache is cropped back to exactly its past between runs (untimed). Decode: 16 requests of one token with
+pasts 50x4, 100x4, 200x4, 400x4, each step timed at its fixed past. `--batched` also runs the 16 decode
+requests as one left-padded batch, as a serving engine does.
+
+Correctness: every case's output against the same module in float32 on the CPU (eager attention,
+explicit masks) from the same inputs: max abs diff, cosine, NMSE; the verdict uses the kit's dtype
+tolerances and sets the exit code. GFLOP/s and GB/s come from the module's FLOPs and bytes moved
+(weights + activations + KV cache), at the median latency.
+
+The originals' lines are printed word for word (their formulas, labelled): the TTFT there is the mean
+time from the batch start to each request's completion; the throughput is tokens / total decode time.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
+
+from kitcore import cli  # noqa: E402
+from kitcore.compare import compare  # noqa: E402
+from kitcore.devices import Device  # noqa: E402
+from kitcore.errors import UsageError  # noqa: E402
+from kitcore.qwen3_moe import (HFModules, attention_mask, bench_parser, bench_setup, first_output,  # noqa: E402
+                               layer_weights, module_engine, report_measurement)
+from kitcore.timing import time_requests  # noqa: E402
+
+SCRIPT = "attention_test"
+PREFILL_CASES = "64:512,128:0,256:0,256:256"
+DECODE_CASES = ",".join(f"1:{p}" for p in [50] * 4 + [100] * 4 + [200] * 4 + [400] * 4)
+
+
+def parse_cases(text, flag, max_pos, decode=False):
+    cases = []
+    for item in text.split(","):
+        try:
+            seq, past = (int(x) for x in item.split(":"))
+        except ValueError:
+            raise UsageError(f"{flag} {text!r}: expected seqlen:pastlen pairs, e.g. 64:512,128:0") from None
+        if seq < 1 or past < 0 or (decode and seq != 1):
+            raise UsageError(f"{flag}: bad case {item!r} (seqlen >= 1{', = 1 for decode' if decode else ''}, pastlen >= 0)")
+        if seq + past > max_pos:
+            raise UsageError(f"{flag}: case {item} needs {seq + past} positions, above max_position_embeddings="
+                             f"{max_pos}; use shorter cases")
+        cases.append((seq, past))
+    return cases
+
+
+class Request:
+    """One request: random hidden states and past K/V, a cache that is reset to exactly that past."""
+
+    def __init__(self, config, seq, past, g):
+        from transformers import DynamicCache
+
+        self.seq, self.past, self.config = seq, past, config
+        kv, hd = config.num_key_value_heads, config.head_dim
+        self.hidden = torch.rand(1, seq, config.hidden_size, generator=g)
+        self.past_k = torch.rand(1, kv, past, hd, generator=g)
+        self.past_v = torch.rand(1, kv, past, hd, generator=g)
+        self.position_ids = torch.arange(past, past + seq)[None]
+        self.new_cache = lambda: DynamicCache(config=config)
+
+    def prepare(self, module, rotary, device, dtype, attn):
+        """Inputs on the device, and a call that runs the module on them."""
+        dev = device.torch_device
+        hidden = self.hidden.to(dev, dtype)
+        cos, sin = rotary(hidden, self.position_ids.to(dev))
+        mask = attention_mask(torch.ones(1, self.past + self.seq, dtype=torch.bool), self.seq, dtype, attn, dev)
+        cache = self.new_cache()
+        if self.past:
+            cache.update(self.past_k.to(dev, dtype), self.past_v.to(dev, dtype), 0)
+
+        def call():
+            with torch.no_grad():
+                return first_output(module(hidden, (cos, sin), mask, cache))
+
+        def reset():
+            extra = cache.get_seq_length(0) - self.past
+            if extra > 0:
+                cache.crop(-extra)  # negative: drop the newest positions (transformers 4.57 and 5.x)
+
+        return call, reset, cache
+
+
+def flops_and_bytes(config, seq, past, dtype):
+    """FLOPs and bytes moved of one attention call (projections, causal attention, KV cache)."""
+    h, hd = config.hidden_size, config.head_dim
+    nq, nkv = config.num_attention_heads, config.num_key_value_heads
+    proj = 2 * seq * h * (nq * hd + 2 * nkv * hd) + 2 * seq * nq * hd * h
+    visible = seq * past + seq * (seq + 1) // 2  # key positions each query sees, summed
+    attention = 2 * 2 * nq * visible * hd
+    size = torch.tensor([], dtype=dtype).element_size()
+    weights = (h * (nq + 2 * nkv) * hd + nq * hd * h + 2 * hd) * size
+    activations = 2 * seq * h * size
+    kv = 2 * nkv * hd * (past + seq) * size + 2 * nkv * hd * seq * size
+    return proj + attention, weights + activations + kv
+
+
+def batched_decode(requests, module, rotary, device, dtype, attn):
+    """The decode requests as one batch, pasts left-padded to the longest; returns call, reset, outputs."""
+    from transformers import DynamicCache
+
+    dev = device.torch_device
+    longest = max(r.past for r in requests)
+    cfg = requests[0].config
+    kv, hd, b = cfg.num_key_value_heads, cfg.head_dim, len(requests)
+    keys = torch.zeros(b, kv, longest, hd)
+    values = torch.zeros(b, kv, longest, hd)
+    valid = torch.zeros(b, longest + 1, dtype=torch.bool)
+    for i, r in enumerate(requests):
+        keys[i, :, longest - r.past:] = r.past_k[0]
+        values[i, :, longest - r.past:] = r.past_v[0]
+        valid[i, longest - r.past:] = True
+    hidden = torch.cat([r.hidden for r in requests]).to(dev, dtype)
+    positions = torch.tensor([[r.past] for r in requests], device=dev)
+    cos, sin = rotary(hidden, positions)
+    mask = attention_mask(valid, 1, dtype, attn, dev)
+    cache = DynamicCache(config=cfg)
+    cache.update(keys.to(dev, dtype), values.to(dev, dtype), 0)
+
+    def call():
+        with torch.no_grad():
+            return first_output(module(hidden, (cos, sin), mask, cache))
+
+    def reset():
+        if cache.get_seq_length(0) > longest:
+            cache.crop(-(cache.get_seq_length(0) - longest))
+
+    return call, reset
+
+
+def main(argv=None):
+    parser = bench_parser(__doc__, "--attn", ["eager", "sdpa"], "sdpa")
+    parser.add_argument("--prefill_cases", default=PREFILL_CASES, help=f"seqlen:pastlen,... (default {PREFILL_CASES})")
+    parser.add_argument("--decode_cases", default=None, help="1:pastlen,... (default 16 requests, pasts 50x4 ... 400x4)")
+    parser.add_argument("--batched", action="store_true", help="also run the decode requests as one padded batch")
+    args = parser.parse_args(argv)
+    device, dtype, checkpoint, config, results = bench_setup(args, SCRIPT, args.attn)
+    max_pos = config.max_position_embeddings
+    prefill = parse_cases(args.prefill_cases, "--prefill_cases", max_pos)
+    decode = parse_cases(args.decode_cases or DECODE_CASES, "--decode_cases", max_pos, decode=True)
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRotaryEmbedding
+
+    weights = layer_weights(checkpoint, args.layer, "self_attn")
+    engine = module_engine(args.engine, ("build_attention",))
+    module = engine.build_attention(config, weights, device, dtype, args.attn)
+    cpu = Device("cpu", "cpu")
+    reference = HFModules().build_attention(config, weights, cpu, torch.float32, "eager")
+    rotary = Qwen3MoeRotaryEmbedding(config).to(device.torch_device)
+    ref_rotary = Qwen3MoeRotaryEmbedding(config)
+    g = torch.Generator().manual_seed(args.seed)
+    all_passed = True
+    summary = {"prefill": [], "decode": []}
+
+    def run_phase(phase, cases):
+        nonlocal all_passed
+        requests = [Request(config, s, p, g) for s, p in cases]
+        prepared = [r.prepare(module, rotary, device, dtype, args.attn) for r in requests]
+        outputs = []
+        for r, (call, reset, _) in zip(requests, prepared):
+            outputs.append(call().detach().cpu())
+            reset()
+            ref_call, _, _ = r.prepare(reference, ref_rotary, cpu, torch.float32, "eager")
+            r.reference = ref_call()
+        device.reset_peak_memory()
+        latencies, batch_relative = time_requests([c for c, _, _ in prepared], device, args.warmups, args.runs,
+                                                  lambda: [reset() for _, reset, _ in prepared], phase)
+        peak = device.peak_memory_bytes()
+        for i, (r, out, m) in enumerate(zip(requests, outputs, latencies)):
+            case = f"{phase}{i}_seq{r.seq}_past{r.past}"
+            c = compare(out, r.reference, dtype, case)
+            all_passed &= c.passed
+            flops, moved = flops_and_bytes(config, r.seq, r.past, dtype)
+            report_measurement(results, case, m, r.seq, flops, moved, peak, phase=phase)
+            results.add_comparison(case, c, phase=phase)
+            summary[phase].append({"case": case, "seqlen": r.seq, "pastlen": r.past, **m.summary(),
+                                   "comparison": c.as_dict()})
+            print(f"  {case:<26} median {m.median_ms:8.3f} ms  IQR {m.iqr_ms:7.3f}  {r.seq / m.median_ms * 1e3:10.1f} tok/s"
+                  f"  {flops / m.median_ms / 1e6:8.2f} GFLOP/s  {moved / m.median_ms / 1e6:7.2f} GB/s | "
+                  f"max abs {c.max_abs:.2e} cos {c.cosine:.6f} nmse {c.nmse:.2e} {'ok' if c.passed else 'FAIL'}"
+                  + ("  [spread warning]" if m.spread_warning else ""))
+            if not c.passed:
+                print(f"    {c.reason}")
+        return requests, latencies, batch_relative, peak
+
+    print("\n" + "*" * 130)
+    print("Test Qwen3attention ")
+    print("*" * 130)
+    print(f"Test Case PREFILL_TESTCASES : {{'seqlens': {[s for s, _ in prefill]}, 'pastlens': {[p for _, p in prefill]}}}")
+    _, latencies, batch_relative, _ = run_phase("prefill", prefill)
+    original_ttft = sum(sum(r) for r in batch_relative) / (args.runs * len(prefill))
+    per_request = sum(m.median_ms for m in latencies) / len(latencies)
+    results.add("prefill", "ttft_per_request_median_ms", per_request, unit="ms")
+    results.add("prefill", "ttft_batch_relative_mean_ms", original_ttft, unit="ms")
+    print(f"  TTFT per request (median, averaged over requests): {per_request:.3f} ms")
+    print(f"  TTFT as the originals measured it (mean time from the batch start to each request's end): "
+          f"{original_ttft:.3f} ms")
+    print(f"\t WARMUPS={args.warmups} RUNS={args.runs}, Attention Torch, average TTFT: {round(original_ttft, 2)} ms\n")
+    print("\n")
+    print("-" * 130)
+    print(f"\nTest DECODE_TESTCASES: {{'seqlens': {[s for s, _ in decode]}, 'pastlens': {[p for _, p in decode]}}}")
+    requests, latencies, _, _ = run_phase("decode", decode)
+    groups = {}
+    for r, m in zip(requests, latencies):
+        groups.setdefault(r.past, []).append(m.median_ms)
+    for past, medians in groups.items():
+        tps = len(medians) / (sum(medians) / 1e3)
+        results.add(f"decode_past{past}", "tokens_per_s", tps, unit="tok/s", phase="decode")
+        print(f"  past {past:>5}: {tps:10.1f} tok/s (bs=1, one token per step, median step latency "
+              f"{sum(medians) / len(medians):.3f} ms)")
+    overall = len(latencies) / (sum(m.median_ms for m in latencies) / 1e3)
+    original_tps = args.runs * len(latencies) / (sum(sum(m.samples_ms) for m in latencies) / 1e3)
+    results.add("decode", "tokens_per_s_median", overall, unit="tok/s", phase="decode")
+    results.add("decode", "tokens_per_s_original_formula", original_tps, unit="tok/s", phase="decode")
+    print(f"  overall: {overall:.1f} tok/s from median step latencies; originals' formula (tokens / total time): "
+          f"{original_tps:.1f} tok/s")
+    print(f"\t WARMUPS={args.warmups} RUNS={args.runs}, Attention Torch, average throughput: {round(original_tps, 2)} tok/s \n")
+
+    if args.batched:
+        call, reset = batched_decode(requests, module, rotary, device, dtype, args.attn)
+        out = call().detach().cpu()
+        reset()
+        c = compare(out, torch.cat([r.reference for r in requests]), dtype, "decode_batched")
+        all_passed &= c.passed
+        device.reset_peak_memory()
+        (m,), _ = time_requests([call], device, args.warmups, args.runs, reset, "decode batched")
+        flops = sum(flops_and_bytes(config, 1, r.past, dtype)[0] for r in requests)
+        moved = sum(flops_and_bytes(config, 1, r.past, dtype)[1] for r in requests)
+        report_measurement(results, "decode_batched", m, len(requests), flops, moved, device.peak_memory_bytes(),
+                           phase="decode")
+        results.add_comparison("decode_batched", c, phase="decode")
+        summary["decode_batched"] = {**m.summary(), "comparison": c.as_dict()}
+        print(f"  batched ({len(requests)} requests, left-padded to past {max(r.past for r in requests)}): "
+              f"median {m.median_ms:.3f} ms, {len(requests) / m.median_ms * 1e3:.1f} tok/s | max abs {c.max_abs:.2e} "
+              f"nmse {c.nmse:.2e} {'ok' if c.passed else 'FAIL: ' + c.reason}")
+    results.extra["cases"] = summary
+    print(f"\ncorrectness verdict: {'PASS' if all_passed else 'FAIL'}")
+    device.empty_cache()
+    return results.finish(all_passed, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

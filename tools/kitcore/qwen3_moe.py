@@ -1,0 +1,210 @@
+"""One Qwen3-MoE layer's attention or sparse MoE block, loaded strictly, and the module engines.
+
+Module engine protocol (`--engine` of attention_test.py and moe_test.py; documented here only):
+    build_attention(config, weights, device, dtype, attn) -> module
+        module(hidden_states [B, S, H], (cos, sin), attention_mask, cache) -> [B, S, H] or (out, ...)
+        cos/sin come from HF's rotary embedding; attention_mask is [B, 1, S, past + S], bool (True =
+        attend) for sdpa-style attention and additive float for `eager`; cache is a transformers
+        DynamicCache holding the past K/V of layer 0, which the module appends to.
+    build_moe(config, weights, device, dtype, experts) -> module
+        module(hidden_states [B, S, H]) -> [B, S, H] or (out, router_logits); an optional `.gate` router
+        (HF's Qwen3MoeTopKRouter interface: gate(x [T, H]) -> (logits, weights, indices)) enables the
+        router check.
+    `config` is the checkpoint's transformers config (num_hidden_layers forced to 1: the module is
+    layer 0 of a one-layer model); `weights` are the layer's tensors as on disk, prefix stripped
+    (`q_proj.weight`, `experts.3.gate_proj.weight` ...). The built-in `hf` engine is `HFModules`;
+    plugins subclass it (see test/kit/faulty_engines.py).
+"""
+
+import copy
+
+import torch
+
+from .engines import causal_mask, resolve_class
+from .errors import UsageError
+
+
+def load_config(checkpoint, layer):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(checkpoint.path), trust_remote_code=False)
+    layers = config.num_hidden_layers
+    if not 0 <= layer < layers:
+        raise UsageError(f"--layer {layer}: the model has {layers} layers (0..{layers - 1})")
+    config.num_hidden_layers = 1
+    return config
+
+
+def layer_weights(checkpoint, layer, part):
+    """The tensors of `model.layers.<layer>.<part>.` from every shard, prefix stripped."""
+    prefix = f"model.layers.{layer}.{part}."
+    names = [n for n in checkpoint.tensors if n.startswith(prefix)]
+    if not names:
+        raise UsageError(f"{checkpoint.path}: no weights under {prefix}; is --layer right?")
+    return {n[len(prefix):]: t for n, t in checkpoint.load_tensors(names).items()}
+
+
+def moe_weights(checkpoint, layer):
+    weights = layer_weights(checkpoint, layer, "mlp")
+    if "gate.weight" not in weights:
+        raise UsageError(f"{checkpoint.path}: layer {layer} has no sparse MoE block (a dense MLP layer: "
+                         "mlp_only_layers or decoder_sparse_step); choose another --layer")
+    return weights
+
+
+def _fuse_experts(weights, num_experts):
+    """Per-expert tensors (as on disk) -> transformers 5.x fused layout: gate_up_proj [E, 2I, H] (gate
+    first, then up) and down_proj [E, H, I]."""
+    fused = {k: v for k, v in weights.items() if not k.startswith("experts.")}
+    gate_up, down = [], []
+    for e in range(num_experts):
+        try:
+            gate_up.append(torch.cat([weights[f"experts.{e}.gate_proj.weight"], weights[f"experts.{e}.up_proj.weight"]]))
+            down.append(weights[f"experts.{e}.down_proj.weight"])
+        except KeyError as exc:
+            raise UsageError(f"checkpoint lacks weight mlp.{exc.args[0]} of expert {e}") from None
+    known = {f"experts.{e}.{p}.weight" for e in range(num_experts) for p in ("gate_proj", "up_proj", "down_proj")}
+    extra = sorted(k for k in weights if k.startswith("experts.") and k not in known)
+    if extra:
+        raise UsageError(f"checkpoint has unexpected weight mlp.{extra[0]} (the config has {num_experts} experts)")
+    fused["experts.gate_up_proj"] = torch.stack(gate_up)
+    fused["experts.down_proj"] = torch.stack(down)
+    return fused
+
+
+def load_strict(module, weights, what):
+    """load_state_dict(strict=True), with the first missing or unexpected weight named in one line."""
+    expected = set(module.state_dict())
+    missing = sorted(expected - set(weights))
+    unexpected = sorted(set(weights) - expected)
+    if missing:
+        raise UsageError(f"{what}: checkpoint lacks weight {missing[0]}"
+                         + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise UsageError(f"{what}: checkpoint has unexpected weight {unexpected[0]}"
+                         + (f" (+{len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for k, v in weights.items():
+        if tuple(v.shape) != tuple(module.state_dict()[k].shape):
+            raise UsageError(f"{what}: weight {k} has shape {list(v.shape)}, the config expects "
+                             f"{list(module.state_dict()[k].shape)}")
+    module.load_state_dict(weights, strict=True)
+    return module
+
+
+class HFModules:
+    """HuggingFace Transformers' Qwen3MoeAttention and Qwen3MoeSparseMoeBlock."""
+
+    name = "hf"
+
+    def build_attention(self, config, weights, device, dtype, attn):
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeAttention
+
+        config = copy.deepcopy(config)  # each module keeps its own implementation choice
+        config._attn_implementation = attn
+        module = Qwen3MoeAttention(config, layer_idx=0)
+        return load_strict(module, weights, "attention").to(device.torch_device, dtype).eval()
+
+    def build_moe(self, config, weights, device, dtype, experts):
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+        config = copy.deepcopy(config)
+        config._experts_implementation = experts
+        module = Qwen3MoeSparseMoeBlock(config)
+        if "experts.gate_up_proj" in module.state_dict():  # transformers 5.x keeps experts fused
+            weights = _fuse_experts(weights, config.num_experts)
+        return load_strict(module, weights, "MoE block").to(device.torch_device, dtype).eval()
+
+
+class CompiledModules(HFModules):
+    """The HF modules through torch.compile (dynamic shapes)."""
+
+    name = "compile"
+
+    def build_attention(self, config, weights, device, dtype, attn):
+        return _compiled(super().build_attention(config, weights, device, dtype, attn))
+
+    def build_moe(self, config, weights, device, dtype, experts):
+        return _compiled(super().build_moe(config, weights, device, dtype, experts))
+
+
+def _compiled(module):
+    return torch.compile(module, dynamic=True)  # attributes such as .gate still reach the module
+
+
+BUILTIN_MODULES = {"hf": HFModules, "compile": CompiledModules}
+
+
+def module_engine(spec, required):
+    return resolve_class(spec, BUILTIN_MODULES, required, "tools/kitcore/qwen3_moe.py")()
+
+
+def attention_mask(batch_valid, q_len, dtype, attn, device):
+    """[B, 1, q, kv] mask: causal with the past offset, and `batch_valid` [B, kv] (False = left padding)."""
+    kv_len = batch_valid.shape[1]
+    allowed = causal_mask(q_len, kv_len, dtype, additive=False, device=device) & batch_valid[:, None, None, :].to(device)
+    if attn != "eager":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def first_output(out):
+    """Modules return a tensor, or a tuple whose first element is the output (4.57 MoE, attention)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def bench_parser(doc, impl_flag, impl_choices, impl_default):
+    """The flags both Qwen3-MoE benchmarks share."""
+    from . import cli, devices
+
+    p = cli.ArgumentParser(description=doc)
+    p.add_argument("--model_path", help="Qwen3-MoE checkpoint directory (default: the kit's embedded tiny one)")
+    devices.add_device_args(p)
+    p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 | float16 (default bfloat16)")
+    p.add_argument("--layer", type=int, default=0, help="which layer's weights to benchmark (default 0)")
+    p.add_argument("--warmups", type=int, default=10, help="untimed calls before timing (default 10)")
+    p.add_argument("--runs", type=int, default=100, help="timed calls (default 100)")
+    p.add_argument("--engine", default="hf", help="hf | compile | package.module:Class | file.py:Class")
+    p.add_argument(impl_flag, default=impl_default, choices=impl_choices,
+                   help=f"transformers implementation (default {impl_default})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice); recorded")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH (atomically)")
+    return p
+
+
+def bench_setup(args, script, impl):
+    """Device, dtype, checkpoint, config and Results of a Qwen3-MoE benchmark."""
+    from . import checkpoints, devices
+    from .results import Results, environment
+    from .timing import check_counts
+
+    check_counts(args.warmups, args.runs)
+    devices.set_threads(args.threads)
+    device = devices.resolve_device(args)
+    dtype = devices.parse_dtype(args.dtype)
+    device.check_dtype(dtype)
+    torch.manual_seed(args.seed)
+    checkpoint = checkpoints.resolve_checkpoint(args.model_path, "qwen3_moe")
+    config = load_config(checkpoint, args.layer)
+    results = Results(script, labels={"device": str(device), "dtype": args.dtype, "engine": args.engine,
+                                      "impl": impl, "layer": args.layer})
+    results.env = environment(device, dtype, args.seed, checkpoint)
+    env = results.env
+    print(f"{script}: engine={args.engine} impl={impl} device={env['device_name']} dtype={args.dtype} "
+          f"layer={args.layer} seed={args.seed} threads={env['threads']}")
+    print(f"  checkpoint {checkpoint.path} (hash {env['checkpoint_hash']}); torch {env['torch']}, "
+          f"transformers {env['transformers']}; reference: the same module in float32 on the CPU")
+    return device, dtype, checkpoint, config, results
+
+
+def report_measurement(results, case, m, tokens, flops, bytes_moved, peak_bytes, **labels):
+    """A Measurement as metric lines: latency statistics, tok/s, GFLOP/s, GB/s, peak memory."""
+    for key, value in m.summary().items():
+        unit = "ms" if key.endswith("_ms") else ("bool" if key == "spread_warning" else "count")
+        results.add(case, key, value, unit=unit, **labels)
+    seconds = m.median_ms / 1e3
+    results.add(case, "tokens_per_s", tokens / seconds, unit="tok/s", **labels)
+    results.add(case, "gflops", flops / seconds / 1e9, unit="GFLOP/s", **labels)
+    results.add(case, "gbytes_per_s", bytes_moved / seconds / 1e9, unit="GB/s", **labels)
+    if peak_bytes is not None:
+        results.add(case, "peak_memory", peak_bytes, unit="bytes", **labels)
