@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
 from kitcore.engines import HFEngine  # noqa: E402
+from kitcore.qwen3_moe import HFModules  # noqa: E402
 
 
 class DropOldestCacheEngine(HFEngine):
@@ -75,3 +76,41 @@ class NaNEngine(HFEngine):
         logits = super().forward(input_ids, position_ids, attention_mask, cache).clone()
         logits[:, -1, 0] = float("nan")
         return logits
+
+
+# ---- Qwen3-MoE module engines (attention_test.py / moe_test.py) ------------------------------------
+
+class _AttentionWrapper(torch.nn.Module):
+    def __init__(self, inner, swap_cos_sin=False, drop_mask=False):
+        super().__init__()
+        self.inner, self.swap_cos_sin, self.drop_mask = inner, swap_cos_sin, drop_mask
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache):
+        cos, sin = position_embeddings
+        return self.inner(hidden_states, (sin, cos) if self.swap_cos_sin else (cos, sin),
+                          None if self.drop_mask else attention_mask, cache)
+
+
+class SwappedCosSinModules(HFModules):
+    """Passes position embeddings as (sin, cos), the originals' bug."""
+
+    def build_attention(self, config, weights, device, dtype, attn):
+        return _AttentionWrapper(super().build_attention(config, weights, device, dtype, attn), swap_cos_sin=True)
+
+
+class NoMaskModules(HFModules):
+    """Calls attention without a mask, the originals' bug (wrong for a prefill on top of a cache)."""
+
+    def build_attention(self, config, weights, device, dtype, attn):
+        return _AttentionWrapper(super().build_attention(config, weights, device, dtype, attn), drop_mask=True)
+
+
+class PermutedExpertModules(HFModules):
+    """Loads expert 0's weights into expert 1 and vice versa."""
+
+    def build_moe(self, config, weights, device, dtype, experts):
+        swapped = dict(weights)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            a, b = f"experts.0.{proj}.weight", f"experts.1.{proj}.weight"
+            swapped[a], swapped[b] = weights[b], weights[a]
+        return super().build_moe(config, swapped, device, dtype, experts)

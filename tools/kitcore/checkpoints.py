@@ -20,7 +20,7 @@ from .errors import UsageError
 
 FAMILIES = {"llama": ("llama",), "qwen3_moe": ("qwen3_moe",)}
 # Bump when the tiny-checkpoint recipe changes, so that caches are regenerated.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 _FULL_HASH_LIMIT = 64 << 20  # files up to 64 MiB are hashed in full, larger ones by header + samples
 
 

@@ -43,7 +43,7 @@ from .errors import Unavailable, UsageError
 from .points import LAYER_POINTS
 
 
-def _quiet_transformers():
+def quiet_transformers():
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -70,7 +70,7 @@ class HFEngine:
     def __init__(self, model_path, device, dtype, attn="sdpa"):
         from transformers import AutoModelForCausalLM
 
-        _quiet_transformers()
+        quiet_transformers()
         self.device, self.dtype, self.attn = device, dtype, attn
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=dtype, attn_implementation=attn, use_safetensors=True, trust_remote_code=False

@@ -175,10 +175,12 @@ def bench_parser(doc, impl_flag, impl_choices, impl_default):
 def bench_setup(args, script, impl):
     """Device, dtype, checkpoint, config and Results of a Qwen3-MoE benchmark."""
     from . import checkpoints, devices
+    from .engines import quiet_transformers
     from .results import Results, environment
     from .timing import check_counts
 
     check_counts(args.warmups, args.runs)
+    quiet_transformers()
     devices.set_threads(args.threads)
     device = devices.resolve_device(args)
     dtype = devices.parse_dtype(args.dtype)

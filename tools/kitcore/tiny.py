@@ -6,7 +6,9 @@ Recipe (measured in shared notes/tiny-training.md):
   * Llama "tiny": 2 layers, hidden 128, 4 heads / 2 KV heads, head_dim 32, trained for a fixed number
     of steps (not a time budget) so that its next-token distributions are peaked like a real model's;
   * Qwen3-MoE "tiny": 2 layers, hidden 128, 4 heads / 2 KV heads, q_norm/k_norm, 8 experts, top-2,
-    random init (std 0.02), saved with per-expert weights like real Qwen3 checkpoints;
+    trained the same way (with its load-balancing loss) so that the router is peaked like a real one
+    (a random router is near-uniform and flips experts on rounding noise); saved with per-expert
+    weights like real Qwen3 checkpoints;
   * larger `size`s are random init, for scale and speed measurements.
 
 Determinism: the same seed, thread count (fixed to 2 here) and CPU vector ISA give byte-identical
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 GENERATION_THREADS = 2
-TRAIN_STEPS = 600
+TRAIN_STEPS = {"llama": 600, "qwen3_moe": 400}
 TRAIN_BATCH, TRAIN_WINDOW, TRAIN_LR = 8, 128, 2e-3
 VOCAB = 2048
 EOT = "<|endoftext|>"
@@ -198,9 +200,12 @@ def write_checkpoint(family, out, seed=0, size="tiny", dtype=torch.float32, log=
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
                 "parameters": sum(p.numel() for p in model.parameters()), "docstrings": len(docs)}
         train, held = _split(docs, tok)
-        if family == "llama" and size == "tiny":
-            meta["train_steps"] = TRAIN_STEPS
-            meta["final_train_loss"] = _train(model, train, seed, TRAIN_STEPS)
+        if size == "tiny":
+            # the MoE trains with its load-balancing loss, as real ones do, so that routing is peaked but used
+            model.config.output_router_logits = family == "qwen3_moe"
+            meta["train_steps"] = TRAIN_STEPS[family]
+            meta["final_train_loss"] = _train(model, train, seed, TRAIN_STEPS[family])
+            model.config.output_router_logits = False
         else:
             meta["train_steps"] = 0
         if size == "tiny":
