@@ -33,7 +33,7 @@ bench-qwen3-moe: $(VENV)/.installed  ## Qwen3-MoE attention and MoE block benchm
 		$(PY) $(QWEN)/$$script.py --device $(DEVICE) --dtype $(DTYPE) || status=1; done; exit $$status
 
 matrix: $(VENV)/.installed  ## every device x dtype this machine allows, through nox
-	$(VENV)/bin/nox --no-venv -s matrix
+	$(VENV)/bin/nox -s matrix
 
 report: $(VENV)/.installed  ## HTML report of results/results.jsonl -> report.html
 	$(PY) tools/report.py results/results.jsonl -o report.html

@@ -78,20 +78,25 @@ def _jsonable(v):
     return v
 
 
-def write_json_atomic(path, obj):
+def write_text_atomic(path, text):
+    """Write `text` to `path` through a temporary file in the same folder and a rename."""
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(_jsonable(obj), f, indent=1, allow_nan=False)
-            f.write("\n")
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path, obj):
+    write_text_atomic(path, json.dumps(_jsonable(obj), indent=1, allow_nan=False) + "\n")
 
 
 class Results:

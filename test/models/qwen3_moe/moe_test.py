@@ -176,6 +176,8 @@ def main(argv=None):
         results.add_comparison(phase, c, phase=phase)
         for key in ("load_imbalance", "unused_fraction", "router_entropy"):
             results.add(phase, key, routing[key], phase=phase)
+        for expert, count in enumerate(routing["tokens_per_expert"]):
+            results.add(phase, "expert_tokens", count, unit="count", phase=phase, expert=expert)
         results.add(phase, "near_tie_tokens", router["near_ties"], unit="count", phase=phase)
         if router["logits"] is not None:
             results.add(phase, "router_topk_match", router["match_all"], unit="fraction", phase=phase)

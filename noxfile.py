@@ -1,0 +1,155 @@
+"""nox sessions: the kit's scripts as a device x dtype matrix, and its tests.
+
+    .venv/bin/nox -l                       list the sessions
+    .venv/bin/nox -s bench-cuda            Qwen3-MoE benchmarks on CUDA, every dtype
+    .venv/bin/nox -s "validate-llama-cpu(dtype='float32')"
+
+The script sessions run in the kit's own environment (.venv, built by `make setup`): they are
+`python=False` sessions, so nothing is reinstalled per session. `tests-transformers-oldest` builds its
+own environment once (reuse it with `nox -r`).
+
+Each session runs the scripts as subprocesses, saves their stdout to logs/<session>/, reads their
+metric lines with tools/metrics.py, appends the records with the environment fingerprint and a run id
+to results/results.jsonl, and prints a summary table. A device that is absent, or a dtype it lacks,
+skips with the reason; a failing script fails the session after the rest has run.
+"""
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+import metrics  # noqa: E402
+from kitcore import store  # noqa: E402
+
+nox.options.sessions = ["tests"]
+nox.options.default_venv_backend = "venv"
+
+DEVICES = {"cpu": "--cpu", "cuda": "--nvidia", "musa": "--moore", "metax": "--metax", "iluvatar": "--iluvatar",
+           "mars": "--mars"}
+DTYPES = ["float32", "bfloat16", "float16"]
+LLAMA = ["test/models/llama/test_llama_inference.py", "test/models/llama/test_forward_validation.py",
+         "test/models/llama/test_intermediate_validation.py"]
+BENCH = ["test/models/qwen3_moe/attention_test.py", "test/models/qwen3_moe/moe_test.py"]
+RESULTS = ROOT / "results" / "results.jsonl"
+OLDEST_TRANSFORMERS = "4.57.6"
+
+
+def unavailable(device, dtype):
+    """Why `device`/`dtype` cannot run here, or None."""
+    import argparse
+
+    from kitcore import devices
+    from kitcore.errors import KitError
+
+    try:
+        dev = devices.resolve_device(argparse.Namespace(**{f: f == device_flag(device) for f in devices.VENDOR_FLAGS},
+                                                        device=None))
+        dev.check_dtype(devices.parse_dtype(dtype))
+    except KitError as exc:
+        return str(exc)
+    return None
+
+
+def device_flag(device):
+    return DEVICES[device].lstrip("-")
+
+
+def run_scripts(session, scripts, device, dtype, extra=()):
+    """Run each script; log, parse, store. Returns [(script, exit code)]."""
+    run_id = f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+    log_dir = ROOT / "logs" / session.name.replace("(", "_").replace(")", "").replace("'", "").replace("=", "-")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    outcomes = []
+    for script in scripts:
+        name = Path(script).stem
+        with tempfile.TemporaryDirectory() as tmp:
+            json_path = Path(tmp) / "result.json"
+            cmd = [sys.executable, str(ROOT / script), DEVICES[device], "--dtype", dtype, "--json", str(json_path),
+                   *extra]
+            session.log(" ".join(cmd[1:]))
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            env = json.loads(json_path.read_text())["env"] if json_path.exists() else {}
+        log = log_dir / f"{name}-{dtype}.log"
+        log.write_text(proc.stdout + ("\n--- stderr\n" + proc.stderr if proc.stderr else ""))
+        records = metrics.parse_lines(proc.stdout.splitlines(), str(log.relative_to(ROOT)))
+        for r in records:
+            r.update(run_id=run_id, session=session.name, env=env)
+        store.append_records(RESULTS, records)
+        outcomes.append((name, dtype, proc.returncode, log))
+        if proc.returncode not in (0, 1):
+            session.warn(f"{name}: exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:] or ''}")
+    return outcomes
+
+
+def summarise(session, outcomes):
+    words = {0: "pass", 1: "FAIL", 2: "usage error", 3: "unavailable", 4: "internal error"}
+    session.log(f"{'script':<32} {'dtype':<9} {'verdict':<15} log")
+    for name, dtype, code, log in outcomes:
+        session.log(f"{name:<32} {dtype:<9} {words.get(code, code):<15} {log.relative_to(ROOT)}")
+    session.log(f"records appended to {RESULTS.relative_to(ROOT)}")
+    failed = [f"{n} ({d})" for n, d, code, _ in outcomes if code != 0]
+    if failed:
+        session.error(f"{len(failed)} script run(s) failed: {', '.join(failed)}")
+
+
+def make_device_session(kind, scripts, device, description):
+    @nox.session(name=f"{kind}-{device}", python=False)
+    @nox.parametrize("dtype", DTYPES)
+    def session_fn(session, dtype):
+        reason = unavailable(device, dtype)
+        if reason:
+            session.skip(reason)
+        summarise(session, run_scripts(session, scripts, device, dtype))
+
+    session_fn.__doc__ = f"{description} on {device}"
+    return session_fn
+
+
+for _device in DEVICES:
+    globals()[f"validate_llama_{_device}"] = make_device_session(
+        "validate-llama", LLAMA, _device, "Llama checks against HF Transformers (3 scripts)")
+    globals()[f"bench_{_device}"] = make_device_session(
+        "bench", BENCH, _device, "Qwen3-MoE attention and MoE benchmarks with correctness")
+
+
+@nox.session(python=False)
+def matrix(session):
+    """Every script on every device x dtype this machine has"""
+    outcomes = []
+    for device in DEVICES:
+        for dtype in DTYPES:
+            reason = unavailable(device, dtype)
+            if reason:
+                session.log(f"skip {device} {dtype}: {reason}")
+                continue
+            outcomes += run_scripts(session, LLAMA + BENCH, device, dtype)
+    summarise(session, outcomes)
+
+
+@nox.session(python=False)
+def tests(session):
+    """The kit's own test suite, in the kit's environment"""
+    session.run(sys.executable, "-m", "pytest", "-q", "test", *session.posargs, external=True)
+
+
+@nox.session(name="tests-transformers-oldest", python="3.11")
+def tests_transformers_oldest(session):
+    """The test suite against the oldest supported transformers (own venv; reuse with -r)"""
+    pins = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    # transformers 4.57 brings its own tokenizers and huggingface_hub ranges
+    pins = [p for p in pins if p and not p.startswith(("transformers", "torch", "tokenizers", "huggingface_hub"))]
+    session.install("torch==2.13.0")  # first, so nothing pulls a CUDA build
+    session.install(f"transformers=={OLDEST_TRANSFORMERS}", *pins)
+    cache = os.environ.get("LLM_KIT_CACHE")
+    env = {"LLM_KIT_CACHE": cache} if cache else {}
+    session.run("python", "-m", "pytest", "-q", "test", *session.posargs, env=env)

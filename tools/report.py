@@ -1,0 +1,214 @@
+#!/usr/bin/env python3
+"""One self-contained HTML report of a results file (no scripts, no network: inline SVG and CSS).
+
+    python tools/report.py results/results.jsonl -o report.html
+
+Sections: verdicts; Llama per-layer error growth (chart); the layer x component error heatmap;
+latency per case with p10-p90 spread bars; the MoE routing histogram. Each chart is an <svg> with
+class "kit-chart" and a data-chart name. For each script/device/dtype/engine the latest run is shown.
+"""
+
+import html
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from kitcore import cli, store  # noqa: E402
+from kitcore.compare import TOLERANCES  # noqa: E402
+from kitcore.devices import DTYPES  # noqa: E402
+from kitcore.errors import UsageError  # noqa: E402
+from kitcore.points import LAYER_POINTS  # noqa: E402
+from kitcore.results import write_text_atomic  # noqa: E402
+
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+
+
+def esc(x):
+    return html.escape(str(x))
+
+
+def group_key(r):
+    return (r.get("script", ""), r.get("device", ""), r.get("dtype", ""), r.get("engine", ""))
+
+
+def latest_runs(records):
+    """Records of the latest run of each script/device/dtype/engine (by run_id, else by order)."""
+    last_run = {}
+    for r in records:
+        last_run[group_key(r)] = r.get("run_id", "")
+    return [r for r in records if r.get("run_id", "") == last_run[group_key(r)]]
+
+
+def log10(v):
+    return math.log10(v) if v > 0 else -16.0
+
+
+def svg(name, width, height, body, title):
+    return (f'<figure><figcaption>{esc(title)}</figcaption><svg class="kit-chart" data-chart="{name}" '
+            f'xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}">'
+            f'{body}</svg></figure>')
+
+
+def verdict_table(records):
+    rows = [r for r in records if r.get("metric") == "verdict"]
+    if not rows:
+        return "<p>No verdicts in this file.</p>"
+    words = {0: "pass", 1: "FAIL", 2: "usage error", 3: "unavailable", 4: "internal error"}
+    out = ["<table><tr><th>script</th><th>device</th><th>dtype</th><th>engine</th><th>verdict</th><th>run</th></tr>"]
+    for r in rows:
+        v = words.get(int(r["value"]), r["value"])
+        out.append(f'<tr class="{"pass" if v == "pass" else "fail"}"><td>{esc(r.get("script"))}</td>'
+                   f'<td>{esc(r.get("device"))}</td><td>{esc(r.get("dtype"))}</td><td>{esc(r.get("engine"))}</td>'
+                   f'<td>{esc(v)}</td><td>{esc(r.get("run_id", ""))}</td></tr>')
+    return "\n".join(out) + "</table>"
+
+
+def error_growth(records):
+    """nmse at every capture point, in execution order, one line per device/dtype/engine."""
+    series = {}
+    for r in records:
+        if r.get("script") == "test_intermediate_validation" and r.get("metric") == "nmse":
+            series.setdefault(group_key(r)[1:], []).append((r["case"], float(r["value"])))
+    if not series:
+        return "<p>No intermediate-validation records.</p>"
+    w, h, left, bottom = 900, 320, 60, 40
+    n = max(len(s) for s in series.values())
+    lo = min(log10(v) for s in series.values() for _, v in s)
+    hi = max(log10(v) for s in series.values() for _, v in s)
+    lo, hi = math.floor(lo), math.ceil(hi) if hi > lo else math.floor(lo) + 1
+    x = lambda i: left + i * (w - left - 20) / max(n - 1, 1)  # noqa: E731
+    y = lambda v: h - bottom - (log10(v) - lo) / (hi - lo) * (h - bottom - 20)  # noqa: E731
+    body = [f'<line x1="{left}" y1="{h - bottom}" x2="{w - 20}" y2="{h - bottom}" stroke="#888"/>']
+    for e in range(lo, hi + 1):
+        yy = h - bottom - (e - lo) / (hi - lo) * (h - bottom - 20)
+        body.append(f'<text x="5" y="{yy + 4:.1f}" font-size="11">1e{e}</text>'
+                    f'<line x1="{left}" y1="{yy:.1f}" x2="{w - 20}" y2="{yy:.1f}" stroke="#eee"/>')
+    for k, (label, points) in enumerate(sorted(series.items())):
+        color = COLORS[k % len(COLORS)]
+        path = " ".join(f"{'M' if i == 0 else 'L'}{x(i):.1f},{y(v):.1f}" for i, (_, v) in enumerate(points))
+        body.append(f'<path d="{path}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+        for i, (case, v) in enumerate(points):
+            body.append(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="2" fill="{color}"><title>{esc(case)}: '
+                        f'{v:.3e}</title></circle>')
+        body.append(f'<text x="{left + 10}" y="{14 + 14 * k}" font-size="12" fill="{color}">{esc(" / ".join(label))}</text>')
+    body.append(f'<text x="{left}" y="{h - 10}" font-size="11">capture points in execution order '
+                f'(embed_tokens ... logits)</text>')
+    return svg("error-growth", w, h, "".join(body), "Llama: NMSE against the reference at every capture point")
+
+
+def heatmap(records):
+    """layer x component log10(nmse) of the latest intermediate run per device/dtype/engine."""
+    out = []
+    runs = {}
+    for r in records:
+        if r.get("script") == "test_intermediate_validation" and r.get("metric") == "nmse" and r.get("layer") not in (None, "", "None"):
+            runs.setdefault(group_key(r)[1:], {})[(int(r["layer"]), r.get("point"))] = float(r["value"])
+    for label, cells in sorted(runs.items()):
+        tolerance = TOLERANCES[DTYPES.get(label[1], torch.float32)].nmse
+        layers = sorted({layer for layer, _ in cells})
+        cw, ch, left, top = 44, 18, 60, 110
+        w, h = left + cw * len(LAYER_POINTS) + 10, top + ch * len(layers) + 10
+        body = []
+        for j, point in enumerate(LAYER_POINTS):
+            tx = left + j * cw + cw / 2
+            body.append(f'<text transform="translate({tx:.0f},{top - 6}) rotate(-60)" font-size="10">{esc(point)}</text>')
+        for i, layer in enumerate(layers):
+            body.append(f'<text x="5" y="{top + i * ch + 13}" font-size="11">layer {layer}</text>')
+            for j, point in enumerate(LAYER_POINTS):
+                v = cells.get((layer, point))
+                if v is None:
+                    color = "#ccc"
+                else:  # by nmse / the dtype's tolerance: green at 1/100 or below, red at 10x or above
+                    t = min(max((log10(v / tolerance) + 2) / 3, 0.0), 1.0)
+                    color = f"rgb({int(255 * t)},{int(200 * (1 - t))},60)"
+                body.append(f'<rect x="{left + j * cw}" y="{top + i * ch}" width="{cw - 1}" height="{ch - 1}" '
+                            f'fill="{color}"><title>layer {layer} {esc(point)}: '
+                            f'{"missing" if v is None else f"{v:.3e}"}</title></rect>')
+        out.append(svg("heatmap", w, h, "".join(body),
+                       f"Layer x component NMSE ({' / '.join(label)}); colour: NMSE / the dtype's tolerance "
+                       f"({tolerance:.0e}), green <= 1/100, red >= 10"))
+    return "\n".join(out) or "<p>No per-layer records.</p>"
+
+
+def latency(records):
+    """Median latency per case with a p10-p90 bar."""
+    stats = {}
+    for r in records:
+        if r.get("metric") in ("median_ms", "p10_ms", "p90_ms"):
+            stats.setdefault(group_key(r) + (r["case"],), {})[r["metric"]] = float(r["value"])
+    rows = [(k, s) for k, s in stats.items() if {"median_ms", "p10_ms", "p90_ms"} <= set(s)]
+    if not rows:
+        return "<p>No timing records.</p>"
+    w, left, rh = 900, 380, 16
+    h = 30 + rh * len(rows)
+    top = max(s["p90_ms"] for _, s in rows)
+    sx = lambda v: left + v / top * (w - left - 60)  # noqa: E731
+    body = []
+    for i, (key, s) in enumerate(rows):
+        yy = 20 + i * rh
+        label = f"{key[0]} {key[4]} ({key[1]} {key[2]} {key[3]})"
+        body.append(f'<text x="5" y="{yy + 11}" font-size="10">{esc(label)}</text>'
+                    f'<rect x="{left}" y="{yy + 2}" width="{sx(s["median_ms"]) - left:.1f}" height="{rh - 5}" fill="#1f77b4">'
+                    f'<title>median {s["median_ms"]:.4g} ms, p10 {s["p10_ms"]:.4g}, p90 {s["p90_ms"]:.4g}</title></rect>'
+                    f'<line x1="{sx(s["p10_ms"]):.1f}" y1="{yy + rh / 2}" x2="{sx(s["p90_ms"]):.1f}" y2="{yy + rh / 2}" '
+                    f'stroke="#000" stroke-width="1.5"/>'
+                    f'<text x="{sx(s["p90_ms"]) + 4:.1f}" y="{yy + 11}" font-size="10">{s["median_ms"]:.3g} ms</text>')
+    return svg("latency", w, h, "".join(body), "Latency per case: median (bar) and p10-p90 (line)")
+
+
+def routing(records):
+    counts = {}
+    for r in records:
+        if r.get("metric") == "expert_tokens":
+            counts.setdefault(group_key(r)[1:] + (r["case"],), {})[int(r["expert"])] = float(r["value"])
+    out = []
+    for label, per_expert in sorted(counts.items()):
+        n = max(per_expert) + 1
+        w, h, left, bottom = 60 + 22 * n, 200, 40, 30
+        top = max(per_expert.values()) or 1
+        body = []
+        for e in range(n):
+            v = per_expert.get(e, 0)
+            bh = v / top * (h - bottom - 20)
+            body.append(f'<rect x="{left + e * 22}" y="{h - bottom - bh:.1f}" width="18" height="{bh:.1f}" fill="#2ca02c">'
+                        f'<title>expert {e}: {v:.0f} tokens</title></rect>'
+                        f'<text x="{left + e * 22 + 4}" y="{h - 12}" font-size="10">{e}</text>')
+        out.append(svg("routing", w, h, "".join(body), f"MoE routing: tokens per expert ({' / '.join(label)})"))
+    return "\n".join(out) or "<p>No routing records.</p>"
+
+
+STYLE = """body{font-family:sans-serif;margin:2em;max-width:1100px} table{border-collapse:collapse}
+td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px} tr.fail td{background:#fdd} tr.pass td{background:#dfd}
+figure{margin:1em 0} figcaption{font-weight:bold;margin-bottom:4px}"""
+
+
+def build(records, source):
+    latest = latest_runs(records)
+    sections = [("Verdicts", verdict_table(latest)), ("Per-layer error growth", error_growth(latest)),
+                ("Layer x component errors", heatmap(latest)), ("Latency and spread", latency(latest)),
+                ("MoE routing", routing(latest))]
+    body = "\n".join(f"<h2>{esc(title)}</h2>\n{content}" for title, content in sections)
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Kit report</title><style>{STYLE}</style>"
+            f"</head><body><h1>Kit report</h1><p>{len(records)} records from {esc(source)}; latest run of each "
+            f"script/device/dtype/engine shown.</p>\n{body}</body></html>\n")
+
+
+def main(argv=None):
+    parser = cli.ArgumentParser(description=__doc__)
+    parser.add_argument("results", help="results file (JSON Lines)")
+    parser.add_argument("-o", "--output", default="report.html")
+    args = parser.parse_args(argv)
+    if not Path(args.results).is_file():
+        raise UsageError(f"{args.results}: no such results file; run a nox session first (e.g. nox -s bench-cpu)")
+    records = store.read_records(args.results)
+    write_text_atomic(args.output, build(records, args.results))
+    print(f"wrote {args.output} ({len(records)} records)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
