@@ -162,10 +162,24 @@ def test_bad_input_gives_one_line_and_exit_code(argv, code, message, llama_check
     assert len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err, r
 
 
-def test_not_a_llama_checkpoint(moe_checkpoint):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_qwen3_moe_full_model_end_to_end_and_forward(dtype, moe_checkpoint):
+    for script in (INFERENCE, FORWARD):
+        r = run_script(script, "--model_path", moe_checkpoint, "--dtype", dtype)
+        assert r.code == 0, r
+
+
+def test_intermediate_validation_is_for_llama_only(moe_checkpoint):
+    r = run_script(INTERMEDIATE, "--model_path", moe_checkpoint)
+    assert r.code == 2 and "model_type is 'qwen3_moe', this script checks llama checkpoints" in r.err, r
+
+
+def test_other_model_families_are_refused(llama_checkpoint, tmp_path):
+    ckpt = copy_checkpoint(llama_checkpoint, tmp_path / "gpt2")
+    edit_config(ckpt, model_type="gpt2")
     for script in (INFERENCE, FORWARD, INTERMEDIATE):
-        r = run_script(script, "--model_path", moe_checkpoint)
-        assert r.code == 2 and "model_type is 'qwen3_moe'" in r.err, r
+        r = run_script(script, "--model_path", ckpt)
+        assert r.code == 2 and "model_type is 'gpt2'" in r.err, r
 
 
 def test_decode_steps_beyond_context(llama_checkpoint):

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from .errors import UsageError
 
-FAMILIES = {"llama": ("llama",), "qwen3_moe": ("qwen3_moe",)}
 # Bump when the tiny-checkpoint recipe changes, so that caches are regenerated.
 RECIPE_VERSION = 2
 _FULL_HASH_LIMIT = 64 << 20  # files up to 64 MiB are hashed in full, larger ones by header + samples
@@ -102,7 +101,7 @@ class Checkpoint:
 
 
 def open_checkpoint(path, family=None):
-    """Check a checkpoint directory and return a `Checkpoint`; `family` is 'llama' or 'qwen3_moe'."""
+    """Check a checkpoint directory and return a `Checkpoint`; `family`: the model_type(s) accepted."""
     p = Path(path)
     if not p.exists():
         raise UsageError(f"--model_path {path}: no such directory; pass a HuggingFace checkpoint directory "
@@ -119,9 +118,10 @@ def open_checkpoint(path, family=None):
             raise ValueError
     except (ValueError, UnicodeDecodeError):
         raise UsageError(f"{cfg_path}: corrupt config.json (not a JSON object); restore it from the source") from None
-    if family is not None and config.get("model_type") not in FAMILIES[family]:
-        raise UsageError(f"{path}: model_type is {config.get('model_type')!r}, this script checks {family} "
-                         f"checkpoints; use the {family} checkpoint or the script for its family")
+    families = (family,) if isinstance(family, str) else family
+    if families is not None and config.get("model_type") not in families:
+        raise UsageError(f"{path}: model_type is {config.get('model_type')!r}, this script checks "
+                         f"{' or '.join(families)} checkpoints; use such a checkpoint or the script for its family")
     index_path = p / "model.safetensors.index.json"
     tensors = {}
     if index_path.is_file():
@@ -172,7 +172,8 @@ def default_checkpoint(family, seed=0):
 
 
 def resolve_checkpoint(model_path, family, seed=0):
-    """`--model_path` if given, else the default checkpoint; opened and checked."""
+    """`--model_path` if given, else the default checkpoint (of the first family); opened and checked."""
     if model_path is None:
-        return open_checkpoint(default_checkpoint(family, seed), family)
+        default = family if isinstance(family, str) else family[0]
+        return open_checkpoint(default_checkpoint(default, seed), family)
     return open_checkpoint(model_path, family)

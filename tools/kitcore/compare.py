@@ -47,6 +47,26 @@ TOLERANCES = {
 }
 
 
+@dataclass(frozen=True)
+class Distribution:
+    """Thresholds for quantised weights, judged on next-token distributions (logits only): per-position
+    KL(reference || candidate) mean / p99 / max, and the minimum top-1 and top-5 agreement rates."""
+
+    name: str
+    kl_mean: float
+    kl_p99: float
+    kl_max: float
+    top1: float
+    top5: float
+
+
+# Measured on the default checkpoints (README, "llama.cpp"): the worst of a correct q8_0 llama.cpp run over
+# the Llama seeds 0-2 and the Qwen3-MoE, times a margin of at least 3 (and 0.9 / 0.97 of the worst rates).
+DISTRIBUTIONS = {
+    "q8_0": Distribution("q8_0", kl_mean=3e-4, kl_p99=3e-3, kl_max=1e-2, top1=0.85, top5=0.95),
+}
+
+
 def tolerance_for(dtype_or_tolerance):
     """The Tolerance of a dtype; a Tolerance passes through unchanged."""
     if isinstance(dtype_or_tolerance, Tolerance):

@@ -3,11 +3,15 @@
 An engine is a class, chosen with `--engine`:
     hf                          HuggingFace Transformers on the chosen device/dtype (`--attn eager|sdpa`)
     compile                     the same model through torch.compile (inductor: C++ on the CPU)
+    llama.cpp                   llama.cpp through llama-cpp-python, on a GGUF of the same checkpoint
     package.module:Class        a plugin, imported from an installed module
     path/to/file.py:Class       a plugin, loaded from a file
 
 Constructor:
-    Engine(model_path: str, device: kitcore.devices.Device, dtype: torch.dtype, attn: str)
+    Engine(model_path: str, device: kitcore.devices.Device, dtype: torch.dtype, attn: str, **options)
+    `options` are engine-specific flags the class names in an OPTIONS tuple (llama.cpp: gguf_type, kv_type).
+Attributes the kit reads: `dtype` (the precision whose tolerance judges the engine) and, optionally,
+`quantization` (e.g. "q8_0": judged by distribution metrics instead of element tolerances).
 
 Required (end-to-end and forward validation):
     new_cache() -> object
@@ -219,7 +223,7 @@ class HFEngine:
 
         v = self._heads(v_proj, self.config.num_key_value_heads)
         impl = self.config._attn_implementation
-        fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, self._modeling().eager_attention_forward)
+        fn = self._modeling().eager_attention_forward if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
         s = q.shape[2]
         mask = causal_mask(s, k.shape[2], q.dtype, additive=impl == "eager", device=q.device)
         out, _ = fn(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
@@ -284,11 +288,18 @@ def resolve_class(spec, builtins, required, protocol):
 
 
 def engine_class(spec):
+    if spec == "llama.cpp":
+        from .llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine
     return resolve_class(spec, BUILTIN_ENGINES, ("new_cache", "forward"), "tools/kitcore/engines.py")
 
 
-def load_engine(spec, model_path, device, dtype, attn):
-    return engine_class(spec)(str(model_path), device, dtype, attn)
+def load_engine(spec, model_path, device, dtype, attn, options=None):
+    """Build the engine; `options` (e.g. gguf_type) reach only engines that list them in OPTIONS."""
+    cls = engine_class(spec)
+    chosen = {k: v for k, v in (options or {}).items() if k in getattr(cls, "OPTIONS", ()) and v is not None}
+    return cls(str(model_path), device, dtype, attn, **chosen)
 
 
 def require(engine, capability, spec, purpose):

@@ -85,7 +85,7 @@ def layout_permutation(cand, ref, n_heads, dtype):
 
 def main(argv=None):
     args = utils.build_parser(__doc__).parse_args(argv)
-    run = utils.setup(args, SCRIPT)
+    run = utils.setup(args, SCRIPT, families=("llama",))
     results, inp, cand = run.results, run.inputs, run.candidate
     engines.require(cand, "capture", args.engine, "intermediate validation")
     if inp.padded:

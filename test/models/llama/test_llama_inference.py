@@ -34,12 +34,20 @@ def main(argv=None):
     run.device.synchronize()
     run.timings["candidate_forward_s"] = time.perf_counter() - t0
 
-    check = utils.check_logits(candidate, reference, inp.attention_mask, run.dtype)
+    check = utils.check_logits(candidate, reference, inp.attention_mask, utils.engine_tolerance(run.candidate))
     c = check.comparison
     print(f"\nlogits at {check.positions} positions (vocab {reference.shape[-1]}):")
-    print("  " + c.message().replace("\n", "\n  "))
+    if check.distribution:
+        d = check.distribution
+        print(f"  judged by distribution ({d.name} weights): KL mean <= {d.kl_mean:.0e}, p99 <= {d.kl_p99:.0e}, "
+              f"max <= {d.kl_max:.0e}, top-1 >= {d.top1}, top-5 >= {d.top5}")
+        print(f"  max abs {c.max_abs:.3e}, mean abs {c.mean_abs:.3e}, nmse {c.nmse:.3e}, cosine {c.cosine:.9f}")
+    else:
+        print("  " + c.message().replace("\n", "\n  "))
     print(f"  top-1 agreement {check.top1_agreement:.4f}; decisive positions {check.decisive_positions}, "
           f"decisive disagreements {check.decisive_disagreements}; top-5 containment {check.top5_containment:.4f}")
+    print(f"  KL(reference || candidate) per position: mean {check.kl_mean:.3e}, p99 {check.kl_p99:.3e}, "
+          f"max {check.kl_max:.3e}")
     print(f"  timings: " + ", ".join(f"{k} {v:.3f}" for k, v in run.timings.items()))
     utils.record_logits_check(results, "logits", check)
     for name, seconds in run.timings.items():

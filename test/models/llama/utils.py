@@ -15,13 +15,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 
-from kitcore import checkpoints, cli, devices, engines  # noqa: E402
-from kitcore.compare import compare  # noqa: E402
+from kitcore import checkpoints, cli, devices, engines, rope  # noqa: E402
+from kitcore.compare import DISTRIBUTIONS, Distribution, compare, looser  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
 from kitcore.results import Results, environment  # noqa: E402
 from kitcore.tiny import DEFAULT_PROMPT  # noqa: E402
 
-FAMILY = "llama"
+FAMILIES = ("llama", "qwen3_moe")  # end-to-end and forward validation; intermediate validation is Llama only
 
 # ---- tensor conversion ---------------------------------------------------------------------------
 
@@ -82,40 +82,10 @@ def map_param_names(hf_names, engine_names, rename=None):
     return pairs
 
 
-# ---- RoPE references ------------------------------------------------------------------------------
+# ---- RoPE references (kitcore.rope, shared with the GGUF export) -----------------------------------
 
-
-def rope_angles(position_ids, head_dim, theta):
-    """[B, S, head_dim/2] angles pos * theta^(-2i/d), in float64."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    return position_ids.to(torch.float64)[..., None] * inv_freq
-
-
-def rope_half(x, position_ids, theta):
-    """Half-split ("NeoX", HF) layout: dimension i pairs with i + d/2. x: [B, heads, S, d]."""
-    a = rope_angles(position_ids, x.shape[-1], theta)[:, None]
-    cos, sin = a.cos(), a.sin()
-    x = x.to(torch.float64)
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-def rope_interleaved(x, position_ids, theta):
-    """Interleaved ("GPT-J", llama.cpp/Meta) layout: dimension 2i pairs with 2i + 1."""
-    a = rope_angles(position_ids, x.shape[-1], theta)[:, None]
-    cos, sin = a.cos(), a.sin()
-    x = x.to(torch.float64)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-
-
-def half_to_interleaved_rows(w, n_heads):
-    """Permute the output rows of q_proj/k_proj from the half-split to the interleaved layout, per head
-    (what GGUF converters do for llama.cpp). Works on weights [rows, cols] and on outputs [..., rows]."""
-    if w.dim() == 2:
-        return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
-    lead = w.shape[:-1]
-    return w.reshape(*lead, n_heads, 2, w.shape[-1] // n_heads // 2).swapaxes(-1, -2).reshape(w.shape)
+rope_angles, rope_half, rope_interleaved = rope.rope_angles, rope.rope_half, rope.rope_interleaved
+half_to_interleaved_rows = rope.half_to_interleaved_rows
 
 
 # ---- what the scripts share ---------------------------------------------------------------------
@@ -138,6 +108,9 @@ def build_parser(doc, decode=False):
     p.add_argument("--seed", type=int, default=0, help="seed for anything random (default 0)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice); recorded")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH (atomically)")
+    p.add_argument("--gguf_type", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="llama.cpp engine: GGUF weight type (default: from --dtype)")
+    p.add_argument("--kv_type", default="f32", choices=["f32", "f16"], help="llama.cpp engine: KV-cache type (default f32)")
     if decode:
         p.add_argument("--decode_steps", type=int, default=8, help="teacher-forced decode steps (default 8)")
     return p
@@ -221,8 +194,8 @@ class Run:
     timings: dict
 
 
-def setup(args, script, extra_positions=0):
-    """Parse-independent set-up of a Llama check: device, dtype, checkpoints, inputs, both engines."""
+def setup(args, script, extra_positions=0, families=FAMILIES):
+    """Set-up of a check: device, dtype, checkpoints, inputs, the reference and the candidate engine."""
     devices.set_threads(args.threads)
     device = devices.resolve_device(args)
     dtype = devices.parse_dtype(args.dtype)
@@ -230,8 +203,8 @@ def setup(args, script, extra_positions=0):
         raise UsageError("--dtype float64 is a reference dtype; the candidate takes float32, bfloat16 or float16")
     device.check_dtype(dtype)
     torch.manual_seed(args.seed)
-    checkpoint = checkpoints.resolve_checkpoint(args.model_path, FAMILY, args.seed if args.model_path is None else 0)
-    reference_checkpoint = (checkpoints.open_checkpoint(args.reference_path, FAMILY) if args.reference_path
+    checkpoint = checkpoints.resolve_checkpoint(args.model_path, families, args.seed if args.model_path is None else 0)
+    reference_checkpoint = (checkpoints.open_checkpoint(args.reference_path, families) if args.reference_path
                             else checkpoint)
     inputs = build_inputs(args, reference_checkpoint, extra_positions)
     results = Results(script, labels={"device": str(device), "dtype": args.dtype, "engine": args.engine})
@@ -252,9 +225,24 @@ def setup(args, script, extra_positions=0):
                                  devices.parse_dtype(args.reference_dtype), "eager")
     timings["reference_load_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    candidate = engines.load_engine(args.engine, checkpoint.path, device, dtype, args.attn)
+    candidate = engines.load_engine(args.engine, checkpoint.path, device, dtype, args.attn,
+                                    {"gguf_type": args.gguf_type, "kv_type": args.kv_type})
     timings["candidate_load_s"] = time.perf_counter() - t0
     return Run(args, results, device, dtype, checkpoint, reference_checkpoint, inputs, reference, candidate, timings)
+
+
+def engine_tolerance(engine):
+    """How an engine is judged: its dtype's element tolerances, or distribution thresholds when quantised."""
+    quantization = getattr(engine, "quantization", None)
+    return DISTRIBUTIONS[quantization] if quantization else engine.dtype
+
+
+def pair_tolerance(a, b):
+    """Two candidates compared with each other: the quantised one's thresholds, else the looser dtype's."""
+    for engine in (a, b):
+        if getattr(engine, "quantization", None):
+            return engine_tolerance(engine)
+    return looser(a.dtype, b.dtype)
 
 
 @dataclass
@@ -266,29 +254,49 @@ class LogitsCheck:
     decisive_disagreements: int  # argmax differs where the gap is decisive: a real failure
     top5_containment: float  # each side's top-1 inside the other's top-5, both ways
     collapsed: bool  # the candidate predicts one token everywhere while the reference does not
+    kl_mean: float  # KL(reference || candidate) of the next-token distributions, per position
+    kl_p99: float
+    kl_max: float
     passed: bool
+    distribution: Distribution = None  # set when judged by distribution thresholds (quantised weights)
 
-    def reasons(self):
+    def reasons(self, rates=True):
         out = []
-        if not self.comparison.passed:
+        d = self.distribution
+        if d is None and not self.comparison.passed:
             out.append(self.comparison.reason)
-        if self.decisive_disagreements:
+        if d is not None:
+            if self.comparison.reason.startswith(("shape", "non-finite")):
+                out.append(self.comparison.reason)
+            for label, value, limit in (("KL mean", self.kl_mean, d.kl_mean), ("KL p99", self.kl_p99, d.kl_p99),
+                                        ("KL max", self.kl_max, d.kl_max)):
+                if value > limit:
+                    out.append(f"{label} {value:.2e} above {limit:.0e}")
+            if rates and self.top1_agreement < d.top1:
+                out.append(f"top-1 agreement {self.top1_agreement:.3f} below {d.top1}")
+            if rates and self.top5_containment < d.top5:
+                out.append(f"top-5 agreement {self.top5_containment:.3f} below {d.top5}")
+        elif self.decisive_disagreements:
             out.append(f"top-1 differs at {self.decisive_disagreements} decisive position(s)")
         if self.collapsed:
             out.append("collapse: the candidate predicts the same token at every position")
         return "; ".join(out)
 
 
-def check_logits(candidate, reference, mask, dtype, name="logits"):
-    """Compare logits [B, S, V] at the real (unpadded) positions: figures, top-1/top-5, collapse."""
+def check_logits(candidate, reference, mask, tolerance, name="logits", rates=True):
+    """Compare logits [B, S, V] at the real (unpadded) positions: figures, top-1/top-5, KL, collapse.
+    `tolerance`: a dtype or Tolerance (element tolerances) or a Distribution (quantised weights).
+    rates=False leaves the Distribution's top-1/top-5 rates to the caller (e.g. over all decode steps)."""
+    distribution = tolerance if isinstance(tolerance, Distribution) else None
+    element_tol = torch.bfloat16 if distribution else tolerance  # figures only, when judged by distribution
     valid = mask.bool().to("cpu")
     cand = candidate.detach().to("cpu", torch.float64)
     ref = reference.detach().to("cpu", torch.float64)
     if cand.shape != ref.shape:
-        comparison = compare(cand, ref, dtype, name)
-        return LogitsCheck(comparison, 0, 0.0, 0, 0, 0.0, False, False)
+        comparison = compare(cand, ref, element_tol, name)
+        return LogitsCheck(comparison, 0, 0.0, 0, 0, 0.0, False, *[float("nan")] * 3, False, distribution)
     cand, ref = cand[valid], ref[valid]  # [positions, V]
-    comparison = compare(cand, ref, dtype, name)
+    comparison = compare(cand, ref, element_tol, name)
     top2 = ref.topk(2, dim=-1).values
     gap = top2[:, 0] - top2[:, 1]
     # a flip needs the two logits to move by the gap between them: at a position whose own largest
@@ -301,13 +309,22 @@ def check_logits(candidate, reference, mask, dtype, name="logits"):
     n = ref.shape[0]
     collapsed = n >= 4 and c_top1.unique().numel() == 1 and r_top1.unique().numel() > 1
     decisive_bad = int((decisive & ~agree).sum())
-    passed = comparison.passed and decisive_bad == 0 and not collapsed
-    return LogitsCheck(comparison, n, float(agree.double().mean()), int(decisive.sum()), decisive_bad,
-                       float(contained.double().mean()), collapsed, passed)
+    log_p = ref.log_softmax(-1)
+    kl = (log_p.exp() * (log_p - cand.log_softmax(-1))).sum(-1)
+    kl = torch.where(torch.isfinite(kl), kl, torch.full_like(kl, float("inf")))
+    check = LogitsCheck(comparison, n, float(agree.double().mean()), int(decisive.sum()), decisive_bad,
+                        float(contained.double().mean()), collapsed, float(kl.mean()),
+                        float(torch.quantile(kl, 0.99)) if n else 0.0, float(kl.max()), False, distribution)
+    check.passed = not check.reasons(rates)
+    return check
 
 
 def record_logits_check(results, case, check, **labels):
-    results.add_comparison(case, check.comparison, **labels)
+    for metric in ("max_abs", "mean_abs", "nmse", "cosine"):
+        results.add(case, metric, getattr(check.comparison, metric), **labels)
     results.add(case, "top1_agreement", check.top1_agreement, unit="fraction", **labels)
     results.add(case, "top5_containment", check.top5_containment, unit="fraction", **labels)
     results.add(case, "decisive_top1_disagreements", check.decisive_disagreements, unit="count", **labels)
+    for metric in ("kl_mean", "kl_p99", "kl_max"):
+        results.add(case, metric, getattr(check, metric), unit="nats", **labels)
+    results.add(case, "passed", check.passed, unit="bool", **labels)

@@ -1,0 +1,84 @@
+"""`--engine llama.cpp`: llama.cpp through llama-cpp-python, on a GGUF the kit writes from the same checkpoint.
+
+Options (flags of test_llama_inference.py and test_forward_validation.py):
+    --gguf_type f32|f16|bf16|q8_0   weight type of the GGUF (default: from --dtype)
+    --kv_type f32|f16               KV-cache type (default f32: llama.cpp's default f16 cache costs ~2e-4)
+The engine's tolerance follows the least precise of the two; q8_0 is judged with distribution metrics
+(KL divergence, top-1 and top-5 agreement), not element tolerances.
+
+One prompt at a time (llama-cpp-python's high-level API keeps one sequence); the KV cache is
+llama.cpp's own. Device: llama.cpp decides from its build (a CUDA build offloads every layer when a
+non-CPU device flag is given).
+"""
+
+import torch
+
+from .checkpoints import open_checkpoint
+from .errors import Unavailable, UsageError
+from .gguf_export import gguf_path
+
+INSTALL_HINT = "fix: make setup-llamacpp (builds llama-cpp-python with CMAKE_ARGS=-DGGML_NATIVE=OFF)"
+DTYPE_TO_GGUF = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+GGUF_TO_DTYPE = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise Unavailable(f"engine llama.cpp: llama-cpp-python is not installed; {INSTALL_HINT}") from None
+    return llama_cpp
+
+
+class LlamaCppCache:
+    """The tokens a llama.cpp context holds: the engine replays them if another sequence used the context."""
+
+    def __init__(self):
+        self.tokens = []
+
+
+class LlamaCppEngine:
+    name = "llama.cpp"
+    OPTIONS = ("gguf_type", "kv_type")
+    capture = None
+    run_component = None
+    rope = None
+
+    def __init__(self, model_path, device, dtype, attn="sdpa", gguf_type=None, kv_type="f32", permute_qk=True):
+        llama_cpp = _llama_cpp()
+        self.device = device
+        self.gguf_type = gguf_type or DTYPE_TO_GGUF[dtype]
+        if kv_type not in ("f32", "f16"):
+            raise UsageError(f"--kv_type {kv_type!r}: choose f32 or f16")
+        checkpoint = open_checkpoint(model_path)
+        self.path = gguf_path(checkpoint, self.gguf_type, permute_qk=permute_qk)
+        # the tolerance follows the least precise of weights and KV cache; q8_0 is judged by distribution
+        self.quantization = "q8_0" if self.gguf_type == "q8_0" else None
+        weights = GGUF_TO_DTYPE.get(self.gguf_type, torch.float32)
+        self.dtype = torch.float16 if kv_type == "f16" and weights == torch.float32 else weights
+        self.n_ctx = checkpoint.config.get("max_position_embeddings", 4096)
+        ggml_type = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[kv_type]
+        self.llm = llama_cpp.Llama(model_path=str(self.path), logits_all=True, n_ctx=self.n_ctx, n_batch=self.n_ctx,
+                                   n_threads=torch.get_num_threads(), verbose=False, type_k=ggml_type,
+                                   type_v=ggml_type, n_gpu_layers=0 if device.type == "cpu" else -1)
+        self._active = None
+
+    def new_cache(self):
+        return LlamaCppCache()
+
+    def forward(self, input_ids, position_ids, attention_mask=None, cache=None):
+        if input_ids.shape[0] != 1 or (attention_mask is not None and not bool(attention_mask.all())):
+            raise UsageError("engine llama.cpp takes one unpadded prompt at a time; drop --prompts-file")
+        ids = input_ids[0].tolist()
+        cache = cache if cache is not None else LlamaCppCache()
+        if self._active is not cache:  # the context holds another sequence: replay this one's tokens
+            self.llm.reset()
+            if cache.tokens:
+                self.llm.eval(cache.tokens)
+            self._active = cache
+        if position_ids[0, 0].item() != len(cache.tokens):
+            raise UsageError("engine llama.cpp: position ids must continue the cached sequence")
+        start = len(cache.tokens)
+        self.llm.eval(ids)
+        cache.tokens += ids
+        return torch.from_numpy(self.llm.scores[start:start + len(ids)].copy())[None]
