@@ -8,7 +8,7 @@ DTYPE ?= bfloat16
 LLAMA := test/models/llama
 QWEN := test/models/qwen3_moe
 
-.PHONY: help setup test validate-llama bench-qwen3-moe matrix report clean
+.PHONY: help setup setup-llamacpp test validate-llama bench-qwen3-moe matrix report clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -20,6 +20,13 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 setup: $(VENV)/.installed  ## create .venv from requirements.txt (once)
+
+$(VENV)/.llamacpp: $(VENV)/.installed requirements-llamacpp.txt
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-llamacpp.txt
+	touch $@
+
+setup-llamacpp: $(VENV)/.llamacpp  ## optional: build llama-cpp-python (~4 min) for --engine llama.cpp
 
 test: $(VENV)/.installed  ## run the kit's own test suite
 	$(PY) -m pytest -q test

@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
 from kitcore.engines import HFEngine  # noqa: E402
+from kitcore.llamacpp import LlamaCppEngine  # noqa: E402
 from kitcore.qwen3_moe import HFModules  # noqa: E402
 
 
@@ -114,3 +115,10 @@ class PermutedExpertModules(HFModules):
             a, b = f"experts.0.{proj}.weight", f"experts.1.{proj}.weight"
             swapped[a], swapped[b] = weights[b], weights[a]
         return super().build_moe(config, swapped, device, dtype, experts)
+
+
+class UnpermutedLlamaCpp(LlamaCppEngine):
+    """llama.cpp on a GGUF written without the q/k row permutation that its interleaved RoPE needs."""
+
+    def __init__(self, model_path, device, dtype, attn="sdpa", **options):
+        super().__init__(model_path, device, dtype, attn, permute_qk=False, **options)

@@ -60,10 +60,11 @@ class Distribution:
     top5: float
 
 
-# Measured on the default checkpoints (README, "llama.cpp"): the worst of a correct q8_0 llama.cpp run over
-# the Llama seeds 0-2 and the Qwen3-MoE, times a margin of at least 3 (and 0.9 / 0.97 of the worst rates).
+# Measured with llama.cpp q8_0 GGUFs of the default checkpoints (Llama seeds 0-2 and the Qwen3-MoE, 32-token
+# prompt, f32 KV cache): worst KL mean 7.1e-5, p99 1.9e-4, max 2.1e-4; top-1 and top-5 agreement 1.0.
+# The thresholds leave a margin of about 4-5x, and allow near-tie flips (0.9 / 0.97).
 DISTRIBUTIONS = {
-    "q8_0": Distribution("q8_0", kl_mean=3e-4, kl_p99=3e-3, kl_max=1e-2, top1=0.85, top5=0.95),
+    "q8_0": Distribution("q8_0", kl_mean=3e-4, kl_p99=1e-3, kl_max=1e-3, top1=0.9, top5=0.97),
 }
 
 

@@ -24,7 +24,7 @@ from .rope import half_to_interleaved_rows
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 ARCH = {"llama": "llama", "qwen3_moe": "qwen3moe"}
 # bump when the export changes, so that cached files are rewritten
-EXPORT_VERSION = 1
+EXPORT_VERSION = 3
 
 
 def _gguf():
@@ -67,7 +67,7 @@ def _tensors(checkpoint, permute_qk):
     for i in range(cfg["num_hidden_layers"]):
         p, b = f"model.layers.{i}.", f"blk.{i}."
         q, k = take(p + "self_attn.q_proj.weight"), take(p + "self_attn.k_proj.weight")
-        if permute_qk:
+        if permute_qk and not moe:  # llama.cpp rotates Llama interleaved, Qwen3 half-split (NeoX)
             q = half_to_interleaved_rows(q, cfg["num_attention_heads"])
             k = half_to_interleaved_rows(k, cfg["num_key_value_heads"])
         out += [(b + "attn_norm.weight", take(p + "input_layernorm.weight")), (b + "attn_q.weight", q),
@@ -117,6 +117,7 @@ def write_gguf(checkpoint, path, gguf_type, permute_qk=True):
         w.add_expert_count(cfg["num_experts"])
         w.add_expert_used_count(cfg["num_experts_per_tok"])
         w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        w.add_expert_weights_norm(bool(cfg.get("norm_topk_prob", False)))
     _placeholder_vocab(w, gguf, cfg["vocab_size"])
     qtypes = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
               "q8_0": gguf.GGMLQuantizationType.Q8_0}

@@ -1,0 +1,85 @@
+"""--engine llama.cpp: llama.cpp (llama-cpp-python) on GGUFs the kit writes, against Transformers."""
+
+import json
+import sys
+
+import pytest
+from kit_helpers import FAULTY_ENGINES, LLAMA, copy_checkpoint, edit_config, run_script
+
+INFERENCE = f"{LLAMA}/test_llama_inference.py"
+FORWARD = f"{LLAMA}/test_forward_validation.py"
+try:
+    import llama_cpp  # noqa: F401
+
+    HAVE_LLAMACPP = True
+except ImportError:
+    HAVE_LLAMACPP = False
+needs_llamacpp = pytest.mark.skipif(not HAVE_LLAMACPP,
+                                    reason="llama-cpp-python is not installed (make setup-llamacpp; CI installs it)")
+
+
+@needs_llamacpp
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+@pytest.mark.parametrize("weights", ["--dtype=float32", "--dtype=float16", "--dtype=bfloat16", "--gguf_type=q8_0"])
+def test_llamacpp_matches_transformers(family, weights, llama_checkpoint, moe_checkpoint, tmp_path):
+    ckpt = llama_checkpoint if family == "llama" else moe_checkpoint
+    r = run_script(INFERENCE, "--model_path", ckpt, "--engine", "llama.cpp", weights, json_path=tmp_path / "e.json")
+    assert r.code == 0, r
+    records = {x["metric"]: x["value"] for x in r.json["records"]}
+    if weights == "--dtype=float32":  # f32 GGUF + f32 KV cache: float32 tolerances (measured ~1e-5 max abs)
+        assert records["max_abs"] < 5e-5 and "allowed atol 1.0e-04" in r.out
+    if weights == "--gguf_type=q8_0":
+        assert "judged by distribution (q8_0 weights)" in r.out and records["kl_mean"] < 3e-4
+    r = run_script(FORWARD, "--model_path", ckpt, "--engine", "llama.cpp", weights, "--decode_steps", 3)
+    assert r.code == 0, r
+
+
+@needs_llamacpp
+def test_python_vs_cpp_forward_validation(llama_checkpoint, tmp_path):
+    r = run_script(FORWARD, "--model_path", llama_checkpoint, "--engines", "hf,llama.cpp", "--dtype", "float32",
+                   "--decode_steps", 3, json_path=tmp_path / "f.json")
+    assert r.code == 0, r
+    assert all(s["a_vs_b"]["max_abs"] < 5e-5 for s in r.json["steps"])
+
+
+@needs_llamacpp
+def test_gguf_without_the_qk_permutation_fails(llama_checkpoint):
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", f"{FAULTY_ENGINES}:UnpermutedLlamaCpp",
+                   "--dtype", "float32")
+    assert r.code == 1 and "FAIL" in r.out, r
+
+
+@needs_llamacpp
+def test_conversion_is_cached_by_checkpoint_hash(llama_checkpoint):
+    from kitcore.checkpoints import open_checkpoint
+    from kitcore.gguf_export import gguf_path
+
+    ck = open_checkpoint(llama_checkpoint)
+    first = gguf_path(ck, "f16")
+    mtime = first.stat().st_mtime_ns
+    assert gguf_path(ck, "f16") == first and first.stat().st_mtime_ns == mtime
+    assert ck.fingerprint in first.name
+
+
+@needs_llamacpp
+def test_unconvertible_checkpoint_is_named(llama_checkpoint, tmp_path):
+    ckpt = copy_checkpoint(llama_checkpoint, tmp_path / "scaled")
+    edit_config(ckpt, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    r = run_script(INFERENCE, "--model_path", ckpt, "--engine", "llama.cpp")
+    assert r.code == 2 and "cannot convert to GGUF: unsupported rope_scaling" in r.err, r
+
+
+@needs_llamacpp
+def test_llamacpp_takes_one_prompt_at_a_time(llama_checkpoint, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Return the sum.\nOpen a file and return a stream.\n")
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", "llama.cpp", "--prompts-file", prompts)
+    assert r.code == 2 and "one unpadded prompt at a time" in r.err, r
+
+
+def test_missing_llamacpp_says_how_to_install(llama_checkpoint, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", "llama.cpp")
+    assert r.code == 3, r
+    assert "llama-cpp-python is not installed; fix: make setup-llamacpp" in r.err
+    assert json.dumps(r.err.strip().splitlines()).count("error") == 1
