@@ -62,6 +62,8 @@ class LlamaCppEngine:
                                    n_threads=torch.get_num_threads(), verbose=False, type_k=ggml_type,
                                    type_v=ggml_type, n_gpu_layers=0 if device.type == "cpu" else -1)
         self._active = None
+        judged = f"{self.quantization} distribution thresholds" if self.quantization else f"{self.dtype} tolerances"
+        self.description = f"GGUF {self.gguf_type} ({self.path}), KV cache {kv_type}; judged by {judged}"
 
     def new_cache(self):
         return LlamaCppCache()

@@ -228,6 +228,9 @@ def setup(args, script, extra_positions=0, families=FAMILIES):
     candidate = engines.load_engine(args.engine, checkpoint.path, device, dtype, args.attn,
                                     {"gguf_type": args.gguf_type, "kv_type": args.kv_type})
     timings["candidate_load_s"] = time.perf_counter() - t0
+    if getattr(candidate, "description", None):
+        print(f"  candidate: {candidate.description}")
+        results.env["candidate"] = candidate.description
     return Run(args, results, device, dtype, checkpoint, reference_checkpoint, inputs, reference, candidate, timings)
 
 
