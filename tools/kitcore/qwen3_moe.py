@@ -7,9 +7,9 @@ Module engine protocol (`--engine` of attention_test.py and moe_test.py; documen
         attend) for sdpa-style attention and additive float for `eager`; cache is a transformers
         DynamicCache holding the past K/V of layer 0, which the module appends to.
     build_moe(config, weights, device, dtype, experts) -> module
-        module(hidden_states [B, S, H]) -> [B, S, H] or (out, router_logits); an optional `.gate` router
-        (HF's Qwen3MoeTopKRouter interface: gate(x [T, H]) -> (logits, weights, indices)) enables the
-        router check.
+        module(hidden_states [B, S, H]) -> [B, S, H] or (out, router_logits); an optional `.gate` router,
+        gate(x [T, H]) -> logits [T, E] or a tuple starting with them (HF 5.x: logits, weights, indices),
+        enables the router check.
     `config` is the checkpoint's transformers config (num_hidden_layers forced to 1: the module is
     layer 0 of a one-layer model); `weights` are the layer's tensors as on disk, prefix stripped
     (`q_proj.weight`, `experts.3.gate_proj.weight` ...). The built-in `hf` engine is `HFModules`;
@@ -72,20 +72,20 @@ def _fuse_experts(weights, num_experts):
     return fused
 
 
-def load_strict(module, weights, what):
-    """load_state_dict(strict=True), with the first missing or unexpected weight named in one line."""
+def load_strict(module, weights, what, prefix):
+    """load_state_dict(strict=True), with the first missing or unexpected weight (`prefix` + name) named."""
     expected = set(module.state_dict())
     missing = sorted(expected - set(weights))
     unexpected = sorted(set(weights) - expected)
     if missing:
-        raise UsageError(f"{what}: checkpoint lacks weight {missing[0]}"
+        raise UsageError(f"{what}: checkpoint lacks weight {prefix}{missing[0]}"
                          + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
     if unexpected:
-        raise UsageError(f"{what}: checkpoint has unexpected weight {unexpected[0]}"
+        raise UsageError(f"{what}: checkpoint has unexpected weight {prefix}{unexpected[0]}"
                          + (f" (+{len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
     for k, v in weights.items():
         if tuple(v.shape) != tuple(module.state_dict()[k].shape):
-            raise UsageError(f"{what}: weight {k} has shape {list(v.shape)}, the config expects "
+            raise UsageError(f"{what}: weight {prefix}{k} has shape {list(v.shape)}, the config expects "
                              f"{list(module.state_dict()[k].shape)}")
     module.load_state_dict(weights, strict=True)
     return module
@@ -102,7 +102,7 @@ class HFModules:
         config = copy.deepcopy(config)  # each module keeps its own implementation choice
         config._attn_implementation = attn
         module = Qwen3MoeAttention(config, layer_idx=0)
-        return load_strict(module, weights, "attention").to(device.torch_device, dtype).eval()
+        return load_strict(module, weights, "attention", "self_attn.").to(device.torch_device, dtype).eval()
 
     def build_moe(self, config, weights, device, dtype, experts):
         from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
@@ -112,7 +112,7 @@ class HFModules:
         module = Qwen3MoeSparseMoeBlock(config)
         if "experts.gate_up_proj" in module.state_dict():  # transformers 5.x keeps experts fused
             weights = _fuse_experts(weights, config.num_experts)
-        return load_strict(module, weights, "MoE block").to(device.torch_device, dtype).eval()
+        return load_strict(module, weights, "MoE block", "mlp.").to(device.torch_device, dtype).eval()
 
 
 class CompiledModules(HFModules):

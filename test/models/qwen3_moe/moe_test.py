@@ -63,10 +63,17 @@ def text_hidden_states(checkpoint, layer, tokens):
     return captured["x"].detach()
 
 
-def routing_analysis(gate, x, num_experts):
-    """Statistics of the reference router's choices; also returns its logits [T, E]."""
+def router_logits(gate, x):
+    """[T, E] router logits: transformers 5.x routers return (logits, weights, indices), 4.57's are Linear."""
     with torch.no_grad():
-        logits, _, chosen = gate(x.reshape(-1, x.shape[-1]))
+        out = gate(x.reshape(-1, x.shape[-1]))
+    return (out[0] if isinstance(out, tuple) else out).detach().cpu().float()
+
+
+def routing_analysis(gate, x, num_experts, top_k):
+    """Statistics of the reference router's choices; also returns its logits [T, E]."""
+    logits = router_logits(gate, x)
+    chosen = logits.topk(top_k, -1).indices
     counts = torch.bincount(chosen.flatten(), minlength=num_experts).double()
     probs = logits.double().softmax(-1)
     entropy = float(-(probs * probs.clamp_min(1e-30).log()).sum(-1).mean())
@@ -99,8 +106,7 @@ def check_router(module, x_dev, ref_logits, top_k, dtype):
         near_tie = gap <= margin
         return {"decisive": ~near_tie, "near_ties": int(near_tie.sum()), "logits": None, "match_all": None,
                 "match_decisive": None, "passed": True}
-    with torch.no_grad():
-        cand_logits = gate(x_dev.reshape(-1, x_dev.shape[-1]))[0].detach().cpu().float()
+    cand_logits = router_logits(gate, x_dev)
     logits_check = compare(cand_logits, ref_logits, dtype, "router logits")
     near_tie = gap <= 2 * (cand_logits - ref_logits).abs().max(-1).values
     cand_choice = cand_logits.topk(top_k, -1).indices.sort(-1).values
@@ -157,7 +163,7 @@ def main(argv=None):
         with torch.no_grad():
             out = first_output(module(x_dev)).detach().cpu()
             ref = first_output(reference(x))
-        routing, ref_logits = routing_analysis(reference.gate, x, config.num_experts)
+        routing, ref_logits = routing_analysis(reference.gate, x, config.num_experts, config.num_experts_per_tok)
         router = check_router(module, x_dev, ref_logits, config.num_experts_per_tok, dtype)
         decisive = router["decisive"]
         c = compare(out.reshape(-1, out.shape[-1])[decisive], ref.reshape(-1, ref.shape[-1])[decisive], dtype, phase)
