@@ -195,3 +195,17 @@ def test_scripts_run_from_any_directory(llama_checkpoint, tmp_path):
     assert json.loads((tmp_path / "out.json").read_text())["env"]["checkpoint_hash"]
     r = run_subprocess(INTERMEDIATE, "--model_path", llama_checkpoint, "--nvidia", cwd=tmp_path)
     assert r.code == 3 and len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err, r
+
+
+def test_rope_check_holds_at_the_end_of_a_long_context(llama_checkpoint, tmp_path):
+    """HF's own float32 rotation at position 32767 is ~2e-3 rad off the exact one (float32 angles):
+    the check must allow for that, and still catch a wrong theta there."""
+    ckpt = copy_checkpoint(llama_checkpoint, tmp_path / "long")
+    edit_config(ckpt, max_position_embeddings=32768)
+    r = run_script(INTERMEDIATE, "--model_path", ckpt, "--dtype", "float32", json_path=tmp_path / "iv.json")
+    assert r.code == 0 and r.json["rope"]["passed"], r
+    wrong = copy_checkpoint(ckpt, tmp_path / "long-theta")
+    edit_config(wrong, rope_theta=1000000.0)
+    r = run_script(INTERMEDIATE, "--model_path", wrong, "--reference_path", ckpt, "--dtype", "float32",
+                   json_path=tmp_path / "iv2.json")
+    assert r.code == 1 and "rotates with rope_theta 1e+06" in r.json["rope"]["diagnosis"], r

@@ -129,11 +129,20 @@ class Inputs:
 
 
 def _tokenizer(path):
-    from transformers import AutoTokenizer
-
+    """encode(text) -> ids with the checkpoint's tokenizer: tokenizer.json through the `tokenizers` library
+    (fast to load; its post-processor adds BOS where the model wants it), else transformers' AutoTokenizer."""
+    tokenizer_json = Path(path) / "tokenizer.json"
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
+        if tokenizer_json.is_file():
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(tokenizer_json))
+            return lambda text: tok.encode(text, add_special_tokens=True).ids
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        return lambda text: tok(text, add_special_tokens=True)["input_ids"]
+    except Exception as exc:  # tokenizers raises a bare Exception on a corrupt file
         raise UsageError(f"{path}: cannot load the tokenizer ({str(exc).splitlines()[0]}); "
                          "pass token ids with --input_ids instead") from None
 
@@ -159,8 +168,8 @@ def build_inputs(args, checkpoint, extra_positions=0):
             prompts = [DEFAULT_PROMPT if args.prompt is None else args.prompt]
         if any(not p.strip() for p in prompts):
             raise UsageError("empty prompt; give some text with --prompt")
-        tok = _tokenizer(checkpoint.path)
-        rows = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        encode = _tokenizer(checkpoint.path)
+        rows = [encode(p) for p in prompts]
     for r in rows:
         if not r:
             raise UsageError("empty input: no tokens; give a prompt or --input_ids")
