@@ -163,17 +163,17 @@ def main(argv=None):
         nonlocal all_passed
         requests = [Request(config, s, p, g) for s, p in cases]
         prepared = [r.prepare(module, rotary, device, dtype, args.attn) for r in requests]
-        outputs = []
+        outputs, peaks = [], []
         for r, (call, reset, _) in zip(requests, prepared):
+            device.reset_peak_memory()  # the first (untimed) call of each case gives its peak memory
             outputs.append(call().detach().cpu())
+            peaks.append(device.peak_memory_bytes())
             reset()
             ref_call, _, _ = r.prepare(reference, ref_rotary, cpu, torch.float32, "eager")
             r.reference = ref_call()
-        device.reset_peak_memory()
         latencies, batch_relative = time_requests([c for c, _, _ in prepared], device, args.warmups, args.runs,
                                                   lambda: [reset() for _, reset, _ in prepared], phase)
-        peak = device.peak_memory_bytes()
-        for i, (r, out, m) in enumerate(zip(requests, outputs, latencies)):
+        for i, (r, out, m, peak) in enumerate(zip(requests, outputs, latencies, peaks)):
             case = f"{phase}{i}_seq{r.seq}_past{r.past}"
             c = compare(out, r.reference, dtype, case)
             all_passed &= c.passed
@@ -188,13 +188,13 @@ def main(argv=None):
                   + ("  [spread warning]" if m.spread_warning else ""))
             if not c.passed:
                 print(f"    {c.reason}")
-        return requests, latencies, batch_relative, peak
+        return requests, latencies, batch_relative
 
     print("\n" + "*" * 130)
     print("Test Qwen3attention ")
     print("*" * 130)
     print(f"Test Case PREFILL_TESTCASES : {{'seqlens': {[s for s, _ in prefill]}, 'pastlens': {[p for _, p in prefill]}}}")
-    _, latencies, batch_relative, _ = run_phase("prefill", prefill)
+    _, latencies, batch_relative = run_phase("prefill", prefill)
     original_ttft = sum(sum(r) for r in batch_relative) / (args.runs * len(prefill))
     per_request = sum(m.median_ms for m in latencies) / len(latencies)
     results.add("prefill", "ttft_per_request_median_ms", per_request, unit="ms")
@@ -206,7 +206,7 @@ def main(argv=None):
     print("\n")
     print("-" * 130)
     print(f"\nTest DECODE_TESTCASES: {{'seqlens': {[s for s, _ in decode]}, 'pastlens': {[p for _, p in decode]}}}")
-    requests, latencies, _, _ = run_phase("decode", decode)
+    requests, latencies, _ = run_phase("decode", decode)
     groups = {}
     for r, m in zip(requests, latencies):
         groups.setdefault(r.past, []).append(m.median_ms)

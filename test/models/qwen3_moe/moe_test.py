@@ -160,8 +160,11 @@ def main(argv=None):
             print("-" * 130)
             print(f"\nTest DECODE_TESTCASES: {{'tokens': {tokens}, 'inputs': {args.inputs!r}}}")
         x_dev = x.to(device.torch_device, dtype)
+        device.reset_peak_memory()  # the first (untimed) call gives the case's peak memory
         with torch.no_grad():
             out = first_output(module(x_dev)).detach().cpu()
+        peak = device.peak_memory_bytes()
+        with torch.no_grad():
             ref = first_output(reference(x))
         routing, ref_logits = routing_analysis(reference.gate, x, config.num_experts, config.num_experts_per_tok)
         router = check_router(module, x_dev, ref_logits, config.num_experts_per_tok, dtype)
@@ -174,11 +177,10 @@ def main(argv=None):
             with torch.no_grad():
                 module(x_dev)
 
-        device.reset_peak_memory()
         m = benchmark(call, device, args.warmups, args.runs, f"MoE {phase} {tokens} tokens")
         used = sum(1 for n in routing["tokens_per_expert"] if n)
         flops, moved = flops_and_bytes(config, tokens, used, dtype)
-        report_measurement(results, phase, m, tokens, flops, moved, device.peak_memory_bytes(), phase=phase)
+        report_measurement(results, phase, m, tokens, flops, moved, peak, phase=phase)
         results.add_comparison(phase, c, phase=phase)
         for key in ("load_imbalance", "unused_fraction", "router_entropy"):
             results.add(phase, key, routing[key], phase=phase)
