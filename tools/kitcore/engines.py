@@ -80,6 +80,7 @@ class HFEngine:
             model_path, dtype=dtype, attn_implementation=attn, use_safetensors=True, trust_remote_code=False
         ).to(device.torch_device).eval()
         self.config = self.model.config
+        self._call = self.model  # what forward() runs; CompileEngine swaps in the compiled module
         params = inspect.signature(type(self.model).forward).parameters
         # transformers >= 5.24 calls the cache `cache`; older releases `past_key_values`
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -97,7 +98,7 @@ class HFEngine:
     def forward(self, input_ids, position_ids, attention_mask=None, cache=None):
         dev = self.device.torch_device
         kwargs = {self._cache_kwarg: cache, "use_cache": cache is not None}
-        out = self.model(input_ids=input_ids.to(dev), position_ids=position_ids.to(dev),
+        out = self._call(input_ids=input_ids.to(dev), position_ids=position_ids.to(dev),
                          attention_mask=None if attention_mask is None else attention_mask.to(dev), **kwargs)
         return out.logits
 
@@ -241,15 +242,7 @@ class CompileEngine(HFEngine):
 
     def __init__(self, model_path, device, dtype, attn="sdpa"):
         super().__init__(model_path, device, dtype, attn)
-        self._compiled = torch.compile(self.model, dynamic=True)
-
-    @torch.no_grad()
-    def forward(self, input_ids, position_ids, attention_mask=None, cache=None):
-        dev = self.device.torch_device
-        kwargs = {self._cache_kwarg: cache, "use_cache": cache is not None}
-        out = self._compiled(input_ids=input_ids.to(dev), position_ids=position_ids.to(dev),
-                             attention_mask=None if attention_mask is None else attention_mask.to(dev), **kwargs)
-        return out.logits
+        self._call = torch.compile(self.model, dynamic=True)
 
 
 BUILTIN_ENGINES = {"hf": HFEngine, "compile": CompileEngine}
