@@ -1,7 +1,9 @@
 """Fixtures of the kit's own tests (helpers live in kit_helpers.py)."""
 
+import kit_helpers  # noqa: F401  (puts tools/ on sys.path)
 import pytest
-from kit_helpers import checkpoints
+
+from kitcore import checkpoints
 
 
 @pytest.fixture(scope="session")

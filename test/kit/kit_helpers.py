@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from kitcore import checkpoints, cli  # noqa: E402
+from kitcore import cli  # noqa: E402
 
 LLAMA = "test/models/llama"
 FAULTY_ENGINES = str(ROOT / "test/kit/faulty_engines.py")

@@ -269,7 +269,7 @@ def resolve_class(spec, builtins, required, protocol):
         try:
             module = importlib.import_module(target)
         except ImportError as exc:
-            raise Unavailable(f"--engine {spec!r}: cannot import {target} ({exc}); install the plugin's package")
+            raise Unavailable(f"--engine {spec!r}: cannot import {target} ({exc}); install the plugin's package") from None
     cls = getattr(module, cls_name, None)
     if cls is None:
         raise UsageError(f"--engine {spec!r}: {target} has no class {cls_name}")

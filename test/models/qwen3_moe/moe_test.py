@@ -173,7 +173,7 @@ def main(argv=None):
         passed = c.passed and router["passed"]
         all_passed &= passed
 
-        def call():
+        def call(x_dev=x_dev):
             with torch.no_grad():
                 module(x_dev)
 
