@@ -209,3 +209,11 @@ def test_rope_check_holds_at_the_end_of_a_long_context(llama_checkpoint, tmp_pat
     r = run_script(INTERMEDIATE, "--model_path", wrong, "--reference_path", ckpt, "--dtype", "float32",
                    json_path=tmp_path / "iv2.json")
     assert r.code == 1 and "rotates with rope_theta 1e+06" in r.json["rope"]["diagnosis"], r
+
+
+def test_a_run_without_a_verdict_still_reports_one(tmp_path):
+    out = tmp_path / "r.json"
+    r = run_script(INFERENCE, "--model_path", tmp_path / "nowhere", json_path=out)
+    assert r.code == 2 and r.json == {"script": "test_llama_inference", "verdict": "error", "exit_code": 2,
+                                      "error": r.err.split("error: ", 1)[1].strip(), "records": []}
+    assert r.out.strip() == "KIT script=test_llama_inference case=all metric=verdict value=2 unit=exit_code verdict=error"

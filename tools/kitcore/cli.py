@@ -1,9 +1,11 @@
 """Command-line plumbing shared by every script: the argument parser and the main-function wrapper."""
 
 import argparse
+import inspect
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from .errors import EXIT_CODES_HELP, EXIT_INTERNAL, EXIT_USAGE, KitError
 
@@ -21,21 +23,52 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+def _json_path(argv):
+    for i, arg in enumerate(argv):
+        if arg == "--json" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--json="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _report_error(main, argv, code, message):
+    """A run that ends without a verdict still leaves one for pipelines: a KIT verdict line with
+    verdict=error, and the --json file (when asked for) with "verdict": "error" and the message."""
+    from .results import write_json_atomic
+
+    script = Path(inspect.getsourcefile(main)).stem
+    print(f"KIT script={script} case=all metric=verdict value={code} unit=exit_code verdict=error", flush=True)
+    path = _json_path(argv)
+    if path:
+        try:
+            write_json_atomic(path, {"script": script, "verdict": "error", "exit_code": code, "error": message,
+                                     "records": []})
+        except OSError as exc:
+            print(f"note: could not write --json {path}: {exc.strerror}", file=sys.stderr)
+
+
 def run(main, argv=None):
     """Call `main(argv)` and turn its outcome into an exit code; KitErrors print one line."""
     prog = os.path.basename(sys.argv[0])
+    args = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
         return main(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        code = exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        if code:
+            _report_error(main, args, code, "usage error")
+        return code
     except KitError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
+        _report_error(main, args, exc.exit_code, str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except Exception:  # a bug in the kit or an engine: keep the traceback, it is what a report needs
+    except Exception as exc:  # a bug in the kit or an engine: keep the traceback, it is what a report needs
         traceback.print_exc()
         print(f"{prog}: internal error (exit {EXIT_INTERNAL}); please report it with the traceback above",
               file=sys.stderr)
+        _report_error(main, args, EXIT_INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         return EXIT_INTERNAL
