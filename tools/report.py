@@ -138,7 +138,7 @@ def latency(records):
     """Median latency per case with a p10-p90 bar."""
     stats = {}
     for r in records:
-        if r.get("metric") in ("median_ms", "p10_ms", "p90_ms"):
+        if r.get("metric") in ("median_ms", "p10_ms", "p90_ms", "tokens_per_s"):
             stats.setdefault(group_key(r) + (r["case"],), {})[r["metric"]] = float(r["value"])
     rows = [(k, s) for k, s in stats.items() if {"median_ms", "p10_ms", "p90_ms"} <= set(s)]
     if not rows:
@@ -156,8 +156,9 @@ def latency(records):
                     f'<title>median {s["median_ms"]:.4g} ms, p10 {s["p10_ms"]:.4g}, p90 {s["p90_ms"]:.4g}</title></rect>'
                     f'<line x1="{sx(s["p10_ms"]):.1f}" y1="{yy + rh / 2}" x2="{sx(s["p90_ms"]):.1f}" y2="{yy + rh / 2}" '
                     f'stroke="#000" stroke-width="1.5"/>'
-                    f'<text x="{sx(s["p90_ms"]) + 4:.1f}" y="{yy + 11}" font-size="10">{s["median_ms"]:.3g} ms</text>')
-    return svg("latency", w, h, "".join(body), "Latency per case: median (bar) and p10-p90 (line)")
+                    f'<text x="{sx(s["p90_ms"]) + 4:.1f}" y="{yy + 11}" font-size="10">{s["median_ms"]:.3g} ms'
+                    + (f', {s["tokens_per_s"]:.4g} tok/s' if "tokens_per_s" in s else "") + '</text>')
+    return svg("latency", w, h, "".join(body), "Latency per case: median (bar), p10-p90 (line), throughput at the median")
 
 
 def routing(records):
