@@ -57,8 +57,9 @@ CHECKPOINT_FAULTS = {
 }
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("fault", sorted(CHECKPOINT_FAULTS))
-def test_checkpoint_fault_fails_at_the_right_place(fault, llama_checkpoint, tmp_path):
+def test_checkpoint_fault_fails_at_the_right_place(fault, chunked, llama_checkpoint, tmp_path):
     weights, config, first, largest = CHECKPOINT_FAULTS[fault]
     if weights == "permute":
         cfg = config_of(llama_checkpoint)
@@ -67,8 +68,11 @@ def test_checkpoint_fault_fails_at_the_right_place(fault, llama_checkpoint, tmp_
             permute_qk_rows(sd, cfg)
     ckpt = faulty(tmp_path, llama_checkpoint, weights, **config)
     common = ["--model_path", ckpt, "--reference_path", llama_checkpoint, "--dtype", "float32"]
-    r = run_script(INTERMEDIATE, *common, json_path=tmp_path / "iv.json")
+    # chunked: a capture budget that holds one layer of both models at a time (as on a large model)
+    budget = ["--max_capture_mb", 0.1] if chunked else []
+    r = run_script(INTERMEDIATE, *common, *budget, json_path=tmp_path / "iv.json")
     assert r.code == 1, r
+    assert ("capturing 1 layer(s) at a time" in r.out) == chunked
     assert r.json["verdict"] == "fail"
     assert r.json["first_divergence"] == {"layer": first[0], "point": first[1]}, r
     own = r.json["largest_own_error"]
@@ -80,10 +84,9 @@ def test_checkpoint_fault_fails_at_the_right_place(fault, llama_checkpoint, tmp_
     if fault == "rope_theta":
         assert not r.json["rope"]["passed"]
         assert "rope_theta" in r.json["rope"]["diagnosis"]
-    r = run_script(INFERENCE, *common, json_path=tmp_path / "e2e.json")
-    assert r.code == 1, r
-    r = run_script(FORWARD, *common, "--decode_steps", 2)
-    assert r.code == 1, r
+    if not chunked:
+        assert run_script(INFERENCE, *common, json_path=tmp_path / "e2e.json").code == 1
+        assert run_script(FORWARD, *common, "--decode_steps", 2).code == 1
 
 
 def test_gqa_head_mapping_off_by_one_is_located(llama_checkpoint, tmp_path):

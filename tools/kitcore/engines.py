@@ -23,8 +23,11 @@ Required (end-to-end and forward validation):
         on any device, in any dtype.
 
 Optional capabilities (intermediate validation; an engine without them gets exit code 3 there):
-    capture(input_ids, position_ids) -> dict[str, Tensor]
+    capture(input_ids, position_ids, layers=None) -> dict[str, Tensor]
         The intermediate tensors of one no-cache forward, keyed by the point names of kitcore.points.
+        `layers` (a range, or None for all) limits them to those layers (with embed_tokens when the range
+        starts at 0, final_norm and logits when it ends at the last layer); the kit captures in chunks of
+        layers so that it never holds every activation of both models. Returning more is allowed.
     run_component(point, layer, inputs, position_ids) -> Tensor
         Run the engine's own implementation of one component on the given inputs (the reference's
         captured tensors, keyed by the names in kitcore.points.COMPONENT_INPUTS). Used by the dual test.
@@ -127,11 +130,18 @@ class HFEngine:
         return self.rope(x.transpose(1, 2), position_ids)
 
     @torch.no_grad()
-    def capture(self, input_ids, position_ids):
+    def capture(self, input_ids, position_ids, layers=None):
         """Forward hooks on every module of interest; q/k after RoPE are recomputed from the captured
-        projections with the model's own rotary embedding (HF applies RoPE inside forward, unhooked)."""
+        projections with the model's own rotary embedding (HF applies RoPE inside forward, unhooked).
+        `layers` (a range) limits the capture to those layers, embed_tokens when it starts at 0 and
+        final_norm/logits when it reaches the last layer; the forward stops after the range's last layer."""
         dev = self.device.torch_device
+        m = self.model.model
+        layers = range(len(m.layers)) if layers is None else layers
         captured, handles = {}, []
+
+        class Enough(Exception):
+            """Raised by the hook on the range's last layer: the rest of the forward is not needed."""
 
         def keep(name, tensor):
             captured[name] = tensor.detach().to("cpu")
@@ -142,10 +152,13 @@ class HFEngine:
         def in_hook(name):
             return lambda mod, args: keep(name, args[0])
 
-        m = self.model.model
-        handles.append(m.embed_tokens.register_forward_hook(out_hook("embed_tokens")))
-        for i, layer in enumerate(m.layers):
-            p = f"layers.{i}."
+        def stop(mod, args, out):
+            raise Enough
+
+        if layers.start == 0:
+            handles.append(m.embed_tokens.register_forward_hook(out_hook("embed_tokens")))
+        for i in layers:
+            layer, p = m.layers[i], f"layers.{i}."
             attn, mlp = layer.self_attn, layer.mlp
             handles += [
                 layer.input_layernorm.register_forward_hook(out_hook(p + "input_layernorm")),
@@ -165,18 +178,23 @@ class HFEngine:
                     mlp.down_proj.register_forward_pre_hook(in_hook(p + "act_mul")),
                     mlp.down_proj.register_forward_hook(out_hook(p + "down_proj")),
                 ]
-        handles.append(m.norm.register_forward_hook(out_hook("final_norm")))
-        handles.append(self.model.lm_head.register_forward_hook(out_hook("logits")))
+        if layers.stop >= len(m.layers):
+            handles.append(m.norm.register_forward_hook(out_hook("final_norm")))
+            handles.append(self.model.lm_head.register_forward_hook(out_hook("logits")))
+        else:
+            handles.append(m.layers[layers.stop - 1].register_forward_hook(stop))
         try:
             self.forward(input_ids, position_ids)
+        except Enough:
+            pass
         finally:
             for h in handles:
                 h.remove()
-        for i, layer in enumerate(m.layers):
+        for i in layers:
             p = f"layers.{i}."
             for point, key in (("q_rope", False), ("k_rope", True)):
                 proj = captured[p + ("k_proj" if key else "q_proj")].to(dev)
-                captured[p + point] = self._rope_point(layer.self_attn, proj, position_ids, key).to("cpu")
+                captured[p + point] = self._rope_point(m.layers[i].self_attn, proj, position_ids, key).to("cpu")
         return captured
 
     @torch.no_grad()

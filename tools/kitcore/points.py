@@ -43,12 +43,15 @@ COMPONENT_INPUTS = {
 }
 
 
-def point_order(num_layers):
-    """(layer or None, point, full name) in execution order."""
-    order = [(None, "embed_tokens", "embed_tokens")]
-    for i in range(num_layers):
+def point_order(num_layers, layers=None):
+    """(layer or None, point, full name) in execution order; `layers` (a range) limits it to those
+    layers, with embed_tokens when the range starts at 0 and final_norm/logits when it ends the model."""
+    layers = range(num_layers) if layers is None else layers
+    order = [(None, "embed_tokens", "embed_tokens")] if layers.start == 0 else []
+    for i in layers:
         order += [(i, p, f"layers.{i}.{p}") for p in LAYER_POINTS]
-    order += [(None, "final_norm", "final_norm"), (None, "logits", "logits")]
+    if layers.stop >= num_layers:
+        order += [(None, "final_norm", "final_norm"), (None, "logits", "logits")]
     return order
 
 

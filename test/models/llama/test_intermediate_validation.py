@@ -94,8 +94,55 @@ def layout_permutation(cand, ref, n_heads, dtype):
     return None
 
 
+def layers_per_capture(config, tokens, max_capture_mb):
+    """How many layers' activations of both models (float32, on the CPU) fit in the capture budget."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    per_layer = 2 * 4 * tokens * (7 * hidden + 3 * q + 3 * kv + 3 * inter)
+    return max(1, min(config["num_hidden_layers"], int(max_capture_mb * 2**20 // per_layer)))
+
+
+def check_point(name, layer, point, reference, candidate, dual_engine, ids, pos, n_layers, dtype, results):
+    """Total error of one point and, with a dual-test engine, its own error: one printed row."""
+    row = {"layer": layer, "point": name}
+    if name not in reference or name not in candidate:
+        side = "reference" if name not in reference else "candidate"
+        row.update(status="MISSING", reason=f"missing on the {side} side")
+        print(f"{name:<36} {'-':>10} {'-':>12} {'-':>10} | {'-':>11} {'-':>10} | FAIL: missing on the {side} side")
+        return row
+    total = compare(candidate[name], reference[name], dtype, name)
+    row["total"] = total.as_dict()
+    own = None
+    if dual_engine is not None:
+        got = dual_engine.run_component(point, layer, component_inputs(reference, layer, point, n_layers, ids), pos)
+        own = compare(got, reference[name], dtype, name + " (own)")
+        row["own"] = own.as_dict()
+    if own is not None and not own.passed:
+        row["status"] = "FAIL: ADDS error"
+    elif not total.passed:
+        row["status"] = "FAIL: inherits error" if own is not None else f"FAIL: {total.reason}"
+    else:
+        row["status"] = "ok"
+    if not total.passed and "shape" in total.reason:
+        row["reason"] = total.reason
+    own_cells = f"{own.max_abs:>11.3e} {own.nmse:>10.2e}" if own else f"{'-':>11} {'-':>10}"
+    print(f"{name:<36} {total.max_abs:>10.3e} {total.cosine:>12.9f} {total.nmse:>10.2e} | {own_cells} | {row['status']}")
+    results.add(name, "max_abs", total.max_abs, layer=layer, point=point)
+    results.add(name, "cosine", total.cosine, layer=layer, point=point)
+    results.add(name, "nmse", total.nmse, layer=layer, point=point)
+    if own:
+        results.add(name, "own_max_abs", own.max_abs, layer=layer, point=point)
+        results.add(name, "own_nmse", own.nmse, layer=layer, point=point)
+    return row
+
+
 def main(argv=None):
-    args = utils.build_parser(__doc__).parse_args(argv)
+    parser = utils.build_parser(__doc__)
+    parser.add_argument("--max_capture_mb", type=float, default=1024,
+                        help="memory for captured activations of both models; layers are captured in chunks "
+                             "that fit (default 1024)")
+    args = parser.parse_args(argv)
     run = utils.setup(args, SCRIPT, families=("llama",))
     results, inp, cand = run.results, run.inputs, run.candidate
     engines.require(cand, "capture", args.engine, "intermediate validation")
@@ -105,63 +152,41 @@ def main(argv=None):
     config = run.reference_checkpoint.config
     n_layers = config["num_hidden_layers"]
 
-    reference = run.reference.capture(ids, pos)
-    candidate = cand.capture(ids, pos)
     dual = callable(getattr(cand, "run_component", None))
     if not dual:
         print(f"note: engine {args.engine!r} has no run_component(): the dual test (own error) is skipped")
+    chunk = layers_per_capture(config, ids.shape[1], args.max_capture_mb)
+    if chunk < n_layers:
+        print(f"note: capturing {chunk} layer(s) at a time to stay within --max_capture_mb {args.max_capture_mb}")
 
     print(f"\n{'point':<36} {'max abs':>10} {'cosine':>12} {'nmse':>10} | {'own max abs':>11} {'own nmse':>10} | status")
-    rows, first, worst_own, all_passed = [], None, None, True
-    for layer, point, name in point_order(n_layers):
-        row = {"layer": layer, "point": name}
-        if name not in reference or name not in candidate:
-            side = "reference" if name not in reference else "candidate"
-            row.update(status="MISSING", reason=f"missing on the {side} side")
-            print(f"{name:<36} {'-':>10} {'-':>12} {'-':>10} | {'-':>11} {'-':>10} | FAIL: missing on the {side} side")
-        else:
-            total = compare(candidate[name], reference[name], run.dtype, name)
-            row["total"] = total.as_dict()
-            own = None
-            if dual:
-                got = cand.run_component(point, layer, component_inputs(reference, layer, point, n_layers, ids), pos)
-                own = compare(got, reference[name], run.dtype, name + " (own)")
-                row["own"] = own.as_dict()
-                if worst_own is None or own.nmse > worst_own[1]:
-                    worst_own = (name, own.nmse, layer, point)
-            if own is not None and not own.passed:
-                status = "FAIL: ADDS error"
-            elif not total.passed:
-                status = "FAIL: inherits error" if own is not None else f"FAIL: {total.reason}"
-            else:
-                status = "ok"
-            row["status"] = status
-            own_cells = f"{own.max_abs:>11.3e} {own.nmse:>10.2e}" if own else f"{'-':>11} {'-':>10}"
-            print(f"{name:<36} {total.max_abs:>10.3e} {total.cosine:>12.9f} {total.nmse:>10.2e} | {own_cells} | {status}")
-            results.add(name, "max_abs", total.max_abs, layer=layer, point=point)
-            results.add(name, "cosine", total.cosine, layer=layer, point=point)
-            results.add(name, "nmse", total.nmse, layer=layer, point=point)
-            if own:
-                results.add(name, "own_max_abs", own.max_abs, layer=layer, point=point)
-                results.add(name, "own_nmse", own.nmse, layer=layer, point=point)
-            if not total.passed and "shape" in total.reason:
-                row["reason"] = total.reason
-        failed = row["status"] != "ok"
-        results.add(name, "passed", not failed, unit="bool", layer=layer, point=point)
-        if failed and first is None:
-            first = (layer, point, name, row)
-        all_passed &= not failed
-        rows.append(row)
+    rows, first, worst_own, all_passed, findings = [], None, None, True, []
+    carry = {}  # the reference's output of the previous chunk's last layer: the next layer's input
+    for start in range(0, n_layers, chunk):
+        layers = range(start, min(start + chunk, n_layers))
+        reference = {**carry, **run.reference.capture(ids, pos, layers=layers)}
+        candidate = cand.capture(ids, pos, layers=layers)
+        for layer, point, name in point_order(n_layers, layers):
+            row = check_point(name, layer, point, reference, candidate, cand if dual else None, ids, pos,
+                              n_layers, run.dtype, results)
+            if row.get("own") and (worst_own is None or row["own"]["nmse"] > worst_own[1]):
+                worst_own = (name, row["own"]["nmse"], layer, point)
+            failed = row["status"] != "ok"
+            results.add(name, "passed", not failed, unit="bool", layer=layer, point=point)
+            if failed and first is None:
+                first = (layer, point, name, row)
+                findings.append(f"first divergence: {name} ({row['status']}; "
+                                f"{row.get('reason') or 'out of tolerance'})")
+                if point in ("q_proj", "k_proj") and name in candidate:
+                    heads = config["num_attention_heads"] if point == "q_proj" else config["num_key_value_heads"]
+                    layout = layout_permutation(candidate[name], reference[name], heads, run.dtype)
+                    if layout:
+                        findings.append(f"{name}: {layout} -- the interleaved-vs-half-split RoPE layout mistake")
+            all_passed &= not failed
+            rows.append(row)
+        last = f"layers.{layers.stop - 1}.output"
+        carry = {last: reference[last]} if last in reference else {}
 
-    findings = []
-    if first is not None:
-        layer, point, name, row = first
-        findings.append(f"first divergence: {name} ({row['status']}; {row.get('reason') or 'out of tolerance'})")
-        if point in ("q_proj", "k_proj") and name in candidate:
-            heads = config["num_attention_heads"] if point == "q_proj" else config["num_key_value_heads"]
-            layout = layout_permutation(candidate[name], reference[name], heads, run.dtype)
-            if layout:
-                findings.append(f"{name}: {layout} -- the interleaved-vs-half-split RoPE layout mistake")
     if worst_own is not None:
         findings.append(f"largest own error: {worst_own[0]} (nmse {worst_own[1]:.3e})")
     adders = [r["point"] for r in rows if r["status"] == "FAIL: ADDS error"]
