@@ -220,3 +220,22 @@ def test_a_run_without_a_verdict_still_reports_one(tmp_path):
     assert r.code == 2 and r.json == {"script": "test_llama_inference", "verdict": "error", "exit_code": 2,
                                       "error": r.err.split("error: ", 1)[1].strip(), "records": []}
     assert r.out.strip() == "KIT script=test_llama_inference case=all metric=verdict value=2 unit=exit_code verdict=error"
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 128}
+
+
+def test_scaled_rope_of_llama3_checkpoints(llama_checkpoint, tmp_path):
+    """Llama 3.x checkpoints scale their RoPE frequencies: a correct engine passes, a wrong factor fails."""
+    ckpt = copy_checkpoint(llama_checkpoint, tmp_path / "llama3")
+    edit_config(ckpt, rope_scaling=LLAMA3_ROPE)
+    for dtype in ("float32", "bfloat16"):
+        r = run_script(INTERMEDIATE, "--model_path", ckpt, "--dtype", dtype, json_path=tmp_path / f"{dtype}.json")
+        assert r.code == 0 and r.json["rope"]["passed"], r
+    wrong = copy_checkpoint(ckpt, tmp_path / "llama3-factor")
+    edit_config(wrong, rope_scaling={**LLAMA3_ROPE, "factor": 32.0})
+    r = run_script(INTERMEDIATE, "--model_path", wrong, "--reference_path", ckpt, "--dtype", "float32",
+                   json_path=tmp_path / "wrong.json")
+    assert r.code == 1 and r.json["first_divergence"] == {"layer": 0, "point": "q_rope"}, r
+    assert not r.json["rope"]["passed"]

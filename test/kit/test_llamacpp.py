@@ -64,7 +64,7 @@ def test_conversion_is_cached_by_checkpoint_hash(llama_checkpoint):
 @needs_llamacpp
 def test_unconvertible_checkpoint_is_named(llama_checkpoint, tmp_path):
     ckpt = copy_checkpoint(llama_checkpoint, tmp_path / "scaled")
-    edit_config(ckpt, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    edit_config(ckpt, rope_scaling={"rope_type": "yarn", "factor": 2.0})
     r = run_script(INFERENCE, "--model_path", ckpt, "--engine", "llama.cpp")
     assert r.code == 2 and "cannot convert to GGUF: unsupported rope_scaling" in r.err, r
 
@@ -83,3 +83,14 @@ def test_missing_llamacpp_says_how_to_install(llama_checkpoint, monkeypatch):
     assert r.code == 3, r
     assert "llama-cpp-python is not installed; fix: make setup-llamacpp" in r.err
     assert json.dumps(r.err.strip().splitlines()).count("error") == 1
+
+
+@needs_llamacpp
+def test_llama3_rope_scaling_reaches_llamacpp(llama_checkpoint, tmp_path):
+    """Llama 3's scaled RoPE is written as llama.cpp's rope_freqs tensor; 300 positions agree in float32."""
+    ckpt = copy_checkpoint(llama_checkpoint, tmp_path / "llama3")
+    edit_config(ckpt, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 128})
+    ids = ",".join(str(3 + i % 2000) for i in range(300))
+    r = run_script(INFERENCE, "--model_path", ckpt, "--engine", "llama.cpp", "--dtype", "float32", "--input_ids", ids)
+    assert r.code == 0, r

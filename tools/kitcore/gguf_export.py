@@ -24,7 +24,7 @@ from .rope import half_to_interleaved_rows
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 ARCH = {"llama": "llama", "qwen3_moe": "qwen3moe"}
 # bump when the export changes, so that cached files are rewritten
-EXPORT_VERSION = 3
+EXPORT_VERSION = 4
 
 
 def _gguf():
@@ -41,8 +41,9 @@ def _check_supported(config):
     if model_type not in ARCH:
         raise UsageError(f"cannot convert model_type {model_type!r} to GGUF: the kit converts llama and qwen3_moe")
     problems = []
-    if config.get("rope_scaling"):
-        problems.append(f"rope_scaling {config['rope_scaling']}")
+    scaling = config.get("rope_scaling") or {}
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default"):
+        problems.append(f"rope_scaling {scaling}")
     if config.get("attention_bias"):
         problems.append("attention_bias")
     if config.get("mlp_bias"):
@@ -84,6 +85,18 @@ def _tensors(checkpoint, permute_qk):
                     [take(f"{p}mlp.experts.{e}.{proj}.weight") for e in range(cfg["num_experts"])])))
         else:
             out += [(b + f"ffn_{proj}.weight", take(p + f"mlp.{proj}_proj.weight")) for proj in ("gate", "up", "down")]
+    scaling = cfg.get("rope_scaling") or {}
+    if scaling.get("rope_type", scaling.get("type")) == "llama3":
+        # llama.cpp reads Llama 3's frequency scaling as per-dimension divisors of the plain frequencies
+        from transformers import AutoConfig
+
+        from .rope import scaled_frequencies
+
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        theta = cfg.get("rope_theta", 10000.0)
+        plain = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        scaled, _ = scaled_frequencies(AutoConfig.from_pretrained(str(checkpoint.path)))
+        out.append(("rope_freqs.weight", (plain / scaled).float()))
     if sd:
         raise UsageError(f"cannot convert to GGUF: no place for weight {next(iter(sd))} ({len(sd)} left over)")
     return [(name, t.numpy()) for name, t in out]

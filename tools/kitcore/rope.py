@@ -3,25 +3,40 @@
 import torch
 
 
-def rope_angles(position_ids, head_dim, theta):
-    """[B, S, head_dim/2] angles pos * theta^(-2i/d), in float64."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    return position_ids.to(torch.float64)[..., None] * inv_freq
+def scaled_frequencies(hf_config):
+    """(inv_freq, scale) of a scaled RoPE variant (llama3, linear, yarn ...) as transformers defines it, or
+    (None, 1.0) for plain RoPE, whose frequencies follow from rope_theta alone."""
+    params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return None, 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+    return inv_freq.to(torch.float64), float(scale)
 
 
-def rope_half(x, position_ids, theta):
-    """Half-split ("NeoX", HF) layout: dimension i pairs with i + d/2. x: [B, heads, S, d]."""
-    a = rope_angles(position_ids, x.shape[-1], theta)[:, None]
-    cos, sin = a.cos(), a.sin()
+def rope_angles(position_ids, head_dim, theta, inv_freq=None):
+    """[B, S, head_dim/2] angles pos * inv_freq, in float64; inv_freq defaults to theta^(-2i/d) (no scaling)."""
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    return position_ids.to(torch.float64)[..., None] * inv_freq.to(torch.float64)
+
+
+def rope_half(x, position_ids, theta, inv_freq=None, scale=1.0):
+    """Half-split ("NeoX", HF) layout: dimension i pairs with i + d/2. x: [B, heads, S, d].
+    `inv_freq` and `scale` (cos/sin factor) describe scaled RoPE variants (llama3, yarn ...)."""
+    a = rope_angles(position_ids, x.shape[-1], theta, inv_freq)[:, None]
+    cos, sin = a.cos() * scale, a.sin() * scale
     x = x.to(torch.float64)
     x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def rope_interleaved(x, position_ids, theta):
+def rope_interleaved(x, position_ids, theta, inv_freq=None, scale=1.0):
     """Interleaved ("GPT-J", llama.cpp/Meta) layout: dimension 2i pairs with 2i + 1."""
-    a = rope_angles(position_ids, x.shape[-1], theta)[:, None]
-    cos, sin = a.cos(), a.sin()
+    a = rope_angles(position_ids, x.shape[-1], theta, inv_freq)[:, None]
+    cos, sin = a.cos() * scale, a.sin() * scale
     x = x.to(torch.float64)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)

@@ -54,20 +54,24 @@ def _rotations(engine, x, dtype, device, max_pos):
     return out
 
 
-def check_rope(engine, config, dtype, device, seed):
-    """The candidate's RoPE against the analytic half-split (HF) and interleaved layouts."""
+def check_rope(engine, config, hf_config, dtype, device, seed):
+    """The candidate's RoPE against the analytic half-split (HF) and interleaved layouts; scaled variants
+    (llama3, yarn ...) take the reference config's frequencies."""
     theta = config.get("rope_theta") or config.get("rope_parameters", {}).get("rope_theta", 10000.0)
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     max_pos = config.get("max_position_embeddings", 2048)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 2, ROPE_POSITIONS, head_dim, generator=g)
+    inv_freq, scale = utils.scaled_frequencies(hf_config)
     rotations = _rotations(engine, x, dtype, device, max_pos)
     cases = {}
     for label, (got, pos) in zip(("small", "large"), rotations):
         start = int(pos[0, 0])
         tol = rope_tolerance(dtype, start + ROPE_POSITIONS)
-        half = compare(got, utils.rope_half(x, pos, theta), tol, f"rope {label} positions vs half-split")
-        inter = compare(got, utils.rope_interleaved(x, pos, theta), tol, f"rope {label} positions vs interleaved")
+        half = compare(got, utils.rope_half(x, pos, theta, inv_freq, scale), tol,
+                       f"rope {label} positions vs half-split")
+        inter = compare(got, utils.rope_interleaved(x, pos, theta, inv_freq, scale), tol,
+                        f"rope {label} positions vs interleaved")
         cases[label] = (start, half, inter)
     passed = all(half.passed for _, half, _ in cases.values())
     if passed:
@@ -77,7 +81,7 @@ def check_rope(engine, config, dtype, device, seed):
                      "pair dimension i with i + head_dim/2, or permute the q/k weight rows")
     else:
         diagnosis = f"matches neither layout with rope_theta {theta:g} (head_dim {head_dim})"
-        for other in COMMON_THETAS:
+        for other in COMMON_THETAS if inv_freq is None else ():
             if other != theta and all(
                     compare(got, utils.rope_half(x, pos, other), rope_tolerance(dtype, max_pos)).passed
                     for got, pos in rotations):
@@ -198,7 +202,7 @@ def main(argv=None):
 
     rope = None
     if callable(getattr(cand, "rope", None)):
-        rope_ok, diagnosis, cases = check_rope(cand, config, run.dtype, run.device, args.seed)
+        rope_ok, diagnosis, cases = check_rope(cand, config, run.reference.config, run.dtype, run.device, args.seed)
         all_passed &= rope_ok
         findings.append(f"RoPE: {'PASS' if rope_ok else 'FAIL'} -- {diagnosis}")
         rope = {"passed": rope_ok, "diagnosis": diagnosis,

@@ -85,7 +85,7 @@ def map_param_names(hf_names, engine_names, rename=None):
 # ---- RoPE references (kitcore.rope, shared with the GGUF export) -----------------------------------
 
 rope_angles, rope_half, rope_interleaved = rope.rope_angles, rope.rope_half, rope.rope_interleaved
-half_to_interleaved_rows = rope.half_to_interleaved_rows
+half_to_interleaved_rows, scaled_frequencies = rope.half_to_interleaved_rows, rope.scaled_frequencies
 
 
 # ---- what the scripts share ---------------------------------------------------------------------
