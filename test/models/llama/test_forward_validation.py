@@ -31,17 +31,31 @@ REFERENCE = "reference"
 
 
 def greedy_reference(reference, inp, steps):
-    """Teacher tokens [B, steps] and the reference's no-cache logits [B, steps + 1, V] for every step."""
-    ids, pos, mask = inp.input_ids, inp.position_ids, inp.attention_mask
-    step_logits, tokens = [], []
-    for _ in range(steps + 1):
-        logits = reference.forward(ids, pos, mask if inp.padded else None)[:, -1]
-        step_logits.append(logits)
-        token = logits.argmax(-1, keepdim=True).cpu()
-        tokens.append(token)
-        ids, pos = torch.cat([ids, token], 1), torch.cat([pos, pos[:, -1:] + 1], 1)
-        mask = torch.cat([mask, torch.ones_like(token)], 1)
-    return torch.cat(tokens[:steps], 1), torch.stack(step_logits, 1)
+    """Teacher tokens [B, steps]: the reference's greedy decode with its KV cache. Then the reference's
+    no-cache logits [B, steps + 1, V] at the prefill's last position and every decode step come from one
+    full forward of prompt + teacher tokens."""
+    cache = reference.new_cache()
+    pos, mask = inp.position_ids, inp.attention_mask
+    logits = reference.forward(inp.input_ids, pos, mask if inp.padded else None, cache)[:, -1]
+    tokens = []
+    for k in range(steps):
+        tokens.append(logits.argmax(-1, keepdim=True).cpu())
+        if k < steps - 1:
+            pos = pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(tokens[-1])], 1)
+            logits = reference.forward(tokens[-1], pos, mask if inp.padded else None, cache)[:, -1]
+    teacher = torch.cat(tokens, 1)
+    return teacher, no_cache_steps(reference, inp, teacher)
+
+
+def no_cache_steps(engine, inp, teacher):
+    """The engine's no-cache logits over prompt + teacher tokens [B, steps + 1, V], at the prefill's last
+    position and every decode step."""
+    ids = torch.cat([inp.input_ids, teacher], 1)
+    pos = torch.cat([inp.position_ids, inp.position_ids[:, -1:] + 1 + torch.arange(teacher.shape[1])], 1)
+    mask = torch.cat([inp.attention_mask, torch.ones_like(teacher)], 1)
+    full = engine.forward(ids, pos, mask if inp.padded else None).cpu()
+    return full[:, inp.input_ids.shape[1] - 1:]
 
 
 def run_engine(engine, inp, teacher):
@@ -54,12 +68,7 @@ def run_engine(engine, inp, teacher):
         pos = pos[:, -1:] + 1
         mask = torch.cat([mask, torch.ones_like(token)], 1)
         cached.append(engine.forward(token, pos, mask if inp.padded else None, cache)[:, -1].cpu())
-    full_ids = torch.cat([inp.input_ids, teacher], 1)
-    full_pos = torch.cat([inp.position_ids, inp.position_ids[:, -1:] + 1 + torch.arange(teacher.shape[1])], 1)
-    full = engine.forward(full_ids, full_pos, mask if inp.padded else None).cpu()
-    prompt_len = inp.input_ids.shape[1]
-    uncached = full[:, prompt_len - 1:]  # positions of the prefill's last token and every decode step
-    return torch.stack(cached, 1), uncached
+    return torch.stack(cached, 1), no_cache_steps(engine, inp, teacher)
 
 
 def main(argv=None):
