@@ -170,9 +170,11 @@ def test_timing_loop_overhead_matches_torch_utils_benchmark():
 
     cpu = devices.Device("cpu", "cpu")
     ratios = []
-    for _ in range(3):  # the machine may be shared: keep the best of three interleaved pairs
+    for _ in range(5):  # the machine may be shared: the best of up to five interleaved pairs
         ours = benchmark(call, cpu, warmups=5, runs=60, what="matmul").median_ms
         timer = tb.Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads())
         theirs = timer.blocked_autorange(min_run_time=0.3).median * 1e3
         ratios.append(ours / theirs)
+        if abs(ratios[-1] - 1) < 0.03:
+            break
     assert min(abs(r - 1) for r in ratios) < 0.03, ratios
