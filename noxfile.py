@@ -42,6 +42,15 @@ LLAMA = ["test/models/llama/test_llama_inference.py", "test/models/llama/test_fo
 BENCH = ["test/models/qwen3_moe/attention_test.py", "test/models/qwen3_moe/moe_test.py"]
 RESULTS = ROOT / "results" / "results.jsonl"
 OLDEST_TRANSFORMERS = "4.57.6"
+# the figures each script's summary row shows: (case, metric, label)
+HEADLINES = {
+    "test_llama_inference": [("logits", "max_abs", "logits max abs"), ("logits", "nmse", "nmse")],
+    "test_forward_validation": [("step0", "a_vs_ref_max_abs", "prefill max abs")],
+    "test_intermediate_validation": [("logits", "nmse", "logits nmse")],
+    "attention_test": [("prefill", "ttft_per_request_median_ms", "TTFT ms"),
+                       ("decode", "tokens_per_s_median", "decode tok/s")],
+    "moe_test": [("prefill", "median_ms", "prefill ms"), ("decode", "median_ms", "decode ms")],
+}
 
 
 def unavailable(device, dtype):
@@ -85,7 +94,10 @@ def run_scripts(session, scripts, device, dtype, extra=()):
         for r in records:
             r.update(run_id=run_id, session=session.name, env=env)
         store.append_records(RESULTS, records)
-        outcomes.append((name, dtype, proc.returncode, log))
+        values = {(r["case"], r["metric"]): r["value"] for r in records}
+        headline = ", ".join(f"{label} {values[(case, metric)]:.4g}" for case, metric, label in HEADLINES.get(name, [])
+                             if (case, metric) in values)
+        outcomes.append((name, dtype, proc.returncode, log, headline))
         if proc.returncode not in (0, 1):
             session.warn(f"{name}: exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:] or ''}")
     return outcomes
@@ -93,11 +105,11 @@ def run_scripts(session, scripts, device, dtype, extra=()):
 
 def summarise(session, outcomes):
     words = {0: "pass", 1: "FAIL", 2: "usage error", 3: "unavailable", 4: "internal error"}
-    session.log(f"{'script':<32} {'dtype':<9} {'verdict':<15} log")
-    for name, dtype, code, log in outcomes:
-        session.log(f"{name:<32} {dtype:<9} {words.get(code, code):<15} {log.relative_to(ROOT)}")
+    session.log(f"{'script':<30} {'dtype':<9} {'verdict':<12} {'figures':<44} log")
+    for name, dtype, code, log, headline in outcomes:
+        session.log(f"{name:<30} {dtype:<9} {words.get(code, code):<12} {headline:<44} {log.relative_to(ROOT)}")
     session.log(f"records appended to {RESULTS.relative_to(ROOT)}")
-    failed = [f"{n} ({d})" for n, d, code, _ in outcomes if code != 0]
+    failed = [f"{n} ({d})" for n, d, code, _, _ in outcomes if code != 0]
     if failed:
         session.error(f"{len(failed)} script run(s) failed: {', '.join(failed)}")
 
