@@ -239,3 +239,36 @@ def test_scaled_rope_of_llama3_checkpoints(llama_checkpoint, tmp_path):
                    json_path=tmp_path / "wrong.json")
     assert r.code == 1 and r.json["first_divergence"] == {"layer": 0, "point": "q_rope"}, r
     assert not r.json["rope"]["passed"]
+
+
+MOE_PROMPTS = [
+    "Return a new list containing all items from the iterable in ascending order. A custom key function can be "
+    "supplied to customize the sort order, and the reverse flag can be set to request the result in descending order.",
+    "Open file and return a corresponding file object. If the file cannot be opened, an OSError is raised. "
+    "mode is an optional string that specifies the mode in which the file is opened.",
+    "Create a new SSL context with secure default settings. The settings are chosen by the ssl module, and usually "
+    "represent a higher security level than when calling the SSLContext constructor directly.",
+]
+
+
+def swap_experts(sd):
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        a, b = f"model.layers.0.mlp.experts.0.{proj}.weight", f"model.layers.0.mlp.experts.1.{proj}.weight"
+        sd[a], sd[b] = sd[b].clone(), sd[a].clone()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_moe_in_reduced_precision_is_judged_by_distribution(dtype, moe_checkpoint, tmp_path):
+    """Rounding flips near-tie routing decisions (a correct float16 engine moved a logit by 0.72): MoE models
+    in bf16/fp16 are judged by KL and top-k agreement, which still catch a real expert mix-up."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(MOE_PROMPTS) + "\n")
+    for attn in ("eager", "sdpa"):
+        r = run_script(INFERENCE, "--model_path", moe_checkpoint, "--prompts-file", prompts, "--dtype", dtype,
+                       "--attn", attn)
+        assert r.code == 0 and f"judged by distribution (moe-{dtype})" in r.out, r
+    swapped = copy_checkpoint(moe_checkpoint, tmp_path / "swapped")
+    edit_weights(swapped, swap_experts)
+    r = run_script(INFERENCE, "--model_path", swapped, "--reference_path", moe_checkpoint, "--prompts-file", prompts,
+                   "--dtype", dtype)
+    assert r.code == 1 and "KL mean" in r.out, r

@@ -60,11 +60,20 @@ class Distribution:
     top5: float
 
 
-# Measured with llama.cpp q8_0 GGUFs of the default checkpoints (Llama seeds 0-2 and the Qwen3-MoE, 32-token
-# prompt, f32 KV cache): worst KL mean 7.1e-5, p99 1.9e-4, max 2.1e-4; top-1 and top-5 agreement 1.0.
-# The thresholds leave a margin of about 4-5x, and allow near-tie flips (0.9 / 0.97).
+# Measured on the default checkpoints with the 7 docstring prompts of README "Tolerances" (45-190 tokens)
+# and the default prompt; the thresholds leave a margin of 3-5x on the KL figures.
+#   q8_0 (llama.cpp, dense Llama seeds 0-2): KL mean <= 7.4e-5, p99 <= 2.9e-4, max <= 4.4e-4, top-1 1.0
+# Mixture-of-experts models in reduced precision are judged by distribution too: a router near-tie that
+# rounding flips sends a token to another expert, which moves its logits far beyond rounding (measured
+# max abs 0.72 on a correct float16 engine) while its next-token distribution barely moves.
+#   moe bfloat16 (hf eager/sdpa, compile, llama.cpp): KL mean <= 3.3e-4, p99 <= 2.4e-3, max <= 5.6e-2, top-1 >= 0.986
+#   moe float16 (same engines):                       KL mean <= 2.8e-5, p99 <= 1.7e-5, max <= 1.2e-2, top-1 >= 0.998
+#   moe q8_0 (llama.cpp):                             KL mean <= 6.4e-4, p99 <= 2.4e-4, max <= 6.9e-2, top-1 >= 0.989
 DISTRIBUTIONS = {
-    "q8_0": Distribution("q8_0", kl_mean=3e-4, kl_p99=1e-3, kl_max=1e-3, top1=0.9, top5=0.97),
+    "q8_0": Distribution("q8_0", kl_mean=3e-4, kl_p99=1e-3, kl_max=2e-3, top1=0.9, top5=0.97),
+    "moe-bfloat16": Distribution("moe-bfloat16", kl_mean=1.5e-3, kl_p99=1e-2, kl_max=0.2, top1=0.95, top5=0.98),
+    "moe-float16": Distribution("moe-float16", kl_mean=1.5e-4, kl_p99=1e-4, kl_max=0.05, top1=0.97, top5=0.98),
+    "moe-q8_0": Distribution("moe-q8_0", kl_mean=3e-3, kl_p99=1e-3, kl_max=0.3, top1=0.95, top5=0.98),
 }
 
 

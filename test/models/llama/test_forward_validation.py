@@ -108,12 +108,14 @@ def main(argv=None):
         kind = "prefill" if step == 0 else f"decode{step}"
         ref = ref_steps[:, step:step + 1]
         (a_cached, a_full), (b_cached, b_full) = [(c[:, step:step + 1], f[:, step:step + 1]) for c, f in outputs]
-        tol_a, tol_b = utils.engine_tolerance(pair[0]), utils.engine_tolerance(pair[1])
+        model_type = run.checkpoint.model_type
+        tol_a, tol_b = utils.engine_tolerance(pair[0], model_type), utils.engine_tolerance(pair[1], model_type)
         # per step, quantised engines are judged by KL; their top-1/top-5 rates over all steps, below
         checks = {
             "a_vs_ref": utils.check_logits(a_cached, ref, ones, tol_a, rates=False),
             "b_vs_ref": utils.check_logits(b_cached, ref, ones, tol_b, rates=False),
-            "a_vs_b": utils.check_logits(a_cached, b_cached, ones, utils.pair_tolerance(*pair), rates=False),
+            "a_vs_b": utils.check_logits(a_cached, b_cached, ones, utils.pair_tolerance(*pair, model_type),
+                                         rates=False),
             "a_cache": utils.check_logits(a_cached, a_full, ones, tol_a, rates=False),
             "b_cache": utils.check_logits(b_cached, b_full, ones, tol_b, rates=False),
         }
@@ -135,8 +137,8 @@ def main(argv=None):
                          for n, c in checks.items()}})
     results.extra["steps"] = steps
     for label, spec, engine, key in (("A", specs[0], pair[0], "a_vs_ref"), ("B", specs[1], pair[1], "b_vs_ref")):
-        tol = utils.engine_tolerance(engine)
-        if hasattr(tol, "top1"):  # quantised: teacher-forced top-1 / top-5 agreement over every step
+        tol = utils.engine_tolerance(engine, run.checkpoint.model_type)
+        if hasattr(tol, "top1"):  # distribution judge: teacher-forced top-1 / top-5 agreement over every step
             top1 = sum(s[key]["top1_agreement"] for s in steps) / len(steps)
             top5 = sum(s[key]["top5_containment"] for s in steps) / len(steps)
             ok = top1 >= tol.top1 and top5 >= tol.top5

@@ -35,13 +35,14 @@ def main(argv=None):
     run.device.synchronize()
     run.timings["candidate_forward_s"] = time.perf_counter() - t0
 
-    check = utils.check_logits(candidate, reference, inp.attention_mask, utils.engine_tolerance(run.candidate))
+    judge = utils.engine_tolerance(run.candidate, run.checkpoint.model_type)
+    check = utils.check_logits(candidate, reference, inp.attention_mask, judge)
     c = check.comparison
     print(f"\nlogits at {check.positions} positions (vocab {reference.shape[-1]}):")
     if check.distribution:
         d = check.distribution
-        print(f"  judged by distribution ({d.name} weights): KL mean <= {d.kl_mean:.0e}, p99 <= {d.kl_p99:.0e}, "
-              f"max <= {d.kl_max:.0e}, top-1 >= {d.top1}, top-5 >= {d.top5}")
+        print(f"  judged by distribution ({d.name}): KL mean <= {d.kl_mean:.2g}, p99 <= {d.kl_p99:.2g}, "
+              f"max <= {d.kl_max:.2g}, top-1 >= {d.top1}, top-5 >= {d.top5}")
         print(f"  max abs {c.max_abs:.3e}, mean abs {c.mean_abs:.3e}, nmse {c.nmse:.3e}, cosine {c.cosine:.9f}")
     else:
         print("  " + c.message().replace("\n", "\n  "))

@@ -243,17 +243,24 @@ def setup(args, script, extra_positions=0, families=FAMILIES):
     return Run(args, results, device, dtype, checkpoint, reference_checkpoint, inputs, reference, candidate, timings)
 
 
-def engine_tolerance(engine):
-    """How an engine is judged: its dtype's element tolerances, or distribution thresholds when quantised."""
+def engine_tolerance(engine, model_type):
+    """How an engine is judged: its dtype's element tolerances, or distribution thresholds for quantised
+    weights and for mixture-of-experts models in reduced precision (kitcore.compare.DISTRIBUTIONS)."""
+    moe = "moe-" if model_type == "qwen3_moe" else ""
     quantization = getattr(engine, "quantization", None)
-    return DISTRIBUTIONS[quantization] if quantization else engine.dtype
+    if quantization:
+        return DISTRIBUTIONS[moe + quantization]
+    if moe and engine.dtype in (torch.bfloat16, torch.float16):
+        return DISTRIBUTIONS[moe + str(engine.dtype).replace("torch.", "")]
+    return engine.dtype
 
 
-def pair_tolerance(a, b):
-    """Two candidates compared with each other: the quantised one's thresholds, else the looser dtype's."""
-    for engine in (a, b):
-        if getattr(engine, "quantization", None):
-            return engine_tolerance(engine)
+def pair_tolerance(a, b, model_type):
+    """Two candidates compared with each other: a distribution judge if either has one, else the looser dtype."""
+    judges = [engine_tolerance(e, model_type) for e in (a, b)]
+    distributions = [j for j in judges if isinstance(j, Distribution)]
+    if distributions:
+        return max(distributions, key=lambda d: d.kl_mean)
     return looser(a.dtype, b.dtype)
 
 
@@ -283,7 +290,7 @@ class LogitsCheck:
             for label, value, limit in (("KL mean", self.kl_mean, d.kl_mean), ("KL p99", self.kl_p99, d.kl_p99),
                                         ("KL max", self.kl_max, d.kl_max)):
                 if value > limit:
-                    out.append(f"{label} {value:.2e} above {limit:.0e}")
+                    out.append(f"{label} {value:.2e} above {limit:.2g}")
             if rates and self.top1_agreement < d.top1:
                 out.append(f"top-1 agreement {self.top1_agreement:.3f} below {d.top1}")
             if rates and self.top5_containment < d.top5:
