@@ -178,3 +178,16 @@ def test_timing_loop_overhead_matches_torch_utils_benchmark():
         if abs(ratios[-1] - 1) < 0.03:
             break
     assert min(abs(r - 1) for r in ratios) < 0.03, ratios
+
+
+def test_tolerances_scale_with_depth():
+    from kitcore.compare import DISTRIBUTIONS, for_depth
+
+    base = TOLERANCES[torch.bfloat16]
+    assert for_depth(torch.bfloat16, 2) == base and for_depth(torch.bfloat16, 0) == base
+    deep = for_depth(torch.bfloat16, 32)  # 16x the measured depth
+    assert deep.nmse == pytest.approx(16 * base.nmse) and deep.atol_rms == pytest.approx(4 * base.atol_rms)
+    assert deep.rtol == base.rtol
+    moe = for_depth(DISTRIBUTIONS["moe-bfloat16"], 8)
+    assert moe.kl_mean == pytest.approx(4 * DISTRIBUTIONS["moe-bfloat16"].kl_mean)
+    assert moe.top1 == DISTRIBUTIONS["moe-bfloat16"].top1

@@ -19,7 +19,7 @@ tolerance's nmse. Tolerances scale with the reference's RMS so that the same tab
 logits (RMS ~ 3) and the residual stream of layer 0 (RMS ~ 0.04).
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -77,16 +77,33 @@ DISTRIBUTIONS = {
 }
 
 
+# The dual test's own error (one component on the reference's input) uses the same table; its measured
+# worst is lower: nmse 9.5e-15 / 8.1e-7 / 4.0e-5 for float32 / float16 / bfloat16, at attn_out.
+
+# The tables were measured on 2-layer models. Rounding error accumulates through the decoder layers; on a
+# 16-layer 1B Llama the bfloat16 NMSE grew from 9.3e-5 after layer 0 to 4.9e-4 after layer 15 (x5.3,
+# sublinear), and the 2-layer table failed a correct engine. So the total error at a point that follows
+# `layers` decoder layers is judged with the table scaled linearly in depth (an upper bound of that
+# growth): nmse and KL x max(1, layers / 2), atol x its square root. A component's own error (the dual
+# test) does not accumulate and keeps the unscaled table.
+MEASURED_DEPTH = 2
+
+
+def for_depth(judge, layers):
+    """`judge` (a dtype, Tolerance or Distribution) scaled for a point after `layers` decoder layers."""
+    factor = max(1.0, layers / MEASURED_DEPTH)
+    if isinstance(judge, Distribution):
+        return replace(judge, kl_mean=judge.kl_mean * factor, kl_p99=judge.kl_p99 * factor,
+                       kl_max=judge.kl_max * factor)
+    t = tolerance_for(judge)
+    return Tolerance(t.rtol, t.atol_rms * factor**0.5, t.nmse * factor)
+
+
 def tolerance_for(dtype_or_tolerance):
     """The Tolerance of a dtype; a Tolerance passes through unchanged."""
     if isinstance(dtype_or_tolerance, Tolerance):
         return dtype_or_tolerance
     return TOLERANCES[dtype_or_tolerance]
-
-
-def looser(*dtypes):
-    """The tolerance of the least precise dtype, for comparing two candidates with each other."""
-    return max((TOLERANCES[d] for d in dtypes), key=lambda t: t.nmse)
 
 
 @dataclass

@@ -108,13 +108,13 @@ def main(argv=None):
         kind = "prefill" if step == 0 else f"decode{step}"
         ref = ref_steps[:, step:step + 1]
         (a_cached, a_full), (b_cached, b_full) = [(c[:, step:step + 1], f[:, step:step + 1]) for c, f in outputs]
-        model_type = run.checkpoint.model_type
-        tol_a, tol_b = utils.engine_tolerance(pair[0], model_type), utils.engine_tolerance(pair[1], model_type)
+        config = run.checkpoint.config
+        tol_a, tol_b = utils.engine_tolerance(pair[0], config), utils.engine_tolerance(pair[1], config)
         # per step, quantised engines are judged by KL; their top-1/top-5 rates over all steps, below
         checks = {
             "a_vs_ref": utils.check_logits(a_cached, ref, ones, tol_a, rates=False),
             "b_vs_ref": utils.check_logits(b_cached, ref, ones, tol_b, rates=False),
-            "a_vs_b": utils.check_logits(a_cached, b_cached, ones, utils.pair_tolerance(*pair, model_type),
+            "a_vs_b": utils.check_logits(a_cached, b_cached, ones, utils.pair_tolerance(*pair, config),
                                          rates=False),
             "a_cache": utils.check_logits(a_cached, a_full, ones, tol_a, rates=False),
             "b_cache": utils.check_logits(b_cached, b_full, ones, tol_b, rates=False),
@@ -137,7 +137,7 @@ def main(argv=None):
                          for n, c in checks.items()}})
     results.extra["steps"] = steps
     for label, spec, engine, key in (("A", specs[0], pair[0], "a_vs_ref"), ("B", specs[1], pair[1], "b_vs_ref")):
-        tol = utils.engine_tolerance(engine, run.checkpoint.model_type)
+        tol = utils.engine_tolerance(engine, run.checkpoint.config)
         if hasattr(tol, "top1"):  # distribution judge: teacher-forced top-1 / top-5 agreement over every step
             top1 = sum(s[key]["top1_agreement"] for s in steps) / len(steps)
             top5 = sum(s[key]["top5_containment"] for s in steps) / len(steps)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import utils  # noqa: E402
 from kitcore import cli, engines  # noqa: E402
-from kitcore.compare import Tolerance, compare, tolerance_for  # noqa: E402
+from kitcore.compare import Tolerance, compare, for_depth, tolerance_for  # noqa: E402
 from kitcore.points import component_inputs, point_order  # noqa: E402
 
 SCRIPT = "test_intermediate_validation"
@@ -108,14 +108,16 @@ def layers_per_capture(config, tokens, max_capture_mb):
 
 
 def check_point(name, layer, point, reference, candidate, dual_engine, ids, pos, n_layers, dtype, results):
-    """Total error of one point and, with a dual-test engine, its own error: one printed row."""
+    """Total error of one point (tolerance scaled for the layers before it) and, with a dual-test engine,
+    its own error (unscaled: one component's rounding does not accumulate): one printed row."""
     row = {"layer": layer, "point": name}
     if name not in reference or name not in candidate:
         side = "reference" if name not in reference else "candidate"
         row.update(status="MISSING", reason=f"missing on the {side} side")
         print(f"{name:<36} {'-':>10} {'-':>12} {'-':>10} | {'-':>11} {'-':>10} | FAIL: missing on the {side} side")
         return row
-    total = compare(candidate[name], reference[name], dtype, name)
+    depth = layer + 1 if layer is not None else (0 if point == "embed_tokens" else n_layers)
+    total = compare(candidate[name], reference[name], for_depth(dtype, depth), name)
     row["total"] = total.as_dict()
     own = None
     if dual_engine is not None:

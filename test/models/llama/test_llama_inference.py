@@ -35,7 +35,7 @@ def main(argv=None):
     run.device.synchronize()
     run.timings["candidate_forward_s"] = time.perf_counter() - t0
 
-    judge = utils.engine_tolerance(run.candidate, run.checkpoint.model_type)
+    judge = utils.engine_tolerance(run.candidate, run.checkpoint.config)
     check = utils.check_logits(candidate, reference, inp.attention_mask, judge)
     c = check.comparison
     print(f"\nlogits at {check.positions} positions (vocab {reference.shape[-1]}):")

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 
 from kitcore import checkpoints, cli, devices, engines, rope  # noqa: E402
-from kitcore.compare import DISTRIBUTIONS, Distribution, compare, looser  # noqa: E402
+from kitcore.compare import DISTRIBUTIONS, Distribution, compare, for_depth  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
 from kitcore.results import Results, environment  # noqa: E402
 from kitcore.tiny import DEFAULT_PROMPT  # noqa: E402
@@ -243,25 +243,28 @@ def setup(args, script, extra_positions=0, families=FAMILIES):
     return Run(args, results, device, dtype, checkpoint, reference_checkpoint, inputs, reference, candidate, timings)
 
 
-def engine_tolerance(engine, model_type):
-    """How an engine is judged: its dtype's element tolerances, or distribution thresholds for quantised
-    weights and for mixture-of-experts models in reduced precision (kitcore.compare.DISTRIBUTIONS)."""
-    moe = "moe-" if model_type == "qwen3_moe" else ""
+def engine_tolerance(engine, config):
+    """How an engine's logits are judged: its dtype's element tolerances, or distribution thresholds for
+    quantised weights and for mixture-of-experts models in reduced precision (kitcore.compare.DISTRIBUTIONS);
+    either one scaled for the model's depth (kitcore.compare.for_depth)."""
+    moe = "moe-" if config.get("model_type") == "qwen3_moe" else ""
     quantization = getattr(engine, "quantization", None)
     if quantization:
-        return DISTRIBUTIONS[moe + quantization]
-    if moe and engine.dtype in (torch.bfloat16, torch.float16):
-        return DISTRIBUTIONS[moe + str(engine.dtype).replace("torch.", "")]
-    return engine.dtype
+        judge = DISTRIBUTIONS[moe + quantization]
+    elif moe and engine.dtype in (torch.bfloat16, torch.float16):
+        judge = DISTRIBUTIONS[moe + str(engine.dtype).replace("torch.", "")]
+    else:
+        judge = engine.dtype
+    return for_depth(judge, config["num_hidden_layers"])
 
 
-def pair_tolerance(a, b, model_type):
-    """Two candidates compared with each other: a distribution judge if either has one, else the looser dtype."""
-    judges = [engine_tolerance(e, model_type) for e in (a, b)]
+def pair_tolerance(a, b, config):
+    """Two candidates compared with each other: a distribution judge if either has one, else the looser."""
+    judges = [engine_tolerance(e, config) for e in (a, b)]
     distributions = [j for j in judges if isinstance(j, Distribution)]
     if distributions:
         return max(distributions, key=lambda d: d.kl_mean)
-    return looser(a.dtype, b.dtype)
+    return max(judges, key=lambda t: t.nmse)
 
 
 @dataclass
