@@ -210,3 +210,11 @@ def report_measurement(results, case, m, tokens, flops, bytes_moved, peak_bytes,
     results.add(case, "gbytes_per_s", bytes_moved / seconds / 1e9, unit="GB/s", **labels)
     if peak_bytes is not None:
         results.add(case, "peak_memory", peak_bytes, unit="bytes", **labels)
+
+
+def bench_finish(results, device, cases, passed, json_path):
+    """The correctness verdict line, the device's cache released, the JSON written; the exit code."""
+    results.extra["cases"] = cases
+    print(f"\ncorrectness verdict: {'PASS' if passed else 'FAIL'}")
+    device.empty_cache()
+    return results.finish(passed, json_path)

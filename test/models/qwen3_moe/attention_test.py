@@ -28,8 +28,8 @@ from kitcore import cli  # noqa: E402
 from kitcore.compare import compare  # noqa: E402
 from kitcore.devices import Device  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
-from kitcore.qwen3_moe import (HFModules, attention_mask, bench_parser, bench_setup, first_output,  # noqa: E402
-                               layer_weights, module_engine, report_measurement)
+from kitcore.qwen3_moe import (HFModules, attention_mask, bench_finish, bench_parser, bench_setup,  # noqa: E402
+                               first_output, layer_weights, module_engine, report_measurement)
 from kitcore.timing import time_requests  # noqa: E402
 
 SCRIPT = "attention_test"
@@ -240,10 +240,7 @@ def main(argv=None):
         print(f"  batched ({len(requests)} requests, left-padded to past {max(r.past for r in requests)}): "
               f"median {m.median_ms:.3f} ms, {len(requests) / m.median_ms * 1e3:.1f} tok/s | max abs {c.max_abs:.2e} "
               f"nmse {c.nmse:.2e} {'ok' if c.passed else 'FAIL: ' + c.reason}")
-    results.extra["cases"] = summary
-    print(f"\ncorrectness verdict: {'PASS' if all_passed else 'FAIL'}")
-    device.empty_cache()
-    return results.finish(all_passed, args.json)
+    return bench_finish(results, device, summary, all_passed, args.json)
 
 
 if __name__ == "__main__":

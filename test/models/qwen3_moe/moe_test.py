@@ -30,8 +30,8 @@ from kitcore import cli  # noqa: E402
 from kitcore.compare import compare, tolerance_for  # noqa: E402
 from kitcore.devices import Device  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
-from kitcore.qwen3_moe import (HFModules, bench_parser, bench_setup, first_output, module_engine,  # noqa: E402
-                               moe_weights, report_measurement)
+from kitcore.qwen3_moe import (HFModules, bench_finish, bench_parser, bench_setup, first_output,  # noqa: E402
+                               module_engine, moe_weights, report_measurement)
 from kitcore.timing import benchmark  # noqa: E402
 
 SCRIPT = "moe_test"
@@ -212,10 +212,7 @@ def main(argv=None):
                   f"decisive tokens{'' if router['passed'] else ' -> FAIL'}")
         print(f"\t WARMUPS={args.warmups} RUNS={args.runs}, MoE Torch average latency: {round(m.mean_ms, 2)} ms   "
               f"throughput: {round(tokens / (m.mean_ms / 1e3), 2)} tok/s")
-    results.extra["cases"] = summary
-    print(f"\ncorrectness verdict: {'PASS' if all_passed else 'FAIL'}")
-    device.empty_cache()
-    return results.finish(all_passed, args.json)
+    return bench_finish(results, device, summary, all_passed, args.json)
 
 
 if __name__ == "__main__":
