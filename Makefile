@@ -21,9 +21,9 @@ $(VENV)/.installed: requirements.txt
 
 setup: $(VENV)/.installed  ## create .venv from requirements.txt (once)
 
-$(VENV)/.llamacpp: $(VENV)/.installed requirements-llamacpp.txt
+$(VENV)/.llamacpp: $(VENV)/.installed tools/requirements-llamacpp.txt
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-		$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-llamacpp.txt
+		$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tools/requirements-llamacpp.txt
 	touch $@
 
 setup-llamacpp: $(VENV)/.llamacpp  ## optional: build llama-cpp-python (~4 min) for --engine llama.cpp

@@ -32,7 +32,7 @@ def _gguf():
         import gguf
     except ImportError:
         raise Unavailable("the gguf package is not installed; fix: make setup-llamacpp "
-                          "(or .venv/bin/pip install -r requirements-llamacpp.txt)") from None
+                          "(or .venv/bin/pip install -r tools/requirements-llamacpp.txt)") from None
     return gguf
 
 
