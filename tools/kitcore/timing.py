@@ -60,10 +60,9 @@ class Measurement:
         return self.iqr_ms > SPREAD_WARNING_RATIO * self.median_ms
 
     def summary(self):
-        d = {"median_ms": self.median_ms, "mean_ms": self.mean_ms, "p10_ms": self.p10_ms, "p90_ms": self.p90_ms,
-             "iqr_ms": self.iqr_ms, "samples": self.n, "warmups": self.warmups}
-        d["spread_warning"] = self.spread_warning
-        return d
+        return {"median_ms": self.median_ms, "mean_ms": self.mean_ms, "p10_ms": self.p10_ms, "p90_ms": self.p90_ms,
+                "iqr_ms": self.iqr_ms, "samples": self.n, "warmups": self.warmups,
+                "spread_warning": self.spread_warning}
 
     def describe(self):
         text = (f"{self.what}: median {self.median_ms:.3f} ms, IQR {self.iqr_ms:.3f} ms, "
