@@ -1,14 +1,19 @@
 #!/usr/bin/env python3
-"""Measure the error of correct engines against the float32 reference, the basis of kitcore.compare.TOLERANCES.
+"""Measure the error of correct engines: the basis of kitcore.compare's tables and of kitcore.judges.PEER_K.
 
-For each seed's default Llama checkpoint, each candidate dtype and each correct engine (hf eager,
-hf sdpa, compile for the logits), on several prompts, it records at every capture point, for the
-total error and for the dual test's own error (both judged by TOLERANCES):
-    atol_rms needed = max over elements of (|cand - ref| - rtol * |ref|) / rms(ref)
-    nmse
-and prints the maximum per dtype beside the table's current value and the resulting margin.
+For each checkpoint (the default tiny Llamas of --seeds, and --model_path ones, e.g. the real SmolLM2
+from tools/real_checkpoint.py), each dtype, each correct engine (hf eager, hf sdpa; compile for the
+logits), and prompts of several lengths (up to --max_tokens), against the float32 reference:
 
-    python tools/measure_tolerances.py [--seeds 0,1,2] [--no-compile]
+* table: at every capture point (total error) and for the dual test (own error, one component on the
+  reference's input), the atol_rms and nmse a table would need:
+      atol_rms needed = max over elements of (|cand - ref| - rtol * |ref|) / rms(ref)
+* k: each engine against a correct peer of another implementation on the same inputs (hf eager vs hf
+  sdpa, hf sdpa vs hf eager, compile vs hf sdpa), the k that the calibrated bounds of kitcore.judges
+  would need: (rmse_cand - u * rms_ref) / rmse_peer, (max_cand - 2u * max|ref|) / max_peer, per tensor
+  and per logits position.
+
+    python tools/measure_tolerances.py [--seeds 0,1,2] [--model_path DIR ...] [--real] [--max_tokens 512]
 """
 
 import sys
@@ -18,75 +23,124 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kitcore import checkpoints, cli  # noqa: E402
-from kitcore.compare import TOLERANCES  # noqa: E402
+from kitcore import checkpoints, cli, devices  # noqa: E402
+from kitcore.compare import OWN_TOLERANCES, TOLERANCES  # noqa: E402
 from kitcore.devices import Device  # noqa: E402
 from kitcore.engines import CompileEngine, HFEngine  # noqa: E402
+from kitcore.judges import PEER_K, unit_roundoff  # noqa: E402
 from kitcore.points import component_inputs, point_order  # noqa: E402
-
-PROMPTS = [
-    "Return a new list containing all items from the iterable in ascending order.",
-    "Raise ValueError if the argument is not a valid path; otherwise return the absolute file name.",
-    "This module provides a simple interface to compress and decompress files, like the GNU programs.",
-]
+from kitcore.tiny import DEFAULT_PROMPT, stdlib_docstrings  # noqa: E402
 
 
-def needed(cand, ref, rtol):
+def prompts(encode, max_tokens):
+    """The default prompt, ~128 tokens and max_tokens tokens of stdlib docstrings."""
+    text = ""
+    docs = iter(stdlib_docstrings())
+    long_ids = []
+    while len(long_ids) < max_tokens:
+        text += next(docs) + "\n\n"
+        long_ids = encode(text)
+    out = [encode(DEFAULT_PROMPT), long_ids[:min(128, max_tokens)], long_ids[:max_tokens]]
+    return [torch.tensor([ids]) for ids in out]
+
+
+def table_need(cand, ref, rtol):
     c, r = cand.double(), ref.double()
     rms = float(r.pow(2).mean().sqrt())
-    atol = float(((c - r).abs() - rtol * r.abs()).max()) / rms
-    nmse = float((c - r).pow(2).sum() / r.pow(2).sum())
+    atol = float(((c - r).abs() - rtol * r.abs()).max()) / max(rms, 1e-30)
+    nmse = float((c - r).pow(2).sum() / r.pow(2).sum().clamp_min(1e-300))
     return atol, nmse
+
+
+def k_need(cand, peer, ref, u):
+    """(k for the RMS error, k for the largest error) that the calibrated bound needs here."""
+    c, p, r = cand.double(), peer.double(), ref.double()
+    rms, big = float(r.pow(2).mean().sqrt()), float(r.abs().max())
+    rmse_c, rmse_p = float((c - r).pow(2).mean().sqrt()), float((p - r).pow(2).mean().sqrt())
+    max_c, max_p = float((c - r).abs().max()), float((p - r).abs().max())
+    k_rms = max(rmse_c - u * rms, 0.0) / rmse_p if rmse_p > 0 else (0.0 if rmse_c <= u * rms else float("inf"))
+    k_max = max(max_c - 2 * u * big, 0.0) / max_p if max_p > 0 else (0.0 if max_c <= 2 * u * big else float("inf"))
+    return k_rms, k_max
+
+
+class Worst:
+    def __init__(self):
+        self.values = {}
+
+    def add(self, key, value, where):
+        if value > self.values.get(key, (-1.0, ""))[0]:
+            self.values[key] = (value, where)
 
 
 def main(argv=None):
     parser = cli.ArgumentParser(description=__doc__)
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1,2", help="default tiny Llama seeds ('' for none)")
+    parser.add_argument("--model_path", action="append", default=[], help="more checkpoints (repeatable)")
+    parser.add_argument("--real", action="store_true", help="add the real checkpoint (tools/real_checkpoint.py)")
+    parser.add_argument("--max_tokens", type=int, default=512)
+    parser.add_argument("--dtypes", default="float32,bfloat16,float16")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     args = parser.parse_args(argv)
+    from kitcore.real import real_checkpoint
     from transformers import AutoTokenizer
 
+    devices.set_threads(None)
+    paths = [checkpoints.default_checkpoint("llama", int(s)) for s in args.seeds.split(",") if s.strip()]
+    paths += [Path(p) for p in args.model_path] + ([real_checkpoint()] if args.real else [])
     cpu = Device("cpu", "cpu")
-    worst = {}
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        path = checkpoints.default_checkpoint("llama", seed)
+    table, ks = Worst(), Worst()
+    for path in paths:
         tok = AutoTokenizer.from_pretrained(str(path))
         ref = HFEngine(str(path), cpu, torch.float32, "eager")
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            candidates = [HFEngine(str(path), cpu, dtype, a) for a in ("eager", "sdpa")]
+        n_layers = ref.config.num_hidden_layers
+        inputs = prompts(lambda t: tok(t)["input_ids"], min(args.max_tokens, ref.config.max_position_embeddings))
+        for dtype in [devices.parse_dtype(d) for d in args.dtypes.split(",")]:
+            u = unit_roundoff(dtype)
+            hf = {a: HFEngine(str(path), cpu, dtype, a) for a in ("eager", "sdpa")}
+            pairs = [("hf/eager", hf["eager"], hf["sdpa"]), ("hf/sdpa", hf["sdpa"], hf["eager"])]
             if args.compile:
-                candidates.append(CompileEngine(str(path), cpu, dtype, "sdpa"))
-            rtol = TOLERANCES[dtype].rtol
-            for prompt in PROMPTS:
-                ids = torch.tensor([tok(prompt)["input_ids"]])
+                pairs.append(("compile/sdpa", CompileEngine(str(path), cpu, dtype, "sdpa"), hf["sdpa"]))
+            for ids in inputs:
                 pos = torch.arange(ids.shape[1])[None]
                 r = ref.capture(ids, pos)
-                n_layers = ref.config.num_hidden_layers
-                for eng in candidates:
-                    label = f"{eng.name}/{eng.attn}"
-                    pairs = ([(n, eng.capture(ids, pos)[n], r[n]) for n in r] if eng.capture
-                             else [("logits", eng.forward(ids, pos), r["logits"])])
-                    if eng.run_component:  # own error: the component on the reference's input
-                        pairs += [("own " + name, eng.run_component(point, layer, component_inputs(
-                            r, layer, point, n_layers, ids), pos), r[name])
-                            for layer, point, name in point_order(n_layers)]
-                    for name, c, rr in pairs:
-                        a, n = needed(c, rr, rtol)
-                        kind = (dtype, "own") if name.startswith("own ") else (dtype, "total")
-                        w = worst.setdefault(kind, {"atol": (0, ""), "nmse": (0, "")})
-                        where = f"seed {seed} {label} {name}"
-                        if a > w["atol"][0]:
-                            w["atol"] = (a, where)
-                        if n > w["nmse"][0]:
-                            w["nmse"] = (n, where)
-    print(f"{'dtype':<10} {'error':<6} {'needed atol_rms':>16} {'table':>9} {'margin':>7}   {'needed nmse':>12} "
-          f"{'table':>9} {'margin':>7}   worst at")
-    for (dtype, kind), w in sorted(worst.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
-        tol = TOLERANCES[dtype]
-        print(f"{str(dtype)[6:]:<10} {kind:<6} {w['atol'][0]:>16.3e} {tol.atol_rms:>9.1e} "
-              f"{tol.atol_rms / w['atol'][0]:>7.1f}   "
-              f"{w['nmse'][0]:>12.3e} {tol.nmse:>9.1e} {tol.nmse / max(w['nmse'][0], 1e-300):>7.1f}   "
-              f"{w['atol'][1]} | {w['nmse'][1]}")
+                caps = {a: e.capture(ids, pos) for a, e in hf.items()}
+                own = {a: {name: e.run_component(point, layer, component_inputs(r, layer, point, n_layers, ids), pos)
+                           for layer, point, name in point_order(n_layers)} for a, e in hf.items()}
+                for label, eng, peer in pairs:
+                    where = f"{path.name} {label} {ids.shape[1]} tokens"
+                    peer_cap = caps[peer.attn]
+                    if eng.capture:
+                        cand_cap, cand_own = caps[eng.attn], own[eng.attn]
+                    else:
+                        cand_cap, cand_own = {"logits": eng.forward(ids, pos)}, {}
+                    for name, c in cand_cap.items():
+                        a, n = table_need(c, r[name], TOLERANCES[dtype].rtol)
+                        table.add((dtype, "total", "atol_rms"), a, f"{where} {name}")
+                        table.add((dtype, "total", "nmse"), n, f"{where} {name}")
+                        kr, km = k_need(c, peer_cap[name], r[name], u)
+                        ks.add((dtype, "tensor rms"), kr, f"{where} {name}")
+                        ks.add((dtype, "tensor max"), km, f"{where} {name}")
+                    for name, c in cand_own.items():
+                        a, n = table_need(c, r[name], OWN_TOLERANCES[dtype].rtol)
+                        table.add((dtype, "own", "atol_rms"), a, f"{where} {name}")
+                        table.add((dtype, "own", "nmse"), n, f"{where} {name}")
+                        kr, km = k_need(c, own[peer.attn][name], r[name], u)
+                        ks.add((dtype, "own rms"), kr, f"{where} {name}")
+                        ks.add((dtype, "own max"), km, f"{where} {name}")
+                    logits_c, logits_p, logits_r = cand_cap["logits"][0], peer_cap["logits"][0], r["logits"][0]
+                    for i in range(logits_r.shape[0]):
+                        kr, km = k_need(logits_c[i], logits_p[i], logits_r[i], u)
+                        ks.add((dtype, "position rms"), kr, f"{where} position {i}")
+                        ks.add((dtype, "position max"), km, f"{where} position {i}")
+            print(f"done: {path.name} {dtype}", file=sys.stderr, flush=True)
+    print(f"{'dtype':<9} {'error':<6} {'figure':<9} {'needed':>10} {'table':>9} {'margin':>7}   worst at")
+    for (dtype, kind, fig), (value, where) in sorted(table.values.items(), key=lambda kv: str(kv[0])):
+        limit = getattr((TOLERANCES if kind == "total" else OWN_TOLERANCES)[dtype], fig)
+        print(f"{str(dtype)[6:]:<9} {kind:<6} {fig:<9} {value:>10.3e} {limit:>9.1e} "
+              f"{limit / max(value, 1e-300):>7.1f}   {where}")
+    print(f"\nk needed by the calibrated bounds (kitcore.judges.PEER_K = {PEER_K:g})")
+    for (dtype, fig), (value, where) in sorted(ks.values.items(), key=lambda kv: str(kv[0])):
+        print(f"{str(dtype)[6:]:<9} {fig:<13} {value:>7.3f}   {where}")
     return 0
 
 

@@ -19,6 +19,7 @@ shape, is a failure. `--json` includes "first_divergence": null or {"layer": N, 
 """
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import utils  # noqa: E402
-from kitcore import cli, engines  # noqa: E402
-from kitcore.compare import Tolerance, compare, for_depth, tolerance_for  # noqa: E402
+from kitcore import cli, engines, judges  # noqa: E402
+from kitcore.compare import OWN_TOLERANCES, Tolerance, compare  # noqa: E402
 from kitcore.points import component_inputs, point_order  # noqa: E402
 
 SCRIPT = "test_intermediate_validation"
@@ -40,7 +41,7 @@ def rope_tolerance(dtype, max_position):
     """The dtype's tolerance plus what float32 angles cost: every implementation rounds pos * inv_freq in
     float32, an error of about pos * 2^-24 radians, which at the end of a long context exceeds the
     float32 tolerance itself (4e-4 at position 4096; HF's own rotation is that far from the exact one)."""
-    base = tolerance_for(dtype)
+    base = OWN_TOLERANCES[dtype]
     angle = 2 * max_position * 2.0**-24
     return Tolerance(base.rtol, base.atol_rms + angle, base.nmse + angle**2)
 
@@ -98,31 +99,36 @@ def layout_permutation(cand, ref, n_heads, dtype):
     return None
 
 
-def layers_per_capture(config, tokens, max_capture_mb):
-    """How many layers' activations of both models (float32, on the CPU) fit in the capture budget."""
+def layers_per_capture(config, tokens, max_capture_mb, models=2):
+    """How many layers' activations of `models` models (float32, on the CPU) fit in the capture budget."""
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
     q, kv = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
-    per_layer = 2 * 4 * tokens * (7 * hidden + 3 * q + 3 * kv + 3 * inter)
+    per_layer = models * 4 * tokens * (7 * hidden + 3 * q + 3 * kv + 3 * inter)
     return max(1, min(config["num_hidden_layers"], int(max_capture_mb * 2**20 // per_layer)))
 
 
-def check_point(name, layer, point, reference, candidate, dual_engine, ids, pos, n_layers, dtype, results):
-    """Total error of one point (tolerance scaled for the layers before it) and, with a dual-test engine,
-    its own error (unscaled: one component's rounding does not accumulate): one printed row."""
+def check_point(name, layer, point, captures, dual_engines, judge, ids, pos, n_layers, results):
+    """Total error of one point and, with a dual-test engine, its own error (the component on the
+    reference's input), each judged by `judge` (own errors by the own-error table, or calibrated by the
+    peer's own error at the same component): one printed row. `captures`: reference, candidate and
+    peer (or None) tensors by point name; `dual_engines`: (candidate, peer or None), or None."""
+    reference, candidate, peer = captures
     row = {"layer": layer, "point": name}
     if name not in reference or name not in candidate:
         side = "reference" if name not in reference else "candidate"
         row.update(status="MISSING", reason=f"missing on the {side} side")
-        print(f"{name:<36} {'-':>10} {'-':>12} {'-':>10} | {'-':>11} {'-':>10} | FAIL: missing on the {side} side")
+        print(f"{name:<36} {'-':>10} {'-':>10} {'-':>9} | {'-':>10} {'-':>10} {'-':>9} | FAIL: missing on the {side} side")
         return row
-    depth = layer + 1 if layer is not None else (0 if point == "embed_tokens" else n_layers)
-    total = compare(candidate[name], reference[name], for_depth(dtype, depth), name)
+    total = judges.judge_tensor(candidate[name], reference[name], judge, peer and peer.get(name), name)
     row["total"] = total.as_dict()
     own = None
-    if dual_engine is not None:
-        got = dual_engine.run_component(point, layer, component_inputs(reference, layer, point, n_layers, ids), pos)
-        own = compare(got, reference[name], dtype, name + " (own)")
+    if dual_engines is not None:
+        inputs = component_inputs(reference, layer, point, n_layers, ids)
+        got = dual_engines[0].run_component(point, layer, inputs, pos)
+        peer_got = dual_engines[1].run_component(point, layer, inputs, pos) if dual_engines[1] else None
+        own_judge = replace(judge, table=OWN_TOLERANCES[judge.dtype])
+        own = judges.judge_tensor(got, reference[name], own_judge, peer_got, name + " (own)")
         row["own"] = own.as_dict()
     if own is not None and not own.passed:
         row["status"] = "FAIL: ADDS error"
@@ -132,15 +138,50 @@ def check_point(name, layer, point, reference, candidate, dual_engine, ids, pos,
         row["status"] = "ok"
     if not total.passed and "shape" in total.reason:
         row["reason"] = total.reason
-    own_cells = f"{own.max_abs:>11.3e} {own.nmse:>10.2e}" if own else f"{'-':>11} {'-':>10}"
-    print(f"{name:<36} {total.max_abs:>10.3e} {total.cosine:>12.9f} {total.nmse:>10.2e} | {own_cells} | {row['status']}")
+    print(f"{name:<36} {total.max_abs:>10.3e} {total.nmse:>10.2e} {_ratio(total):>9} | "
+          + (f"{own.max_abs:>10.3e} {own.nmse:>10.2e} {_ratio(own):>9}" if own else f"{'-':>10} {'-':>10} {'-':>9}")
+          + f" | {row['status']}")
     results.add(name, "max_abs", total.max_abs, layer=layer, point=point)
     results.add(name, "cosine", total.cosine, layer=layer, point=point)
     results.add(name, "nmse", total.nmse, layer=layer, point=point)
+    if total.judge == "calibrated":
+        results.add(name, "peer_nmse", total.peer_nmse, layer=layer, point=point)
     if own:
         results.add(name, "own_max_abs", own.max_abs, layer=layer, point=point)
         results.add(name, "own_nmse", own.nmse, layer=layer, point=point)
+        if own.judge == "calibrated":
+            results.add(name, "own_peer_nmse", own.peer_nmse, layer=layer, point=point)
     return row
+
+
+def largest_own_error(rows):
+    """The component whose own error stands out most: own NMSE over the peer's own NMSE at the same
+    component (calibrated), else over the median own NMSE of that component kind across layers."""
+    owns = [r for r in rows if r.get("own")]
+    if not owns:
+        return None
+    by_kind = {}
+    for r in owns:
+        by_kind.setdefault(r["point"].split(".")[-1], []).append(r["own"]["nmse"])
+
+    def score(r):
+        own = r["own"]
+        if own["judge"] == "calibrated":
+            return own["nmse"] / max(own["peer_nmse"], 1e-300), "the peer's own error there"
+        values = sorted(by_kind[r["point"].split(".")[-1]])
+        return own["nmse"] / max(values[len(values) // 2], 1e-300), "the median of that component across layers"
+
+    worst = max(owns, key=lambda r: (score(r)[0], r["own"]["nmse"]))
+    ratio, baseline = score(worst)
+    return {"layer": worst["layer"], "point": worst["point"].split(".")[-1], "name": worst["point"],
+            "nmse": worst["own"]["nmse"], "ratio": ratio, "baseline": baseline}
+
+
+def _ratio(c):
+    """RMS error over the peer's (the figure k bounds), or '-' without a peer."""
+    if c.judge != "calibrated":
+        return "-"
+    return f"{(c.nmse / c.peer_nmse) ** 0.5:.2f}" if c.peer_nmse > 0 else ("1.00" if c.nmse == 0 else "inf")
 
 
 def main(argv=None):
@@ -161,22 +202,25 @@ def main(argv=None):
     dual = callable(getattr(cand, "run_component", None))
     if not dual:
         print(f"note: engine {args.engine!r} has no run_component(): the dual test (own error) is skipped")
-    chunk = layers_per_capture(config, ids.shape[1], args.max_capture_mb)
+    peer = run.peer if run.peer is not None and run.peer is not cand else None
+    judge = run.judge(cand)
+    chunk = layers_per_capture(config, ids.shape[1], args.max_capture_mb, models=3 if peer else 2)
     if chunk < n_layers:
         print(f"note: capturing {chunk} layer(s) at a time to stay within --max_capture_mb {args.max_capture_mb}")
 
-    print(f"\n{'point':<36} {'max abs':>10} {'cosine':>12} {'nmse':>10} | {'own max abs':>11} {'own nmse':>10} | status")
-    rows, first, worst_own, all_passed, findings = [], None, None, True, []
+    print(f"judged by {judge.describe()}; own errors by the own-error table" + (", calibrated the same way" if peer else ""))
+    print(f"\n{'point':<36} {'max abs':>10} {'nmse':>10} {'vs peer':>9} | {'own maxabs':>10} {'own nmse':>10} "
+          f"{'vs peer':>9} | status")
+    rows, first, all_passed, findings = [], None, True, []
     carry = {}  # the reference's output of the previous chunk's last layer: the next layer's input
     for start in range(0, n_layers, chunk):
         layers = range(start, min(start + chunk, n_layers))
         reference = {**carry, **run.reference.capture(ids, pos, layers=layers)}
         candidate = cand.capture(ids, pos, layers=layers)
+        peer_capture = peer.capture(ids, pos, layers=layers) if peer else None
         for layer, point, name in point_order(n_layers, layers):
-            row = check_point(name, layer, point, reference, candidate, cand if dual else None, ids, pos,
-                              n_layers, run.dtype, results)
-            if row.get("own") and (worst_own is None or row["own"]["nmse"] > worst_own[1]):
-                worst_own = (name, row["own"]["nmse"], layer, point)
+            row = check_point(name, layer, point, (reference, candidate, peer_capture),
+                              (cand, peer) if dual else None, judge, ids, pos, n_layers, results)
             failed = row["status"] != "ok"
             results.add(name, "passed", not failed, unit="bool", layer=layer, point=point)
             if failed and first is None:
@@ -193,8 +237,10 @@ def main(argv=None):
         last = f"layers.{layers.stop - 1}.output"
         carry = {last: reference[last]} if last in reference else {}
 
+    worst_own = largest_own_error(rows)
     if worst_own is not None:
-        findings.append(f"largest own error: {worst_own[0]} (nmse {worst_own[1]:.3e})")
+        findings.append(f"largest own error: {worst_own['name']} (nmse {worst_own['nmse']:.3e}, "
+                        f"{worst_own['ratio']:.1f}x {worst_own['baseline']})")
     adders = [r["point"] for r in rows if r["status"] == "FAIL: ADDS error"]
     inheritors = [r["point"] for r in rows if r["status"] == "FAIL: inherits error"]
     if adders:
@@ -221,8 +267,7 @@ def main(argv=None):
         print(f)
     results.extra.update(
         first_divergence=None if first is None else {"layer": first[0], "point": first[1]},
-        largest_own_error=None if worst_own is None else {"layer": worst_own[2], "point": worst_own[3],
-                                                          "nmse": worst_own[1]},
+        largest_own_error=worst_own,
         points=rows, rope=rope, findings=findings)
     print(f"\nverdict: {'PASS' if all_passed else 'FAIL'}")
     return results.finish(all_passed, args.json)

@@ -15,8 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 
-from kitcore import checkpoints, cli, devices, engines, rope  # noqa: E402
-from kitcore.compare import DISTRIBUTIONS, Distribution, compare, for_depth  # noqa: E402
+from kitcore import checkpoints, cli, devices, engines, judges, rope  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
 from kitcore.results import Results, environment  # noqa: E402
 from kitcore.tiny import DEFAULT_PROMPT  # noqa: E402
@@ -100,6 +99,9 @@ def build_parser(doc, decode=False):
     p.add_argument("--dtype", default="bfloat16", help="candidate dtype: float32 | bfloat16 | float16 (default bf16)")
     p.add_argument("--reference_dtype", default="float32", choices=["float32", "float64"],
                    help="dtype of the CPU reference (default float32)")
+    p.add_argument("--peer", default="hf", choices=["hf", "none"],
+                   help="hf (default): judge the candidate against a correct peer measured in this run, HF "
+                        "Transformers in --dtype on the device (kitcore/judges.py); none: the static table")
     devices.add_device_args(p)
     inputs = p.add_mutually_exclusive_group()
     inputs.add_argument("--prompt", default=None, help="prompt text (default: an English sentence)")
@@ -199,12 +201,26 @@ class Run:
     reference_checkpoint: checkpoints.Checkpoint
     inputs: Inputs
     reference: engines.HFEngine
-    candidate: object
+    engines: dict  # spec -> engine, for every engine under test
+    peer: object  # the correct peer (HF in the candidate dtype on the device), or None: table verdicts
     timings: dict
 
+    @property
+    def candidate(self):
+        return next(iter(self.engines.values()))
 
-def setup(args, script, extra_positions=0, families=FAMILIES):
-    """Set-up of a check: device, dtype, checkpoints, inputs, the reference and the candidate engine."""
+    def judge(self, engine):
+        """How `engine` is judged: calibrated by the peer, unless it is the peer itself or there is none."""
+        if engine is self.reference:
+            return judges.Judge(engine.dtype, judges.TOLERANCES[engine.dtype])
+        return judges.judge_for(engine, self.checkpoint.model_type,
+                                calibrated=self.peer is not None and engine is not self.peer)
+
+
+def setup(args, script, extra_positions=0, families=FAMILIES, specs=None):
+    """Set-up of a check: device, dtype, checkpoints, inputs, the reference, the engines under test
+    (`specs`, default [--engine]) and the peer that calibrates their verdicts."""
+    specs = specs or [args.engine]
     devices.set_threads(args.threads)
     device = devices.resolve_device(args)
     dtype = devices.parse_dtype(args.dtype)
@@ -216,13 +232,13 @@ def setup(args, script, extra_positions=0, families=FAMILIES):
     reference_checkpoint = (checkpoints.open_checkpoint(args.reference_path, families) if args.reference_path
                             else checkpoint)
     inputs = build_inputs(args, reference_checkpoint, extra_positions)
-    results = Results(script, labels={"device": str(device), "dtype": args.dtype, "engine": args.engine})
+    results = Results(script, labels={"device": str(device), "dtype": args.dtype, "engine": ",".join(specs)})
     results.env = environment(device, dtype, args.seed, checkpoint)
     results.env["reference"] = {"checkpoint": str(reference_checkpoint.path),
                                 "checkpoint_hash": reference_checkpoint.fingerprint,
                                 "device": "cpu", "dtype": args.reference_dtype, "attn": "eager"}
     env = results.env
-    print(f"{script}: engine={args.engine} attn={args.attn} device={env['device_name']} dtype={args.dtype} "
+    print(f"{script}: engine={','.join(specs)} attn={args.attn} device={env['device_name']} dtype={args.dtype} "
           f"seed={args.seed} threads={env['threads']}")
     print(f"  checkpoint {checkpoint.path} (hash {env['checkpoint_hash']}); reference: HF eager "
           f"{args.reference_dtype} on cpu from {reference_checkpoint.path}")
@@ -233,112 +249,40 @@ def setup(args, script, extra_positions=0, families=FAMILIES):
     reference = engines.HFEngine(str(reference_checkpoint.path), devices.Device("cpu", "cpu"),
                                  devices.parse_dtype(args.reference_dtype), "eager")
     timings["reference_load_s"] = time.perf_counter() - t0
+    options = {"gguf_type": args.gguf_type, "kv_type": args.kv_type}
     t0 = time.perf_counter()
-    candidate = engines.load_engine(args.engine, checkpoint.path, device, dtype, args.attn,
-                                    {"gguf_type": args.gguf_type, "kv_type": args.kv_type})
+    loaded = {spec: engines.load_engine(spec, checkpoint.path, device, dtype, args.attn, options)
+              for spec in specs if spec != REFERENCE}
+    loaded = {spec: reference if spec == REFERENCE else loaded[spec] for spec in specs}
     timings["candidate_load_s"] = time.perf_counter() - t0
-    if getattr(candidate, "description", None):
-        print(f"  candidate: {candidate.description}")
-        results.env["candidate"] = candidate.description
-    return Run(args, results, device, dtype, checkpoint, reference_checkpoint, inputs, reference, candidate, timings)
-
-
-def engine_tolerance(engine, config):
-    """How an engine's logits are judged: its dtype's element tolerances, or distribution thresholds for
-    quantised weights and for mixture-of-experts models in reduced precision (kitcore.compare.DISTRIBUTIONS);
-    either one scaled for the model's depth (kitcore.compare.for_depth)."""
-    moe = "moe-" if config.get("model_type") == "qwen3_moe" else ""
-    quantization = getattr(engine, "quantization", None)
-    if quantization:
-        judge = DISTRIBUTIONS[moe + quantization]
-    elif moe and engine.dtype in (torch.bfloat16, torch.float16):
-        judge = DISTRIBUTIONS[moe + str(engine.dtype).replace("torch.", "")]
+    for spec, engine in loaded.items():
+        if getattr(engine, "description", None):
+            print(f"  {spec}: {engine.description}")
+            results.env.setdefault("engines", {})[spec] = engine.description
+    # the peer: HF in the candidate dtype on the device, reading the reference's checkpoint. Plain
+    # `--engine hf` on that checkpoint *is* the peer: it is then judged by the table, and says so.
+    same_checkpoint = checkpoint.path.resolve() == reference_checkpoint.path.resolve()
+    self_peer = next((loaded[s] for s in specs if s == "hf" and same_checkpoint), None)
+    under_test = [e for e in loaded.values() if e is not reference]
+    if args.peer == "none":
+        peer, note = None, "none (--peer none): verdicts from the static table"
+    elif self_peer is not None and all(e is self_peer for e in under_test):
+        peer, note = self_peer, ("the candidate is HF Transformers itself, the peer: judged by the static table "
+                                 "(measured on the tiny and the real checkpoint)")
     else:
-        judge = engine.dtype
-    return for_depth(judge, config["num_hidden_layers"])
+        t0 = time.perf_counter()
+        peer = self_peer or engines.HFEngine(str(reference_checkpoint.path), device, dtype, args.attn)
+        timings["peer_load_s"] = time.perf_counter() - t0
+        note = (f"HF Transformers {args.dtype} {args.attn} on {device} from the reference checkpoint: verdicts "
+                f"calibrated by its error (k={judges.PEER_K:g})")
+    print(f"  peer: {note}")
+    results.env["peer"] = note
+    run = Run(args, results, device, dtype, checkpoint, reference_checkpoint, inputs, reference, loaded,
+              peer if args.peer != "none" else None, timings)
+    return run
 
 
-def pair_tolerance(a, b, config):
-    """Two candidates compared with each other: a distribution judge if either has one, else the looser."""
-    judges = [engine_tolerance(e, config) for e in (a, b)]
-    distributions = [j for j in judges if isinstance(j, Distribution)]
-    if distributions:
-        return max(distributions, key=lambda d: d.kl_mean)
-    return max(judges, key=lambda t: t.nmse)
-
-
-@dataclass
-class LogitsCheck:
-    comparison: object
-    positions: int
-    top1_agreement: float  # fraction of positions with the same argmax
-    decisive_positions: int  # positions whose reference top-1/top-2 gap exceeds twice their largest logit error
-    decisive_disagreements: int  # argmax differs where the gap is decisive: a real failure
-    top5_containment: float  # each side's top-1 inside the other's top-5, both ways
-    collapsed: bool  # the candidate predicts one token everywhere while the reference does not
-    kl_mean: float  # KL(reference || candidate) of the next-token distributions, per position
-    kl_p99: float
-    kl_max: float
-    passed: bool
-    distribution: Distribution = None  # set when judged by distribution thresholds (quantised weights)
-
-    def reasons(self, rates=True):
-        out = []
-        d = self.distribution
-        if d is None and not self.comparison.passed:
-            out.append(self.comparison.reason)
-        if d is not None:
-            if self.comparison.reason.startswith(("shape", "non-finite")):
-                out.append(self.comparison.reason)
-            for label, value, limit in (("KL mean", self.kl_mean, d.kl_mean), ("KL p99", self.kl_p99, d.kl_p99),
-                                        ("KL max", self.kl_max, d.kl_max)):
-                if value > limit:
-                    out.append(f"{label} {value:.2e} above {limit:.2g}")
-            if rates and self.top1_agreement < d.top1:
-                out.append(f"top-1 agreement {self.top1_agreement:.3f} below {d.top1}")
-            if rates and self.top5_containment < d.top5:
-                out.append(f"top-5 agreement {self.top5_containment:.3f} below {d.top5}")
-        elif self.decisive_disagreements:
-            out.append(f"top-1 differs at {self.decisive_disagreements} decisive position(s)")
-        if self.collapsed:
-            out.append("collapse: the candidate predicts the same token at every position")
-        return "; ".join(out)
-
-
-def check_logits(candidate, reference, mask, tolerance, name="logits", rates=True):
-    """Compare logits [B, S, V] at the real (unpadded) positions: figures, top-1/top-5, KL, collapse.
-    `tolerance`: a dtype or Tolerance (element tolerances) or a Distribution (quantised weights).
-    rates=False leaves the Distribution's top-1/top-5 rates to the caller (e.g. over all decode steps)."""
-    distribution = tolerance if isinstance(tolerance, Distribution) else None
-    element_tol = torch.bfloat16 if distribution else tolerance  # figures only, when judged by distribution
-    valid = mask.bool().to("cpu")
-    cand = candidate.detach().to("cpu", torch.float64)
-    ref = reference.detach().to("cpu", torch.float64)
-    if cand.shape != ref.shape:
-        comparison = compare(cand, ref, element_tol, name)
-        return LogitsCheck(comparison, 0, 0.0, 0, 0, 0.0, False, *[float("nan")] * 3, False, distribution)
-    cand, ref = cand[valid], ref[valid]  # [positions, V]
-    comparison = compare(cand, ref, element_tol, name)
-    top2 = ref.topk(2, dim=-1).values
-    gap = top2[:, 0] - top2[:, 1]
-    # a flip needs the two logits to move by the gap between them: at a position whose own largest
-    # logit error is below half the gap, the argmax cannot legitimately change
-    decisive = gap > 2 * (cand - ref).abs().max(-1).values
-    c_top1, r_top1 = cand.argmax(-1), ref.argmax(-1)
-    agree = c_top1 == r_top1
-    c_top5, r_top5 = cand.topk(5, dim=-1).indices, ref.topk(5, dim=-1).indices
-    contained = (c_top5 == r_top1[:, None]).any(-1) & (r_top5 == c_top1[:, None]).any(-1)
-    n = ref.shape[0]
-    collapsed = n >= 4 and c_top1.unique().numel() == 1 and r_top1.unique().numel() > 1
-    decisive_bad = int((decisive & ~agree).sum())
-    log_p = ref.log_softmax(-1)
-    kl = (log_p.exp() * (log_p - cand.log_softmax(-1))).sum(-1)
-    kl = torch.where(torch.isfinite(kl), kl, torch.full_like(kl, float("inf")))
-    check = LogitsCheck(comparison, n, float(agree.double().mean()), int(decisive.sum()), decisive_bad,
-                        float(contained.double().mean()), collapsed, float(kl.mean()),
-                        float(torch.quantile(kl, 0.99)) if n else 0.0, float(kl.max()), False, distribution)
-    check.passed = not check.reasons(rates)
-    return check
+REFERENCE = "reference"
 
 
 def record_logits_check(results, case, check, **labels):
@@ -349,4 +293,27 @@ def record_logits_check(results, case, check, **labels):
     results.add(case, "decisive_top1_disagreements", check.decisive_disagreements, unit="count", **labels)
     for metric in ("kl_mean", "kl_p99", "kl_max"):
         results.add(case, metric, getattr(check, metric), unit="nats", **labels)
+    if check.peer:
+        for metric, value in check.peer.items():
+            results.add(case, f"peer_{metric}", value, unit="nats" if metric.startswith("kl") else "-", **labels)
     results.add(case, "passed", check.passed, unit="bool", **labels)
+
+
+def print_logits_check(check, vocab):
+    """The human paragraph of one logits check."""
+    c = check.comparison
+    print(f"\nlogits at {check.positions} positions (vocab {vocab}), judged by {check.judge.describe()}:")
+    if check.distribution:
+        print(f"  max abs {c.max_abs:.3e}, mean abs {c.mean_abs:.3e}, nmse {c.nmse:.3e}, cosine {c.cosine:.9f}")
+    else:
+        print("  " + c.message().replace("\n", "\n  "))
+    if check.position_failures:
+        print(f"  {check.position_failures} position(s) above the peer's bound; worst at position {check.worst_position}")
+    print(f"  top-1 agreement {check.top1_agreement:.4f}; decisive positions {check.decisive_positions}, "
+          f"decisive disagreements {check.decisive_disagreements}; top-5 containment {check.top5_containment:.4f}")
+    print(f"  KL(reference || candidate) per position: mean {check.kl_mean:.3e}, p99 {check.kl_p99:.3e}, "
+          f"max {check.kl_max:.3e}")
+    if check.peer:
+        p = check.peer
+        print(f"  peer (HF in the same dtype) vs reference: max abs {p['max_abs']:.3e}, nmse {p['nmse']:.3e}, "
+              f"KL mean {p['kl_mean']:.3e}, max {p['kl_max']:.3e}")

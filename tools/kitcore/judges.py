@@ -1,0 +1,258 @@
+"""Judges: the one place where figures become a verdict. Every script judges through this module.
+
+A candidate computes in dtype D on device X; the reference is HF Transformers in float32 on the CPU.
+How far from the reference may a correct candidate be? Two answers:
+
+* calibrated (`--peer hf`, the default): a correct peer, HF Transformers in D on X reading the
+  reference's checkpoint, runs on the same inputs in the same run, and every figure the verdict
+  uses must stay within k times the peer's same figure plus a floor that covers one rounding of D:
+      RMS error       rmse_cand <= k * rmse_peer + u * rms(ref)          (per tensor and per logits position)
+      largest error   max_cand  <= k * max_peer  + 2u * max|ref|
+      KL              kl_cand   <= k^2 * kl_peer + u^2                     (KL grows with the squared error)
+  where u is D's unit roundoff. The machine, its kernels, thread count and the model's depth move the
+  peer's error and the bound with it: nothing is extrapolated from another machine or model.
+* table (`--peer none`, or no independent peer: the candidate *is* HF in D on the reference's
+  checkpoint): the fixed thresholds of kitcore.compare, measured on the tiny and the real checkpoint.
+
+Distribution judges (quantised weights, MoE models in reduced precision, whose router near-ties flip
+discretely) keep the table's limits; a peer can only widen them to k^2 x its own figure, when this
+machine's rounding flips more. A distribution statistic is never gated on a single position: KL mean,
+p99 and the top-1/top-5 rates need `aggregate=True` (forward validation judges the steps together).
+
+Decisiveness never comes from the candidate: a logits position is decisive when the reference's
+top-1/top-2 gap exceeds twice the error a correct engine may have there (the calibrated bound of the
+peer's error; in table mode DECISIVE_SIGMAS x the table's RMS error of that position). A top-1 flip
+at a decisive position fails, also when every logit is inside the element tolerance.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .compare import DISTRIBUTIONS, TOLERANCES, Distribution, compare, tolerance_for
+from .errors import UsageError
+
+# k, the factor a candidate's error may exceed the peer's by. Measured (tools/measure_tolerances.py,
+# README "Calibrated verdicts") on correct engines against a peer of another implementation: hf eager vs
+# hf sdpa, compile vs hf, on the tiny Llamas and SmolLM2-135M, fp32/bf16/fp16, prompts up to 512 tokens.
+PEER_K = 3.0
+# table mode: a position is decisive when the gap exceeds 2 x this many x the table's RMS logit error
+DECISIVE_SIGMAS = 6.0
+
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8,
+                 torch.float16: 2.0**-11}
+
+
+def unit_roundoff(dtype):
+    return UNIT_ROUNDOFF.get(dtype, 2.0**-8)
+
+
+@dataclass(frozen=True)
+class Judge:
+    """How one engine is judged: `table` (a Tolerance or a Distribution) and, when `calibrated`, the peer."""
+
+    dtype: torch.dtype
+    table: object
+    calibrated: bool = False
+    k: float = PEER_K
+
+    @property
+    def distribution(self):
+        return self.table if isinstance(self.table, Distribution) else None
+
+    def describe(self):
+        if self.distribution:
+            d = self.distribution
+            base = (f"distribution {d.name}: KL mean <= {d.kl_mean:.2g}, p99 <= {d.kl_p99:.2g}, max <= "
+                    f"{d.kl_max:.2g}, top-1 >= {d.top1}, top-5 >= {d.top5}")
+            return base + (f" (widened to k^2 x the peer's where larger, k={self.k:g})" if self.calibrated else "")
+        if self.calibrated:
+            return f"calibrated: k={self.k:g} x the peer's error + one {_name(self.dtype)} rounding"
+        t = tolerance_for(self.table)
+        return f"table {_name(self.dtype)}: atol {t.atol_rms:.1e} x rms + rtol {t.rtol:.1e} x |ref|, nmse <= {t.nmse:.1e}"
+
+
+def judge_for(engine, model_type, calibrated):
+    """The Judge of an engine: its dtype's element tolerances, or distribution thresholds for quantised
+    weights (`engine.quantization`) and for mixture-of-experts models in reduced precision."""
+    moe = "moe-" if model_type == "qwen3_moe" else ""
+    quantization = getattr(engine, "quantization", None)
+    if quantization:
+        key = moe + str(quantization)
+        if key not in DISTRIBUTIONS:
+            known = sorted(k for k in DISTRIBUTIONS if not k.startswith("moe-"))
+            raise UsageError(f"engine {type(engine).__name__}: quantization {quantization!r} has no measured "
+                             f"thresholds (known: {', '.join(known)}); set quantization to one of them or None")
+        return Judge(engine.dtype, DISTRIBUTIONS[key], calibrated)
+    if moe and engine.dtype in (torch.bfloat16, torch.float16):
+        return Judge(engine.dtype, DISTRIBUTIONS[moe + _name(engine.dtype)], calibrated)
+    return Judge(engine.dtype, TOLERANCES[engine.dtype], calibrated)
+
+
+def looser(a, b):
+    """The table judge of two engines compared with each other: a distribution if either has one, else
+    the looser tolerance; never calibrated (the peer measures the distance to the reference, not between
+    two candidates)."""
+    dists = [j for j in (a, b) if j.distribution]
+    if dists:
+        return Judge(dists[0].dtype, max((j.table for j in dists), key=lambda d: d.kl_mean))
+    return max((Judge(j.dtype, tolerance_for(j.table)) for j in (a, b)), key=lambda j: j.table.nmse)
+
+
+def _name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def calibrate(cand, peer, dtype, k=PEER_K):
+    """Re-judge the Comparison `cand` (candidate vs reference) against `peer` (peer vs reference, same
+    reference): the calibrated bounds replace the table's. Shape and non-finite failures stay."""
+    cand.judge = "calibrated"
+    cand.peer_nmse, cand.peer_max_abs = peer.nmse, peer.max_abs
+    if cand.reason.startswith(("shape", "non-finite", "empty")):
+        return cand
+    u = unit_roundoff(dtype)
+    rmse_limit = k * peer.nmse**0.5 + u
+    cand.limit_nmse = rmse_limit**2
+    cand.limit_max_abs = k * peer.max_abs + 2 * u * cand.max_abs_reference
+    reasons = []
+    if cand.nmse > cand.limit_nmse:
+        reasons.append(f"nmse {cand.nmse:.3e} above {cand.limit_nmse:.2e} (k={k:g} x peer {peer.nmse:.2e})")
+    if cand.max_abs > cand.limit_max_abs:
+        reasons.append(f"max abs {cand.max_abs:.3e} above {cand.limit_max_abs:.2e} (k={k:g} x peer "
+                       f"{peer.max_abs:.2e})")
+    cand.reason = "; ".join(reasons)
+    cand.passed = not reasons
+    return cand
+
+
+def judge_tensor(candidate, reference, judge, peer=None, name="tensor", own=False):
+    """compare() under `judge`: the table, or calibrated by `peer` (the peer's tensor) when given."""
+    table = judge.table if not isinstance(judge.table, Distribution) else judge.dtype
+    c = compare(candidate, reference, table, name)
+    if judge.calibrated and peer is not None:
+        calibrate(c, compare(peer, reference, table, name), judge.dtype, judge.k)
+    return c
+
+
+@dataclass
+class LogitsCheck:
+    comparison: object
+    positions: int
+    top1_agreement: float  # fraction of positions with the same argmax
+    decisive_positions: int  # positions whose reference top-1/top-2 gap exceeds twice the allowed error there
+    decisive_disagreements: int  # argmax differs where the gap is decisive: a real failure
+    top5_containment: float  # each side's top-1 inside the other's top-5, both ways
+    collapsed: bool  # the candidate predicts one token everywhere while the reference does not
+    kl_mean: float  # KL(reference || candidate) of the next-token distributions, per position
+    kl_p99: float
+    kl_max: float
+    judge: Judge
+    aggregate: bool = True
+    kl_per_position: list = field(default_factory=list)
+    position_failures: int = 0  # calibrated: positions whose RMS error exceeds the peer's bound there
+    worst_position: int = -1
+    peer: dict = None  # the peer's figures, when calibrated
+    limits: dict = field(default_factory=dict)  # the limits the figures were judged by
+    passed: bool = False
+
+    @property
+    def distribution(self):
+        return self.judge.distribution
+
+    def reasons(self):
+        out = []
+        c, d = self.comparison, self.distribution
+        if c.reason.startswith(("shape", "non-finite")):
+            out.append(c.reason)
+        elif d is None and not c.passed:
+            out.append(c.reason)
+        if self.position_failures:
+            out.append(f"{self.position_failures} position(s) with an RMS error above k x the peer's there "
+                       f"(worst at position {self.worst_position})")
+        if d is not None and self.positions:
+            gates = [("KL max", self.kl_max, "kl_max")]
+            if self.aggregate:
+                gates = [("KL mean", self.kl_mean, "kl_mean"), ("KL p99", self.kl_p99, "kl_p99")] + gates
+            for label, value, key in gates:
+                if value > self.limits[key]:
+                    out.append(f"{label} {value:.2e} above {self.limits[key]:.2g}")
+            if self.aggregate and self.top1_agreement < d.top1:
+                out.append(f"top-1 agreement {self.top1_agreement:.3f} below {d.top1}")
+            if self.aggregate and self.top5_containment < d.top5:
+                out.append(f"top-5 agreement {self.top5_containment:.3f} below {d.top5}")
+        if self.decisive_disagreements:
+            out.append(f"top-1 differs at {self.decisive_disagreements} decisive position(s)")
+        if self.collapsed:
+            out.append("collapse: the candidate predicts the same token at every position")
+        return "; ".join(out)
+
+
+def _kl(ref, cand):
+    """KL(ref || cand) per position of [N, V] logits (float64)."""
+    log_p = ref.log_softmax(-1)
+    kl = (log_p.exp() * (log_p - cand.log_softmax(-1))).sum(-1)
+    return torch.where(torch.isfinite(kl), kl, torch.full_like(kl, float("inf")))
+
+
+def check_logits(candidate, reference, mask, judge, peer=None, name="logits", aggregate=True):
+    """Logits [B, S, V] at the real (unpadded) positions: figures, top-1/top-5, KL, collapse, judged by
+    `judge`; `peer` (the peer's logits, same shape) calibrates the bounds when the judge is calibrated.
+    aggregate=False judges a single position (a decode step): no KL mean/p99 and no agreement rates."""
+    valid = mask.bool().to("cpu")
+    cand = candidate.detach().to("cpu", torch.float64)
+    ref = reference.detach().to("cpu", torch.float64)
+    table = judge.dtype if judge.distribution else judge.table
+    if cand.shape != ref.shape:
+        c = compare(cand, ref, table, name)
+        return LogitsCheck(c, 0, 0.0, 0, 0, 0.0, False, *[float("nan")] * 3, judge, aggregate)
+    cand, ref = cand[valid], ref[valid]  # [positions, V]
+    calibrated = judge.calibrated and peer is not None
+    if calibrated:
+        peer = peer.detach().to("cpu", torch.float64)[valid]
+    comparison = judge_tensor(cand, ref, judge, peer if calibrated else None, name)
+    u = unit_roundoff(judge.dtype)
+    n = ref.shape[0]
+    rms_row = ref.pow(2).mean(-1).sqrt()
+    top2 = ref.topk(2, dim=-1).values
+    gap = top2[:, 0] - top2[:, 1]
+    check = LogitsCheck(comparison, n, 0.0, 0, 0, 0.0, False, 0.0, 0.0, 0.0, judge, aggregate)
+    if calibrated:
+        peer_rmse = (peer - ref).pow(2).mean(-1).sqrt()
+        peer_max = (peer - ref).abs().max(-1).values
+        cand_rmse = (cand - ref).pow(2).mean(-1).sqrt()
+        over = cand_rmse > judge.k * peer_rmse + u * rms_row
+        check.position_failures = int(over.sum())
+        check.worst_position = int((cand_rmse / (judge.k * peer_rmse + u * rms_row)).argmax())
+        # the error a correct engine may have at a position: the peer's, scaled as every bound is
+        allowed = judge.k * peer_max + 2 * u * top2[:, 0].abs()
+    else:
+        t = tolerance_for(table)
+        allowed = DECISIVE_SIGMAS * t.nmse**0.5 * rms_row
+    decisive = gap > 2 * allowed
+    c_top1, r_top1 = cand.argmax(-1), ref.argmax(-1)
+    agree = c_top1 == r_top1
+    c_top5, r_top5 = cand.topk(5, dim=-1).indices, ref.topk(5, dim=-1).indices
+    contained = (c_top5 == r_top1[:, None]).any(-1) & (r_top5 == c_top1[:, None]).any(-1)
+    kl = _kl(ref, cand)
+    check.top1_agreement = float(agree.double().mean())
+    check.decisive_positions = int(decisive.sum())
+    check.decisive_disagreements = int((decisive & ~agree).sum())
+    check.top5_containment = float(contained.double().mean())
+    check.collapsed = n >= 4 and c_top1.unique().numel() == 1 and r_top1.unique().numel() > 1
+    check.kl_per_position = kl.tolist()
+    check.kl_mean, check.kl_max = float(kl.mean()), float(kl.max())
+    check.kl_p99 = float(torch.quantile(kl, 0.99)) if n else 0.0
+    if calibrated:
+        peer_kl = _kl(ref, peer)
+        check.peer = {"nmse": comparison.peer_nmse, "max_abs": comparison.peer_max_abs,
+                      "kl_mean": float(peer_kl.mean()), "kl_max": float(peer_kl.max()),
+                      "kl_p99": float(torch.quantile(peer_kl, 0.99)) if n else 0.0}
+    d = judge.distribution
+    if d is not None:
+        check.limits = {"kl_mean": d.kl_mean, "kl_p99": d.kl_p99, "kl_max": d.kl_max}
+        if calibrated:
+            for key in check.limits:
+                check.limits[key] = max(check.limits[key], judge.k**2 * check.peer[key] + u * u)
+        check.position_failures = 0  # element figures are reported, not gated, under a distribution judge
+    check.passed = not check.reasons()
+    return check
