@@ -10,8 +10,9 @@ logits), and prompts of several lengths (up to --max_tokens), against the float3
       atol_rms needed = max over elements of (|cand - ref| - rtol * |ref|) / rms(ref)
 * k: each engine against a correct peer of another implementation on the same inputs (hf eager vs hf
   sdpa, hf sdpa vs hf eager, compile vs hf sdpa), the k that the calibrated bounds of kitcore.judges
-  would need: (rmse_cand - u * rms_ref) / rmse_peer, (max_cand - 2u * max|ref|) / max_peer, per tensor
-  and per logits position.
+  would need: (rmse_cand - f * rms_ref) / rmse_peer, (max_cand - 2f * max|ref|) / max_peer, per tensor
+  and per logits position (f: the rounding floor); and, where a correct engine's top-1 flips, how many
+  allowed RMS errors the reference's top-1/top-2 gap spans there (decisiveness must stay above it).
 
     python tools/measure_tolerances.py [--seeds 0,1,2] [--model_path DIR ...] [--real] [--max_tokens 512]
 """
@@ -24,10 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kitcore import checkpoints, cli, devices  # noqa: E402
-from kitcore.compare import OWN_TOLERANCES, TOLERANCES  # noqa: E402
+from kitcore.compare import LOGITS_NMSE, OWN_TOLERANCES, TOLERANCES  # noqa: E402
 from kitcore.devices import Device  # noqa: E402
 from kitcore.engines import CompileEngine, HFEngine  # noqa: E402
-from kitcore.judges import PEER_K, unit_roundoff  # noqa: E402
+from kitcore.judges import DECISIVE_SIGMAS, PEER_K, PEER_K_MAX, rounding_floor  # noqa: E402
 from kitcore.points import component_inputs, point_order  # noqa: E402
 from kitcore.tiny import DEFAULT_PROMPT, stdlib_docstrings  # noqa: E402
 
@@ -95,7 +96,7 @@ def main(argv=None):
         n_layers = ref.config.num_hidden_layers
         inputs = prompts(lambda t: tok(t)["input_ids"], min(args.max_tokens, ref.config.max_position_embeddings))
         for dtype in [devices.parse_dtype(d) for d in args.dtypes.split(",")]:
-            u = unit_roundoff(dtype)
+            u = rounding_floor(dtype)
             hf = {a: HFEngine(str(path), cpu, dtype, a) for a in ("eager", "sdpa")}
             pairs = [("hf/eager", hf["eager"], hf["sdpa"]), ("hf/sdpa", hf["sdpa"], hf["eager"])]
             if args.compile:
@@ -127,18 +128,32 @@ def main(argv=None):
                         kr, km = k_need(c, own[peer.attn][name], r[name], u)
                         ks.add((dtype, "own rms"), kr, f"{where} {name}")
                         ks.add((dtype, "own max"), km, f"{where} {name}")
-                    logits_c, logits_p, logits_r = cand_cap["logits"][0], peer_cap["logits"][0], r["logits"][0]
-                    for i in range(logits_r.shape[0]):
-                        kr, km = k_need(logits_c[i], logits_p[i], logits_r[i], u)
-                        ks.add((dtype, "position rms"), kr, f"{where} position {i}")
-                        ks.add((dtype, "position max"), km, f"{where} position {i}")
+                    logits_c, logits_p, logits_r = (x["logits"][0].double() for x in (cand_cap, peer_cap, r))
+                    table.add((dtype, "logits", "nmse"), table_need(logits_c, logits_r, 0)[1], where)
+                    rms_row = logits_r.pow(2).mean(-1).sqrt()
+                    peer_rmse = (logits_p - logits_r).pow(2).mean(-1).sqrt()
+                    peer_rmse = peer_rmse.clamp_min(float(peer_rmse.median()))
+                    cand_rmse = (logits_c - logits_r).pow(2).mean(-1).sqrt()
+                    need = ((cand_rmse - u * rms_row).clamp_min(0) / peer_rmse).max()
+                    ks.add((dtype, "position rms"), float(need), where)
+                    # a flip of a correct engine: how many RMS bounds (calibrated, table) its gap spans
+                    top2 = logits_r.topk(2, -1).values
+                    flipped = logits_c.argmax(-1) != logits_r.argmax(-1)
+                    if flipped.any():
+                        gap = (top2[:, 0] - top2[:, 1] - 4 * u * top2[:, 0].abs())[flipped]
+                        sig_peer = (PEER_K * peer_rmse + u * rms_row)[flipped]
+                        sig_table = LOGITS_NMSE[dtype] ** 0.5 * rms_row[flipped]
+                        ks.add((dtype, "flip sigmas peer"), float((gap / (2 * sig_peer)).max()), where)
+                        ks.add((dtype, "flip sigmas table"), float((gap / (2 * sig_table)).max()), where)
             print(f"done: {path.name} {dtype}", file=sys.stderr, flush=True)
     print(f"{'dtype':<9} {'error':<6} {'figure':<9} {'needed':>10} {'table':>9} {'margin':>7}   worst at")
     for (dtype, kind, fig), (value, where) in sorted(table.values.items(), key=lambda kv: str(kv[0])):
-        limit = getattr((TOLERANCES if kind == "total" else OWN_TOLERANCES)[dtype], fig)
+        limit = (LOGITS_NMSE[dtype] if kind == "logits" else
+                 getattr((TOLERANCES if kind == "total" else OWN_TOLERANCES)[dtype], fig))
         print(f"{str(dtype)[6:]:<9} {kind:<6} {fig:<9} {value:>10.3e} {limit:>9.1e} "
               f"{limit / max(value, 1e-300):>7.1f}   {where}")
-    print(f"\nk needed by the calibrated bounds (kitcore.judges.PEER_K = {PEER_K:g})")
+    print(f"\nk needed by the calibrated bounds (kitcore.judges: PEER_K {PEER_K:g} for rms, PEER_K_MAX {PEER_K_MAX:g} "
+          f"for max; a correct engine's flips must span fewer than DECISIVE_SIGMAS {DECISIVE_SIGMAS:g})")
     for (dtype, fig), (value, where) in sorted(ks.values.items(), key=lambda kv: str(kv[0])):
         print(f"{str(dtype)[6:]:<9} {fig:<13} {value:>7.3f}   {where}")
     return 0

@@ -3,6 +3,7 @@
 They subclass the built-in hf engine and change one thing, which is also how a real plugin is written.
 """
 
+import copy
 import sys
 from pathlib import Path
 
@@ -122,3 +123,50 @@ class UnpermutedLlamaCpp(LlamaCppEngine):
 
     def __init__(self, model_path, device, dtype, attn="sdpa", **options):
         super().__init__(model_path, device, dtype, attn, permute_qk=False, **options)
+
+
+class FlipInsideToleranceEngine(HFEngine):
+    """Swaps the top-1 and top-2 logits wherever they are less than 1.0 apart: every logit stays inside
+    the element tolerance, but the predicted token changes at positions the reference decides clearly."""
+
+    name = "flip-inside-tolerance"
+
+    @torch.no_grad()
+    def forward(self, input_ids, position_ids, attention_mask=None, cache=None):
+        logits = super().forward(input_ids, position_ids, attention_mask, cache).clone()
+        top2 = logits.topk(2, dim=-1)
+        close = (top2.values[..., 0] - top2.values[..., 1]) < 1.0
+        first, second = top2.indices[..., 0:1], top2.indices[..., 1:2]
+        swapped = logits.scatter(-1, first, top2.values[..., 1:2]).scatter(-1, second, top2.values[..., 0:1])
+        return torch.where(close[..., None], swapped, logits)
+
+
+class UnnormalisedRoutingModules(HFModules):
+    """Routing weights not renormalised over the chosen experts (norm_topk_prob ignored)."""
+
+    def build_moe(self, config, weights, device, dtype, experts):
+        config = copy.deepcopy(config)
+        config.norm_topk_prob = False
+        return super().build_moe(config, weights, device, dtype, experts)
+
+
+class _NoGate(torch.nn.Module):
+    """Hides the block's router: the kit sees only outputs, as with a fused engine kernel."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden_states):
+        return self.block(hidden_states)
+
+
+class NoGateSwappedRouterModules(HFModules):
+    """A module without `.gate` whose router sends expert 0's tokens to expert 1 and back."""
+
+    def build_moe(self, config, weights, device, dtype, experts):
+        swapped = dict(weights)
+        rows = weights["gate.weight"].clone()
+        rows[[0, 1]] = rows[[1, 0]]
+        swapped["gate.weight"] = rows
+        return _NoGate(super().build_moe(config, swapped, device, dtype, experts))

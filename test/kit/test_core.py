@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from kitcore import devices
-from kitcore.compare import TOLERANCES, compare
+from kitcore import judges
+from kitcore.compare import DISTRIBUTIONS, OWN_TOLERANCES, TOLERANCES, compare
 from kitcore.errors import EXIT_UNAVAILABLE, EXIT_USAGE, Unavailable, UsageError
 from kitcore.results import Results, write_json_atomic
 from kitcore.timing import Measurement, benchmark
@@ -66,7 +67,7 @@ def test_bf16_rounding_passes_bf16_tolerance_but_not_float32():
 
 def test_uniform_rescale_is_invisible_to_cosine_but_fails():
     ref = torch.randn(1000, generator=torch.Generator().manual_seed(1))
-    c = compare(ref * 1.03, ref, torch.bfloat16)
+    c = compare(ref * 1.03, ref, OWN_TOLERANCES[torch.bfloat16])
     assert c.cosine == pytest.approx(1.0, abs=1e-12)
     assert not c.passed and "nmse" in c.reason
 
@@ -180,14 +181,80 @@ def test_timing_loop_overhead_matches_torch_utils_benchmark():
     assert min(abs(r - 1) for r in ratios) < 0.03, ratios
 
 
-def test_tolerances_scale_with_depth():
-    from kitcore.compare import DISTRIBUTIONS, for_depth
+# ---- judges --------------------------------------------------------------------------------------
 
-    base = TOLERANCES[torch.bfloat16]
-    assert for_depth(torch.bfloat16, 2) == base and for_depth(torch.bfloat16, 0) == base
-    deep = for_depth(torch.bfloat16, 32)  # 16x the measured depth
-    assert deep.nmse == pytest.approx(16 * base.nmse) and deep.atol_rms == pytest.approx(4 * base.atol_rms)
-    assert deep.rtol == base.rtol
-    moe = for_depth(DISTRIBUTIONS["moe-bfloat16"], 8)
-    assert moe.kl_mean == pytest.approx(4 * DISTRIBUTIONS["moe-bfloat16"].kl_mean)
-    assert moe.top1 == DISTRIBUTIONS["moe-bfloat16"].top1
+def noisy(ref, scale, seed):
+    return ref + scale * torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed), dtype=ref.dtype)
+
+
+def test_calibrated_bound_follows_the_peer():
+    ref = torch.randn(16, 512, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    peer = noisy(ref, 1e-2, 1)
+    judge = judges.Judge(torch.bfloat16, TOLERANCES[torch.bfloat16], calibrated=True)
+    assert judges.judge_tensor(noisy(ref, 2e-2, 2), ref, judge, peer).passed
+    worse = judges.judge_tensor(noisy(ref, 5e-2, 2), ref, judge, peer)
+    assert not worse.passed and "k=3 x peer" in worse.reason
+    # the same candidate passes the static table: only the peer sees that it is 5x worse than a correct engine
+    assert compare(noisy(ref, 5e-2, 2), ref, torch.bfloat16).passed
+
+
+def test_calibrated_float32_floor_allows_reordered_sums_when_the_peer_is_exact():
+    ref = torch.randn(16, 512, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    judge = judges.Judge(torch.float32, TOLERANCES[torch.float32], calibrated=True)
+    assert judges.judge_tensor(noisy(ref, 2e-6, 1), ref, judge, ref.clone()).passed
+    assert not judges.judge_tensor(noisy(ref, 1e-3, 1), ref, judge, ref.clone()).passed
+
+
+def logits_with_gaps(gaps, vocab=64):
+    """[1, len(gaps), vocab] reference logits whose top-1/top-2 gap at each position is given."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(1, len(gaps), vocab, generator=g, dtype=torch.float64)
+    ref[0, :, 0] = ref.max() + 5.0
+    ref[0, :, 1] = ref[0, :, 0] - torch.tensor(gaps, dtype=torch.float64)
+    return ref
+
+
+def test_top1_flip_at_a_decisive_position_fails_inside_the_element_tolerance():
+    ref = logits_with_gaps([0.01, 2.0, 2.0, 2.0])
+    flipped = ref.clone()
+    flipped[0, 1, 0], flipped[0, 1, 1] = ref[0, 1, 1], ref[0, 1, 0]  # swap the top two at position 1 (gap 2.0)
+    judge = judges.Judge(torch.bfloat16, TOLERANCES[torch.bfloat16])
+    mask = torch.ones(1, 4, dtype=torch.long)
+    check = judges.check_logits(flipped, ref, mask, judge)
+    assert check.comparison.passed, "the flip stays inside the element tolerance"
+    assert check.decisive_disagreements == 1 and not check.passed and "decisive" in check.reasons()
+    # a flip at the near-tie (gap 0.01) is rounding's right
+    near = ref.clone()
+    near[0, 0, 0], near[0, 0, 1] = ref[0, 0, 1], ref[0, 0, 0]
+    assert judges.check_logits(near, ref, mask, judge).passed
+
+
+def test_decisiveness_does_not_come_from_the_candidate():
+    """A candidate with a large error everywhere cannot make a flip 'indecisive' by its own error."""
+    ref = logits_with_gaps([2.0] * 4)
+    cand = ref.clone()
+    cand[0, 2, 0], cand[0, 2, 1] = ref[0, 2, 1], ref[0, 2, 0]
+    cand = cand + 1.5 * torch.randn(cand.shape, generator=torch.Generator().manual_seed(3), dtype=cand.dtype)
+    check = judges.check_logits(cand, ref, torch.ones(1, 4, dtype=torch.long),
+                                judges.Judge(torch.bfloat16, TOLERANCES[torch.bfloat16]))
+    assert check.decisive_positions == 4 and check.decisive_disagreements >= 1
+
+
+def test_a_distribution_judge_never_gates_a_single_positions_mean():
+    ref = logits_with_gaps([3.0] * 16)
+    cand = ref.clone()
+    cand[0, 8, 2] = ref[0, 8, 0] - 4.3  # one position's distribution moves (a routing flip): KL ~9e-3
+    d = DISTRIBUTIONS["moe-bfloat16"]
+    judge = judges.Judge(torch.bfloat16, d)
+    one = judges.check_logits(cand[:, 8:9], ref[:, 8:9], torch.ones(1, 1, dtype=torch.long), judge, aggregate=False)
+    assert d.kl_mean < one.kl_mean < d.kl_max and one.passed, "one position: only its KL max is gated"
+    together = judges.check_logits(cand, ref, torch.ones(1, 16, dtype=torch.long), judge)
+    assert together.kl_mean < d.kl_mean and together.passed
+
+
+def test_unknown_quantization_of_a_plugin_is_one_clear_line():
+    class Plugin:
+        dtype, quantization = torch.float16, "q3_k"
+
+    with pytest.raises(UsageError, match="quantization 'q3_k' has no measured thresholds"):
+        judges.judge_for(Plugin(), "llama", calibrated=False)

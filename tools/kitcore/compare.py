@@ -31,28 +31,36 @@ class Tolerance:
     nmse: float
 
 
-# Tolerances for a candidate computing in the given dtype, checked against a float32 (or float64)
-# reference. rtol is about twice the dtype's unit roundoff. atol_rms and nmse were measured with
-# tools/measure_tolerances.py on the default checkpoints (seeds 0, 1, 2; hf eager, hf sdpa and compile;
-# 3 prompts; every capture point and the logits); the worst case, and the margin the table leaves:
-#   float32   atol_rms 2.8e-6 (x36)   nmse 1.3e-13 (x7500: GPUs reorder fp32 sums; a 1% weight error is ~1e-4)
-#   bfloat16  atol_rms 0.135  (x3)    nmse 8.2e-5  (x3.7)
-#   float16   atol_rms 0.0116 (x3)    nmse 1.2e-6  (x4.3)
-# The worst elements sit in act_mul (heavy-tailed) and attn_out; README "Tolerances" has the table.
+# The static table: how far from a float32 (or float64) reference a candidate computing in the given dtype
+# may be, used where no independent peer calibrates the verdict (kitcore/judges.py): with --peer none, or
+# for HF itself. rtol is about twice the dtype's unit roundoff; atol_rms and nmse are the worst that
+# tools/measure_tolerances.py found on correct engines (hf eager and sdpa, compile for the logits), over
+# the default tiny checkpoints (seeds 0-2) and the real SmolLM2-135M (30 layers, massive activations),
+# prompts of 32-512 tokens, at every capture point and the logits, times a margin of ~3:
+#   float32   total: atol_rms 1.0e-4, nmse 3.4e-12      own: atol_rms 5.0e-6, nmse 7.2e-14
+#   bfloat16  total: atol_rms 9.4,    nmse 9.2e-3       own: atol_rms 0.55,   nmse 9.3e-5
+#   float16   total: atol_rms 1.44,   nmse 4.6e-5       own: atol_rms 0.041,  nmse 1.4e-6
+# (worst totals: SmolLM2's residual stream, where a few channels reach 22,500 and their rounding
+# dominates; worst own errors: attn_out). In reduced precision the total error deep in a real model is
+# so large that a table can say little about it; the peer can (README "Calibrated verdicts").
 TOLERANCES = {
     torch.float64: Tolerance(rtol=1e-12, atol_rms=1e-10, nmse=1e-20),
-    torch.float32: Tolerance(rtol=1e-6, atol_rms=1e-4, nmse=1e-9),
-    torch.float16: Tolerance(rtol=1e-3, atol_rms=3.5e-2, nmse=5e-6),
-    torch.bfloat16: Tolerance(rtol=8e-3, atol_rms=4e-1, nmse=3e-4),
+    torch.float32: Tolerance(rtol=1e-6, atol_rms=4e-4, nmse=1e-9),
+    torch.float16: Tolerance(rtol=1e-3, atol_rms=4.5, nmse=1.5e-4),
+    torch.bfloat16: Tolerance(rtol=8e-3, atol_rms=30.0, nmse=3e-2),
 }
 
 # The dual test's own error: one component on the reference's own input, so no accumulation.
 OWN_TOLERANCES = {
     torch.float64: Tolerance(rtol=1e-12, atol_rms=1e-10, nmse=1e-20),
     torch.float32: Tolerance(rtol=1e-6, atol_rms=1e-4, nmse=1e-9),
-    torch.float16: Tolerance(rtol=1e-3, atol_rms=3.5e-2, nmse=5e-6),
-    torch.bfloat16: Tolerance(rtol=8e-3, atol_rms=4e-1, nmse=3e-4),
+    torch.float16: Tolerance(rtol=1e-3, atol_rms=0.12, nmse=5e-6),
+    torch.bfloat16: Tolerance(rtol=8e-3, atol_rms=1.6, nmse=3e-4),
 }
+
+# The NMSE of the logits of correct engines (worst measured, x3), which sets the RMS error per logit
+# that decides which positions are decisive in table mode (kitcore.judges.check_logits).
+LOGITS_NMSE = {torch.float64: 1e-20, torch.float32: 1e-10, torch.float16: 3e-5, torch.bfloat16: 3e-3}
 
 
 @dataclass(frozen=True)

@@ -147,6 +147,127 @@ def attention_mask(batch_valid, q_len, dtype, attn, device):
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def moe_with_experts(weights, config, x, expert_sets):
+    """The sparse MoE block in float64 on the CPU, with each token's experts given: x [T, H], expert_sets
+    [T, k]. Router weights are the softmax over every expert's logit, taken at the given set and
+    renormalised over it when config.norm_topk_prob (as Qwen3-MoE does). Used to recompute the
+    reference for a near-tie token under each expert set the rounding may legitimately choose."""
+    x = x.to(torch.float64)
+    w = {k: v.to(torch.float64) for k, v in weights.items()}
+    probs = (x @ w["gate.weight"].T).softmax(-1)
+    chosen = probs.gather(-1, expert_sets)
+    if getattr(config, "norm_topk_prob", True):
+        chosen = chosen / chosen.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    for slot in range(expert_sets.shape[1]):
+        for e in expert_sets[:, slot].unique().tolist():
+            rows = expert_sets[:, slot] == e
+            h = x[rows]
+            act = torch.nn.functional.silu(h @ w[f"experts.{e}.gate_proj.weight"].T) * (h @ w[f"experts.{e}.up_proj.weight"].T)
+            out[rows] += chosen[rows, slot:slot + 1] * (act @ w[f"experts.{e}.down_proj.weight"].T)
+    return out
+
+
+def admissible_sets(ref_logits, top_k, margin, max_boundary=6):
+    """For each token, the expert sets a correct engine may choose: experts whose router logit lies
+    within 2 x margin of the k-th/(k+1)-th boundary may swap places. Returns a list (one per token) of
+    [n_sets, k] tensors, the reference's own set first; decisive tokens have one set."""
+    import itertools
+
+    order = ref_logits.sort(-1, descending=True)
+    out = []
+    for t in range(ref_logits.shape[0]):
+        values, experts = order.values[t], order.indices[t]
+        low, high = values[top_k] - 2 * margin[t], values[top_k - 1] + 2 * margin[t]
+        sure = experts[values > high].tolist()
+        boundary = [e for v, e in zip(values.tolist(), experts.tolist()) if low <= v <= high][:max_boundary]
+        ref_set = sorted(experts[:top_k].tolist())
+        sets = [ref_set]
+        near_tie = values[top_k - 1] - values[top_k] <= 2 * margin[t]
+        if near_tie and len(sure) < top_k <= len(sure) + len(boundary):
+            for extra in itertools.combinations(boundary, top_k - len(sure)):
+                candidate = sorted(sure + list(extra))
+                if candidate != ref_set:
+                    sets.append(candidate)
+        out.append(torch.tensor(sets, dtype=torch.long))
+    return out
+
+
+def check_moe_block(out, ref_out, x, weights, config, ref_logits, judge, peer_out=None, peer_logits=None,
+                    cand_logits=None):
+    """The sparse MoE block's verdict on every token, against the float32 reference.
+
+    A token is a near-tie when the reference's k-th/(k+1)-th router-logit gap is within twice what a
+    correct engine's router error may be there (k x the peer's error + one rounding; without a peer, the
+    table's): rounding may then route it to another set, so its output must match the reference
+    recomputed with one of its admissible expert sets (moe_with_experts). Every other token must match
+    the reference itself. The output is judged by `judge` (calibrated by the peer's output, near-ties
+    resolved the same way for the peer); with a candidate router (`cand_logits`), its logits too, and
+    its expert set must be the reference's on every decisive token and an admissible one on every other.
+    Near-ties come from the reference and the peer only, so their share is bounded by the peer's error.
+    """
+    from .compare import OWN_TOLERANCES, TOLERANCES, compare
+    from .judges import PEER_K_MAX, calibrate, rounding_floor
+
+    top_k = config.num_experts_per_tok
+    tokens = ref_logits.shape[0]
+    f = rounding_floor(judge.dtype)
+    table = TOLERANCES[judge.dtype]
+    calibrated = judge.calibrated and peer_out is not None
+    # the router-logit error a correct engine may have on a token: the peer's (calibrated), or the own-error
+    # table's element tolerance (the router is one component), plus the rounding floor
+    if calibrated:
+        margin = PEER_K_MAX * (peer_logits - ref_logits).abs().max(-1).values
+    else:
+        own = OWN_TOLERANCES[judge.dtype]
+        margin = own.atol_rms * ref_logits.pow(2).mean(-1).sqrt() + own.rtol * ref_logits.abs().max(-1).values
+    margin = margin + 2 * f * ref_logits.abs().max(-1).values
+    sets = admissible_sets(ref_logits, top_k, margin)
+    near = [t for t, s in enumerate(sets) if len(s) > 1]
+    ref2d = ref_out.reshape(tokens, -1).double()
+    alternatives = {}  # token -> [n_sets, H] reference outputs, the reference's own set first
+    if near:
+        flat_tokens = torch.tensor([t for t in near for _ in sets[t][1:]])
+        flat_sets = torch.cat([sets[t][1:] for t in near])
+        recomputed = moe_with_experts(weights, config, x.reshape(tokens, -1)[flat_tokens], flat_sets)
+        at = 0
+        for t in near:
+            n = len(sets[t]) - 1
+            alternatives[t] = torch.cat([ref2d[t:t + 1], recomputed[at:at + n]])
+            at += n
+
+    def resolve(output):
+        """The reference with each near-tie row replaced by its admissible output closest to `output`."""
+        out2d = output.reshape(tokens, -1).double()
+        adjusted, rerouted = ref2d.clone(), 0
+        for t, options in alternatives.items():
+            best = int((options - out2d[t]).pow(2).sum(-1).argmin())
+            adjusted[t] = options[best]
+            rerouted += best != 0
+        return out2d, adjusted, rerouted
+
+    cand2d, cand_ref, cand_rerouted = resolve(out)
+    output = compare(cand2d, cand_ref, table, "output")
+    result = {"near_ties": len(near), "rerouted": cand_rerouted, "peer_rerouted": None, "output": output,
+              "router_logits": None, "set_mismatches": None, "match_all": None}
+    if calibrated:
+        peer2d, peer_ref, result["peer_rerouted"] = resolve(peer_out)
+        calibrate(output, compare(peer2d, peer_ref, table, "output"), judge.dtype, judge.k)
+    passed = output.passed
+    if cand_logits is not None:
+        logits = compare(cand_logits, ref_logits, table, "router logits")
+        if calibrated:
+            calibrate(logits, compare(peer_logits, ref_logits, table, "router logits"), judge.dtype, judge.k)
+        chosen = cand_logits.topk(top_k, -1).indices.sort(-1).values
+        admissible = [bool((options == chosen[t]).all(-1).any()) for t, options in enumerate(sets)]
+        reference_sets = torch.stack([options[0] for options in sets])
+        result.update(router_logits=logits, set_mismatches=admissible.count(False),
+                      match_all=float((chosen == reference_sets).all(-1).double().mean()))
+        passed &= logits.passed and result["set_mismatches"] == 0
+    result["passed"] = passed
+    return result
+
+
 def first_output(out):
     """Modules return a tensor, or a tuple whose first element is the output (4.57 MoE, attention)."""
     return out[0] if isinstance(out, tuple) else out
