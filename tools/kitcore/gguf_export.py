@@ -31,8 +31,7 @@ def _gguf():
     try:
         import gguf
     except ImportError:
-        raise Unavailable("the gguf package is not installed; fix: make setup-llamacpp "
-                          "(or .venv/bin/pip install -r tools/requirements-llamacpp.txt)") from None
+        raise Unavailable("the gguf package is not installed; fix: make setup (requirements.txt pins it)") from None
     return gguf
 
 

