@@ -4,7 +4,8 @@
     python tools/compare.py BASELINE CURRENT [--format md|csv|json]
 
 BASELINE and CURRENT are results files (results/results.jsonl, JSON Lines), a script's --json output,
-or raw logs (read with tools/metrics.py). Records pair by (script, case, device, dtype, engine, metric).
+or raw logs (read with tools/metrics.py). Records pair by every label that identifies them: (script, case,
+device, dtype, engine, attn, impl, gguf_type, layer, point, phase, kind, expert, metric).
 
   * timing rows (median_ms with its iqr_ms): SAME when the medians differ by less than the measured
     spread of both runs (sqrt(iqr_a^2 + iqr_b^2)), else FASTER or SLOWER. Never a fixed percent.
@@ -26,8 +27,9 @@ import metrics  # noqa: E402
 from kitcore import cli, store  # noqa: E402
 from kitcore.errors import EXIT_FAIL, EXIT_PASS, UsageError  # noqa: E402
 
-KEY = ("script", "case", "device", "dtype", "engine", "metric")
-ERROR_METRICS = {"max_abs", "mean_abs", "nmse", "own_max_abs", "own_nmse"}
+KEY = ("script", "case", "device", "dtype", "engine", "attn", "impl", "gguf_type", "layer", "point", "phase", "kind",
+       "expert", "metric")
+ERROR_METRICS = {"max_abs", "mean_abs", "nmse", "own_max_abs", "own_nmse", "kl_mean", "kl_max"}
 REGRESSIONS = {"SLOWER", "GREW", "REGRESSED"}
 
 

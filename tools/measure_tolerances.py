@@ -132,7 +132,7 @@ def main(argv=None):
                     table.add((dtype, "logits", "nmse"), table_need(logits_c, logits_r, 0)[1], where)
                     rms_row = logits_r.pow(2).mean(-1).sqrt()
                     peer_rmse = (logits_p - logits_r).pow(2).mean(-1).sqrt()
-                    peer_rmse = peer_rmse.clamp_min(float(peer_rmse.median()))
+                    peer_rmse = peer_rmse.clamp_min(float(peer_rmse.quantile(0.9)))
                     cand_rmse = (logits_c - logits_r).pow(2).mean(-1).sqrt()
                     need = ((cand_rmse - u * rms_row).clamp_min(0) / peer_rmse).max()
                     ks.add((dtype, "position rms"), float(need), where)

@@ -19,6 +19,7 @@ import torch  # noqa: E402
 
 from kitcore import cli, store  # noqa: E402
 from kitcore.compare import TOLERANCES  # noqa: E402
+from kitcore.judges import PEER_K  # noqa: E402
 from kitcore.devices import DTYPES  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
 from kitcore.points import LAYER_POINTS  # noqa: E402
@@ -104,11 +105,17 @@ def heatmap(records):
     """layer x component log10(nmse) of the latest intermediate run per device/dtype/engine."""
     out = []
     runs = {}
+    limits = {}  # calibrated runs: each cell's allowed nmse, k^2 x the peer's there
     for r in records:
-        if r.get("script") == "test_intermediate_validation" and r.get("metric") == "nmse" and r.get("layer") not in (None, "", "None"):
-            runs.setdefault(group_key(r)[1:], {})[(int(r["layer"]), r.get("point"))] = float(r["value"])
+        if r.get("script") == "test_intermediate_validation" and r.get("layer") not in (None, "", "None"):
+            cell = (int(r["layer"]), r.get("point"))
+            if r.get("metric") == "nmse":
+                runs.setdefault(group_key(r)[1:], {})[cell] = float(r["value"])
+            elif r.get("metric") == "peer_nmse":
+                limits.setdefault(group_key(r)[1:], {})[cell] = PEER_K**2 * float(r["value"])
     for label, cells in sorted(runs.items()):
         tolerance = TOLERANCES[DTYPES.get(label[1], torch.float32)].nmse
+        cell_limits = limits.get(label, {})
         layers = sorted({layer for layer, _ in cells})
         cw, ch, left, top = 44, 18, 60, 110
         w, h = left + cw * len(LAYER_POINTS) + 10, top + ch * len(layers) + 10
@@ -122,15 +129,17 @@ def heatmap(records):
                 v = cells.get((layer, point))
                 if v is None:
                     color = "#ccc"
-                else:  # by nmse / the dtype's tolerance: green at 1/100 or below, red at 10x or above
-                    t = min(max((log10(v / tolerance) + 2) / 3, 0.0), 1.0)
+                else:  # by nmse / what the verdict allowed: green at 1/100 or below, red at 10x or above
+                    limit = max(cell_limits.get((layer, point), tolerance if not cell_limits else 0.0), 1e-300)
+                    t = min(max((log10(max(v, 1e-300) / limit) + 2) / 3, 0.0), 1.0)
                     color = f"rgb({int(255 * t)},{int(200 * (1 - t))},60)"
                 body.append(f'<rect x="{left + j * cw}" y="{top + i * ch}" width="{cw - 1}" height="{ch - 1}" '
                             f'fill="{color}"><title>layer {layer} {esc(point)}: '
                             f'{"missing" if v is None else f"{v:.3e}"}</title></rect>')
         out.append(svg("heatmap", w, h, "".join(body),
-                       f"Layer x component NMSE ({' / '.join(label)}); colour: NMSE / the dtype's tolerance "
-                       f"({tolerance:.0e}), green <= 1/100, red >= 10"))
+                       f"Layer x component NMSE ({' / '.join(label)}); colour: NMSE / "
+                       + (f"k^2 x the peer's NMSE there (calibrated, k={PEER_K:g})" if cell_limits else
+                          f"the dtype's tolerance ({tolerance:.0e})") + ", green <= 1/100, red >= 10"))
     return "\n".join(out) or "<p>No per-layer records.</p>"
 
 

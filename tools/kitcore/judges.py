@@ -6,11 +6,14 @@ How far from the reference may a correct candidate be? Two answers:
 * calibrated (`--peer hf`, the default): a correct peer, HF Transformers in D on X reading the
   reference's checkpoint, runs on the same inputs in the same run, and every figure the verdict
   uses must stay within k times the peer's same figure plus a floor that covers one rounding of D:
-      RMS error       rmse_cand <= k * rmse_peer + f * rms(ref)              (per tensor and per logits position)
-      largest error   max_cand  <= k_max * max_peer + 2f * max|ref|
+      RMS error       rmse_cand <= k * rmse_peer + f * rms(ref)              (per tensor)
+      largest error   max_cand  <= k_max * max_peer + 2f * max|ref|          (per tensor)
+      RMS error       rmse_cand <= k_max * rmse_peer + f * rms(ref)          (per logits position)
       KL              kl_cand   <= k^2 * kl_peer + f^2                       (KL grows with the squared error)
   where f is the rounding floor of D (ROUNDING_FLOOR). Per logits position the peer's RMS error is
-  taken no lower than its median over the positions: one lucky position of the peer is no bound.
+  taken no lower than its 90th percentile over the positions: the error at one position moves with that
+  position's attention pattern independently in two engines, and one lucky position of the peer is
+  no bound (measured on SmolLM2 at 512 tokens: a correct engine needs k 3.8 per position, 1.2 per tensor).
   The machine, its kernels, thread count and the model's depth move the peer's error and the bound
   with it: nothing is extrapolated from another machine or model.
 * table (`--peer none`, or no independent peer: the candidate *is* HF in D on the reference's
@@ -23,8 +26,8 @@ p99 and the top-1/top-5 rates need `aggregate=True` (forward validation judges t
 
 Decisiveness never comes from the candidate: a logits position is decisive when the reference's
 top-1/top-2 gap exceeds twice the error a correct engine may have at a logit there: DECISIVE_SIGMAS x
-the calibrated bound of the peer's RMS error at that position (in table mode, x the RMS error the
-table's LOGITS_NMSE allows), plus the rounding floor at the top logit. This is tighter than the largest
+k x the peer's RMS error at that position (in table mode, x the RMS error the table's LOGITS_NMSE
+allows), plus the rounding floor at the top logit. This is tighter than the largest
 error the element gate allows, on purpose: a flip needs the two top logits to move by the gap, and a
 correct engine's errors there are typical, not extreme. A top-1 flip at a decisive position fails,
 also when every logit is inside the element tolerance.
@@ -229,12 +232,12 @@ def check_logits(candidate, reference, mask, judge, peer=None, name="logits", ag
     check = LogitsCheck(comparison, n, 0.0, 0, 0, 0.0, False, 0.0, 0.0, 0.0, judge, aggregate)
     if calibrated:
         peer_rmse = (peer - ref).pow(2).mean(-1).sqrt()
-        peer_rmse = peer_rmse.clamp_min(float(peer_rmse.median()))  # one lucky position of the peer is no bound
+        peer_rmse = peer_rmse.clamp_min(float(peer_rmse.quantile(0.9)))  # one lucky position of the peer is no bound
         cand_rmse = (cand - ref).pow(2).mean(-1).sqrt()
-        bound = judge.k * peer_rmse + f * rms_row
+        bound = PEER_K_MAX * peer_rmse + f * rms_row
         check.position_failures = int((cand_rmse > bound).sum())
         check.worst_position = int((cand_rmse / bound).argmax())
-        sigma = bound
+        sigma = judge.k * peer_rmse + f * rms_row  # typical, not the extreme the RMS gate allows
     else:
         sigma = LOGITS_NMSE[judge.dtype] ** 0.5 * rms_row
     # the error a correct engine may have at one logit of a position, typical rather than extreme

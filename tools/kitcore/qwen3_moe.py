@@ -112,6 +112,11 @@ class HFModules:
         module = Qwen3MoeSparseMoeBlock(config)
         if "experts.gate_up_proj" in module.state_dict():  # transformers 5.x keeps experts fused
             weights = _fuse_experts(weights, config.num_experts)
+        elif experts != "eager":  # 4.57 has only its loop over experts: never label it as another one
+            import transformers
+
+            raise UsageError(f"--experts {experts}: transformers {transformers.__version__} has only the eager "
+                             "experts loop; use --experts eager (or transformers >= 5)")
         return load_strict(module, weights, "MoE block", "mlp.").to(device.torch_device, dtype).eval()
 
 

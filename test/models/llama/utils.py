@@ -1,9 +1,10 @@
-"""Helpers of the Llama correctness suite (the comparison core itself lives in tools/kitcore/compare.py).
+"""Helpers of the Llama correctness suite (comparison and judges live in tools/kitcore/: compare.py, judges.py).
 
 * Tensor conversion between torch and other libraries (numpy, an engine's own tensors).
 * Parameter-name normalisation between HF names and an engine's names.
 * RoPE reference functions (half-split "NeoX" layout, which HF uses, and interleaved "GPT-J" layout).
-* What the three scripts share: flags, engine and input set-up, the logits check.
+* What the three scripts share: flags, inputs, the set-up of the reference, the engines under test and
+  the peer that calibrates their verdicts, the logits check's lines.
 """
 
 import sys
@@ -232,7 +233,10 @@ def setup(args, script, extra_positions=0, families=FAMILIES, specs=None):
     reference_checkpoint = (checkpoints.open_checkpoint(args.reference_path, families) if args.reference_path
                             else checkpoint)
     inputs = build_inputs(args, reference_checkpoint, extra_positions)
-    results = Results(script, labels={"device": str(device), "dtype": args.dtype, "engine": ",".join(specs)})
+    labels = {"device": str(device), "dtype": args.dtype, "engine": ",".join(specs), "attn": args.attn}
+    if args.gguf_type:
+        labels["gguf_type"] = args.gguf_type
+    results = Results(script, labels=labels)
     results.env = environment(device, dtype, args.seed, checkpoint)
     results.env["reference"] = {"checkpoint": str(reference_checkpoint.path),
                                 "checkpoint_hash": reference_checkpoint.fingerprint,
@@ -277,9 +281,8 @@ def setup(args, script, extra_positions=0, families=FAMILIES, specs=None):
                 f"calibrated by its error (k={judges.PEER_K:g})")
     print(f"  peer: {note}")
     results.env["peer"] = note
-    run = Run(args, results, device, dtype, checkpoint, reference_checkpoint, inputs, reference, loaded,
-              peer if args.peer != "none" else None, timings)
-    return run
+    return Run(args, results, device, dtype, checkpoint, reference_checkpoint, inputs, reference, loaded, peer,
+               timings)
 
 
 REFERENCE = "reference"
