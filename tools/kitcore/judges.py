@@ -22,7 +22,8 @@ How far from the reference may a correct candidate be? Two answers:
 Distribution judges (quantised weights, MoE models in reduced precision, whose router near-ties flip
 discretely) keep the table's limits; a peer can only widen them to k^2 x its own figure, when this
 machine's rounding flips more. A distribution statistic is never gated on a single position: KL mean,
-p99 and the top-1/top-5 rates need `aggregate=True` (forward validation judges the steps together).
+p99 and the top-1/top-5 rates need `aggregate=True` (forward validation judges the steps together),
+and the p99 needs P99_MIN_POSITIONS positions (below that it is the maximum, gated as such).
 
 Decisiveness never comes from the candidate: a logits position is decisive when the reference's
 top-1/top-2 gap exceeds twice the error a correct engine may have at a logit there: DECISIVE_SIGMAS x
@@ -45,6 +46,8 @@ from .errors import UsageError
 # hf sdpa, compile vs hf, on the tiny Llamas and SmolLM2-135M, fp32/bf16/fp16, prompts up to 512 tokens.
 PEER_K = 3.0  # RMS errors and KL (as k^2)
 PEER_K_MAX = 6.0  # the largest element error: an extreme value, noisier than the RMS
+# the KL p99 is gated from this many positions on: below, it is the maximum, which kl_max gates
+P99_MIN_POSITIONS = 100
 # a position is decisive when the top-1/top-2 gap exceeds 2 x this many x the RMS error allowed there
 DECISIVE_SIGMAS = 4.0
 
@@ -186,7 +189,9 @@ class LogitsCheck:
         if d is not None and self.positions:
             gates = [("KL max", self.kl_max, "kl_max")]
             if self.aggregate:
-                gates = [("KL mean", self.kl_mean, "kl_mean"), ("KL p99", self.kl_p99, "kl_p99")] + gates
+                gates.insert(0, ("KL mean", self.kl_mean, "kl_mean"))
+            if self.aggregate and self.positions >= P99_MIN_POSITIONS:  # with fewer, p99 is the max
+                gates.insert(1, ("KL p99", self.kl_p99, "kl_p99"))
             for label, value, key in gates:
                 if value > self.limits[key]:
                     out.append(f"{label} {value:.2e} above {self.limits[key]:.2g}")
