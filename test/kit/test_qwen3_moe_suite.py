@@ -70,7 +70,7 @@ def test_moe_implementations_pass(experts, dtype, inputs, moe_checkpoint, tmp_pa
     assert prefill["tokens"] == 704 and r.json["cases"]["decode"]["tokens"] == 16
     assert sum(prefill["routing"]["tokens_per_expert"]) == 704 * 2
     assert prefill["router_set_mismatches"] == 0
-    assert prefill["near_tie_tokens"] < 704 * 0.3  # most tokens are decisive
+    assert prefill["near_tie_tokens"] < 704 * 0.5  # most tokens are decisive (near-ties are judged too)
 
 
 def test_text_inputs_route_realistically(moe_checkpoint, tmp_path):

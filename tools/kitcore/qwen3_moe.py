@@ -212,20 +212,19 @@ def check_moe_block(out, ref_out, x, weights, config, ref_logits, judge, peer_ou
     Near-ties come from the reference and the peer only, so their share is bounded by the peer's error.
     """
     from .compare import OWN_TOLERANCES, TOLERANCES, compare
-    from .judges import PEER_K_MAX, calibrate, rounding_floor
+    from .judges import DECISIVE_SIGMAS, PEER_K_MAX, calibrate, rounding_floor
 
     top_k = config.num_experts_per_tok
     tokens = ref_logits.shape[0]
     f = rounding_floor(judge.dtype)
     table = TOLERANCES[judge.dtype]
     calibrated = judge.calibrated and peer_out is not None
-    # the router-logit error a correct engine may have on a token: the peer's (calibrated), or the own-error
-    # table's element tolerance (the router is one component), plus the rounding floor
+    # the router-logit error a correct engine may have on a token: the peer's largest there (calibrated), or
+    # DECISIVE_SIGMAS x the RMS error the own-error table allows (the router is one component), plus the floor
     if calibrated:
         margin = PEER_K_MAX * (peer_logits - ref_logits).abs().max(-1).values
     else:
-        own = OWN_TOLERANCES[judge.dtype]
-        margin = own.atol_rms * ref_logits.pow(2).mean(-1).sqrt() + own.rtol * ref_logits.abs().max(-1).values
+        margin = DECISIVE_SIGMAS * OWN_TOLERANCES[judge.dtype].nmse**0.5 * ref_logits.pow(2).mean(-1).sqrt()
     margin = margin + 2 * f * ref_logits.abs().max(-1).values
     sets = admissible_sets(ref_logits, top_k, margin)
     near = [t for t, s in enumerate(sets) if len(s) > 1]
