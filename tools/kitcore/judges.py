@@ -85,7 +85,8 @@ class Judge:
                     f"{d.kl_max:.2g}, top-1 >= {d.top1}, top-5 >= {d.top5}")
             return base + (f" (widened to k^2 x the peer's where larger, k={self.k:g})" if self.calibrated else "")
         if self.calibrated:
-            return f"calibrated: k={self.k:g} x the peer's error + one {_name(self.dtype)} rounding"
+            return (f"calibrated: k={self.k:g} (largest errors: {PEER_K_MAX:g}) x the peer's error + the "
+                    f"{_name(self.dtype)} rounding floor")
         t = tolerance_for(self.table)
         return f"table {_name(self.dtype)}: atol {t.atol_rms:.1e} x rms + rtol {t.rtol:.1e} x |ref|, nmse <= {t.nmse:.1e}"
 
