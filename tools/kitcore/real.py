@@ -82,6 +82,13 @@ def _convert(gguf_path, out, log):
         del model.config.quantization_config
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
+    # the real checkpoints' spelling, which transformers 4.57 (top-level rope_theta) and 5.x both read
+    config_path = Path(out) / "config.json"
+    config = json.loads(config_path.read_text())
+    theta = config.get("rope_parameters", {}).get("rope_theta")
+    if theta is not None and "rope_theta" not in config:
+        config["rope_theta"] = theta
+        config_path.write_text(json.dumps(config, indent=2))
 
 
 def real_checkpoint(out=None, log=None):
