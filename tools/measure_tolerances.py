@@ -94,7 +94,8 @@ def main(argv=None):
         tok = AutoTokenizer.from_pretrained(str(path))
         ref = HFEngine(str(path), cpu, torch.float32, "eager")
         n_layers = ref.config.num_hidden_layers
-        inputs = prompts(lambda t: tok(t)["input_ids"], min(args.max_tokens, ref.config.max_position_embeddings))
+        encode = lambda t, tok=tok: tok(t)["input_ids"]  # noqa: E731
+        inputs = prompts(encode, min(args.max_tokens, ref.config.max_position_embeddings))
         for dtype in [devices.parse_dtype(d) for d in args.dtypes.split(",")]:
             u = rounding_floor(dtype)
             hf = {a: HFEngine(str(path), cpu, dtype, a) for a in ("eager", "sdpa")}

@@ -5,7 +5,7 @@ How far from the reference may a correct candidate be? Two answers:
 
 * calibrated (`--peer hf`, the default): a correct peer, HF Transformers in D on X reading the
   reference's checkpoint, runs on the same inputs in the same run, and every figure the verdict
-  uses must stay within k times the peer's same figure plus a floor that covers one rounding of D:
+  uses must stay within k times the peer's same figure plus a rounding floor f:
       RMS error       rmse_cand <= k * rmse_peer + f * rms(ref)              (per tensor)
       largest error   max_cand  <= k_max * max_peer + 2f * max|ref|          (per tensor)
       RMS error       rmse_cand <= k_max * rmse_peer + f * rms(ref)          (per logits position)
@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .compare import DISTRIBUTIONS, LOGITS_NMSE, OWN_TOLERANCES, TOLERANCES, Distribution, compare, tolerance_for
+from .compare import DISTRIBUTIONS, LOGITS_NMSE, TOLERANCES, Distribution, compare, tolerance_for
 from .errors import UsageError
 
 # k, the factor a candidate's error may exceed the peer's by. Measured (tools/measure_tolerances.py,
-# README "Calibrated verdicts") on correct engines against a peer of another implementation: hf eager vs
+# README "Verdicts") on correct engines against a peer of another implementation: hf eager vs
 # hf sdpa, compile vs hf, on the tiny Llamas and SmolLM2-135M, fp32/bf16/fp16, prompts up to 512 tokens.
 PEER_K = 3.0  # RMS errors and KL (as k^2)
 PEER_K_MAX = 6.0  # the largest element error: an extreme value, noisier than the RMS
@@ -88,7 +88,8 @@ class Judge:
             return (f"calibrated: k={self.k:g} (largest errors: {PEER_K_MAX:g}) x the peer's error + the "
                     f"{_name(self.dtype)} rounding floor")
         t = tolerance_for(self.table)
-        return f"table {_name(self.dtype)}: atol {t.atol_rms:.1e} x rms + rtol {t.rtol:.1e} x |ref|, nmse <= {t.nmse:.1e}"
+        return (f"table {_name(self.dtype)}: atol {t.atol_rms:.1e} x rms + rtol {t.rtol:.1e} x |ref|, "
+                f"nmse <= {t.nmse:.1e}")
 
 
 def judge_for(engine, model_type, calibrated):

@@ -168,7 +168,8 @@ def moe_with_experts(weights, config, x, expert_sets):
         for e in expert_sets[:, slot].unique().tolist():
             rows = expert_sets[:, slot] == e
             h = x[rows]
-            act = torch.nn.functional.silu(h @ w[f"experts.{e}.gate_proj.weight"].T) * (h @ w[f"experts.{e}.up_proj.weight"].T)
+            gate, up = h @ w[f"experts.{e}.gate_proj.weight"].T, h @ w[f"experts.{e}.up_proj.weight"].T
+            act = torch.nn.functional.silu(gate) * up
             out[rows] += chosen[rows, slot:slot + 1] * (act @ w[f"experts.{e}.down_proj.weight"].T)
     return out
 

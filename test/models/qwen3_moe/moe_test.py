@@ -9,12 +9,14 @@ the originals' way, which routes unrealistically).
 Routing analysis, from the float32 reference router on the inputs used: tokens per expert, load
 imbalance (max / mean), fraction of experts unused, mean router entropy. Correctness, on every token
 (kitcore.qwen3_moe.check_moe_block): the block's output against the same block in float32 with the
-eager experts loop on the CPU, calibrated by a correct peer (HF's block in the candidate dtype on the
-device; `--peer none` or the hf engine itself: the static table). A token whose k-th/(k+1)-th router
+eager experts loop on the CPU, calibrated by a correct peer (HF's block with the eager experts loop in
+the candidate dtype on the device; with `--peer none`, or for the hf engine with `--experts eager`,
+which is that peer, the static table). A token whose k-th/(k+1)-th router
 logit gap is within what a correct engine's router error may be there (from the peer, never the
 candidate) is a near-tie: it must match the reference recomputed with one of its admissible expert
 sets. With a `.gate`, the candidate's router logits are judged too, and its expert set must be the
-reference's on every decisive token; without one, routing faults show in the outputs. GFLOP/s and GB/s use the FLOPs of the experts actually run and the
+reference's on every decisive token; without one, routing faults show in the outputs.
+GFLOP/s and GB/s use the FLOPs of the experts actually run and the
 bytes of the weights actually read.
 
 The originals' result line is printed word for word, with their formula (mean latency over the runs).
