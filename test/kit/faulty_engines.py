@@ -163,12 +163,19 @@ class _NoGate(torch.nn.Module):
         return self.block(hidden_states)
 
 
-class NoGateSwappedRouterModules(HFModules):
-    """A module without `.gate` whose router sends expert 0's tokens to expert 1 and back."""
+class SwappedRouterModules(HFModules):
+    """A router that sends expert 0's tokens to expert 1 and back."""
 
     def build_moe(self, config, weights, device, dtype, experts):
         swapped = dict(weights)
         rows = weights["gate.weight"].clone()
         rows[[0, 1]] = rows[[1, 0]]
         swapped["gate.weight"] = rows
-        return _NoGate(super().build_moe(config, swapped, device, dtype, experts))
+        return super().build_moe(config, swapped, device, dtype, experts)
+
+
+class NoGateSwappedRouterModules(SwappedRouterModules):
+    """The same router fault in a module without `.gate`."""
+
+    def build_moe(self, config, weights, device, dtype, experts):
+        return _NoGate(super().build_moe(config, weights, device, dtype, experts))

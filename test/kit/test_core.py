@@ -205,6 +205,18 @@ def test_calibrated_float32_floor_allows_reordered_sums_when_the_peer_is_exact()
     assert not judges.judge_tensor(noisy(ref, 1e-3, 1), ref, judge, ref.clone()).passed
 
 
+def test_one_position_out_of_line_with_the_peer_fails_where_the_tensor_figures_pass():
+    ref = torch.randn(1, 64, 512, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    peer, cand = noisy(ref, 1e-2, 1), noisy(ref, 1e-2, 2)
+    cand[0, 5] += 0.1  # one position shifted: its softmax is unchanged, its logits are not
+    mask = torch.ones(1, 64, dtype=torch.long)
+    judge = judges.Judge(torch.bfloat16, TOLERANCES[torch.bfloat16], calibrated=True)
+    check = judges.check_logits(cand, ref, mask, judge, peer)
+    assert check.comparison.passed, "the tensor's RMS and largest error stay within the peer's bounds"
+    assert check.position_failures == 1 and check.worst_position == 5 and not check.passed, check.reasons()
+    assert judges.check_logits(noisy(ref, 1e-2, 2), ref, mask, judge, peer).passed
+
+
 def logits_with_gaps(gaps, vocab=64):
     """[1, len(gaps), vocab] reference logits whose top-1/top-2 gap at each position is given."""
     g = torch.Generator().manual_seed(0)
