@@ -9,8 +9,10 @@ pasts 50x4, 100x4, 200x4, 400x4, each step timed at its fixed past. `--batched` 
 requests as one left-padded batch, as a serving engine does.
 
 Correctness: every case's output against the same module in float32 on the CPU (eager attention,
-explicit masks) from the same inputs: max abs diff, cosine, NMSE; the verdict uses the kit's own-error
-table (one block on exact inputs, no accumulation) and sets the exit code. GFLOP/s and GB/s come from
+explicit masks) from the same inputs: max abs diff, cosine, NMSE; the verdict is calibrated by a
+correct peer, HF's block with eager attention in the candidate dtype on the device (`--peer none`, or
+the hf engine with `--attn eager`, which is that peer: the own-error table, one block on exact inputs)
+and sets the exit code. GFLOP/s and GB/s come from
 the module's FLOPs and bytes moved (weights + activations + KV cache), at the median latency.
 
 The originals' lines are printed word for word (their formulas, labelled): the TTFT there is the mean
@@ -24,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 
-from kitcore import cli  # noqa: E402
-from kitcore.compare import OWN_TOLERANCES, compare  # noqa: E402
+from kitcore import cli, judges  # noqa: E402
+from kitcore.compare import OWN_TOLERANCES  # noqa: E402
 from kitcore.devices import Device  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
 from kitcore.qwen3_moe import (HFModules, attention_mask, bench_finish, bench_parser, bench_setup,  # noqa: E402
@@ -141,6 +143,8 @@ def main(argv=None):
     parser.add_argument("--prefill_cases", default=PREFILL_CASES, help=f"seqlen:pastlen,... (default {PREFILL_CASES})")
     parser.add_argument("--decode_cases", default=None, help="1:pastlen,... (default 16 requests, pasts 50x4 ... 400x4)")
     parser.add_argument("--batched", action="store_true", help="also run the decode requests as one padded batch")
+    parser.add_argument("--peer", default="hf", choices=["hf", "none"],
+                        help="hf (default): verdicts calibrated by HF's block in --dtype on the device; none: table")
     args = parser.parse_args(argv)
     device, dtype, checkpoint, config, results = bench_setup(args, SCRIPT, args.attn)
     max_pos = config.max_position_embeddings
@@ -153,6 +157,17 @@ def main(argv=None):
     module = engine.build_attention(config, weights, device, dtype, args.attn)
     cpu = Device("cpu", "cpu")
     reference = HFModules().build_attention(config, weights, cpu, torch.float32, "eager")
+    # the peer: HF's block with eager attention in the candidate dtype on the device; the hf engine with
+    # --attn eager is that peer itself
+    if args.peer == "none" or (args.engine == "hf" and args.attn == "eager"):
+        peer = None
+        print("  peer: " + ("none (--peer none)" if args.peer == "none" else "the candidate is HF's block itself")
+              + ": verdicts from the own-error table")
+    else:
+        peer = HFModules().build_attention(config, weights, device, dtype, "eager")
+        print(f"  peer: HF's block (eager) in {args.dtype} on {device}: verdicts calibrated by its error "
+              f"(k={judges.PEER_K:g})")
+    judge = judges.Judge(dtype, OWN_TOLERANCES[dtype], calibrated=peer is not None)
     rotary = Qwen3MoeRotaryEmbedding(config).to(device.torch_device)
     ref_rotary = Qwen3MoeRotaryEmbedding(config)
     g = torch.Generator().manual_seed(args.seed)
@@ -171,11 +186,14 @@ def main(argv=None):
             reset()
             ref_call, _, _ = r.prepare(reference, ref_rotary, cpu, torch.float32, "eager")
             r.reference = ref_call()
+            if peer is not None:
+                peer_call, _, _ = r.prepare(peer, rotary, device, dtype, "eager")
+                r.peer = peer_call().detach().cpu()
         latencies, batch_relative = time_requests([c for c, _, _ in prepared], device, args.warmups, args.runs,
                                                   lambda: [reset() for _, reset, _ in prepared], phase)
         for i, (r, out, m, peak) in enumerate(zip(requests, outputs, latencies, peaks)):
             case = f"{phase}{i}_seq{r.seq}_past{r.past}"
-            c = compare(out, r.reference, OWN_TOLERANCES[dtype], case)
+            c = judges.judge_tensor(out, r.reference, judge, r.peer if peer is not None else None, case)
             all_passed &= c.passed
             flops, moved = flops_and_bytes(config, r.seq, r.past, dtype)
             report_measurement(results, case, m, r.seq, flops, moved, peak, phase=phase)
@@ -227,7 +245,12 @@ def main(argv=None):
         call, reset = batched_decode(requests, module, rotary, device, dtype, args.attn)
         out = call().detach().cpu()
         reset()
-        c = compare(out, torch.cat([r.reference for r in requests]), OWN_TOLERANCES[dtype], "decode_batched")
+        peer_out = None
+        if peer is not None:
+            peer_call, peer_reset = batched_decode(requests, peer, rotary, device, dtype, "eager")
+            peer_out = peer_call().detach().cpu()
+            peer_reset()
+        c = judges.judge_tensor(out, torch.cat([r.reference for r in requests]), judge, peer_out, "decode_batched")
         all_passed &= c.passed
         device.reset_peak_memory()
         (m,), _ = time_requests([call], device, args.warmups, args.runs, reset, "decode batched")
