@@ -98,7 +98,11 @@ def flops_and_bytes(config, tokens, experts_used, dtype):
 
 
 def main(argv=None):
-    parser = bench_parser(__doc__, "--experts", ["eager", "grouped_mm", "batched_mm"], "grouped_mm")
+    # transformers 4.57 has only the eager experts loop: the default names what runs
+    import transformers
+
+    default_experts = "grouped_mm" if int(transformers.__version__.split(".")[0]) >= 5 else "eager"
+    parser = bench_parser(__doc__, "--experts", ["eager", "grouped_mm", "batched_mm"], default_experts)
     parser.add_argument("--inputs", default="text", choices=["text", "random"], help="hidden states (default text)")
     parser.add_argument("--prefill_tokens", type=int, default=704, help="tokens of the prefill call (default 704)")
     parser.add_argument("--decode_tokens", type=int, default=16, help="tokens of the decode call (default 16)")
