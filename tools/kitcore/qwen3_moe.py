@@ -295,7 +295,23 @@ def bench_parser(doc, impl_flag, impl_choices, impl_default):
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice); recorded")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH (atomically)")
+    p.add_argument("--peer", default="hf", choices=["hf", "none"],
+                   help="hf (default): verdicts calibrated by HF's eager block in --dtype on the device; none: table")
     return p
+
+
+def build_peer(args, impl, build_eager, device, what):
+    """The correct peer of a Qwen3-MoE benchmark: HF's block with its eager implementation, in the
+    candidate dtype on the device (`build_eager()` builds it), or None where there is none: --peer none,
+    or the hf engine with `impl` "eager", which is that peer itself. Says which on one line."""
+    from .judges import PEER_K
+
+    if args.peer == "none" or (args.engine == "hf" and impl == "eager"):
+        print("  peer: " + ("none (--peer none)" if args.peer == "none" else "the candidate is HF's block itself")
+              + ": verdicts from the static table")
+        return None
+    print(f"  peer: HF's block ({what}) in {args.dtype} on {device}: verdicts calibrated by its error (k={PEER_K:g})")
+    return build_eager()
 
 
 def bench_setup(args, script, impl):

@@ -31,7 +31,7 @@ from kitcore.compare import OWN_TOLERANCES  # noqa: E402
 from kitcore.devices import Device  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
 from kitcore.qwen3_moe import (HFModules, attention_mask, bench_finish, bench_parser, bench_setup,  # noqa: E402
-                               first_output, layer_weights, module_engine, report_measurement)
+                               build_peer, first_output, layer_weights, module_engine, report_measurement)
 from kitcore.timing import time_requests  # noqa: E402
 
 SCRIPT = "attention_test"
@@ -143,8 +143,6 @@ def main(argv=None):
     parser.add_argument("--prefill_cases", default=PREFILL_CASES, help=f"seqlen:pastlen,... (default {PREFILL_CASES})")
     parser.add_argument("--decode_cases", default=None, help="1:pastlen,... (default 16 requests, pasts 50x4 ... 400x4)")
     parser.add_argument("--batched", action="store_true", help="also run the decode requests as one padded batch")
-    parser.add_argument("--peer", default="hf", choices=["hf", "none"],
-                        help="hf (default): verdicts calibrated by HF's block in --dtype on the device; none: table")
     args = parser.parse_args(argv)
     device, dtype, checkpoint, config, results = bench_setup(args, SCRIPT, args.attn)
     max_pos = config.max_position_embeddings
@@ -157,16 +155,8 @@ def main(argv=None):
     module = engine.build_attention(config, weights, device, dtype, args.attn)
     cpu = Device("cpu", "cpu")
     reference = HFModules().build_attention(config, weights, cpu, torch.float32, "eager")
-    # the peer: HF's block with eager attention in the candidate dtype on the device; the hf engine with
-    # --attn eager is that peer itself
-    if args.peer == "none" or (args.engine == "hf" and args.attn == "eager"):
-        peer = None
-        print("  peer: " + ("none (--peer none)" if args.peer == "none" else "the candidate is HF's block itself")
-              + ": verdicts from the own-error table")
-    else:
-        peer = HFModules().build_attention(config, weights, device, dtype, "eager")
-        print(f"  peer: HF's block (eager) in {args.dtype} on {device}: verdicts calibrated by its error "
-              f"(k={judges.PEER_K:g})")
+    peer = build_peer(args, args.attn, lambda: HFModules().build_attention(config, weights, device, dtype, "eager"),
+                      device, "eager attention")
     judge = judges.Judge(dtype, OWN_TOLERANCES[dtype], calibrated=peer is not None)
     rotary = Qwen3MoeRotaryEmbedding(config).to(device.torch_device)
     ref_rotary = Qwen3MoeRotaryEmbedding(config)

@@ -34,7 +34,7 @@ from kitcore import cli, judges  # noqa: E402
 from kitcore.devices import Device  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
 from kitcore.qwen3_moe import (HFModules, bench_finish, bench_parser, bench_setup, check_moe_block,  # noqa: E402
-                               first_output, module_engine, moe_weights, report_measurement)
+                               build_peer, first_output, module_engine, moe_weights, report_measurement)
 from kitcore.timing import benchmark  # noqa: E402
 
 SCRIPT = "moe_test"
@@ -106,8 +106,6 @@ def main(argv=None):
     parser.add_argument("--inputs", default="text", choices=["text", "random"], help="hidden states (default text)")
     parser.add_argument("--prefill_tokens", type=int, default=704, help="tokens of the prefill call (default 704)")
     parser.add_argument("--decode_tokens", type=int, default=16, help="tokens of the decode call (default 16)")
-    parser.add_argument("--peer", default="hf", choices=["hf", "none"],
-                        help="hf (default): verdicts calibrated by HF's block in --dtype on the device; none: table")
     args = parser.parse_args(argv)
     if args.prefill_tokens < 1 or args.decode_tokens < 1:
         raise UsageError("--prefill_tokens and --decode_tokens must be at least 1")
@@ -117,16 +115,8 @@ def main(argv=None):
     module = engine.build_moe(config, weights, device, dtype, args.experts)
     cpu = Device("cpu", "cpu")
     reference = HFModules().build_moe(config, weights, cpu, torch.float32, "eager")
-    # the peer: HF's block with the eager experts loop in the candidate dtype on the device; the plain hf
-    # engine with those experts is that peer itself
-    if args.peer == "none" or (args.engine == "hf" and args.experts == "eager"):
-        peer = None
-        print("  peer: " + ("none (--peer none)" if args.peer == "none" else "the candidate is HF's block itself")
-              + ": verdicts from the static table")
-    else:
-        peer = HFModules().build_moe(config, weights, device, dtype, "eager")
-        print(f"  peer: HF's block (eager experts) in {args.dtype} on {device}: verdicts calibrated by its error "
-              f"(k={judges.PEER_K:g})")
+    peer = build_peer(args, args.experts, lambda: HFModules().build_moe(config, weights, device, dtype, "eager"),
+                      device, "eager experts")
     judge = judges.Judge(dtype, judges.TOLERANCES[dtype], calibrated=peer is not None)
     total = args.prefill_tokens + args.decode_tokens
     if args.inputs == "text":
