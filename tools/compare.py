@@ -5,12 +5,15 @@
 
 BASELINE and CURRENT are results files (results/results.jsonl, JSON Lines), a script's --json output,
 or raw logs (read with tools/metrics.py). Records pair by every label that identifies them: (script, case,
-device, dtype, engine, attn, impl, gguf_type, layer, point, phase, kind, expert, metric).
+device, dtype, engine, attn, impl, gguf_type, row, layer, point, phase, kind, expert, metric).
 
   * timing rows (median_ms with its iqr_ms): SAME when the medians differ by less than the measured
     spread of both runs (sqrt(iqr_a^2 + iqr_b^2)), else FASTER or SLOWER. Never a fixed percent.
   * error rows (max_abs, mean_abs, nmse): GREW when the current error is above twice the baseline
-    (and above 1e-12), else SAME or SHRANK. A verdict or `passed` flag that goes from pass to fail:
+    (and above 1e-12), else SAME or SHRANK.
+  * memory rows (unit bytes: peak memory per phase or case, growth per call under --repeat): GREW when
+    the current value is above the baseline by more than 10% and more than 1 MiB (growth per call: more
+    than the leak limit, 64 KiB), else SAME or SHRANK. A verdict or `passed` flag that goes from pass to fail:
     REGRESSED.
   * records without a partner are listed as ONLY_BASELINE / ONLY_CURRENT, never dropped.
 SLOWER, GREW and REGRESSED are regressions.
@@ -24,13 +27,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import metrics  # noqa: E402
-from kitcore import cli, store  # noqa: E402
+from kitcore import cli, memory, store  # noqa: E402
 from kitcore.errors import EXIT_FAIL, EXIT_PASS, UsageError  # noqa: E402
 
-KEY = ("script", "case", "device", "dtype", "engine", "attn", "impl", "gguf_type", "layer", "point", "phase", "kind",
-       "expert", "metric")
+KEY = ("script", "case", "device", "dtype", "engine", "attn", "impl", "gguf_type", "row", "layer", "point", "phase",
+       "kind", "expert", "metric")
 ERROR_METRICS = {"max_abs", "mean_abs", "nmse", "own_max_abs", "own_nmse", "kl_mean", "kl_max"}
 REGRESSIONS = {"SLOWER", "GREW", "REGRESSED"}
+MEMORY_RELATIVE_NOISE, MEMORY_NOISE_BYTES = 0.10, 2**20
 
 
 def load(path):
@@ -64,6 +68,11 @@ def judge(key, base, cur, base_idx, cur_idx):
         if abs(c - b) <= noise:
             return "SAME", f"|{c - b:+.4g}| ms within spread {noise:.4g} ms"
         return ("SLOWER" if c > b else "FASTER"), f"{c - b:+.4g} ms ({(c / b - 1) * 100 if b else float('inf'):+.1f}%), spread {noise:.4g} ms"
+    if cur.get("unit") == "bytes":
+        floor = memory.LEAK_BYTES_PER_ITERATION if "growth" in metric else MEMORY_NOISE_BYTES
+        noise = max(MEMORY_RELATIVE_NOISE * abs(b), floor)
+        detail = f"{b / 2**20:.2f} -> {c / 2**20:.2f} MiB"
+        return ("GREW" if c - b > noise else "SHRANK" if b - c > noise else "SAME"), detail
     if metric in ERROR_METRICS:
         if c > 2 * b and c > 1e-12:
             return "GREW", f"{b:.3e} -> {c:.3e}"

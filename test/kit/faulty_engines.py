@@ -179,3 +179,55 @@ class NoGateSwappedRouterModules(SwappedRouterModules):
 
     def build_moe(self, config, weights, device, dtype, experts):
         return _NoGate(super().build_moe(config, weights, device, dtype, experts))
+
+
+class KeepEveryCacheEngine(HFEngine):
+    """Correct outputs, but it keeps every KV cache it makes and every logits tensor it returns (a leak)."""
+
+    name = "keep-every-cache"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kept = []
+
+    def new_cache(self):
+        cache = super().new_cache()
+        self.kept.append(cache)
+        return cache
+
+    def forward(self, *args, **kwargs):
+        logits = super().forward(*args, **kwargs)
+        self.kept.append(logits)
+        return logits
+
+
+class MaskIgnoringEngine(HFEngine):
+    """Ignores the attention mask and counts positions from the first column, padding included."""
+
+    name = "mask-ignoring"
+
+    def forward(self, input_ids, position_ids, attention_mask=None, cache=None):
+        past = 0 if cache is None else cache.get_seq_length()
+        columns = past + torch.arange(input_ids.shape[1])
+        return super().forward(input_ids, columns.expand_as(position_ids), None, cache)
+
+
+class RowZeroPositionsEngine(HFEngine):
+    """Gives every row of a batch the position ids of row 0."""
+
+    name = "row-zero-positions"
+
+    def forward(self, input_ids, position_ids, attention_mask=None, cache=None):
+        return super().forward(input_ids, position_ids[:1].expand_as(position_ids), attention_mask, cache)
+
+
+class DecodeOtherRowLengthEngine(HFEngine):
+    """Prefill is right; in decode, each row reads the next row's cache length (its positions and mask)."""
+
+    name = "decode-other-row-length"
+
+    def forward(self, input_ids, position_ids, attention_mask=None, cache=None):
+        if cache is not None and cache.get_seq_length() > 0 and input_ids.shape[0] > 1:
+            position_ids = position_ids.roll(-1, 0)
+            attention_mask = None if attention_mask is None else attention_mask.roll(-1, 0)
+        return super().forward(input_ids, position_ids, attention_mask, cache)

@@ -13,6 +13,7 @@ import importlib
 
 import torch
 
+from . import memory
 from .errors import Unavailable, UsageError
 
 # flag -> (torch device type, backend module to import first, install hint)
@@ -68,15 +69,28 @@ class Device:
         if self.type != "cpu":
             self._backend().empty_cache()
 
+    @property
+    def memory_kind(self):
+        """What the memory figures count: torch's device allocator, or the process's RSS on the CPU."""
+        return "rss" if self.type == "cpu" else "allocator"
+
     def reset_peak_memory(self):
-        if self.type != "cpu":
+        if self.type == "cpu":
+            memory.reset_peak_rss()
+        else:
             self._backend().reset_peak_memory_stats(self.torch_device)
 
     def peak_memory_bytes(self):
-        """Peak bytes allocated by torch on the device since the last reset; None on CPU (not tracked)."""
+        """Peak bytes since the last reset: allocated by torch on the device; the process's RSS on the CPU."""
         if self.type == "cpu":
-            return None
+            return memory.peak_rss_bytes()
         return int(self._backend().max_memory_allocated(self.torch_device))
+
+    def memory_bytes(self):
+        """Bytes in use now: allocated by torch on the device; the process's RSS on the CPU."""
+        if self.type == "cpu":
+            return memory.rss_bytes()
+        return int(self._backend().memory_allocated(self.torch_device))
 
     def has_events(self):
         return self.type != "cpu" and hasattr(self._backend(), "Event")

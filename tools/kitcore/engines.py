@@ -11,7 +11,9 @@ Constructor:
     Engine(model_path: str, device: kitcore.devices.Device, dtype: torch.dtype, attn: str, **options)
     `options` are engine-specific flags the class names in an OPTIONS tuple (llama.cpp: gguf_type, kv_type).
 Attributes the kit reads: `dtype` (the precision whose tolerance judges the engine) and, optionally,
-`quantization` (e.g. "q8_0": judged by distribution metrics instead of element tolerances).
+`quantization` (e.g. "q8_0": judged by distribution metrics instead of element tolerances) and
+`padding_sides`, the padded batches forward() takes: ("left",) when absent, ("left", "right"), or ()
+for an engine that takes one unpadded prompt at a time (batch validation is then not available).
 
 Required (end-to-end and forward validation):
     new_cache() -> object
@@ -73,6 +75,7 @@ class HFEngine:
     """HuggingFace Transformers, loaded from safetensors on the chosen device and dtype."""
 
     name = "hf"
+    padding_sides = ("left", "right")
 
     def __init__(self, model_path, device, dtype, attn="sdpa"):
         from transformers import AutoModelForCausalLM

@@ -39,6 +39,7 @@ class LlamaCppCache:
 
 class LlamaCppEngine:
     name = "llama.cpp"
+    padding_sides = ()  # one unpadded prompt at a time
     OPTIONS = ("gguf_type", "kv_type")
     capture = None
     run_component = None

@@ -15,6 +15,7 @@ The --json file holds the same results as one object:
 It is written atomically (temporary file in the same folder, then rename).
 """
 
+import copy
 import json
 import math
 import os
@@ -120,6 +121,12 @@ class Results:
         fields += [f"{k}={_clean(v)}" for k, v in record.items()
                    if k not in ("script", "case", "metric", "value", "unit")]
         print("KIT " + " ".join(fields), file=self.stream, flush=True)
+
+    def labelled(self, **labels):
+        """A view that adds `labels` (e.g. row=3 of a batch) to every record; it shares the records."""
+        view = copy.copy(self)
+        view.labels = {**self.labels, **labels}
+        return view
 
     def add_comparison(self, case, comparison, **labels):
         """The standard figures of one `compare` result as metric lines."""

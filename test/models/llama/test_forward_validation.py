@@ -29,55 +29,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import utils  # noqa: E402
 from kitcore import cli, judges  # noqa: E402
+from kitcore.decode import greedy_reference, run_engine  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
 
 SCRIPT = "test_forward_validation"
 
 
-def greedy_reference(reference, inp, steps):
-    """Teacher tokens [B, steps]: the reference's greedy decode with its KV cache. Then the reference's
-    no-cache logits [B, steps + 1, V] at the prefill's last position and every decode step come from one
-    full forward of prompt + teacher tokens."""
-    cache = reference.new_cache()
-    pos, mask = inp.position_ids, inp.attention_mask
-    logits = reference.forward(inp.input_ids, pos, mask if inp.padded else None, cache)[:, -1]
-    tokens = []
-    for k in range(steps):
-        tokens.append(logits.argmax(-1, keepdim=True).cpu())
-        if k < steps - 1:
-            pos = pos[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones_like(tokens[-1])], 1)
-            logits = reference.forward(tokens[-1], pos, mask if inp.padded else None, cache)[:, -1]
-    teacher = torch.cat(tokens, 1)
-    return teacher, no_cache_steps(reference, inp, teacher)
-
-
-def no_cache_steps(engine, inp, teacher):
-    """The engine's no-cache logits over prompt + teacher tokens [B, steps + 1, V], at the prefill's last
-    position and every decode step."""
-    ids = torch.cat([inp.input_ids, teacher], 1)
-    pos = torch.cat([inp.position_ids, inp.position_ids[:, -1:] + 1 + torch.arange(teacher.shape[1])], 1)
-    mask = torch.cat([inp.attention_mask, torch.ones_like(teacher)], 1)
-    full = engine.forward(ids, pos, mask if inp.padded else None).cpu()
-    return full[:, inp.input_ids.shape[1] - 1:]
-
-
-def run_engine(engine, inp, teacher):
-    """Prefill + teacher-forced decode with the engine's own cache, and its own no-cache forward."""
-    cache = engine.new_cache()
-    ids, pos, mask = inp.input_ids, inp.position_ids, inp.attention_mask
-    cached = [engine.forward(ids, pos, mask if inp.padded else None, cache)[:, -1].cpu()]
-    for k in range(teacher.shape[1]):
-        token = teacher[:, k:k + 1]
-        pos = pos[:, -1:] + 1
-        mask = torch.cat([mask, torch.ones_like(token)], 1)
-        cached.append(engine.forward(token, pos, mask if inp.padded else None, cache)[:, -1].cpu())
-    return torch.stack(cached, 1), no_cache_steps(engine, inp, teacher)
-
-
 def main(argv=None):
     parser = utils.build_parser(__doc__, decode=True)
     parser.add_argument("--engines", help="A,B: two engines to compare (default: <--engine>,reference)")
+    utils.add_repeat_arg(parser, "prefill + decode (engine A)")
     args = parser.parse_args(argv)
     if args.decode_steps < 1:
         raise UsageError(f"--decode_steps must be at least 1, got {args.decode_steps}")
@@ -88,10 +49,13 @@ def main(argv=None):
     results, inp = run.results, run.inputs
     pair = [run.engines[s] for s in specs]
 
-    teacher, ref_steps = greedy_reference(run.reference, inp, args.decode_steps)
-    outputs = {id(e): run_engine(e, inp, teacher) for e in pair}
-    if run.peer is not None and id(run.peer) not in outputs:
-        outputs[id(run.peer)] = run_engine(run.peer, inp, teacher)
+    with run.phases("reference_decode"):
+        teacher, ref_steps = greedy_reference(run.reference, inp, args.decode_steps)
+    outputs = {}
+    for label, engine in (("a", pair[0]), ("b", pair[1]), ("peer", run.peer)):
+        if engine is not None and id(engine) not in outputs:
+            with run.phases(f"{label}_decode"):
+                outputs[id(engine)] = run_engine(engine, inp, teacher)
     peer_steps = outputs[id(run.peer)][0] if run.peer is not None else None
     (a_cached, a_full), (b_cached, b_full) = outputs[id(pair[0])], outputs[id(pair[1])]
     judge_a, judge_b = run.judge(pair[0]), run.judge(pair[1])
@@ -167,8 +131,16 @@ def main(argv=None):
         if bad:
             print(f"engine {label} ({spec}): its cached logits differ from its own no-cache forward from step "
                   f"{bad[0]} on: a KV-cache bug, not kernel rounding")
-    print(f"\nverdict: {'PASS: every step CLOSE' if all_close else 'FAIL: see the NOT_CLOSE steps and FAIL lines'}")
-    return results.finish(all_close, args.json)
+    print("\n" + run.phases.summary())
+    run.phases.report(results)
+    passed = all_close
+    if args.repeat:
+        del outputs
+        passed &= utils.check_growth(run, lambda: run_engine(pair[0], inp, teacher), "prefill + decode")
+    verdict = ("PASS: every step CLOSE" if passed else "FAIL: see the NOT_CLOSE steps and FAIL lines" if not all_close
+               else "FAIL: memory grows with every call")
+    print(f"\nverdict: {verdict}")
+    return results.finish(passed, args.json)
 
 
 if __name__ == "__main__":

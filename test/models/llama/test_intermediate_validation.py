@@ -184,34 +184,17 @@ def _ratio(c):
     return f"{(c.nmse / c.peer_nmse) ** 0.5:.2f}" if c.peer_nmse > 0 else ("1.00" if c.nmse == 0 else "inf")
 
 
-def main(argv=None):
-    parser = utils.build_parser(__doc__)
-    parser.add_argument("--max_capture_mb", type=float, default=1024,
-                        help="memory for captured activations of both models; layers are captured in chunks "
-                             "that fit (default 1024)")
-    args = parser.parse_args(argv)
-    run = utils.setup(args, SCRIPT, families=("llama",))
-    results, inp, cand = run.results, run.inputs, run.candidate
-    engines.require(cand, "capture", args.engine, "intermediate validation")
-    if inp.padded:
-        print("note: a padded batch is checked on its first row only")
-    ids, pos = inp.input_ids[:1], inp.position_ids[:1]
-    config = run.reference_checkpoint.config
+def validate_row(run, ids, pos, judge, peer, dual, results):
+    """Every capture point of one unpadded row [1, S], layer chunk by layer chunk: its printed table rows,
+    the first failing point (layer, point, name, row, layout finding) or None, and whether all passed."""
+    cand, config = run.candidate, run.reference_checkpoint.config
     n_layers = config["num_hidden_layers"]
-
-    dual = callable(getattr(cand, "run_component", None))
-    if not dual:
-        print(f"note: engine {args.engine!r} has no run_component(): the dual test (own error) is skipped")
-    peer = run.peer if run.peer is not None and run.peer is not cand else None
-    judge = run.judge(cand)
-    chunk = layers_per_capture(config, ids.shape[1], args.max_capture_mb, models=3 if peer else 2)
+    chunk = layers_per_capture(config, ids.shape[1], run.args.max_capture_mb, models=3 if peer else 2)
     if chunk < n_layers:
-        print(f"note: capturing {chunk} layer(s) at a time to stay within --max_capture_mb {args.max_capture_mb}")
-
-    print(f"judged by {judge.describe()}; own errors by the own-error table" + (", calibrated the same way" if peer else ""))
+        print(f"note: capturing {chunk} layer(s) at a time to stay within --max_capture_mb {run.args.max_capture_mb}")
     print(f"\n{'point':<36} {'max abs':>10} {'nmse':>10} {'vs peer':>9} | {'own maxabs':>10} {'own nmse':>10} "
           f"{'vs peer':>9} | status")
-    rows, first, all_passed, findings = [], None, True, []
+    rows, first, all_passed = [], None, True
     carry = {}  # the reference's output of the previous chunk's last layer: the next layer's input
     for start in range(0, n_layers, chunk):
         layers = range(start, min(start + chunk, n_layers))
@@ -224,24 +207,60 @@ def main(argv=None):
             failed = row["status"] != "ok"
             results.add(name, "passed", not failed, unit="bool", layer=layer, point=point)
             if failed and first is None:
-                first = (layer, point, name, row)
-                findings.append(f"first divergence: {name} ({row['status']}; "
-                                f"{row.get('reason') or 'out of tolerance'})")
+                layout = None
                 if point in ("q_proj", "k_proj") and name in candidate:
                     heads = config["num_attention_heads"] if point == "q_proj" else config["num_key_value_heads"]
                     layout = layout_permutation(candidate[name], reference[name], heads, run.dtype)
-                    if layout:
-                        findings.append(f"{name}: {layout} -- the interleaved-vs-half-split RoPE layout mistake")
+                finding = f"{name}: {layout} -- the interleaved-vs-half-split RoPE layout mistake" if layout else None
+                first = (layer, point, name, row, finding)
             all_passed &= not failed
             rows.append(row)
         last = f"layers.{layers.stop - 1}.output"
         carry = {last: reference[last]} if last in reference else {}
+    return rows, first, all_passed
+
+
+def main(argv=None):
+    parser = utils.build_parser(__doc__)
+    parser.add_argument("--max_capture_mb", type=float, default=1024,
+                        help="memory for captured activations of both models; layers are captured in chunks "
+                             "that fit (default 1024)")
+    args = parser.parse_args(argv)
+    run = utils.setup(args, SCRIPT, families=("llama",))
+    results, inp, cand = run.results, run.inputs, run.candidate
+    engines.require(cand, "capture", args.engine, "intermediate validation")
+    config = run.reference_checkpoint.config
+    n_layers = config["num_hidden_layers"]
+    dual = callable(getattr(cand, "run_component", None))
+    if not dual:
+        print(f"note: engine {args.engine!r} has no run_component(): the dual test (own error) is skipped")
+    peer = run.peer if run.peer is not None and run.peer is not cand else None
+    judge = run.judge(cand)
+    print(f"judged by {judge.describe()}; own errors by the own-error table" + (", calibrated the same way" if peer else ""))
+    batch = inp.input_ids.shape[0]
+    rows, first, all_passed, findings = [], None, True, []
+    for r in range(batch):
+        row = inp.row(r)  # every row of a batch, without its padding
+        if batch > 1:
+            print(f"\n== row {r} of {batch} ({row.input_ids.shape[1]} tokens)")
+        row_points, row_first, row_passed = validate_row(run, row.input_ids, row.position_ids, judge, peer, dual,
+                                                         results if batch == 1 else results.labelled(row=r))
+        all_passed &= row_passed
+        rows += [{**p, "row": r} for p in row_points] if batch > 1 else row_points
+        if row_first is not None and first is None:
+            first = (r, *row_first)
+    if first is not None:
+        r, layer, point, name, row_, finding = first
+        findings.append(f"first divergence: {name}" + (f" in row {r}" if batch > 1 else "")
+                        + f" ({row_['status']}; {row_.get('reason') or 'out of tolerance'})")
+        if finding:
+            findings.append(finding)
 
     worst_own = largest_own_error(rows)
     if worst_own is not None:
         findings.append(f"largest own error: {worst_own['name']} (nmse {worst_own['nmse']:.3e}, "
                         f"{worst_own['ratio']:.1f}x {worst_own['baseline']})")
-    adders = [r["point"] for r in rows if r["status"] == "FAIL: ADDS error"]
+    adders = [r["point"] + (f" (row {r['row']})" if "row" in r else "") for r in rows if r["status"] == "FAIL: ADDS error"]
     inheritors = [r["point"] for r in rows if r["status"] == "FAIL: inherits error"]
     if adders:
         findings.append(f"components that add error: {', '.join(adders)}")
@@ -266,7 +285,8 @@ def main(argv=None):
     for f in findings:
         print(f)
     results.extra.update(
-        first_divergence=None if first is None else {"layer": first[0], "point": first[1]},
+        first_divergence=None if first is None else {"layer": first[1], "point": first[2],
+                                                      **({"row": first[0]} if batch > 1 else {})},
         largest_own_error=worst_own,
         points=rows, rope=rope, findings=findings)
     print(f"\nverdict: {'PASS' if all_passed else 'FAIL'}")

@@ -27,36 +27,39 @@ SCRIPT = "test_llama_inference"
 
 def main(argv=None):
     started = time.perf_counter()
-    args = utils.build_parser(__doc__).parse_args(argv)
+    parser = utils.build_parser(__doc__)
+    utils.add_repeat_arg(parser, "forward")
+    args = parser.parse_args(argv)
     run = utils.setup(args, SCRIPT)
-    inp, results = run.inputs, run.results
+    inp, results, phases = run.inputs, run.results, run.phases
 
-    t0 = time.perf_counter()
-    reference = run.reference.forward(inp.input_ids, inp.position_ids, inp.mask_or_none)
-    run.timings["reference_forward_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    candidate = run.candidate.forward(inp.input_ids, inp.position_ids, inp.mask_or_none)
-    run.device.synchronize()
-    run.timings["candidate_forward_s"] = time.perf_counter() - t0
-
+    with phases("reference_forward"):
+        reference = run.reference.forward(inp.input_ids, inp.position_ids, inp.mask_or_none)
+    with phases("candidate_forward"):
+        candidate = run.candidate.forward(inp.input_ids, inp.position_ids, inp.mask_or_none)
     peer = None
     if run.peer is not None and run.peer is not run.candidate:
-        t0 = time.perf_counter()
-        peer = run.peer.forward(inp.input_ids, inp.position_ids, inp.mask_or_none)
-        run.timings["peer_forward_s"] = time.perf_counter() - t0
+        with phases("peer_forward"):
+            peer = run.peer.forward(inp.input_ids, inp.position_ids, inp.mask_or_none)
     check = judges.check_logits(candidate, reference, inp.attention_mask, run.judge(run.candidate), peer)
     utils.print_logits_check(check, reference.shape[-1])
     # the check's own cost: its wall time (after imports) over the two models' load and forward times
-    work = sum(run.timings.values())
-    run.timings["check_wall_s"] = time.perf_counter() - started
-    print("  timings (s): " + ", ".join(f"{k} {v:.3f}" for k, v in run.timings.items())
-          + f"; check wall / (loads + forwards) = {run.timings['check_wall_s'] / work:.2f}")
+    work = sum(phases.seconds.values())
+    wall = time.perf_counter() - started
+    print("  timings (s): " + ", ".join(f"{k} {v:.3f}" for k, v in phases.seconds.items())
+          + f"; check wall {wall:.3f}, wall / (loads + forwards) = {wall / work:.2f}")
+    print("  " + phases.summary())
     utils.record_logits_check(results, "logits", check)
-    for name, seconds in run.timings.items():
-        results.add("timing", name, seconds, unit="s")
-    verdict = "PASS" if check.passed else f"FAIL: {check.reasons()}"
+    phases.report(results)
+    results.add("timing", "check_wall", wall, unit="s")
+    passed = check.passed
+    if args.repeat:
+        del candidate
+        passed &= utils.check_growth(run, lambda: run.candidate.forward(inp.input_ids, inp.position_ids,
+                                                                         inp.mask_or_none), "forward")
+    verdict = "PASS" if passed else f"FAIL: {check.reasons() if not check.passed else 'memory grows with every call'}"
     print(f"\nverdict: {verdict}")
-    return results.finish(check.passed, args.json)
+    return results.finish(passed, args.json)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@
 """
 
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,12 +15,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 
-from kitcore import checkpoints, cli, devices, engines, judges, rope  # noqa: E402
+from kitcore import checkpoints, cli, devices, engines, judges, memory, rope  # noqa: E402
+from kitcore import inputs as kitinputs  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
 from kitcore.results import Results, environment  # noqa: E402
 from kitcore.tiny import DEFAULT_PROMPT  # noqa: E402
 
 FAMILIES = ("llama", "qwen3_moe")  # end-to-end and forward validation; intermediate validation is Llama only
+BATCH_LENGTHS = (1, 4, 11, 26, 60, 128, 200, 300)  # batch validation: ragged, from one token to a few hundred
+Inputs = kitinputs.Inputs
 
 # ---- tensor conversion ---------------------------------------------------------------------------
 
@@ -91,7 +93,7 @@ half_to_interleaved_rows, scaled_frequencies = rope.half_to_interleaved_rows, ro
 # ---- what the scripts share ---------------------------------------------------------------------
 
 
-def build_parser(doc, decode=False):
+def build_parser(doc, decode=False, batch=False):
     p = cli.ArgumentParser(description=doc)
     p.add_argument("--model_path", help="HF checkpoint directory (default: the kit's embedded tiny Llama)")
     p.add_argument("--reference_path", help="checkpoint of the reference (default: --model_path)")
@@ -105,9 +107,20 @@ def build_parser(doc, decode=False):
                         "Transformers in --dtype on the device (kitcore/judges.py); none: the static table")
     devices.add_device_args(p)
     inputs = p.add_mutually_exclusive_group()
-    inputs.add_argument("--prompt", default=None, help="prompt text (default: an English sentence)")
-    inputs.add_argument("--input_ids", help="comma-separated token ids instead of a prompt, e.g. 1,2,3")
     inputs.add_argument("--prompts-file", dest="prompts_file", help="one prompt per line: a padded batch")
+    if batch:
+        p.add_argument("--lengths", default=",".join(map(str, BATCH_LENGTHS)),
+                       help="token lengths of the prompts: windows of real text, or random ids with --inputs random "
+                            f"(default {','.join(map(str, BATCH_LENGTHS))})")
+    else:
+        inputs.add_argument("--prompt", default=None, help="prompt text (default: an English sentence)")
+        inputs.add_argument("--input_ids", help="comma-separated token ids instead of a prompt, e.g. 1,2,3")
+        inputs.add_argument("--edge", choices=list(kitinputs.EDGE_CASES),
+                            help="an edge input instead of the prompt: " + "; ".join(
+                                f"{k}: {v}" for k, v in kitinputs.EDGE_CASES.items()))
+    p.add_argument("--inputs", default="text", choices=["text", "random"],
+                   help="text (default): the prompt(s); random: token ids drawn with --seed (no tokenizer needed)"
+                        + ("" if batch else f", {kitinputs.RANDOM_PROMPT_TOKENS} of them"))
     p.add_argument("--seed", type=int, default=0, help="seed for anything random (default 0)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice); recorded")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH (atomically)")
@@ -119,46 +132,37 @@ def build_parser(doc, decode=False):
     return p
 
 
-@dataclass
-class Inputs:
-    input_ids: torch.Tensor  # [B, S] int64
-    position_ids: torch.Tensor  # [B, S]
-    attention_mask: torch.Tensor  # [B, S], 1 = real token (left padding)
-    padded: bool
-
-    @property
-    def mask_or_none(self):
-        return self.attention_mask if self.padded else None
 
 
-def _tokenizer(path):
-    """encode(text) -> ids with the checkpoint's tokenizer: tokenizer.json through the `tokenizers` library
-    (fast to load; its post-processor adds BOS where the model wants it), else transformers' AutoTokenizer."""
-    tokenizer_json = Path(path) / "tokenizer.json"
+def _lengths(text):
     try:
-        if tokenizer_json.is_file():
-            from tokenizers import Tokenizer
-
-            tok = Tokenizer.from_file(str(tokenizer_json))
-            return lambda text: tok.encode(text, add_special_tokens=True).ids
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-        return lambda text: tok(text, add_special_tokens=True)["input_ids"]
-    except Exception as exc:  # tokenizers raises a bare Exception on a corrupt file
-        raise UsageError(f"{path}: cannot load the tokenizer ({str(exc).splitlines()[0]}); "
-                         "pass token ids with --input_ids instead") from None
+        lengths = [int(n) for n in text.split(",")]
+    except ValueError:
+        lengths = []
+    if not lengths or min(lengths) < 1:
+        raise UsageError(f"--lengths {text!r}: expected positive comma-separated integers, e.g. 1,4,11")
+    return lengths
 
 
 def build_inputs(args, checkpoint, extra_positions=0):
-    """Token ids from --input_ids, --prompts-file or --prompt, left-padded into a batch and checked."""
+    """Token ids from --input_ids, --prompts-file, --edge, --inputs random or --prompt, left-padded into a
+    batch and checked against the checkpoint's vocabulary and context."""
     cfg = checkpoint.config
-    vocab, max_pos = cfg["vocab_size"], cfg.get("max_position_embeddings")
-    if args.input_ids is not None:
+    prompt, input_ids, edge = (getattr(args, name, None) for name in ("prompt", "input_ids", "edge"))
+    if args.inputs == "random" and (prompt is not None or args.prompts_file or edge):
+        raise UsageError("--inputs random replaces the prompt; drop --prompt / --prompts-file / --edge")
+    lengths = _lengths(args.lengths) if getattr(args, "lengths", None) and not args.prompts_file else None
+    if input_ids is not None:
         try:
-            rows = [[int(t) for t in args.input_ids.split(",") if t.strip()]]
+            rows = [[int(t) for t in input_ids.split(",") if t.strip()]]
         except ValueError:
-            raise UsageError(f"--input_ids {args.input_ids!r}: expected comma-separated integers, e.g. 1,2,3") from None
+            raise UsageError(f"--input_ids {input_ids!r}: expected comma-separated integers, e.g. 1,2,3") from None
+    elif edge:
+        rows = [kitinputs.edge_row(edge, cfg, checkpoint.path, extra_positions)]
+    elif args.inputs == "random":
+        rows = kitinputs.random_rows(lengths or [kitinputs.RANDOM_PROMPT_TOKENS], cfg["vocab_size"], args.seed)
+    elif lengths:
+        rows = kitinputs.text_rows(kitinputs.tokenizer(checkpoint.path), lengths)
     else:
         if args.prompts_file:
             try:
@@ -168,28 +172,13 @@ def build_inputs(args, checkpoint, extra_positions=0):
             if not prompts:
                 raise UsageError(f"--prompts-file {args.prompts_file}: no prompts (one per line)")
         else:
-            prompts = [DEFAULT_PROMPT if args.prompt is None else args.prompt]
+            prompts = [DEFAULT_PROMPT if prompt is None else prompt]
         if any(not p.strip() for p in prompts):
             raise UsageError("empty prompt; give some text with --prompt")
-        encode = _tokenizer(checkpoint.path)
+        encode = kitinputs.tokenizer(checkpoint.path)
         rows = [encode(p) for p in prompts]
-    for r in rows:
-        if not r:
-            raise UsageError("empty input: no tokens; give a prompt or --input_ids")
-        bad = [t for t in r if not 0 <= t < vocab]
-        if bad:
-            raise UsageError(f"token id {bad[0]} is outside the vocabulary [0, {vocab}); fix --input_ids")
-        if max_pos and len(r) + extra_positions > max_pos:
-            raise UsageError(f"input of {len(r)} tokens" + (f" + {extra_positions} decode steps" if extra_positions
-                             else "") + f" exceeds max_position_embeddings={max_pos}; shorten the prompt")
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return Inputs(ids, positions, mask, padded=bool((mask == 0).any()))
+    kitinputs.check_rows(rows, cfg, extra_positions)
+    return kitinputs.pad(rows)
 
 
 @dataclass
@@ -204,7 +193,7 @@ class Run:
     reference: engines.HFEngine
     engines: dict  # spec -> engine, for every engine under test
     peer: object  # the correct peer (HF in the candidate dtype on the device), or None: table verdicts
-    timings: dict
+    phases: memory.Phases  # wall time and peak memory of each phase
 
     @property
     def candidate(self):
@@ -248,17 +237,15 @@ def setup(args, script, extra_positions=0, families=FAMILIES, specs=None):
           f"{args.reference_dtype} on cpu from {reference_checkpoint.path}")
     print(f"  torch {env['torch']}, transformers {env['transformers']}; input: {tuple(inputs.input_ids.shape)} "
           f"tokens (batch x length)")
-    timings = {}
-    t0 = time.perf_counter()
-    reference = engines.HFEngine(str(reference_checkpoint.path), devices.Device("cpu", "cpu"),
-                                 devices.parse_dtype(args.reference_dtype), "eager")
-    timings["reference_load_s"] = time.perf_counter() - t0
+    phases = memory.Phases(device)
+    with phases("reference_load"):
+        reference = engines.HFEngine(str(reference_checkpoint.path), devices.Device("cpu", "cpu"),
+                                     devices.parse_dtype(args.reference_dtype), "eager")
     options = {"gguf_type": args.gguf_type, "kv_type": args.kv_type}
-    t0 = time.perf_counter()
-    loaded = {spec: engines.load_engine(spec, checkpoint.path, device, dtype, args.attn, options)
-              for spec in specs if spec != REFERENCE}
+    with phases("candidate_load"):
+        loaded = {spec: engines.load_engine(spec, checkpoint.path, device, dtype, args.attn, options)
+                  for spec in specs if spec != REFERENCE}
     loaded = {spec: reference if spec == REFERENCE else loaded[spec] for spec in specs}
-    timings["candidate_load_s"] = time.perf_counter() - t0
     for spec, engine in loaded.items():
         if getattr(engine, "description", None):
             print(f"  {spec}: {engine.description}")
@@ -274,18 +261,43 @@ def setup(args, script, extra_positions=0, families=FAMILIES, specs=None):
         peer, note = self_peer, ("the candidate is HF Transformers itself, the peer: judged by the static table "
                                  "(measured on the tiny and the real checkpoint)")
     else:
-        t0 = time.perf_counter()
-        peer = self_peer or engines.HFEngine(str(reference_checkpoint.path), device, dtype, args.attn)
-        timings["peer_load_s"] = time.perf_counter() - t0
+        with phases("peer_load"):
+            peer = self_peer or engines.HFEngine(str(reference_checkpoint.path), device, dtype, args.attn)
         note = (f"HF Transformers {args.dtype} {args.attn} on {device} from the reference checkpoint: verdicts "
                 f"calibrated by its error (k={judges.PEER_K:g})")
     print(f"  peer: {note}")
     results.env["peer"] = note
     return Run(args, results, device, dtype, checkpoint, reference_checkpoint, inputs, reference, loaded, peer,
-               timings)
+               phases)
 
 
 REFERENCE = "reference"
+
+
+def add_repeat_arg(parser, what):
+    parser.add_argument("--repeat", type=int, default=0, metavar="N",
+                        help=f"after the check, run the candidate's {what} N more times and report how its live "
+                             "memory grows per call (device allocator, or RSS on the CPU); growth above "
+                             f"{memory.LEAK_BYTES_PER_ITERATION // 1024} KiB per call fails as a leak (0: off)")
+
+
+def check_growth(run, call, what):
+    """`--repeat N`: run `call` N times, report live memory per call; False when it grows like a leak."""
+    if run.args.repeat < 3:
+        raise UsageError(f"--repeat {run.args.repeat}: at least 3 calls are needed to tell growth from warm-up")
+    growth = memory.repeat_growth(call, run.device, run.args.repeat)
+    leaking = growth.leaking
+    print(f"\nmemory over --repeat {run.args.repeat} candidate {what} calls: {growth.describe()} -> "
+          + ("FAIL: it grows with every call (a leak: caches, outputs or buffers kept)" if leaking else "ok"))
+    kind = run.device.memory_kind
+    run.results.add("repeat", "memory_growth_per_call", growth.per_iteration, unit="bytes", memory=kind)
+    run.results.add("repeat", "memory_first_call", growth.samples[0], unit="bytes", memory=kind)
+    run.results.add("repeat", "memory_last_call", growth.samples[-1], unit="bytes", memory=kind)
+    run.results.add("repeat", "passed", not leaking, unit="bool")
+    run.results.extra["repeat"] = {"calls": run.args.repeat, "samples_bytes": growth.samples,
+                                   "growth_per_call_bytes": growth.per_iteration, "leaking": leaking,
+                                   "memory": kind}
+    return not leaking
 
 
 def record_logits_check(results, case, check, **labels):

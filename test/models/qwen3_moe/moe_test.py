@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 
-from kitcore import cli, judges  # noqa: E402
+from kitcore import cli, inputs, judges  # noqa: E402
 from kitcore.devices import Device  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
 from kitcore.qwen3_moe import (HFModules, bench_finish, bench_parser, bench_setup, check_moe_block,  # noqa: E402
@@ -41,16 +41,11 @@ SCRIPT = "moe_test"
 
 
 def text_hidden_states(checkpoint, layer, tokens):
-    """[1, tokens, H]: the input of layer `layer`'s MoE block when the model reads stdlib docstrings
-    (float32, CPU; only the layers up to `layer` are loaded)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """[1, tokens, H]: the input of layer `layer`'s MoE block when the model reads real text (standard-library
+    docstrings, kitcore.inputs; float32, CPU; only the layers up to `layer` are loaded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from kitcore.tiny import stdlib_docstrings
-
-    tok = AutoTokenizer.from_pretrained(str(checkpoint.path), local_files_only=True)
-    ids, docs = [], iter(stdlib_docstrings())
-    while len(ids) < tokens:
-        ids += tok(next(docs) + "\n\n")["input_ids"]
+    ids = inputs.text_stream(inputs.tokenizer(checkpoint.path, "use --inputs random"), tokens)
     config = AutoConfig.from_pretrained(str(checkpoint.path))
     if tokens > config.max_position_embeddings:
         raise UsageError(f"{tokens} tokens of text exceed max_position_embeddings={config.max_position_embeddings}; "
@@ -61,7 +56,7 @@ def text_hidden_states(checkpoint, layer, tokens):
     captured = {}
     hook = model.model.layers[layer].mlp.register_forward_pre_hook(lambda m, args: captured.setdefault("x", args[0]))
     with torch.no_grad():
-        model(input_ids=torch.tensor([ids[:tokens]]))
+        model(input_ids=torch.tensor([ids]))
     hook.remove()
     return captured["x"].detach()
 

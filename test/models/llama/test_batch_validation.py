@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""Batches: does every prompt get the same logits alone and inside a batch, and the reference's logits,
+through a batched prefill and a batched decode whose rows sit at different cache lengths?
+
+Prompts: windows of real text of ragged lengths (`--lengths`, default 1 to 300 tokens; `--inputs random`
+for token ids, `--prompts-file` for your own). Each prompt runs alone on the candidate, then inside
+batches of `--batch_sizes` (default 2, 4, 8; each batch pairs short rows with long ones) with left
+padding, and right padding where the engine declares it (`padding_sides`). For every row:
+  * batch invariance, against the same prompt alone on the same engine: "bitwise", "within rounding"
+    (the dtype's table: the same engine's kernels on another batch shape) or "NOT", which fails;
+  * against the reference (HF eager float32 on the CPU, the prompt alone), judged like the end-to-end
+    check (calibrated by the peer, HF in the candidate dtype, run on the same batches).
+Then a batched prefill and a teacher-forced greedy decode (`--decode_steps`) of the largest batch with
+ragged caches, in which rows finish early (row j decodes steps - j mod 3 tokens; a finished row is fed
+a masked-out padding token): each row's every step against that row's reference. Last, a shared-prefix
+batch (one prompt, and that prompt continued two ways): each row against itself alone and the reference.
+A failure names the batch, the row and the step. Exit 1 on any failure.
+"""
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import utils  # noqa: E402
+from kitcore import cli, inputs, judges  # noqa: E402
+from kitcore.decode import greedy_reference, no_cache_steps, ragged_decode  # noqa: E402
+from kitcore.errors import Unavailable, UsageError  # noqa: E402
+
+SCRIPT = "test_batch_validation"
+SHARED_PREFIX, CONTINUATIONS = 40, (12, 20)  # tokens of the shared-prefix batch
+
+
+def interleaved(lengths):
+    """Row order that puts the shortest prompt first and pairs short with long rows in every batch (a
+    batch of equal lengths has no padding to get wrong; a long row 0 would hide position mistakes)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    out = []
+    while order:
+        out.append(order.pop(0))
+        if order:
+            out.append(order.pop())
+    return out
+
+
+class Rows:
+    """The engines' logits for each prompt alone: reference, candidate and peer (or None)."""
+
+    def __init__(self, run, peer, prompts):
+        self.prompts, self.reference, self.candidate, self.peer = prompts, [], [], []
+        self.self_peer = run.candidate is run.peer  # plain hf: the candidate's own error is the peer's
+        for ids in prompts:
+            row = inputs.pad([ids])
+            self.reference.append(run.reference.forward(row.input_ids, row.position_ids)[0].cpu())
+            self.candidate.append(run.candidate.forward(row.input_ids, row.position_ids)[0].cpu())
+            self.peer.append(peer.forward(row.input_ids, row.position_ids)[0].cpu() if peer else None)
+
+
+def invariance(batched, alone, i, judge):
+    """'bitwise', 'within rounding' or 'NOT' for prompt i's logits [S, V] in a batch against alone, on the
+    same engine. Within rounding: the batch moves the logits by no more than the dtype's rounding moves a
+    correct engine's, i.e. the peer's error against the reference (k times it, as everywhere); without a
+    peer, the dtype's table."""
+    cand_alone = alone.candidate[i]
+    if torch.equal(batched, cand_alone.to(batched.dtype)):
+        return "bitwise", 0.0, True
+    noise = alone.peer[i] if alone.peer[i] is not None else cand_alone if alone.self_peer else None
+    shifted = None  # the candidate alone, moved by the peer's rounding error: what the bounds are taken from
+    if noise is not None:
+        shifted = (cand_alone.double() + (noise.double() - alone.reference[i].double()))[None]
+    judge = replace(judge, calibrated=noise is not None)
+    check = judges.check_logits(batched[None], cand_alone[None], torch.ones(1, len(cand_alone)), judge, shifted)
+    return ("within rounding" if check.passed else "NOT"), check.comparison.max_abs, check.passed
+
+
+def check_batch(run, peer, alone, rows, side, label, judge, results):
+    """One padded batch of the prompts `rows` (indices): every row against itself alone and the reference."""
+    batch = inputs.pad([alone.prompts[i] for i in rows], side)
+    cand = run.candidate.forward(batch.input_ids, batch.position_ids, batch.attention_mask).cpu()
+    peer_out = peer.forward(batch.input_ids, batch.position_ids, batch.attention_mask).cpu() if peer else None
+    passed = True
+    for j, i in enumerate(rows):
+        got = batch.real(j, cand)
+        kind, max_diff, same = invariance(got, alone, i, judge)
+        vs_ref = judges.check_logits(got[None], alone.reference[i][None], torch.ones(1, len(got)), judge,
+                                     None if peer_out is None else batch.real(j, peer_out)[None])
+        ok = same and vs_ref.passed
+        passed &= ok
+        where = f"{label} row {j} (prompt {i}, {len(got)} tokens)"
+        print(f"  {where:<46} {kind:<16} {max_diff:>10.3e} | vs reference "
+              + ("ok" if vs_ref.passed else f"FAIL: {vs_ref.reasons()}"))
+        case = f"{label.replace(' ', '_')}_row{j}"
+        results.add(case, "invariant_max_abs", max_diff, invariance=kind.replace(" ", "_"))
+        results.add(case, "max_abs", vs_ref.comparison.max_abs)
+        results.add(case, "kl_max", vs_ref.kl_max, unit="nats")
+        results.add(case, "passed", ok, unit="bool")
+    return passed
+
+
+def check_decode(run, peer, alone, rows, steps, judge, results):
+    """Batched prefill + ragged teacher-forced decode of the prompts `rows`; every row's every step
+    against the reference of that prompt alone."""
+    batch = inputs.pad([alone.prompts[i] for i in rows])
+    teachers, references = [], []
+    for j, i in enumerate(rows):
+        row = inputs.pad([alone.prompts[i]])
+        teacher, _ = greedy_reference(run.reference, row, max(1, steps - j % 3))
+        teachers.append(teacher[0])
+        references.append(no_cache_steps(run.reference, row, teacher)[0])
+    got = ragged_decode(run.candidate, batch, teachers)
+    peer_got = ragged_decode(peer, batch, teachers) if peer else [None] * len(rows)
+    passed = True
+    for j, i in enumerate(rows):
+        failures = []
+        for step in range(len(teachers[j]) + 1):
+            check = judges.check_logits(got[j][step][None, None], references[j][step][None, None],
+                                        torch.ones(1, 1), judge,
+                                        None if peer_got[j] is None else peer_got[j][step][None, None],
+                                        aggregate=False)
+            results.add(f"decode_row{j}", "max_abs", check.comparison.max_abs, kind=f"step{step}")
+            results.add(f"decode_row{j}", "passed", check.passed, unit="bool", kind=f"step{step}")
+            if not check.passed:
+                failures.append((step, check))
+        passed &= not failures
+        where = f"decode row {j} (prompt {i}, {len(alone.prompts[i])} tokens + {len(teachers[j])} steps)"
+        if failures:
+            step, check = failures[0]
+            kind = "prefill" if step == 0 else f"decode step {step}"
+            print(f"  {where:<56} FAIL from {kind} on ({len(failures)} step(s)): {check.reasons()}")
+        else:
+            print(f"  {where:<56} every step ok")
+    return passed
+
+
+def main(argv=None):
+    parser = utils.build_parser(__doc__, decode=True, batch=True)
+    parser.set_defaults(decode_steps=4)
+    parser.add_argument("--batch_sizes", default="2,4,8", help="batch sizes (default 2,4,8)")
+    args = parser.parse_args(argv)
+    try:
+        sizes = sorted({int(b) for b in args.batch_sizes.split(",")})
+    except ValueError:
+        sizes = []
+    if not sizes or sizes[0] < 2:
+        raise UsageError(f"--batch_sizes {args.batch_sizes!r}: expected sizes of at least 2, e.g. 2,4,8")
+    if args.decode_steps < 1:
+        raise UsageError(f"--decode_steps must be at least 1, got {args.decode_steps}")
+    run = utils.setup(args, SCRIPT, extra_positions=args.decode_steps)
+    sides = [s for s in ("left", "right") if s in getattr(run.candidate, "padding_sides", ("left",))]
+    if "left" not in sides:
+        raise Unavailable(f"engine {args.engine!r} takes one prompt at a time (padding_sides "
+                          f"{getattr(run.candidate, 'padding_sides', None)!r}): batch validation needs left padding")
+    prompts = [run.inputs.row(i).input_ids[0].tolist() for i in range(run.inputs.input_ids.shape[0])]
+    if max(sizes) > len(prompts):
+        raise UsageError(f"--batch_sizes {args.batch_sizes}: batches of {max(sizes)} need at least {max(sizes)} "
+                         f"prompts, there are {len(prompts)}; add --lengths or prompts")
+    results, judge = run.results, run.judge(run.candidate)
+    peer = run.peer if run.peer is not None and run.peer is not run.candidate else None
+    order = interleaved([len(p) for p in prompts])
+    print(f"prompts: {len(prompts)} of {', '.join(str(len(p)) for p in prompts)} tokens; padding sides: "
+          f"{', '.join(sides)}; judged by {judge.describe()}")
+
+    with run.phases("alone"):
+        alone = Rows(run, peer, prompts)
+    passed = True
+    print("\neach row in a batch against the same prompt alone (invariance, max abs diff) and the reference:")
+    with run.phases("batches"):
+        for size in sizes:
+            for side in sides:
+                for start in range(0, len(order) - size + 1, size):
+                    label = f"batch {size} {side} #{start // size}"
+                    passed &= check_batch(run, peer, alone, order[start:start + size], side, label, judge, results)
+
+    print(f"\nbatched prefill + ragged greedy decode ({args.decode_steps} steps, rows finish early):")
+    with run.phases("decode"):
+        passed &= check_decode(run, peer, alone, order[:max(sizes)], args.decode_steps, judge, results)
+
+    prefix = max(prompts, key=len)[:SHARED_PREFIX]
+    if len(prefix) == SHARED_PREFIX:
+        tails = inputs.random_rows(CONTINUATIONS, run.checkpoint.config["vocab_size"], args.seed)
+        shared = [prefix + tails[0], prefix + tails[1], prefix]
+        print(f"\nshared-prefix batch ({SHARED_PREFIX} shared tokens, then {CONTINUATIONS} more or none):")
+        with run.phases("shared_prefix"):
+            shared_alone = Rows(run, peer, shared)
+            passed &= check_batch(run, peer, shared_alone, [0, 1, 2], "left", "shared prefix", judge, results)
+    else:
+        print(f"\nnote: no prompt of {SHARED_PREFIX} tokens: the shared-prefix batch is skipped")
+
+    print("\n" + run.phases.summary())
+    run.phases.report(results)
+    print(f"\nverdict: {'PASS' if passed else 'FAIL: see the FAIL and NOT lines (batch, row, step)'}")
+    return results.finish(passed, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
