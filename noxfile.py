@@ -115,14 +115,14 @@ def summarise(session, outcomes):
         session.error(f"{len(failed)} script run(s) failed: {', '.join(failed)}")
 
 
-def make_device_session(kind, scripts, device, description):
+def make_device_session(kind, scripts, device, description, extra=()):
     @nox.session(name=f"{kind}-{device}", python=False)
     @nox.parametrize("dtype", DTYPES)
     def session_fn(session, dtype):
         reason = unavailable(device, dtype)
         if reason:
             session.skip(reason)
-        summarise(session, run_scripts(session, scripts, device, dtype))
+        summarise(session, run_scripts(session, scripts, device, dtype, extra))
 
     session_fn.__doc__ = f"{description} on {device}"
     return session_fn
@@ -133,6 +133,8 @@ for _device in DEVICES:
         "validate-llama", LLAMA, _device, "Llama checks against HF Transformers (4 scripts)")
     globals()[f"bench_{_device}"] = make_device_session(
         "bench", BENCH, _device, "Qwen3-MoE attention and MoE benchmarks with correctness")
+    globals()[f"sweep_{_device}"] = make_device_session(
+        "sweep", BENCH, _device, "Qwen3-MoE benchmarks' scaling sweeps (--sweep), for the report's curves", ["--sweep"])
 
 
 @nox.session(python=False)

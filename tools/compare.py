@@ -5,7 +5,8 @@
 
 BASELINE and CURRENT are results files (results/results.jsonl, JSON Lines), a script's --json output,
 or raw logs (read with tools/metrics.py). Records pair by every label that identifies them: (script, case,
-device, dtype, engine, attn, impl, gguf_type, row, layer, point, phase, kind, expert, metric).
+device, dtype, engine, attn, impl, gguf_type, row, layer, point, phase, kind, expert, sweep, size, cache,
+metric): a sweep compares point by point, cold timings with cold ones.
 
   * timing rows (median_ms with its iqr_ms): SAME when the medians differ by less than the measured
     spread of both runs (sqrt(iqr_a^2 + iqr_b^2)), else FASTER or SLOWER. Never a fixed percent.
@@ -31,7 +32,7 @@ from kitcore import cli, memory, store  # noqa: E402
 from kitcore.errors import EXIT_FAIL, EXIT_PASS, UsageError  # noqa: E402
 
 KEY = ("script", "case", "device", "dtype", "engine", "attn", "impl", "gguf_type", "row", "layer", "point", "phase",
-       "kind", "expert", "metric")
+       "kind", "expert", "sweep", "size", "cache", "metric")
 ERROR_METRICS = {"max_abs", "mean_abs", "nmse", "own_max_abs", "own_nmse", "kl_mean", "kl_max"}
 REGRESSIONS = {"SLOWER", "GREW", "REGRESSED"}
 MEMORY_RELATIVE_NOISE, MEMORY_NOISE_BYTES = 0.10, 2**20

@@ -4,7 +4,8 @@
     python tools/report.py results/results.jsonl -o report.html
 
 Sections: verdicts; Llama per-layer error growth (chart); the layer x component error heatmap;
-latency per case with p10-p90 spread bars; the MoE routing histogram. Each chart is an <svg> with
+latency per case with p10-p90 spread bars; scaling sweeps (latency and fraction of the roofline against
+size); the MoE routing histogram. Each chart is an <svg> with
 class "kit-chart" and a data-chart name. For each script/device/dtype/engine the latest run is shown.
 """
 
@@ -147,8 +148,9 @@ def latency(records):
     """Median latency per case with a p10-p90 bar."""
     stats = {}
     for r in records:
-        if r.get("metric") in ("median_ms", "p10_ms", "p90_ms", "tokens_per_s"):
-            stats.setdefault(group_key(r) + (r["case"],), {})[r["metric"]] = float(r["value"])
+        if r.get("metric") in ("median_ms", "p10_ms", "p90_ms", "tokens_per_s") and not r.get("sweep"):
+            case = r["case"] + (" (cold)" if r.get("cache") == "cold" else "")
+            stats.setdefault(group_key(r) + (case,), {})[r["metric"]] = float(r["value"])
     rows = [(k, s) for k, s in stats.items() if {"median_ms", "p10_ms", "p90_ms"} <= set(s)]
     if not rows:
         return "<p>No timing records.</p>"
@@ -168,6 +170,70 @@ def latency(records):
                     f'<text x="{sx(s["p90_ms"]) + 4:.1f}" y="{yy + 11}" font-size="10">{s["median_ms"]:.3g} ms'
                     + (f', {s["tokens_per_s"]:.4g} tok/s' if "tokens_per_s" in s else "") + '</text>')
     return svg("latency", w, h, "".join(body), "Latency per case: median (bar), p10-p90 (line), throughput at the median")
+
+
+def _axis_log(values):
+    lo, hi = math.floor(math.log10(min(values))), math.ceil(math.log10(max(values)))
+    return lo, hi if hi > lo else lo + 1
+
+
+def sweep_charts(records):
+    """One chart per sweep (script, sweep family, device, dtype, engine): median latency (log) and the
+    fraction of the roofline bound achieved against the swept size (log), warm and cold lines."""
+    series = {}
+    for r in records:
+        if r.get("sweep") and r.get("metric") in ("median_ms", "roofline_fraction"):
+            key = (r["script"], r["sweep"], r.get("device", ""), r.get("dtype", ""), r.get("engine", ""))
+            line = series.setdefault(key, {}).setdefault(r.get("cache") or "warm", {})
+            line.setdefault(float(r["size"]), {})[r["metric"]] = float(r["value"])
+    out = []
+    for key, lines in sorted(series.items()):
+        points = {c: sorted((x, m) for x, m in pts.items() if len(m) == 2) for c, pts in lines.items()}
+        sizes = [x for pts in points.values() for x, _ in pts]
+        if not sizes:
+            continue
+        pw, ph, left, bottom, gap = 400, 240, 60, 45, 70
+        w, h = 2 * pw + gap, ph
+        xlo, xhi = _axis_log(sizes)
+        lat = [m["median_ms"] for pts in points.values() for _, m in pts]
+        ylo, yhi = _axis_log(lat)
+        fmax = max(max(m["roofline_fraction"] for pts in points.values() for _, m in pts), 1e-9)
+
+        def px(x, panel):
+            return panel * (pw + gap) + left + (math.log10(x) - xlo) / (xhi - xlo) * (pw - left - 15)
+
+        def py_lat(v):
+            return ph - bottom - (log10(v) - ylo) / (yhi - ylo) * (ph - bottom - 15)
+
+        def py_frac(v):
+            return ph - bottom - v / fmax * (ph - bottom - 15)
+
+        body = []
+        for panel, title in ((0, "median latency (ms, log)"), (1, "fraction of the roofline bound")):
+            x0 = panel * (pw + gap) + left
+            body.append(f'<line x1="{x0}" y1="{ph - bottom}" x2="{x0 + pw - left - 15}" y2="{ph - bottom}" stroke="#888"/>'
+                        f'<line x1="{x0}" y1="15" x2="{x0}" y2="{ph - bottom}" stroke="#888"/>'
+                        f'<text x="{x0}" y="{ph - 8}" font-size="11">{esc(key[1])} (log scale)</text>'
+                        f'<text x="{x0}" y="11" font-size="11">{title}</text>')
+            for e in range(xlo, xhi + 1):
+                xx = px(10**e, panel)
+                body.append(f'<text x="{xx - 8:.1f}" y="{ph - bottom + 14}" font-size="10">1e{e}</text>')
+        for e in range(ylo, yhi + 1):
+            body.append(f'<text x="5" y="{py_lat(10**e) + 4:.1f}" font-size="10">1e{e}</text>')
+        for t in (0.0, 0.5, 1.0):
+            body.append(f'<text x="{pw + gap + 10}" y="{py_frac(t * fmax) + 4:.1f}" font-size="10">{t * fmax:.2g}</text>')
+        for k, (cache, pts) in enumerate(sorted(points.items(), key=lambda kv: kv[0] != "warm")):
+            color = COLORS[k % len(COLORS)]
+            for panel, (metric, py) in enumerate((("median_ms", py_lat), ("roofline_fraction", py_frac))):
+                path = " ".join(f"{'M' if i == 0 else 'L'}{px(x, panel):.1f},{py(m[metric]):.1f}"
+                                for i, (x, m) in enumerate(pts))
+                body.append(f'<path d="{path}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+                for x, m in pts:
+                    body.append(f'<circle cx="{px(x, panel):.1f}" cy="{py(m[metric]):.1f}" r="2.5" fill="{color}">'
+                                f'<title>{esc(key[1])} {x:g}: {metric} {m[metric]:.4g}</title></circle>')
+            body.append(f'<text x="{w - 60}" y="{14 + 13 * k}" font-size="11" fill="{color}">{esc(cache)}</text>')
+        out.append(svg("sweep", w, h, "".join(body), f"Sweep {key[1]} of {key[0]} ({' / '.join(key[2:])})"))
+    return "\n".join(out) or "<p>No sweep records (run a benchmark with --sweep: make sweep).</p>"
 
 
 def routing(records):
@@ -200,7 +266,7 @@ def build(records, source):
     latest = latest_runs(records)
     sections = [("Verdicts", verdict_table(latest)), ("Per-layer error growth", error_growth(latest)),
                 ("Layer x component errors", heatmap(latest)), ("Latency and spread", latency(latest)),
-                ("MoE routing", routing(latest))]
+                ("Scaling sweeps", sweep_charts(latest)), ("MoE routing", routing(latest))]
     body = "\n".join(f"<h2>{esc(title)}</h2>\n{content}" for title, content in sections)
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Kit report</title><style>{STYLE}</style>"
             f"</head><body><h1>Kit report</h1><p>{len(records)} records from {esc(source)}; latest run of each "

@@ -148,11 +148,11 @@ def test_checkpoint_without_tokenizer(script, argv, code, no_tokenizer):
 @pytest.mark.parametrize("script", [INFERENCE, FORWARD])
 def test_repeat_flags_a_leaking_engine_only(script, llama_checkpoint, tmp_path):
     leaking = run_script(script, "--model_path", llama_checkpoint, "--engine",
-                         f"{FAULTY_ENGINES}:KeepEveryCacheEngine", "--repeat", 20, json_path=tmp_path / "leak.json")
+                         f"{FAULTY_ENGINES}:KeepEveryCacheEngine", "--repeat", 8, json_path=tmp_path / "leak.json")
     assert leaking.code == 1, leaking
     assert "FAIL: it grows with every call" in leaking.out and "KiB per call" in leaking.out
     assert leaking.json["repeat"]["leaking"]
-    correct = run_script(script, "--model_path", llama_checkpoint, "--repeat", 20, json_path=tmp_path / "ok.json")
+    correct = run_script(script, "--model_path", llama_checkpoint, "--repeat", 8, json_path=tmp_path / "ok.json")
     assert correct.code == 0, correct
     assert not correct.json["repeat"]["leaking"]
     phases = {rec["metric"] for rec in correct.json["records"] if rec["case"] == "memory"}

@@ -20,6 +20,7 @@ import copy
 
 import torch
 
+from . import roofline
 from .engines import causal_mask, resolve_class
 from .errors import UsageError
 
@@ -297,7 +298,17 @@ def bench_parser(doc, impl_flag, impl_choices, impl_default):
     p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH (atomically)")
     p.add_argument("--peer", default="hf", choices=["hf", "none"],
                    help="hf (default): verdicts calibrated by HF's eager block in --dtype on the device; none: table")
+    p.add_argument("--cold", action="store_true",
+                   help="also time every case cold: the caches evicted before each timed call (a write of twice "
+                        "the last-level cache, untimed), reported beside the warm figures")
+    p.add_argument("--sweep", action="store_true", help="run the script's shape sweep instead of its cases")
+    p.epilog = (ROOFLINE_HELP + "\n\n" + (p.epilog or "")).strip()
     return p
+
+
+ROOFLINE_HELP = """Distance to the limit (kitcore/roofline.py): every row adds roofline_ms = max(bytes / bandwidth,
+FLOPs / matmul throughput), with the device's ceilings measured once and cached (tools/device_ceilings.py),
+bound=memory|compute (which term is larger) and roofline_fraction = roofline_ms / median."""
 
 
 def build_peer(args, impl, build_eager, device, what):
@@ -338,11 +349,16 @@ def bench_setup(args, script, impl):
           f"layer={args.layer} seed={args.seed} threads={env['threads']}")
     print(f"  checkpoint {checkpoint.path} (hash {env['checkpoint_hash']}); torch {env['torch']}, "
           f"transformers {env['transformers']}; reference: the same module in float32 on the CPU")
-    return device, dtype, checkpoint, config, results
+    ceilings = roofline.ceilings_for(device, [args.dtype])
+    print(f"  {ceilings.describe(args.dtype)}")
+    env["ceilings"] = {"bandwidth_bytes_per_s": ceilings.bandwidth_bytes_per_s,
+                       "flops_per_s": ceilings.flops_per_s[args.dtype], **ceilings.measured}
+    return device, dtype, checkpoint, config, results, ceilings
 
 
-def report_measurement(results, case, m, tokens, flops, bytes_moved, peak_bytes, **labels):
-    """A Measurement as metric lines: latency statistics, tok/s, GFLOP/s, GB/s, peak memory."""
+def report_measurement(results, case, m, tokens, flops, bytes_moved, peak_bytes, ceilings, **labels):
+    """A Measurement as metric lines: latency statistics, tok/s, GFLOP/s, GB/s, peak memory, and its
+    distance to the device's limit (kitcore.roofline). Returns the roofline Bound."""
     for key, value in m.summary().items():
         unit = "ms" if key.endswith("_ms") else ("bool" if key == "spread_warning" else "count")
         results.add(case, key, value, unit=unit, **labels)
@@ -352,6 +368,10 @@ def report_measurement(results, case, m, tokens, flops, bytes_moved, peak_bytes,
     results.add(case, "gbytes_per_s", bytes_moved / seconds / 1e9, unit="GB/s", **labels)
     if peak_bytes is not None:
         results.add(case, "peak_memory", peak_bytes, unit="bytes", **labels)
+    roof = roofline.bound(flops, bytes_moved, ceilings, results.labels["dtype"], m.median_ms)
+    results.add(case, "roofline_ms", roof.ms, unit="ms", bound=roof.kind, **labels)
+    results.add(case, "roofline_fraction", roof.fraction, unit="fraction", bound=roof.kind, **labels)
+    return roof
 
 
 def bench_finish(results, device, cases, passed, json_path):

@@ -17,6 +17,15 @@ the module's FLOPs and bytes moved (weights + activations + KV cache), at the me
 
 The originals' lines are printed word for word (their formulas, labelled): the TTFT there is the mean
 time from the batch start to each request's completion; the throughput is tokens / total decode time.
+FLOPs and bytes of one request of S new tokens on P past positions (the roofline's inputs, also behind
+GFLOP/s and GB/s), with H hidden, D head_dim, Nq/Nkv heads, s bytes per element:
+FLOPs = 2 S H (Nq + 2 Nkv) D + 2 S Nq D H (projections) + 4 Nq D (S P + S (S + 1) / 2) (causal attention);
+bytes = weights (H (Nq + 2 Nkv) D + Nq D H + 2 D) s + activations 2 S H s + KV cache 2 Nkv D (P + S) s
+read + 2 Nkv D S s written. A batch of decode requests reads the weights once.
+`--sweep`: prefill length (16 ... 4096 within the context, no past), decode context length (one token
+on a past of 16 ... the context), decode batch (1 ... 16 requests of one token at a past of 256, as one
+batch); each point timed and checked like a case. `--cold`: every request also timed with the caches
+evicted before each call, beside the warm figures.
 """
 
 import sys
@@ -32,10 +41,13 @@ from kitcore.devices import Device  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
 from kitcore.qwen3_moe import (HFModules, attention_mask, bench_finish, bench_parser, bench_setup,  # noqa: E402
                                build_peer, first_output, layer_weights, module_engine, report_measurement)
-from kitcore.timing import time_requests  # noqa: E402
+from kitcore.roofline import CacheFlush  # noqa: E402
+from kitcore.timing import benchmark, time_requests  # noqa: E402
 
 SCRIPT = "attention_test"
 PREFILL_CASES = "64:512,128:0,256:0,256:256"
+SWEEP_LENGTHS = (16, 64, 256, 1024, 4096)
+SWEEP_BATCH = (1, 2, 4, 8, 16)
 DECODE_CASES = ",".join(f"1:{p}" for p in [50] * 4 + [100] * 4 + [200] * 4 + [400] * 4)
 
 
@@ -91,6 +103,19 @@ class Request:
         return call, reset, cache
 
 
+def batch_flops_and_bytes(config, pasts, dtype):
+    """One decode token for each of len(pasts) requests in one batch: the weights are read once."""
+    flops = sum(flops_and_bytes(config, 1, p, dtype)[0] for p in pasts)
+    moved = sum(flops_and_bytes(config, 1, p, dtype)[1] for p in pasts) - (len(pasts) - 1) * weight_bytes(config, dtype)
+    return flops, moved
+
+
+def weight_bytes(config, dtype):
+    h, hd = config.hidden_size, config.head_dim
+    nq, nkv = config.num_attention_heads, config.num_key_value_heads
+    return (h * (nq + 2 * nkv) * hd + nq * hd * h + 2 * hd) * torch.tensor([], dtype=dtype).element_size()
+
+
 def flops_and_bytes(config, seq, past, dtype):
     """FLOPs and bytes moved of one attention call (projections, causal attention, KV cache)."""
     h, hd = config.hidden_size, config.head_dim
@@ -99,7 +124,7 @@ def flops_and_bytes(config, seq, past, dtype):
     visible = seq * past + seq * (seq + 1) // 2  # key positions each query sees, summed
     attention = 2 * 2 * nq * visible * hd
     size = torch.tensor([], dtype=dtype).element_size()
-    weights = (h * (nq + 2 * nkv) * hd + nq * hd * h + 2 * hd) * size
+    weights = weight_bytes(config, dtype)
     activations = 2 * seq * h * size
     kv = 2 * nkv * hd * (past + seq) * size + 2 * nkv * hd * seq * size
     return proj + attention, weights + activations + kv
@@ -138,13 +163,38 @@ def batched_decode(requests, module, rotary, device, dtype, attn):
     return call, reset
 
 
+def sweep_points(max_pos):
+    """The shape families of --sweep, within the context: prefill length (no past), decode context length
+    (one token on a past), and decode batch (requests of one token at a past of 256, one after another)."""
+    fit = [n for n in SWEEP_LENGTHS if n < max_pos] + [max_pos - 1]
+    return {"prefill_length": [(n, 0) for n in fit],
+            "context_length": [(1, n) for n in fit],
+            "batch": [(b, min(256, max_pos - 1)) for b in SWEEP_BATCH]}
+
+
+def sweep(args, config, run_phase, run_batched, reference_output):
+    """--sweep: every point timed and checked like a case, labelled sweep=<family> size=<n>."""
+    g = torch.Generator().manual_seed(args.seed + 1)
+    for family, points in sweep_points(config.max_position_embeddings).items():
+        print(f"\nsweep {family}: " + ", ".join(f"{s}:{p}" for s, p in points))
+        if family == "batch":  # b decode requests of one token at the same past, as one batch
+            for b, past in points:
+                requests = [Request(config, 1, past, g) for _ in range(b)]
+                for r in requests:
+                    r.reference = reference_output(r)
+                run_batched(requests, f"batch{b}_past{past}", {"sweep": "batch", "size": b})
+        else:
+            run_phase(family, points, lambda i, r, family=family: {
+                "sweep": family, "size": r.seq if family == "prefill_length" else r.past})
+
+
 def main(argv=None):
     parser = bench_parser(__doc__, "--attn", ["eager", "sdpa"], "sdpa")
     parser.add_argument("--prefill_cases", default=PREFILL_CASES, help=f"seqlen:pastlen,... (default {PREFILL_CASES})")
     parser.add_argument("--decode_cases", default=None, help="1:pastlen,... (default 16 requests, pasts 50x4 ... 400x4)")
     parser.add_argument("--batched", action="store_true", help="also run the decode requests as one padded batch")
     args = parser.parse_args(argv)
-    device, dtype, checkpoint, config, results = bench_setup(args, SCRIPT, args.attn)
+    device, dtype, checkpoint, config, results, ceilings = bench_setup(args, SCRIPT, args.attn)
     max_pos = config.max_position_embeddings
     prefill = parse_cases(args.prefill_cases, "--prefill_cases", max_pos)
     decode = parse_cases(args.decode_cases or DECODE_CASES, "--decode_cases", max_pos, decode=True)
@@ -162,20 +212,28 @@ def main(argv=None):
     ref_rotary = Qwen3MoeRotaryEmbedding(config)
     g = torch.Generator().manual_seed(args.seed)
     all_passed = True
-    summary = {"prefill": [], "decode": []}
+    summary = {}
 
-    def run_phase(phase, cases):
+    flush = CacheFlush(device) if args.cold else None
+
+    def reference_output(r):
+        ref_call, _, _ = r.prepare(reference, ref_rotary, cpu, torch.float32, "eager")
+        return ref_call()
+
+    def run_phase(phase, cases, labels=None):
+        """Time and check the requests `cases` [(seq, past)]; `labels(i, request)` adds a sweep's labels."""
         nonlocal all_passed
         requests = [Request(config, s, p, g) for s, p in cases]
         prepared = [r.prepare(module, rotary, device, dtype, args.attn) for r in requests]
         outputs, peaks = [], []
         for r, (call, reset, _) in zip(requests, prepared):
-            device.reset_peak_memory()  # the first (untimed) call of each case gives its peak memory
-            outputs.append(call().detach().cpu())
+            outputs.append(call().detach().cpu())  # the first call may compile: not the one measured
+            reset()
+            device.reset_peak_memory()
+            call()
             peaks.append(device.peak_memory_bytes())
             reset()
-            ref_call, _, _ = r.prepare(reference, ref_rotary, cpu, torch.float32, "eager")
-            r.reference = ref_call()
+            r.reference = reference_output(r)
             if peer is not None:
                 peer_call, _, _ = r.prepare(peer, rotary, device, dtype, "eager")
                 r.peer = peer_call().detach().cpu()
@@ -183,20 +241,61 @@ def main(argv=None):
                                                   lambda: [reset() for _, reset, _ in prepared], phase)
         for i, (r, out, m, peak) in enumerate(zip(requests, outputs, latencies, peaks)):
             case = f"{phase}{i}_seq{r.seq}_past{r.past}"
+            extra = labels(i, r) if labels else {}
             c = judges.judge_tensor(out, r.reference, judge, r.peer if peer is not None else None, case)
             all_passed &= c.passed
             flops, moved = flops_and_bytes(config, r.seq, r.past, dtype)
-            report_measurement(results, case, m, r.seq, flops, moved, peak, phase=phase)
-            results.add_comparison(case, c, phase=phase)
-            summary[phase].append({"case": case, "seqlen": r.seq, "pastlen": r.past, **m.summary(),
-                                   "comparison": c.as_dict()})
+            roof = report_measurement(results, case, m, r.seq, flops, moved, peak, ceilings, phase=phase, **extra)
+            results.add_comparison(case, c, phase=phase, **extra)
+            cold = None
+            if flush is not None:
+                call, reset, _ = prepared[i]
+                cold = benchmark(call, device, args.warmups, args.runs, f"{case} cold",
+                                 setup=lambda reset=reset: (reset(), flush()))
+                report_measurement(results, case, cold, r.seq, flops, moved, None, ceilings, phase=phase,
+                                   cache="cold", **extra)
+            summary.setdefault(phase, []).append({"case": case, "seqlen": r.seq, "pastlen": r.past, **m.summary(),
+                                   "roofline_ms": roof.ms, "roofline_fraction": roof.fraction, "bound": roof.kind,
+                                   "comparison": c.as_dict(), **({"cold": cold.summary()} if cold else {}), **extra})
             print(f"  {case:<26} median {m.median_ms:8.3f} ms  IQR {m.iqr_ms:7.3f}  {r.seq / m.median_ms * 1e3:10.1f} tok/s"
-                  f"  {flops / m.median_ms / 1e6:8.2f} GFLOP/s  {moved / m.median_ms / 1e6:7.2f} GB/s | "
-                  f"max abs {c.max_abs:.2e} cos {c.cosine:.6f} nmse {c.nmse:.2e} {'ok' if c.passed else 'FAIL'}"
+                  f"  {flops / m.median_ms / 1e6:8.2f} GFLOP/s  {moved / m.median_ms / 1e6:7.2f} GB/s  "
+                  f"{roof.fraction:6.1%} of {roof.kind} roofline"
+                  + (f"  cold {cold.median_ms:.3f} ms" if cold else "")
+                  + f" | max abs {c.max_abs:.2e} cos {c.cosine:.6f} nmse {c.nmse:.2e} {'ok' if c.passed else 'FAIL'}"
                   + ("  [spread warning]" if m.spread_warning else ""))
             if not c.passed:
                 print(f"    {c.reason}")
         return requests, latencies, batch_relative
+
+    def run_batched(requests, case, labels):
+        """The decode requests as one left-padded batch, as a serving engine runs them: timed and checked."""
+        nonlocal all_passed
+        call, reset = batched_decode(requests, module, rotary, device, dtype, args.attn)
+        out = call().detach().cpu()  # the first call may compile: not the one measured
+        reset()
+        peer_out = None
+        if peer is not None:
+            peer_call, peer_reset = batched_decode(requests, peer, rotary, device, dtype, "eager")
+            peer_out = peer_call().detach().cpu()
+            peer_reset()
+        c = judges.judge_tensor(out, torch.cat([r.reference for r in requests]), judge, peer_out, case)
+        all_passed &= c.passed
+        device.reset_peak_memory()
+        (m,), _ = time_requests([call], device, args.warmups, args.runs, reset, case)
+        flops, moved = batch_flops_and_bytes(config, [r.past for r in requests], dtype)
+        roof = report_measurement(results, case, m, len(requests), flops, moved, device.peak_memory_bytes(),
+                                  ceilings, phase="decode", **labels)
+        results.add_comparison(case, c, phase="decode", **labels)
+        summary.setdefault("decode_batched", []).append({"case": case, "requests": len(requests), **m.summary(),
+                                                         "roofline_ms": roof.ms, "roofline_fraction": roof.fraction,
+                                                         "bound": roof.kind, "comparison": c.as_dict(), **labels})
+        print(f"  {case}: {len(requests)} requests, left-padded to past {max(r.past for r in requests)}: "
+              f"median {m.median_ms:.3f} ms, {len(requests) / m.median_ms * 1e3:.1f} tok/s, {roof.fraction:.1%} of "
+              f"{roof.kind} roofline | max abs {c.max_abs:.2e} nmse {c.nmse:.2e} {'ok' if c.passed else 'FAIL: ' + c.reason}")
+
+    if args.sweep:
+        sweep(args, config, run_phase, run_batched, reference_output)
+        return bench_finish(results, device, summary, all_passed, args.json)
 
     print("\n" + "*" * 130)
     print("Test Qwen3attention ")
@@ -232,27 +331,7 @@ def main(argv=None):
     print(f"\t WARMUPS={args.warmups} RUNS={args.runs}, Attention Torch, average throughput: {round(original_tps, 2)} tok/s \n")
 
     if args.batched:
-        call, reset = batched_decode(requests, module, rotary, device, dtype, args.attn)
-        out = call().detach().cpu()
-        reset()
-        peer_out = None
-        if peer is not None:
-            peer_call, peer_reset = batched_decode(requests, peer, rotary, device, dtype, "eager")
-            peer_out = peer_call().detach().cpu()
-            peer_reset()
-        c = judges.judge_tensor(out, torch.cat([r.reference for r in requests]), judge, peer_out, "decode_batched")
-        all_passed &= c.passed
-        device.reset_peak_memory()
-        (m,), _ = time_requests([call], device, args.warmups, args.runs, reset, "decode batched")
-        flops = sum(flops_and_bytes(config, 1, r.past, dtype)[0] for r in requests)
-        moved = sum(flops_and_bytes(config, 1, r.past, dtype)[1] for r in requests)
-        report_measurement(results, "decode_batched", m, len(requests), flops, moved, device.peak_memory_bytes(),
-                           phase="decode")
-        results.add_comparison("decode_batched", c, phase="decode")
-        summary["decode_batched"] = {**m.summary(), "comparison": c.as_dict()}
-        print(f"  batched ({len(requests)} requests, left-padded to past {max(r.past for r in requests)}): "
-              f"median {m.median_ms:.3f} ms, {len(requests) / m.median_ms * 1e3:.1f} tok/s | max abs {c.max_abs:.2e} "
-              f"nmse {c.nmse:.2e} {'ok' if c.passed else 'FAIL: ' + c.reason}")
+        run_batched(requests, "decode_batched", {})
     return bench_finish(results, device, summary, all_passed, args.json)
 
 

@@ -20,6 +20,12 @@ GFLOP/s and GB/s use the FLOPs of the experts actually run and the
 bytes of the weights actually read.
 
 The originals' result line is printed word for word, with their formula (mean latency over the runs).
+FLOPs and bytes of one call of T tokens (the roofline's inputs, also behind GFLOP/s and GB/s), with H
+hidden, I moe_intermediate_size, E experts, k experts per token, U experts used by the call, s bytes
+per element: FLOPs = 2 T H E (router) + 2 x 3 H I k T (gate, up, down of k experts per token);
+bytes = (E H (router) + U x 3 H I (the used experts' weights, read once) + 2 T H (input, output)) x s.
+`--sweep`: tokens per call 1, 4, 16, 64, 256, 1024, 4096, each point timed and checked like a case.
+`--cold`: every case also timed with the caches evicted before each call, beside the warm figures.
 """
 
 import math
@@ -35,9 +41,11 @@ from kitcore.devices import Device  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
 from kitcore.qwen3_moe import (HFModules, bench_finish, bench_parser, bench_setup, check_moe_block,  # noqa: E402
                                build_peer, first_output, module_engine, moe_weights, report_measurement)
+from kitcore.roofline import CacheFlush  # noqa: E402
 from kitcore.timing import benchmark  # noqa: E402
 
 SCRIPT = "moe_test"
+SWEEP_TOKENS = (1, 4, 16, 64, 256, 1024, 4096)  # tokens per call
 
 
 def text_hidden_states(checkpoint, layer, tokens):
@@ -47,9 +55,6 @@ def text_hidden_states(checkpoint, layer, tokens):
 
     ids = inputs.text_stream(inputs.tokenizer(checkpoint.path, "use --inputs random"), tokens)
     config = AutoConfig.from_pretrained(str(checkpoint.path))
-    if tokens > config.max_position_embeddings:
-        raise UsageError(f"{tokens} tokens of text exceed max_position_embeddings={config.max_position_embeddings}; "
-                         "use fewer tokens or --inputs random")
     config.num_hidden_layers = layer + 1
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint.path), config=config, dtype=torch.float32,
                                                  use_safetensors=True).eval()
@@ -59,6 +64,16 @@ def text_hidden_states(checkpoint, layer, tokens):
         model(input_ids=torch.tensor([ids]))
     hook.remove()
     return captured["x"].detach()
+
+
+def input_hidden_states(args, checkpoint, config, tokens):
+    """[1, tokens, H] inputs of the MoE block: real text's hidden states (beyond the context, its first
+    context-length window repeated: the block works per token), or uniform random."""
+    if args.inputs == "random":
+        return torch.rand(1, tokens, config.hidden_size, generator=torch.Generator().manual_seed(args.seed))
+    window = min(tokens, config.max_position_embeddings)
+    states = text_hidden_states(checkpoint, args.layer, window)
+    return states.repeat(1, -(-tokens // window), 1)[:, :tokens]
 
 
 def router_logits(gate, x):
@@ -104,7 +119,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.prefill_tokens < 1 or args.decode_tokens < 1:
         raise UsageError("--prefill_tokens and --decode_tokens must be at least 1")
-    device, dtype, checkpoint, config, results = bench_setup(args, SCRIPT, args.experts)
+    device, dtype, checkpoint, config, results, ceilings = bench_setup(args, SCRIPT, args.experts)
     weights = moe_weights(checkpoint, args.layer)
     engine = module_engine(args.engine, ("build_moe",))
     module = engine.build_moe(config, weights, device, dtype, args.experts)
@@ -113,29 +128,35 @@ def main(argv=None):
     peer = build_peer(args, args.experts, lambda: HFModules().build_moe(config, weights, device, dtype, "eager"),
                       device, "eager experts")
     judge = judges.Judge(dtype, judges.TOLERANCES[dtype], calibrated=peer is not None)
-    total = args.prefill_tokens + args.decode_tokens
-    if args.inputs == "text":
-        hidden = text_hidden_states(checkpoint, args.layer, total)
+    if args.sweep:
+        cases = {f"sweep_tokens{n}": (n, {"sweep": "tokens", "size": n}) for n in SWEEP_TOKENS}
     else:
-        hidden = torch.rand(1, total, config.hidden_size, generator=torch.Generator().manual_seed(args.seed))
-    cases = {"prefill": hidden[:, :args.prefill_tokens], "decode": hidden[:, args.prefill_tokens:]}
+        cases = {"prefill": (args.prefill_tokens, {}), "decode": (args.decode_tokens, {})}
+    total = sum(n for n, _ in cases.values()) if not args.sweep else max(SWEEP_TOKENS)
+    hidden = input_hidden_states(args, checkpoint, config, total)
+    flush = CacheFlush(device) if args.cold else None
 
     print("*" * 130)
-    print("Test Qwen3 MoE")
+    print("Test Qwen3 MoE" + (f" sweep: tokens per call {', '.join(map(str, SWEEP_TOKENS))}" if args.sweep else ""))
     print("*" * 130)
-    all_passed, summary = True, {}
-    for phase, x in cases.items():
-        tokens = x.shape[1]
-        if phase == "prefill":
+    all_passed, summary, start = True, {}, 0
+    for case, (tokens, labels) in cases.items():
+        x = hidden[:, :tokens] if args.sweep else hidden[:, start:start + tokens]
+        start += tokens
+        if case == "prefill":
             print(f"Test Case PREFILL_TESTCASES : {{'tokens': {tokens}, 'inputs': {args.inputs!r}}}")
-        else:
+        elif case == "decode":
             print("\n")
             print("-" * 130)
             print(f"\nTest DECODE_TESTCASES: {{'tokens': {tokens}, 'inputs': {args.inputs!r}}}")
+        else:
+            print(f"\nsweep point: {tokens} tokens")
+        phase = labels.get("sweep", case)
         x_dev = x.to(device.torch_device, dtype)
-        device.reset_peak_memory()  # the first (untimed) call gives the case's peak memory
         with torch.no_grad():
-            out = first_output(module(x_dev)).detach().cpu()
+            out = first_output(module(x_dev)).detach().cpu()  # the first call may compile: not the one measured
+            device.reset_peak_memory()
+            module(x_dev)
         peak = device.peak_memory_bytes()
         with torch.no_grad():
             ref = first_output(reference(x))
@@ -153,28 +174,38 @@ def main(argv=None):
             with torch.no_grad():
                 module(x_dev)
 
-        m = benchmark(call, device, args.warmups, args.runs, f"MoE {phase} {tokens} tokens")
+        m = benchmark(call, device, args.warmups, args.runs, f"MoE {case} {tokens} tokens")
         used = sum(1 for n in routing["tokens_per_expert"] if n)
         flops, moved = flops_and_bytes(config, tokens, used, dtype)
-        report_measurement(results, phase, m, tokens, flops, moved, peak, phase=phase)
-        results.add_comparison(phase, c, phase=phase)
+        roof = report_measurement(results, case, m, tokens, flops, moved, peak, ceilings, phase=phase, **labels)
+        cold = None
+        if flush is not None:
+            cold = benchmark(call, device, args.warmups, args.runs, f"MoE {case} {tokens} tokens, cold", setup=flush)
+            report_measurement(results, case, cold, tokens, flops, moved, None, ceilings, phase=phase, cache="cold",
+                               **labels)
+        results.add_comparison(case, c, phase=phase, **labels)
         for key in ("load_imbalance", "unused_fraction", "router_entropy"):
-            results.add(phase, key, routing[key], phase=phase)
+            results.add(case, key, routing[key], phase=phase, **labels)
         for expert, count in enumerate(routing["tokens_per_expert"]):
-            results.add(phase, "expert_tokens", count, unit="count", phase=phase, expert=expert)
-        results.add(phase, "near_tie_tokens", check["near_ties"], unit="count", phase=phase)
-        results.add(phase, "rerouted_near_tie_tokens", check["rerouted"], unit="count", phase=phase)
+            results.add(case, "expert_tokens", count, unit="count", phase=phase, expert=expert, **labels)
+        results.add(case, "near_tie_tokens", check["near_ties"], unit="count", phase=phase, **labels)
+        results.add(case, "rerouted_near_tie_tokens", check["rerouted"], unit="count", phase=phase, **labels)
         if check["router_logits"] is not None:
-            results.add(phase, "router_topk_match", check["match_all"], unit="fraction", phase=phase)
-            results.add(phase, "router_set_mismatches", check["set_mismatches"], unit="count", phase=phase)
-            results.add(phase, "router_logits_nmse", check["router_logits"].nmse, phase=phase)
-        results.add(phase, "passed", passed, unit="bool", phase=phase)
-        summary[phase] = {"tokens": tokens, **m.summary(), "routing": routing, "near_tie_tokens": check["near_ties"],
-                          "rerouted_near_tie_tokens": check["rerouted"], "router_topk_match": check["match_all"],
-                          "router_set_mismatches": check["set_mismatches"], "comparison": c.as_dict()}
+            results.add(case, "router_topk_match", check["match_all"], unit="fraction", phase=phase, **labels)
+            results.add(case, "router_set_mismatches", check["set_mismatches"], unit="count", phase=phase, **labels)
+            results.add(case, "router_logits_nmse", check["router_logits"].nmse, phase=phase, **labels)
+        results.add(case, "passed", passed, unit="bool", phase=phase, **labels)
+        summary[case] = {"tokens": tokens, **m.summary(), "roofline_ms": roof.ms, "roofline_fraction": roof.fraction,
+                         "bound": roof.kind, "routing": routing, "near_tie_tokens": check["near_ties"],
+                         "rerouted_near_tie_tokens": check["rerouted"], "router_topk_match": check["match_all"],
+                         "router_set_mismatches": check["set_mismatches"], "comparison": c.as_dict(),
+                         **({"cold": cold.summary()} if cold else {}), **labels}
         print(f"  {m.describe()}")
+        if cold:
+            print(f"  {cold.describe()}; cold / warm median {cold.median_ms / m.median_ms:.2f}")
         print(f"  {tokens / m.median_ms * 1e3:.1f} tok/s, {flops / m.median_ms / 1e6:.2f} GFLOP/s, "
-              f"{moved / m.median_ms / 1e6:.2f} GB/s at the median")
+              f"{moved / m.median_ms / 1e6:.2f} GB/s at the median; roofline {roof.ms:.3f} ms ({roof.kind}-bound): "
+              f"{roof.fraction:.1%} of the device's limit")
         print(f"  routing: tokens per expert {routing['tokens_per_expert']}; imbalance (max/mean) "
               f"{routing['load_imbalance']:.2f}; unused experts {routing['unused_fraction']:.0%}; router entropy "
               f"{routing['router_entropy']:.3f} nats ({routing['router_entropy_normalised']:.0%} of uniform)")
@@ -192,8 +223,9 @@ def main(argv=None):
                   f"with a set that is not admissible{'' if check['set_mismatches'] == 0 else ' -> FAIL'}")
         else:
             print("  router: the module has no .gate; its routing is judged through the output of every token")
-        print(f"\t WARMUPS={args.warmups} RUNS={args.runs}, MoE Torch average latency: {round(m.mean_ms, 2)} ms   "
-              f"throughput: {round(tokens / (m.mean_ms / 1e3), 2)} tok/s")
+        if not args.sweep:
+            print(f"\t WARMUPS={args.warmups} RUNS={args.runs}, MoE Torch average latency: {round(m.mean_ms, 2)} ms   "
+                  f"throughput: {round(tokens / (m.mean_ms / 1e3), 2)} tok/s")
     return bench_finish(results, device, summary, all_passed, args.json)
 
 
