@@ -13,7 +13,9 @@ Module engine protocol (`--engine` of attention_test.py and moe_test.py; documen
     `config` is the checkpoint's transformers config (num_hidden_layers forced to 1: the module is
     layer 0 of a one-layer model); `weights` are the layer's tensors as on disk, prefix stripped
     (`q_proj.weight`, `experts.3.gate_proj.weight` ...). The built-in `hf` engine is `HFModules`;
-    plugins subclass it (see test/kit/faulty_engines.py).
+    plugins subclass it (see test/kit/faulty_engines.py). A module that launches its work on streams
+    of its own sets `own_streams = True`: the timer then synchronises the whole device around each call
+    instead of recording events on the current stream, which would miss that work.
 """
 
 import copy

@@ -80,8 +80,19 @@ def check_counts(warmups, runs):
         raise UsageError(f"--warmups must be 0 or more, got {warmups}")
 
 
-def benchmark(fn, device, warmups, runs, what, setup=None):
-    """Time `fn()`; `setup()` (untimed) runs before every call, e.g. to reset a KV cache."""
+def timer_note(device, own_streams):
+    """What the timer measures, for the output."""
+    if device.type == "cpu":
+        return "timer: perf_counter around each call (the CPU runs it synchronously)"
+    if own_streams:
+        return "timer: the whole device synchronised around each call (the module runs its own streams)"
+    return "timer: device events on the current stream around each call, one synchronisation at the end"
+
+
+def benchmark(fn, device, warmups, runs, what, setup=None, own_streams=False):
+    """Time `fn()`; `setup()` (untimed) runs before every call, e.g. to reset a KV cache or evict the
+    caches. `own_streams`: the call runs on streams of its own, which events on the current stream would
+    not see: the whole device is synchronised around each call instead."""
     check_counts(warmups, runs)
     for _ in range(warmups):
         if setup:
@@ -89,7 +100,7 @@ def benchmark(fn, device, warmups, runs, what, setup=None):
         fn()
     device.synchronize()
     samples = []
-    if device.has_events():
+    if device.has_events() and not own_streams:
         pairs = []
         for _ in range(runs):
             if setup:
@@ -105,13 +116,15 @@ def benchmark(fn, device, warmups, runs, what, setup=None):
         for _ in range(runs):
             if setup:
                 setup()
+            device.synchronize()
             t0 = time.perf_counter()
             fn()
+            device.synchronize()
             samples.append((time.perf_counter() - t0) * 1e3)
     return Measurement(what, samples, warmups)
 
 
-def time_requests(calls, device, warmups, runs, reset, what):
+def time_requests(calls, device, warmups, runs, reset, what, own_streams=False):
     """Run `calls` one after another, as a serving loop meets them, `runs` times after `warmups` rounds.
 
     `reset()` (untimed) runs before every round, e.g. to crop KV caches back to their past. Returns one
@@ -130,7 +143,7 @@ def time_requests(calls, device, warmups, runs, reset, what):
     for _ in range(runs):
         reset()
         device.synchronize()
-        if device.has_events():
+        if device.has_events() and not own_streams:
             marks = [device.event() for _ in range(len(calls) + 1)]
             marks[0].record()
             for fn, mark in zip(calls, marks[1:]):
@@ -141,11 +154,12 @@ def time_requests(calls, device, warmups, runs, reset, what):
             marks = [time.perf_counter()]
             for fn in calls:
                 fn()
+                device.synchronize()  # a no-op on the CPU; the end of the call on a device with own streams
                 marks.append(time.perf_counter())
             rounds.append([m * 1e3 for m in marks])
     device.synchronize()
     for marks in rounds:
-        if device.has_events():
+        if device.has_events() and not own_streams:
             ends = [marks[0].elapsed_time(m) for m in marks[1:]]
         else:
             ends = [m - marks[0] for m in marks[1:]]

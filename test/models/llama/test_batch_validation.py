@@ -179,6 +179,8 @@ def main(argv=None):
     parser.set_defaults(decode_steps=4)
     parser.add_argument("--batch_sizes", default="2,4,8", help="batch sizes (default 2,4,8)")
     args = parser.parse_args(argv)
+    if args.plan:
+        return utils.print_plan(args, SCRIPT)
     try:
         sizes = sorted({int(b) for b in args.batch_sizes.split(",")})
     except ValueError:

@@ -40,6 +40,8 @@ def main(argv=None):
     parser.add_argument("--engines", help="A,B: two engines to compare (default: <--engine>,reference)")
     utils.add_repeat_arg(parser, "prefill + decode (engine A)")
     args = parser.parse_args(argv)
+    if args.plan:
+        return utils.print_plan(args, SCRIPT)
     if args.decode_steps < 1:
         raise UsageError(f"--decode_steps must be at least 1, got {args.decode_steps}")
     specs = (args.engines or f"{args.engine},{utils.REFERENCE}").split(",")

@@ -226,6 +226,8 @@ def main(argv=None):
                         help="memory for captured activations of both models; layers are captured in chunks "
                              "that fit (default 1024)")
     args = parser.parse_args(argv)
+    if args.plan:
+        return utils.print_plan(args, SCRIPT)
     run = utils.setup(args, SCRIPT, families=("llama",))
     results, inp, cand = run.results, run.inputs, run.candidate
     engines.require(cand, "capture", args.engine, "intermediate validation")

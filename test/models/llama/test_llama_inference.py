@@ -30,6 +30,8 @@ def main(argv=None):
     parser = utils.build_parser(__doc__)
     utils.add_repeat_arg(parser, "forward")
     args = parser.parse_args(argv)
+    if args.plan:
+        return utils.print_plan(args, SCRIPT)
     run = utils.setup(args, SCRIPT)
     inp, results, phases = run.inputs, run.results, run.phases
 

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 
-from kitcore import checkpoints, cli, devices, engines, judges, memory, rope  # noqa: E402
+from kitcore import checkpoints, cli, devices, engines, judges, memory, plan, rope, roofline  # noqa: E402
 from kitcore import inputs as kitinputs  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
 from kitcore.results import Results, environment  # noqa: E402
@@ -124,6 +124,9 @@ def build_parser(doc, decode=False, batch=False):
     p.add_argument("--seed", type=int, default=0, help="seed for anything random (default 0)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice); recorded")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH (atomically)")
+    p.add_argument("--plan", action="store_true",
+                   help="print what this check would need (memory of the reference and the candidate, reference "
+                        "cache per 1k tokens, an estimated reference time), from config.json alone, and exit")
     p.add_argument("--gguf_type", choices=["f32", "f16", "bf16", "q8_0"],
                    help="llama.cpp engine: GGUF weight type (default: from --dtype)")
     p.add_argument("--kv_type", default="f32", choices=["f32", "f16"], help="llama.cpp engine: KV-cache type (default f32)")
@@ -207,6 +210,49 @@ class Run:
                                 calibrated=self.peer is not None and engine is not self.peer)
 
 
+PLAN_TOKENS = 1000
+
+
+def print_plan(args, script):
+    """--plan: the figures of kitcore.plan for --model_path's config.json (no weights needed)."""
+    import json
+
+    if args.model_path is None:
+        raise UsageError("--plan needs --model_path: a directory with the model's config.json")
+    path = Path(args.model_path) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UsageError(f"--plan: cannot read {path}; give a directory holding the model's config.json") from None
+    if cfg.get("model_type") not in FAMILIES:
+        raise UsageError(f"--plan: model_type {cfg.get('model_type')!r} is not one of {', '.join(FAMILIES)}")
+    cpu = devices.Device("cpu", "cpu")
+    ceilings = roofline.ceilings_for(cpu, ["float32"])
+    p = plan.make_plan(cfg, args.dtype, PLAN_TOKENS, ceilings)
+    gib = 2**30
+    print(f"{script} --plan: {path} ({p.model_type}, {p.parameters / 1e9:.2f}B parameters, "
+          f"{p.active_parameters_per_token / 1e9:.2f}B active per token, {p.layers} layers)")
+    print(f"  reference (float32): resident {p.reference_bytes_resident / gib:.1f} GiB; per layer "
+          f"{p.reference_bytes_per_layer / gib:.2f} GiB; streamed (one layer + embedding + LM head) "
+          f"{p.reference_bytes_streamed / gib:.2f} GiB")
+    print(f"  candidate ({args.dtype}): {p.candidate_bytes / gib:.1f} GiB")
+    print(f"  reference cache per 1k tokens: logits {p.reference_cache_bytes_per_1k_tokens / 2**20:.0f} MiB, "
+          f"every capture point {p.capture_cache_bytes_per_1k_tokens / gib:.2f} GiB")
+    print(f"  estimated reference forward of {p.tokens} tokens on this CPU: {p.estimated_reference_seconds:.0f} s "
+          f"(from {ceilings.describe('float32')})")
+    available = plan.available_memory_bytes()
+    if available:
+        print(f"  this machine: {available / gib:.1f} GiB available; resident reference "
+              + ("fits" if p.reference_bytes_resident + p.candidate_bytes < plan.RESIDENT_MEMORY_SHARE * available
+                 else "does NOT fit"))
+    if args.json:
+        from kitcore.results import write_json_atomic
+
+        write_json_atomic(args.json, {"script": script, "plan": p.as_dict(), "available_memory_bytes": available,
+                                      "ceilings": ceilings.fingerprint})
+    return 0
+
+
 def setup(args, script, extra_positions=0, families=FAMILIES, specs=None):
     """Set-up of a check: device, dtype, checkpoints, inputs, the reference, the engines under test
     (`specs`, default [--engine]) and the peer that calibrates their verdicts."""
@@ -237,6 +283,8 @@ def setup(args, script, extra_positions=0, families=FAMILIES, specs=None):
           f"{args.reference_dtype} on cpu from {reference_checkpoint.path}")
     print(f"  torch {env['torch']}, transformers {env['transformers']}; input: {tuple(inputs.input_ids.shape)} "
           f"tokens (batch x length)")
+    plan.refuse_if_too_large(reference_checkpoint.config, args.dtype, 2 if device.type == "cpu" else 1,
+                             args.reference_dtype)
     phases = memory.Phases(device)
     with phases("reference_load"):
         reference = engines.HFEngine(str(reference_checkpoint.path), devices.Device("cpu", "cpu"),

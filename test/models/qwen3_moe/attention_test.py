@@ -42,7 +42,7 @@ from kitcore.errors import UsageError  # noqa: E402
 from kitcore.qwen3_moe import (HFModules, attention_mask, bench_finish, bench_parser, bench_setup,  # noqa: E402
                                build_peer, first_output, layer_weights, module_engine, report_measurement)
 from kitcore.roofline import CacheFlush  # noqa: E402
-from kitcore.timing import benchmark, time_requests  # noqa: E402
+from kitcore.timing import benchmark, time_requests, timer_note  # noqa: E402
 
 SCRIPT = "attention_test"
 PREFILL_CASES = "64:512,128:0,256:0,256:256"
@@ -208,6 +208,9 @@ def main(argv=None):
     peer = build_peer(args, args.attn, lambda: HFModules().build_attention(config, weights, device, dtype, "eager"),
                       device, "eager attention")
     judge = judges.Judge(dtype, OWN_TOLERANCES[dtype], calibrated=peer is not None)
+    own_streams = bool(getattr(module, "own_streams", False))
+    results.env["timer"] = timer_note(device, own_streams)
+    print(f"  {results.env['timer']}")
     rotary = Qwen3MoeRotaryEmbedding(config).to(device.torch_device)
     ref_rotary = Qwen3MoeRotaryEmbedding(config)
     g = torch.Generator().manual_seed(args.seed)
@@ -238,7 +241,7 @@ def main(argv=None):
                 peer_call, _, _ = r.prepare(peer, rotary, device, dtype, "eager")
                 r.peer = peer_call().detach().cpu()
         latencies, batch_relative = time_requests([c for c, _, _ in prepared], device, args.warmups, args.runs,
-                                                  lambda: [reset() for _, reset, _ in prepared], phase)
+                                                  lambda: [reset() for _, reset, _ in prepared], phase, own_streams)
         for i, (r, out, m, peak) in enumerate(zip(requests, outputs, latencies, peaks)):
             case = f"{phase}{i}_seq{r.seq}_past{r.past}"
             extra = labels(i, r) if labels else {}
@@ -251,7 +254,7 @@ def main(argv=None):
             if flush is not None:
                 call, reset, _ = prepared[i]
                 cold = benchmark(call, device, args.warmups, args.runs, f"{case} cold",
-                                 setup=lambda reset=reset: (reset(), flush()))
+                                 setup=lambda reset=reset: (reset(), flush()), own_streams=own_streams)
                 report_measurement(results, case, cold, r.seq, flops, moved, None, ceilings, phase=phase,
                                    cache="cold", **extra)
             summary.setdefault(phase, []).append({"case": case, "seqlen": r.seq, "pastlen": r.past, **m.summary(),
@@ -281,7 +284,7 @@ def main(argv=None):
         c = judges.judge_tensor(out, torch.cat([r.reference for r in requests]), judge, peer_out, case)
         all_passed &= c.passed
         device.reset_peak_memory()
-        (m,), _ = time_requests([call], device, args.warmups, args.runs, reset, case)
+        (m,), _ = time_requests([call], device, args.warmups, args.runs, reset, case, own_streams)
         flops, moved = batch_flops_and_bytes(config, [r.past for r in requests], dtype)
         roof = report_measurement(results, case, m, len(requests), flops, moved, device.peak_memory_bytes(),
                                   ceilings, phase="decode", **labels)

@@ -42,7 +42,7 @@ from kitcore.errors import UsageError  # noqa: E402
 from kitcore.qwen3_moe import (HFModules, bench_finish, bench_parser, bench_setup, check_moe_block,  # noqa: E402
                                build_peer, first_output, module_engine, moe_weights, report_measurement)
 from kitcore.roofline import CacheFlush  # noqa: E402
-from kitcore.timing import benchmark  # noqa: E402
+from kitcore.timing import benchmark, timer_note  # noqa: E402
 
 SCRIPT = "moe_test"
 SWEEP_TOKENS = (1, 4, 16, 64, 256, 1024, 4096)  # tokens per call
@@ -128,6 +128,9 @@ def main(argv=None):
     peer = build_peer(args, args.experts, lambda: HFModules().build_moe(config, weights, device, dtype, "eager"),
                       device, "eager experts")
     judge = judges.Judge(dtype, judges.TOLERANCES[dtype], calibrated=peer is not None)
+    own_streams = bool(getattr(module, "own_streams", False))
+    results.env["timer"] = timer_note(device, own_streams)
+    print(f"  {results.env['timer']}")
     if args.sweep:
         cases = {f"sweep_tokens{n}": (n, {"sweep": "tokens", "size": n}) for n in SWEEP_TOKENS}
     else:
@@ -174,13 +177,14 @@ def main(argv=None):
             with torch.no_grad():
                 module(x_dev)
 
-        m = benchmark(call, device, args.warmups, args.runs, f"MoE {case} {tokens} tokens")
+        m = benchmark(call, device, args.warmups, args.runs, f"MoE {case} {tokens} tokens", own_streams=own_streams)
         used = sum(1 for n in routing["tokens_per_expert"] if n)
         flops, moved = flops_and_bytes(config, tokens, used, dtype)
         roof = report_measurement(results, case, m, tokens, flops, moved, peak, ceilings, phase=phase, **labels)
         cold = None
         if flush is not None:
-            cold = benchmark(call, device, args.warmups, args.runs, f"MoE {case} {tokens} tokens, cold", setup=flush)
+            cold = benchmark(call, device, args.warmups, args.runs, f"MoE {case} {tokens} tokens, cold", setup=flush,
+                             own_streams=own_streams)
             report_measurement(results, case, cold, tokens, flops, moved, None, ceilings, phase=phase, cache="cold",
                                **labels)
         results.add_comparison(case, c, phase=phase, **labels)

@@ -1,0 +1,42 @@
+"""--plan: what a check of an 8B-235B model needs, from config.json alone; the resident path refused up
+front when it cannot fit, instead of being killed halfway."""
+
+import json
+
+import pytest
+from kit_helpers import LLAMA, copy_checkpoint, edit_config, run_script
+
+INFERENCE = f"{LLAMA}/test_llama_inference.py"
+LLAMA_70B = dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                 num_attention_heads=64, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+QWEN3_235B = dict(model_type="qwen3_moe", hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536,
+                  num_hidden_layers=94, num_attention_heads=64, num_key_value_heads=4, head_dim=128, num_experts=128,
+                  num_experts_per_tok=8, vocab_size=151936, tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("config,billions,active", [(LLAMA_70B, 70.55, 69.50), (QWEN3_235B, 235.09, 21.57)])
+def test_plan_from_a_config_alone(config, billions, active, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    r = run_script(INFERENCE, "--plan", "--model_path", tmp_path, json_path=tmp_path / "plan.json")
+    assert r.code == 0, r
+    plan = r.json["plan"]
+    assert round(plan["parameters"] / 1e9, 2) == billions
+    assert round(plan["active_parameters_per_token"] / 1e9, 2) == active
+    assert plan["reference_bytes_per_layer"] * config["num_hidden_layers"] < plan["reference_bytes_resident"]
+    assert plan["candidate_bytes"] * 2 == plan["reference_bytes_resident"]  # bfloat16 vs float32
+    assert plan["reference_cache_bytes_per_1k_tokens"] == 4 * 1000 * config["vocab_size"]
+    assert plan["estimated_reference_seconds"] > 0
+
+
+def test_plan_needs_a_config(tmp_path):
+    r = run_script(INFERENCE, "--plan")
+    assert r.code == 2 and "--plan needs --model_path" in r.err, r
+    r = run_script(INFERENCE, "--plan", "--model_path", tmp_path)
+    assert r.code == 2 and "cannot read" in r.err, r
+
+
+def test_a_reference_that_cannot_fit_is_refused_before_loading(llama_checkpoint, tmp_path):
+    ckpt = copy_checkpoint(llama_checkpoint, tmp_path / "claims-70b")
+    edit_config(ckpt, **LLAMA_70B)
+    r = run_script(INFERENCE, "--model_path", ckpt)
+    assert r.code == 3 and "nothing was loaded" in r.err and len(r.err.strip().splitlines()) == 1, r

@@ -1,0 +1,111 @@
+"""What a check of a model will need, from its config.json alone (`--plan`; no weights are read).
+
+Parameters are counted from the config (Llama and Qwen3-MoE shapes). The float32 reference holds every
+parameter in 4 bytes when resident, or one decoder layer plus the embedding and LM head when streamed;
+the candidate holds them in its dtype. Reference cache sizes are per 1,000 tokens: the logits (float32)
+and, for intermediate validation, every capture point of every layer. The time estimate is the
+reference forward's FLOPs (2 x active parameters per token, plus attention) over this machine's
+measured float32 matmul throughput, or its weights over the measured memory bandwidth, whichever is
+longer (kitcore.roofline): a lower bound, stated as an estimate.
+"""
+
+from dataclasses import asdict, dataclass
+
+from .errors import Unavailable
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+# the resident path loads reference + candidate (+ peer): refuse it up front above this share of the
+# available memory, instead of being killed by the OOM killer halfway
+RESIDENT_MEMORY_SHARE = 0.9
+
+
+@dataclass
+class Plan:
+    model_type: str
+    parameters: int
+    active_parameters_per_token: int
+    parameters_per_layer: int
+    layers: int
+    reference_bytes_resident: int
+    reference_bytes_per_layer: int
+    reference_bytes_streamed: int  # one layer + embedding + LM head, float32
+    candidate_bytes: int
+    reference_cache_bytes_per_1k_tokens: int  # logits
+    capture_cache_bytes_per_1k_tokens: int  # every capture point of every layer (intermediate validation)
+    tokens: int
+    estimated_reference_seconds: float
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def _shape(cfg):
+    h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    head_dim = cfg.get("head_dim") or h // heads
+    return h, layers, heads, kv, head_dim
+
+
+def layer_parameters(cfg):
+    """(all parameters of one decoder layer, those one token uses)."""
+    h, _, heads, kv, d = _shape(cfg)
+    attention = h * heads * d + 2 * h * kv * d + heads * d * h + (2 * d if cfg.get("model_type") == "qwen3_moe" else 0)
+    norms = 2 * h
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+    if experts:
+        inter, k = cfg["moe_intermediate_size"], cfg["num_experts_per_tok"]
+        mlp, active_mlp = experts * 3 * h * inter + h * experts, k * 3 * h * inter + h * experts
+    else:
+        mlp = active_mlp = 3 * h * cfg["intermediate_size"]
+    return attention + norms + mlp, attention + norms + active_mlp
+
+
+def make_plan(cfg, candidate_dtype, tokens, ceilings=None):
+    h, layers, heads, kv, d = _shape(cfg)
+    vocab = cfg["vocab_size"]
+    per_layer, active_layer = layer_parameters(cfg)
+    embed = vocab * h
+    head = 0 if cfg.get("tie_word_embeddings") else vocab * h
+    total = embed + head + h + layers * per_layer
+    active = embed // vocab + head + h + layers * active_layer  # a token reads one embedding row
+    inter = cfg.get("intermediate_size") or cfg.get("moe_intermediate_size")
+    capture_floats = 7 * h + 3 * heads * d + 3 * kv * d + 3 * inter  # per token and layer, as captured
+    flops = 2 * active * tokens + layers * 4 * heads * d * tokens * (tokens + 1) // 2
+    seconds = 0.0
+    if ceilings is not None:
+        seconds = max(flops / ceilings.measured["matmul_flops_per_s"]["float32"],
+                      4 * total / ceilings.bandwidth_bytes_per_s)
+    return Plan(cfg.get("model_type", "?"), total, active, per_layer, layers, 4 * total, 4 * per_layer,
+                4 * (per_layer + embed + head), BYTES[candidate_dtype] * total, 4 * 1000 * vocab,
+                4 * 1000 * layers * capture_floats, tokens, seconds)
+
+
+def available_memory_bytes():
+    """MemAvailable of /proc/meminfo (None where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def refuse_if_too_large(cfg, candidate_dtype, cpu_models, reference_dtype="float32"):
+    """Before loading anything: the resident reference plus `cpu_models` copies of the model in the
+    candidate dtype (the candidate and its peer on the CPU; a candidate on an accelerator passes through
+    CPU memory while it loads) must fit in the available memory; else one line that says how much is
+    needed and what to do (exit 3), instead of the OOM killer halfway through."""
+    available = available_memory_bytes()
+    if available is None:
+        return
+    p = make_plan(cfg, candidate_dtype, 1)
+    reference = p.parameters * BYTES[reference_dtype]
+    need = reference + cpu_models * p.candidate_bytes
+    if need > RESIDENT_MEMORY_SHARE * available:
+        raise Unavailable(
+            f"the resident {reference_dtype} reference ({p.parameters / 1e9:.2f}B parameters, {reference / 2**30:.1f} "
+            f"GiB) and the models under test need {need / 2**30:.1f} GiB of memory, this machine has "
+            f"{available / 2**30:.1f} GiB available: nothing was loaded (--plan shows the figures); use a machine "
+            "with more memory")
