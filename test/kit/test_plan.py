@@ -1,10 +1,13 @@
-"""--plan: what a check of an 8B-235B model needs, from config.json alone; the resident path refused up
-front when it cannot fit, instead of being killed halfway."""
+"""Scale: --plan (what a check of an 8B-235B model needs, from config.json alone), the streamed reference
+(bit for bit the resident one), and the up-front choice or refusal instead of the OOM killer halfway."""
 
 import json
 
 import pytest
+import torch
 from kit_helpers import LLAMA, copy_checkpoint, edit_config, run_script
+
+from kitcore import devices, engines
 
 INFERENCE = f"{LLAMA}/test_llama_inference.py"
 LLAMA_70B = dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
@@ -35,8 +38,38 @@ def test_plan_needs_a_config(tmp_path):
     assert r.code == 2 and "cannot read" in r.err, r
 
 
-def test_a_reference_that_cannot_fit_is_refused_before_loading(llama_checkpoint, tmp_path):
+def test_a_check_that_cannot_fit_is_refused_before_loading(llama_checkpoint, tmp_path):
     ckpt = copy_checkpoint(llama_checkpoint, tmp_path / "claims-70b")
     edit_config(ckpt, **LLAMA_70B)
-    r = run_script(INFERENCE, "--model_path", ckpt)
-    assert r.code == 3 and "nothing was loaded" in r.err and len(r.err.strip().splitlines()) == 1, r
+    for mode in ("auto", "resident", "streamed"):
+        r = run_script(INFERENCE, "--model_path", ckpt, "--reference_mode", mode)
+        assert r.code == 3 and "nothing was loaded" in r.err and len(r.err.strip().splitlines()) == 1, r
+
+
+def test_streamed_reference_is_the_resident_one_bit_for_bit(llama_checkpoint):
+    cpu = devices.Device("cpu", "cpu")
+    resident = engines.HFEngine(str(llama_checkpoint), cpu, torch.float32, "eager")
+    streamed = engines.StreamedHFEngine(str(llama_checkpoint), cpu, torch.float32, "eager")
+    ids = torch.randint(0, 2048, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, :7] = 0  # a left-padded row
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    assert torch.equal(resident.forward(ids, pos, mask), streamed.forward(ids, pos, mask))
+    caches = resident.new_cache(), streamed.new_cache()
+    for engine, cache in zip((resident, streamed), caches):
+        engine.forward(ids, pos, mask, cache)
+    step = ids[:, -1:], pos[:, -1:] + 1, torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    assert torch.equal(resident.forward(*step, caches[0]), streamed.forward(*step, caches[1]))
+    a, b = resident.capture(ids[:1], pos[:1]), streamed.capture(ids[:1], pos[:1])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(p.is_meta for p in streamed.model.parameters())  # nothing stays loaded between forwards
+
+
+def test_streamed_reference_through_the_scripts(llama_checkpoint, moe_checkpoint, tmp_path):
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--reference_mode", "streamed",
+                   json_path=tmp_path / "s.json")
+    assert r.code == 0 and r.json["env"]["reference_source"] == "streamed", r
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, json_path=tmp_path / "a.json")
+    assert r.code == 0 and r.json["env"]["reference_source"] == "resident", r
+    r = run_script(INFERENCE, "--model_path", moe_checkpoint, "--reference_mode", "streamed")
+    assert r.code == 2 and "dense Llama only" in r.err, r

@@ -266,6 +266,57 @@ class CompileEngine(HFEngine):
         self._call = torch.compile(self.model, dynamic=True)
 
 
+class StreamedHFEngine(HFEngine):
+    """The HF model with one piece in memory at a time: built without weights (meta device), each decoder
+    layer, the embedding and the LM head load their tensors from the safetensors shards just before they
+    run (a forward pre-hook) and drop them right after (a forward hook). HF's own forward runs unchanged
+    (its masks, rotary embedding, cache), so the logits and captures are the resident model's, bit for bit;
+    memory is about one layer plus the embedding or LM head. Every forward reads the weights again (from
+    the page cache when they fit there). Dense Llama checkpoints; MoE checkpoints use the resident path."""
+
+    def __init__(self, model_path, device, dtype, attn="eager"):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from .checkpoints import open_checkpoint
+
+        quiet_transformers()
+        if device.type != "cpu":
+            raise UsageError("the streamed reference runs on the CPU")
+        self.device, self.dtype, self.attn = device, dtype, attn
+        self.checkpoint = open_checkpoint(model_path)
+        config = AutoConfig.from_pretrained(model_path, attn_implementation=attn)
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn).eval()
+        # buffers computed at construction (the rotary inverse frequencies) are real, not streamed
+        rotary = self.model.model.rotary_emb
+        self.model.model.rotary_emb = type(rotary)(config=self.model.config)
+        self.config = self.model.config
+        self._call = self.model
+        params = inspect.signature(type(self.model).forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.bytes_read = 0
+        m = self.model.model
+        pieces = [(m.embed_tokens, "model.embed_tokens."), (m.norm, "model.norm."), (self.model.lm_head, "lm_head.")]
+        pieces += [(layer, f"model.layers.{i}.") for i, layer in enumerate(m.layers)]
+        for module, prefix in pieces:
+            module.register_forward_pre_hook(lambda mod, args, prefix=prefix: self._load(mod, prefix))
+            module.register_forward_hook(self._free)
+
+    @staticmethod
+    def _free(module, args, output):
+        module.to("meta")  # returns None: the output stays what the module computed
+
+    def _load(self, module, prefix):
+        names = {prefix + k: k for k in module.state_dict()}
+        on_disk = {n: n for n in names}
+        if prefix == "lm_head." and "lm_head.weight" not in self.checkpoint.tensors:
+            on_disk["lm_head.weight"] = "model.embed_tokens.weight"  # tied embeddings
+        loaded = self.checkpoint.load_tensors(list(on_disk.values()))
+        state = {names[n]: loaded[src].to(self.dtype) for n, src in on_disk.items()}
+        self.bytes_read += sum(t.numel() * t.element_size() for t in loaded.values())
+        module.load_state_dict(state, strict=True, assign=True)
+
+
 BUILTIN_ENGINES = {"hf": HFEngine, "compile": CompileEngine}
 
 

@@ -11,7 +11,7 @@ longer (kitcore.roofline): a lower bound, stated as an estimate.
 
 from dataclasses import asdict, dataclass
 
-from .errors import Unavailable
+from .errors import Unavailable, UsageError
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 # the resident path loads reference + candidate (+ peer): refuse it up front above this share of the
@@ -92,20 +92,35 @@ def available_memory_bytes():
     return None
 
 
-def refuse_if_too_large(cfg, candidate_dtype, cpu_models, reference_dtype="float32"):
-    """Before loading anything: the resident reference plus `cpu_models` copies of the model in the
-    candidate dtype (the candidate and its peer on the CPU; a candidate on an accelerator passes through
-    CPU memory while it loads) must fit in the available memory; else one line that says how much is
-    needed and what to do (exit 3), instead of the OOM killer halfway through."""
-    available = available_memory_bytes()
-    if available is None:
-        return
+def choose_reference(cfg, candidate_dtype, cpu_models, reference_dtype="float32", mode="auto"):
+    """Resident or streamed reference, decided before loading anything: -> (mode, why).
+
+    The resident reference plus `cpu_models` copies of the model in the candidate dtype (the candidate
+    and its peer on the CPU; a candidate on an accelerator passes through CPU memory while it loads) must
+    fit in RESIDENT_MEMORY_SHARE of the available memory; `auto` streams the reference when they do not
+    (dense Llama checkpoints). What cannot fit either way stops with one line (exit 3), instead of the OOM
+    killer halfway through."""
     p = make_plan(cfg, candidate_dtype, 1)
-    reference = p.parameters * BYTES[reference_dtype]
-    need = reference + cpu_models * p.candidate_bytes
-    if need > RESIDENT_MEMORY_SHARE * available:
-        raise Unavailable(
-            f"the resident {reference_dtype} reference ({p.parameters / 1e9:.2f}B parameters, {reference / 2**30:.1f} "
-            f"GiB) and the models under test need {need / 2**30:.1f} GiB of memory, this machine has "
-            f"{available / 2**30:.1f} GiB available: nothing was loaded (--plan shows the figures); use a machine "
-            "with more memory")
+    scale = BYTES[reference_dtype] / 4
+    resident = p.reference_bytes_resident * scale + cpu_models * p.candidate_bytes
+    streamed = p.reference_bytes_streamed * scale + cpu_models * p.candidate_bytes
+    available = available_memory_bytes()
+    budget = RESIDENT_MEMORY_SHARE * available if available else float("inf")
+    gib = 2**30
+    figures = f"resident needs {resident / gib:.1f} GiB, streamed {streamed / gib:.1f} GiB, " + (
+        f"{available / gib:.1f} GiB available" if available else "available memory unknown")
+    can_stream = cfg.get("model_type") == "llama"
+    if mode == "streamed" and not can_stream:
+        raise UsageError(f"--reference_mode streamed: model_type {cfg.get('model_type')!r} has no streamed "
+                         "reference (dense Llama only); use --reference_mode resident")
+    if mode == "resident" or (mode == "auto" and (resident <= budget or not can_stream)):
+        if resident > budget:
+            raise Unavailable(f"the resident {reference_dtype} reference ({p.parameters / 1e9:.2f}B parameters) and "
+                              f"the models under test do not fit ({figures}): nothing was loaded (--plan shows the "
+                              "figures)" + ("; use --reference_mode streamed" if can_stream else
+                                            "; use a machine with more memory"))
+        return "resident", figures
+    if streamed > budget:
+        raise Unavailable(f"even a streamed {reference_dtype} reference and the models under test do not fit "
+                          f"({figures}): nothing was loaded; use a machine with more memory")
+    return "streamed", figures + ("" if mode == "streamed" else ": the resident reference would not fit")

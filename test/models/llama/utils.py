@@ -102,6 +102,10 @@ def build_parser(doc, decode=False, batch=False):
     p.add_argument("--dtype", default="bfloat16", help="candidate dtype: float32 | bfloat16 | float16 (default bf16)")
     p.add_argument("--reference_dtype", default="float32", choices=["float32", "float64"],
                    help="dtype of the CPU reference (default float32)")
+    p.add_argument("--reference_mode", default="auto", choices=["auto", "resident", "streamed"],
+                   help="auto (default): the reference resident in memory when it fits, else streamed layer by "
+                        "layer from the safetensors shards (dense Llama; the same logits bit for bit, about one "
+                        "layer of memory, the weights read again on every forward)")
     p.add_argument("--peer", default="hf", choices=["hf", "none"],
                    help="hf (default): judge the candidate against a correct peer measured in this run, HF "
                         "Transformers in --dtype on the device (kitcore/judges.py); none: the static table")
@@ -283,12 +287,15 @@ def setup(args, script, extra_positions=0, families=FAMILIES, specs=None):
           f"{args.reference_dtype} on cpu from {reference_checkpoint.path}")
     print(f"  torch {env['torch']}, transformers {env['transformers']}; input: {tuple(inputs.input_ids.shape)} "
           f"tokens (batch x length)")
-    plan.refuse_if_too_large(reference_checkpoint.config, args.dtype, 2 if device.type == "cpu" else 1,
-                             args.reference_dtype)
+    source, why = plan.choose_reference(reference_checkpoint.config, args.dtype, 2 if device.type == "cpu" else 1,
+                                        args.reference_dtype, args.reference_mode)
+    print(f"  reference source: {source} ({why})")
+    results.env["reference_source"] = source
     phases = memory.Phases(device)
     with phases("reference_load"):
-        reference = engines.HFEngine(str(reference_checkpoint.path), devices.Device("cpu", "cpu"),
-                                     devices.parse_dtype(args.reference_dtype), "eager")
+        reference_class = engines.StreamedHFEngine if source == "streamed" else engines.HFEngine
+        reference = reference_class(str(reference_checkpoint.path), devices.Device("cpu", "cpu"),
+                                    devices.parse_dtype(args.reference_dtype), "eager")
     options = {"gguf_type": args.gguf_type, "kv_type": args.kv_type}
     with phases("candidate_load"):
         loaded = {spec: engines.load_engine(spec, checkpoint.path, device, dtype, args.attn, options)
