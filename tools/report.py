@@ -239,7 +239,7 @@ def sweep_charts(records):
 def routing(records):
     counts = {}
     for r in records:
-        if r.get("metric") == "expert_tokens":
+        if r.get("metric") == "expert_tokens" and not r.get("sweep"):  # a sweep's routing is its cases' routing
             counts.setdefault(group_key(r)[1:] + (r["case"],), {})[int(r["expert"])] = float(r["value"])
     out = []
     for label, per_expert in sorted(counts.items()):

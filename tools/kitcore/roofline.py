@@ -77,7 +77,7 @@ class Ceilings:
 
     def describe(self, dtype):
         return (f"ceilings ({self.fingerprint}): memory {self.bandwidth_bytes_per_s / 1e9:.1f} GB/s, "
-                f"{dtype} matmul {self.flops_per_s[dtype] / 1e9:.1f} GFLOP/s")
+                f"{dtype} matmul ceiling {self.flops_per_s[dtype] / 1e9:.1f} GFLOP/s")
 
 
 @dataclass
