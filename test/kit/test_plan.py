@@ -67,9 +67,38 @@ def test_streamed_reference_is_the_resident_one_bit_for_bit(llama_checkpoint):
 
 def test_streamed_reference_through_the_scripts(llama_checkpoint, moe_checkpoint, tmp_path):
     r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--reference_mode", "streamed",
-                   json_path=tmp_path / "s.json")
+                   "--no_reference_cache", json_path=tmp_path / "s.json")
     assert r.code == 0 and r.json["env"]["reference_source"] == "streamed", r
-    r = run_script(INFERENCE, "--model_path", llama_checkpoint, json_path=tmp_path / "a.json")
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--no_reference_cache", json_path=tmp_path / "a.json")
     assert r.code == 0 and r.json["env"]["reference_source"] == "resident", r
     r = run_script(INFERENCE, "--model_path", moe_checkpoint, "--reference_mode", "streamed")
     assert r.code == 2 and "dense Llama only" in r.err, r
+
+
+def test_reference_cache_reuses_and_never_trusts_a_bad_entry(llama_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_KIT_CACHE", str(tmp_path / "cache"))
+    forward = f"{LLAMA}/test_forward_validation.py"
+    first = run_script(forward, "--model_path", llama_checkpoint, json_path=tmp_path / "1.json")
+    assert first.code == 0 and first.json["env"]["reference_cache"]["misses"] > 0, first
+    second = run_script(forward, "--model_path", llama_checkpoint, json_path=tmp_path / "2.json")
+    assert second.code == 0 and second.json["env"]["reference_source"] == "cache", second
+    assert second.json["env"]["reference_cache"]["misses"] == 0
+    assert second.json["all_steps"] == first.json["all_steps"]  # the same reference, bit for bit
+    for entry in (tmp_path / "cache" / "reference").iterdir():
+        entry.write_bytes(entry.read_bytes()[:100])  # truncated
+    third = run_script(forward, "--model_path", llama_checkpoint, json_path=tmp_path / "3.json")
+    assert third.code == 0 and third.json["env"]["reference_cache"]["rejected"] > 0, third
+    assert third.json["all_steps"] == first.json["all_steps"]
+    off = run_script(INFERENCE, "--model_path", llama_checkpoint, "--no_reference_cache", json_path=tmp_path / "4.json")
+    assert off.code == 0 and "reference_cache" not in off.json["env"] and "reference cache:" not in off.out
+
+
+def test_reference_cache_stays_within_its_bound(llama_checkpoint, tmp_path):
+    from kitcore import checkpoints, refcache
+
+    cache = refcache.ReferenceCache(checkpoints.open_checkpoint(llama_checkpoint), "float32", max_bytes=3 * 2**20,
+                                    root=tmp_path)
+    for i in range(8):  # 1 MiB each
+        cache.get_or_compute("logits", (torch.tensor([i]),), lambda: {"logits": torch.zeros(2**18)})
+    assert sum(p.stat().st_size for p in tmp_path.iterdir()) <= 3 * 2**20
+    assert cache.misses == 8 and len(list(tmp_path.iterdir())) == 2

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import utils  # noqa: E402
 from kitcore import cli, inputs, judges  # noqa: E402
-from kitcore.decode import greedy_reference, no_cache_steps, ragged_decode  # noqa: E402
+from kitcore.decode import ragged_decode  # noqa: E402
 from kitcore.errors import Unavailable, UsageError  # noqa: E402
 
 SCRIPT = "test_batch_validation"
@@ -139,9 +139,9 @@ def check_decode(run, peer, alone, rows, steps, judge, results):
     teachers, references = [], []
     for j, i in enumerate(rows):
         row = inputs.pad([alone.prompts[i]])
-        teacher, _ = greedy_reference(run.reference, row, max(1, steps - j % 3))
+        teacher, logits = utils.reference_greedy(run, row, max(1, steps - j % 3))
         teachers.append(teacher[0])
-        references.append(no_cache_steps(run.reference, row, teacher)[0])
+        references.append(logits[0])
     got = ragged_decode(run.candidate, batch, teachers)
     peer_got = ragged_decode(peer, batch, teachers) if peer else [None] * len(rows)
     passed = True
@@ -233,7 +233,7 @@ def main(argv=None):
     print("\n" + run.phases.summary())
     run.phases.report(results)
     print(f"\nverdict: {'PASS' if passed else 'FAIL: see the FAIL and NOT lines (batch, row, step)'}")
-    return results.finish(passed, args.json)
+    return run.finish(passed)
 
 
 if __name__ == "__main__":

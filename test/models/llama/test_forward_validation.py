@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import utils  # noqa: E402
 from kitcore import cli, judges  # noqa: E402
-from kitcore.decode import greedy_reference, run_engine  # noqa: E402
+from kitcore.decode import run_engine  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
 
 SCRIPT = "test_forward_validation"
@@ -52,7 +52,7 @@ def main(argv=None):
     pair = [run.engines[s] for s in specs]
 
     with run.phases("reference_decode"):
-        teacher, ref_steps = greedy_reference(run.reference, inp, args.decode_steps)
+        teacher, ref_steps = utils.reference_greedy(run, inp, args.decode_steps)
     outputs = {}
     for label, engine in (("a", pair[0]), ("b", pair[1]), ("peer", run.peer)):
         if engine is not None and id(engine) not in outputs:
@@ -142,7 +142,7 @@ def main(argv=None):
     verdict = ("PASS: every step CLOSE" if passed else "FAIL: see the NOT_CLOSE steps and FAIL lines" if not all_close
                else "FAIL: memory grows with every call")
     print(f"\nverdict: {verdict}")
-    return results.finish(passed, args.json)
+    return run.finish(passed)
 
 
 if __name__ == "__main__":

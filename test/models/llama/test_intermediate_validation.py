@@ -292,7 +292,7 @@ def main(argv=None):
         largest_own_error=worst_own,
         points=rows, rope=rope, findings=findings)
     print(f"\nverdict: {'PASS' if all_passed else 'FAIL'}")
-    return results.finish(all_passed, args.json)
+    return run.finish(all_passed)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def main(argv=None):
                                                                          inp.mask_or_none), "forward")
     verdict = "PASS" if passed else f"FAIL: {check.reasons() if not check.passed else 'memory grows with every call'}"
     print(f"\nverdict: {verdict}")
-    return results.finish(passed, args.json)
+    return run.finish(passed)
 
 
 if __name__ == "__main__":

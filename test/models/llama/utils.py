@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 
-from kitcore import checkpoints, cli, devices, engines, judges, memory, plan, rope, roofline  # noqa: E402
+from kitcore import checkpoints, cli, decode, devices, engines, judges, memory, plan, refcache, rope, roofline  # noqa: E402
 from kitcore import inputs as kitinputs  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
 from kitcore.results import Results, environment  # noqa: E402
@@ -106,6 +106,12 @@ def build_parser(doc, decode=False, batch=False):
                    help="auto (default): the reference resident in memory when it fits, else streamed layer by "
                         "layer from the safetensors shards (dense Llama; the same logits bit for bit, about one "
                         "layer of memory, the weights read again on every forward)")
+    p.add_argument("--no_reference_cache", action="store_true",
+                   help="compute the reference every time instead of reusing $LLM_KIT_CACHE/reference (keyed by "
+                        "checkpoint, inputs, reference dtype and library versions)")
+    p.add_argument("--reference_cache_gb", type=float, default=refcache.DEFAULT_MAX_BYTES / 2**30,
+                   help=f"size bound of the reference cache, oldest entries removed first "
+                        f"(default {refcache.DEFAULT_MAX_BYTES / 2**30:g})")
     p.add_argument("--peer", default="hf", choices=["hf", "none"],
                    help="hf (default): judge the candidate against a correct peer measured in this run, HF "
                         "Transformers in --dtype on the device (kitcore/judges.py); none: the static table")
@@ -206,6 +212,18 @@ class Run:
     def candidate(self):
         return next(iter(self.engines.values()))
 
+    def finish(self, passed):
+        """The verdict: the reference cache's figures into the environment, the exit code."""
+        cache = getattr(self.reference, "cache", None)
+        if cache is not None:
+            self.results.env["reference_cache"] = cache.summary()
+            if cache.hits and not cache.misses and self.results.env.get("reference_source"):
+                self.results.env["reference_source"] = "cache"
+            print(f"reference cache: {cache.hits} hit(s), {cache.misses} miss(es)"
+                  + (f", {cache.rejected} entry(ies) rejected and recomputed" if cache.rejected else "")
+                  + f" ({cache.root})")
+        return self.results.finish(passed, self.args.json)
+
     def judge(self, engine):
         """How `engine` is judged: calibrated by the peer, unless it is the peer itself or there is none."""
         if engine is self.reference:
@@ -296,6 +314,9 @@ def setup(args, script, extra_positions=0, families=FAMILIES, specs=None):
         reference_class = engines.StreamedHFEngine if source == "streamed" else engines.HFEngine
         reference = reference_class(str(reference_checkpoint.path), devices.Device("cpu", "cpu"),
                                     devices.parse_dtype(args.reference_dtype), "eager")
+    if not args.no_reference_cache:
+        cache = refcache.ReferenceCache(reference_checkpoint, args.reference_dtype, int(args.reference_cache_gb * 2**30))
+        reference = refcache.CachedReference(reference, cache)
     options = {"gguf_type": args.gguf_type, "kv_type": args.kv_type}
     with phases("candidate_load"):
         loaded = {spec: engines.load_engine(spec, checkpoint.path, device, dtype, args.attn, options)
@@ -327,6 +348,15 @@ def setup(args, script, extra_positions=0, families=FAMILIES, specs=None):
 
 
 REFERENCE = "reference"
+
+
+def reference_greedy(run, inp, steps):
+    """The reference's teacher tokens and no-cache logits (kitcore.decode.greedy_reference), from the
+    reference cache when this prompt was decoded before."""
+    compute = lambda: dict(zip(("teacher", "logits"), decode.greedy_reference(run.reference, inp, steps)))  # noqa: E731
+    memo = getattr(run.reference, "memo", None)
+    out = memo(f"greedy{steps}", (inp.input_ids, inp.position_ids, inp.attention_mask), compute) if memo else compute()
+    return out["teacher"], out["logits"]
 
 
 def add_repeat_arg(parser, what):
