@@ -9,7 +9,8 @@ An engine is a class, chosen with `--engine`:
 
 Constructor:
     Engine(model_path: str, device: kitcore.devices.Device, dtype: torch.dtype, attn: str, **options)
-    `options` are engine-specific flags the class names in an OPTIONS tuple (llama.cpp: gguf_type, kv_type).
+    `options` are engine-specific settings the class names in an OPTIONS tuple (llama.cpp: gguf_type, kv_type, and
+    n_ctx, the positions the check will use: prompt + decode steps).
 Attributes the kit reads: `dtype` (the precision whose tolerance judges the engine) and, optionally,
 `quantization` (e.g. "q8_0": judged by distribution metrics instead of element tolerances) and
 `padding_sides`, the padded batches forward() takes: ("left",) when absent, ("left", "right"), or ()
@@ -45,6 +46,7 @@ import importlib.util
 import inspect
 import os
 import sys
+import time
 
 import torch
 
@@ -302,6 +304,12 @@ class StreamedHFEngine(HFEngine):
             module.register_forward_pre_hook(lambda mod, args, prefix=prefix: self._load(mod, prefix))
             module.register_forward_hook(self._free)
 
+    PROGRESS_AFTER_S = 5.0  # a forward slower than this prints one line per piece it loads
+
+    def forward(self, *args, **kwargs):
+        self._started = time.perf_counter()
+        return super().forward(*args, **kwargs)
+
     @staticmethod
     def _free(module, args, output):
         module.to("meta")  # returns None: the output stays what the module computed
@@ -315,6 +323,10 @@ class StreamedHFEngine(HFEngine):
         state = {names[n]: loaded[src].to(self.dtype) for n, src in on_disk.items()}
         self.bytes_read += sum(t.numel() * t.element_size() for t in loaded.values())
         module.load_state_dict(state, strict=True, assign=True)
+        elapsed = time.perf_counter() - getattr(self, "_started", time.perf_counter())
+        if elapsed > self.PROGRESS_AFTER_S:
+            print(f"  streamed reference: {prefix.rstrip('.')} ({self.bytes_read / 2**30:.1f} GiB read so far, "
+                  f"{elapsed:.0f} s into this forward)", file=sys.stderr, flush=True)
 
 
 BUILTIN_ENGINES = {"hf": HFEngine, "compile": CompileEngine}

@@ -40,12 +40,13 @@ class LlamaCppCache:
 class LlamaCppEngine:
     name = "llama.cpp"
     padding_sides = ()  # one unpadded prompt at a time
-    OPTIONS = ("gguf_type", "kv_type")
+    OPTIONS = ("gguf_type", "kv_type", "n_ctx")
     capture = None
     run_component = None
     rope = None
 
-    def __init__(self, model_path, device, dtype, attn="sdpa", gguf_type=None, kv_type="f32", permute_qk=True):
+    def __init__(self, model_path, device, dtype, attn="sdpa", gguf_type=None, kv_type="f32", permute_qk=True,
+                 n_ctx=None):
         llama_cpp = _llama_cpp()
         self.device = device
         self.gguf_type = gguf_type or DTYPE_TO_GGUF[dtype]
@@ -57,7 +58,9 @@ class LlamaCppEngine:
         self.quantization = "q8_0" if self.gguf_type == "q8_0" else None
         weights = GGUF_TO_DTYPE.get(self.gguf_type, torch.float32)
         self.dtype = torch.float16 if kv_type == "f16" and weights == torch.float32 else weights
-        self.n_ctx = checkpoint.config.get("max_position_embeddings", 4096)
+        # the context the check needs (prompt + decode steps): a max_position_embeddings context would
+        # allocate its whole KV cache (32 GiB in f32 for Llama-3.1-8B's 131,072 positions)
+        self.n_ctx = n_ctx or checkpoint.config.get("max_position_embeddings", 4096)
         ggml_type = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[kv_type]
         self.llm = llama_cpp.Llama(model_path=str(self.path), logits_all=True, n_ctx=self.n_ctx, n_batch=self.n_ctx,
                                    n_threads=torch.get_num_threads(), verbose=False, type_k=ggml_type,

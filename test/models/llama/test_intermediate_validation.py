@@ -232,7 +232,6 @@ def main(argv=None):
     results, inp, cand = run.results, run.inputs, run.candidate
     engines.require(cand, "capture", args.engine, "intermediate validation")
     config = run.reference_checkpoint.config
-    n_layers = config["num_hidden_layers"]
     dual = callable(getattr(cand, "run_component", None))
     if not dual:
         print(f"note: engine {args.engine!r} has no run_component(): the dual test (own error) is skipped")

@@ -317,7 +317,9 @@ def setup(args, script, extra_positions=0, families=FAMILIES, specs=None):
     if not args.no_reference_cache:
         cache = refcache.ReferenceCache(reference_checkpoint, args.reference_dtype, int(args.reference_cache_gb * 2**30))
         reference = refcache.CachedReference(reference, cache)
-    options = {"gguf_type": args.gguf_type, "kv_type": args.kv_type}
+    # n_ctx: the positions this check uses, for engines that allocate their context up front
+    options = {"gguf_type": args.gguf_type, "kv_type": args.kv_type,
+               "n_ctx": inputs.input_ids.shape[1] + extra_positions}
     with phases("candidate_load"):
         loaded = {spec: engines.load_engine(spec, checkpoint.path, device, dtype, args.attn, options)
                   for spec in specs if spec != REFERENCE}
