@@ -80,8 +80,9 @@ class Phases:
 
     @contextmanager
     def __call__(self, name):
-        self.device.reset_peak_memory()
-        reset_peak_rss()
+        self.device.reset_peak_memory()  # on the CPU, the peak RSS
+        if self.device.memory_kind != "rss":
+            reset_peak_rss()
         t0 = time.perf_counter()
         yield
         self.device.synchronize()

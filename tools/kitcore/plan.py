@@ -92,6 +92,10 @@ def available_memory_bytes():
     return None
 
 
+def _size(n):
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
 def choose_reference(cfg, candidate_dtype, cpu_models, reference_dtype="float32", mode="auto"):
     """Resident or streamed reference, decided before loading anything: -> (mode, why).
 
@@ -106,9 +110,8 @@ def choose_reference(cfg, candidate_dtype, cpu_models, reference_dtype="float32"
     streamed = p.reference_bytes_streamed * scale + cpu_models * p.candidate_bytes
     available = available_memory_bytes()
     budget = RESIDENT_MEMORY_SHARE * available if available else float("inf")
-    gib = 2**30
-    figures = f"resident needs {resident / gib:.1f} GiB, streamed {streamed / gib:.1f} GiB, " + (
-        f"{available / gib:.1f} GiB available" if available else "available memory unknown")
+    figures = f"resident needs {_size(resident)}, streamed {_size(streamed)}, " + (
+        f"{_size(available)} available" if available else "available memory unknown")
     can_stream = cfg.get("model_type") == "llama"
     if mode == "streamed" and not can_stream:
         raise UsageError(f"--reference_mode streamed: model_type {cfg.get('model_type')!r} has no streamed "

@@ -202,7 +202,11 @@ def main(argv=None):
     peer = run.peer if run.peer is not None and run.peer is not run.candidate else None
     order = interleaved([len(p) for p in prompts])
     print(f"prompts: {len(prompts)} of {', '.join(str(len(p)) for p in prompts)} tokens; padding sides: "
-          f"{', '.join(sides)}; judged by {judge.describe()}")
+          f"{', '.join(sides)}; against the reference: {judge.describe()}")
+    rounding = ("the peer's" if peer else "the candidate's own, as the peer," if run.peer is run.candidate else None)
+    print("within rounding: " + (f"at most k={judges.PEER_K:g} (per position {judges.PEER_K_MAX:g}) x {rounding} "
+                                 "rounding error against the reference (at least its p90 over all prompts)"
+                                 if rounding else "the dtype's table (no peer)"))
 
     with run.phases("alone"):
         alone = Rows(run, peer, prompts)
