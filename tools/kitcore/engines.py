@@ -4,6 +4,8 @@ An engine is a class, chosen with `--engine`:
     hf                          HuggingFace Transformers on the chosen device/dtype (`--attn eager|sdpa`)
     compile                     the same model through torch.compile (inductor: C++ on the CPU)
     llama.cpp                   llama.cpp through llama-cpp-python, on a GGUF of the same checkpoint
+    vllm                        vLLM in this process (kitcore.serving; run the script in .venv-vllm)
+    openai:http://HOST:PORT/v1  an OpenAI-compatible completions server, black-box (kitcore.serving)
     package.module:Class        a plugin, imported from an installed module
     path/to/file.py:Class       a plugin, loaded from a file
 
@@ -14,16 +16,24 @@ Constructor:
 Attributes the kit reads: `dtype` (the precision whose tolerance judges the engine) and, optionally,
 `quantization` (e.g. "q8_0": judged by distribution metrics instead of element tolerances) and
 `padding_sides`, the padded batches forward() takes: ("left",) when absent, ("left", "right"), or ()
-for an engine that takes one unpadded prompt at a time (batch validation is then not available).
+for an engine that takes one unpadded prompt at a time (batch validation is then not available);
+`returns`: "logits" when absent, or "logprobs" (log-probabilities: compared with the reference's
+log-softmax; NaN where the engine returned none, see kitcore.serving) and then `top_k`, None for the whole
+vocabulary or k when only the top k of each position are returned.
 
 Required (end-to-end and forward validation):
-    new_cache() -> object
+    new_cache() -> object   (or generate(), below, for an engine that keeps its KV cache to itself)
         A fresh, empty KV cache; the kit treats it as opaque and hands it back to forward().
     forward(input_ids, position_ids, attention_mask=None, cache=None) -> logits
         input_ids, position_ids: int64 [B, S] on the CPU; attention_mask: int64 [B, past + S] with 1 for real
         tokens and 0 for padding, or None (no padding). With a cache, the S new positions are appended to
         it (prefill when it is empty, decode when S == 1). Returns logits [B, S, vocab] as a torch tensor
         on any device, in any dtype.
+
+    generate(input_ids, position_ids, attention_mask, steps) -> (tokens [B, steps], logits [B, steps + 1, V])
+        Instead of new_cache(): the engine's own greedy decode of `steps` tokens, with the distribution after
+        the prompt and after each generated token (kitcore.decode compares the steps its tokens share with
+        the reference's greedy ones).
 
 Optional capabilities (intermediate validation; an engine without them gets exit code 3 there):
     capture(input_ids, position_ids, layers=None) -> dict[str, Tensor]
@@ -369,13 +379,22 @@ def engine_class(spec):
         from .llamacpp import LlamaCppEngine
 
         return LlamaCppEngine
-    return resolve_class(spec, BUILTIN_ENGINES, ("new_cache", "forward"), "tools/kitcore/engines.py")
+    if spec == "vllm" or spec.startswith("openai:"):
+        from .serving import OpenAIEngine, VLLMEngine
+
+        return VLLMEngine if spec == "vllm" else OpenAIEngine
+    cls = resolve_class(spec, BUILTIN_ENGINES, ("forward",), "tools/kitcore/engines.py")
+    if not callable(getattr(cls, "new_cache", None)) and not callable(getattr(cls, "generate", None)):
+        raise UsageError(f"--engine {spec!r}: {cls.__name__} has neither new_cache() nor generate() "
+                         "(see the engine protocol in tools/kitcore/engines.py)")
+    return cls
 
 
 def load_engine(spec, model_path, device, dtype, attn, options=None):
     """Build the engine; `options` (e.g. gguf_type) reach only engines that list them in OPTIONS."""
     cls = engine_class(spec)
-    chosen = {k: v for k, v in (options or {}).items() if k in getattr(cls, "OPTIONS", ()) and v is not None}
+    options = dict(options or {}, url=spec.split(":", 1)[1] if spec.startswith("openai:") else None)
+    chosen = {k: v for k, v in options.items() if k in getattr(cls, "OPTIONS", ()) and v is not None}
     return cls(str(model_path), device, dtype, attn, **chosen)
 
 

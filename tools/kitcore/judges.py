@@ -32,6 +32,16 @@ allows), plus the rounding floor at the top logit. This is tighter than the larg
 error the element gate allows, on purpose: a flip needs the two top logits to move by the gap, and a
 correct engine's errors there are typical, not extreme. A top-1 flip at a decisive position fails,
 also when every logit is inside the element tolerance.
+
+Engines that return log-probabilities (`returns = "logprobs"`, kitcore.serving) are compared in that space:
+the reference's and the peer's logits are log-softmaxed first, so every figure, the peer's included, is
+measured with the same formula. A position the engine did not return (an all-NaN row) is left out and
+counted. With only each position's top k returned (`top_k`, space "topk"), the kit sees: the logprobs of the
+tokens both sides list (element figures, calibrated by the peer's on the same tokens), the top-1 at decisive
+positions and the top-5 rates, and a KL over the returned tokens plus one bucket for the rest of the
+vocabulary - a lower bound of the true KL (merging tokens never increases a KL), gated at k^2 x the peer's
+lower bound on the same buckets. A fault that only moves probability among the tokens it does not return
+stays invisible.
 """
 
 from dataclasses import dataclass, field
@@ -172,6 +182,8 @@ class LogitsCheck:
     worst_position: int = -1
     peer: dict = None  # the peer's figures, when calibrated
     limits: dict = field(default_factory=dict)  # the limits the figures were judged by
+    space: str = "logits"  # logits | logprobs | topk (then the KL figures are lower bounds)
+    skipped_positions: int = 0  # positions the engine returned nothing for (all NaN), left out
     passed: bool = False
 
     @property
@@ -188,6 +200,11 @@ class LogitsCheck:
         if self.position_failures:
             out.append(f"{self.position_failures} position(s) with an RMS error above k x the peer's there "
                        f"(worst at position {self.worst_position})")
+        if self.space == "topk" and d is None and "kl_max" in self.limits and self.positions:
+            gates = [("KL lower bound max", self.kl_max, "kl_max")] + (
+                [("KL lower bound mean", self.kl_mean, "kl_mean")] if self.aggregate else [])
+            out += [f"{label} {value:.2e} above {self.limits[key]:.2g}" for label, value, key in gates
+                    if value > self.limits[key]]
         if d is not None and self.positions:
             gates = [("KL max", self.kl_max, "kl_max")]
             if self.aggregate:
@@ -215,28 +232,58 @@ def _kl(ref, cand):
     return torch.where(torch.isfinite(kl), kl, torch.full_like(kl, float("inf")))
 
 
-def check_logits(candidate, reference, mask, judge, peer=None, name="logits", aggregate=True):
+def output_space(*engines):
+    """How the outputs of `engines` are compared: "logits", "logprobs" when one returns log-probabilities,
+    "topk" when one returns only its top k per position."""
+    serving = [e for e in engines if getattr(e, "returns", "logits") == "logprobs"]
+    if any(getattr(e, "top_k", None) or getattr(e, "partial", False) for e in serving):
+        return "topk"
+    return "logprobs" if serving else "logits"
+
+
+def _logprobs(t):
+    """Logits -> log-probabilities; a tensor with NaN (a top-k engine's own output) already is one."""
+    return t if bool(torch.isnan(t).any()) else t.log_softmax(-1)
+
+
+def check_logits(candidate, reference, mask, judge, peer=None, name="logits", aggregate=True, space="logits"):
     """Logits [B, S, V] at the real (unpadded) positions: figures, top-1/top-5, KL, collapse, judged by
     `judge`; `peer` (the peer's logits, same shape) calibrates the bounds when the judge is calibrated.
-    aggregate=False judges a single position (a decode step): no KL mean/p99 and no agreement rates."""
+    aggregate=False judges a single position (a decode step): no KL mean/p99 and no agreement rates.
+    space (output_space()): "logprobs" and "topk" compare log-probabilities (module docstring)."""
     valid = mask.bool().to("cpu")
     cand = candidate.detach().to("cpu", torch.float64)
     ref = reference.detach().to("cpu", torch.float64)
     table = judge.dtype if judge.distribution else judge.table
     if cand.shape != ref.shape:
         c = compare(cand, ref, table, name)
-        return LogitsCheck(c, 0, 0.0, 0, 0, 0.0, False, *[float("nan")] * 3, judge, aggregate)
-    cand, ref = cand[valid], ref[valid]  # [positions, V]
+        return LogitsCheck(c, 0, 0.0, 0, 0, 0.0, False, *[float("nan")] * 3, judge, aggregate, space=space)
+    skipped = 0
+    if space != "logits":
+        returned = ~torch.isnan(cand).all(-1)
+        skipped = int((valid & ~returned).sum())
+        valid = valid & returned
+        cand, ref = cand[valid], _logprobs(ref[valid])
+        cand = cand.log_softmax(-1) if space == "logprobs" else cand
+    else:
+        cand, ref = cand[valid], ref[valid]  # [positions, V]
     calibrated = judge.calibrated and peer is not None
     if calibrated:
         peer = peer.detach().to("cpu", torch.float64)[valid]
+        peer = peer if space == "logits" else _logprobs(peer)
+    if space == "topk":
+        check = _check_topk(cand, ref, judge, peer if calibrated else None, name, aggregate)
+        check.skipped_positions = skipped
+        check.passed = not check.reasons()
+        return check
     comparison = judge_tensor(cand, ref, judge, peer if calibrated else None, name)
     f = rounding_floor(judge.dtype)
     n = ref.shape[0]
     rms_row = ref.pow(2).mean(-1).sqrt()
     top2 = ref.topk(2, dim=-1).values
     gap = top2[:, 0] - top2[:, 1]
-    check = LogitsCheck(comparison, n, 0.0, 0, 0, 0.0, False, 0.0, 0.0, 0.0, judge, aggregate)
+    check = LogitsCheck(comparison, n, 0.0, 0, 0, 0.0, False, 0.0, 0.0, 0.0, judge, aggregate, space=space,
+                        skipped_positions=skipped)
     if calibrated:
         peer_rmse = (peer - ref).pow(2).mean(-1).sqrt()
         peer_rmse = peer_rmse.clamp_min(float(peer_rmse.quantile(0.9)))  # one lucky position of the peer is no bound
@@ -276,4 +323,65 @@ def check_logits(candidate, reference, mask, judge, peer=None, name="logits", ag
                 check.limits[key] = max(check.limits[key], judge.k**2 * check.peer[key] + f * f)
         check.position_failures = 0  # element figures are reported, not gated, under a distribution judge
     check.passed = not check.reasons()
+    return check
+
+
+def _kl_lower_bound(ref, cand, known):
+    """KL(ref || cand) per position of [N, V] log-probabilities over the `known` tokens plus one bucket for
+    the rest of the vocabulary: a lower bound of the full KL."""
+    zero = torch.zeros((), dtype=ref.dtype)
+    p, q = torch.where(known, ref.exp(), zero), torch.where(known, cand.exp(), zero)
+    kl = torch.where(known & (p > 0), p * (ref - cand), zero).sum(-1)
+    p_rest, q_rest = (1 - p.sum(-1)).clamp_min(1e-12), (1 - q.sum(-1)).clamp_min(1e-12)
+    rest = torch.where(known.all(-1), zero, p_rest * (p_rest.log() - q_rest.log()))
+    kl = kl + rest
+    return torch.where(torch.isfinite(kl), kl, torch.full_like(kl, float("inf")))
+
+
+def _check_topk(cand, ref, judge, peer, name, aggregate):
+    """check_logits for an engine that returned only its top k log-probabilities per position (NaN for the
+    rest): cand, ref, peer are [positions, V] log-probabilities; ref may itself be a top-k output (NaN)."""
+    n = ref.shape[0]
+    known = ~torch.isnan(cand)
+    both = known & ~torch.isnan(ref)
+    comparison = judge_tensor(cand[both], ref[both], judge, None if peer is None else peer[both], name)
+    check = LogitsCheck(comparison, n, 0.0, 0, 0, 0.0, False, 0.0, 0.0, 0.0, judge, aggregate, space="topk")
+    if not n:
+        return check
+    f = rounding_floor(judge.dtype)
+    neg = torch.tensor(float("-inf"), dtype=ref.dtype)
+    cand_f, ref_f = torch.where(known, cand, neg), torch.where(torch.isnan(ref), neg, ref)
+    finite_ref = torch.where(torch.isnan(ref), torch.zeros((), dtype=ref.dtype), ref)
+    rms_row = finite_ref.pow(2).sum(-1).div((~torch.isnan(ref)).sum(-1).clamp_min(1)).sqrt()
+    top2 = ref_f.topk(2, dim=-1).values
+    gap = top2[:, 0] - top2[:, 1]
+    if peer is not None:
+        peer_rmse = (peer - ref).pow(2).mean(-1).sqrt()
+        peer_rmse = peer_rmse.clamp_min(float(peer_rmse.quantile(0.9)))
+        sigma = judge.k * peer_rmse + f * rms_row
+    else:
+        sigma = LOGITS_NMSE[judge.dtype] ** 0.5 * rms_row
+    decisive = gap > 2 * (DECISIVE_SIGMAS * sigma + 2 * f * top2[:, 0].abs())
+    c_top1, r_top1 = cand_f.argmax(-1), ref_f.argmax(-1)
+    agree = c_top1 == r_top1
+    c_top5, r_top5 = cand_f.topk(5, dim=-1).indices, ref_f.topk(5, dim=-1).indices
+    contained = (c_top5 == r_top1[:, None]).any(-1) & (r_top5 == c_top1[:, None]).any(-1)
+    kl = _kl_lower_bound(ref_f, cand_f, both)
+    check.top1_agreement = float(agree.double().mean())
+    check.decisive_positions = int(decisive.sum())
+    check.decisive_disagreements = int((decisive & ~agree).sum())
+    check.top5_containment = float(contained.double().mean())
+    check.collapsed = n >= 4 and c_top1.unique().numel() == 1 and r_top1.unique().numel() > 1
+    check.kl_per_position = kl.tolist()
+    check.kl_mean, check.kl_max = float(kl.mean()), float(kl.max())
+    check.kl_p99 = float(torch.quantile(kl, 0.99))
+    if peer is not None:
+        peer_kl = _kl_lower_bound(ref_f, peer, both)
+        check.peer = {"nmse": comparison.peer_nmse, "max_abs": comparison.peer_max_abs,
+                      "kl_mean": float(peer_kl.mean()), "kl_max": float(peer_kl.max()),
+                      "kl_p99": float(torch.quantile(peer_kl, 0.99))}
+        check.limits = {key: judge.k**2 * check.peer[key] + f * f for key in ("kl_mean", "kl_max")}
+    d = judge.distribution
+    if d is not None:
+        check.limits = {key: max(getattr(d, key), check.limits.get(key, 0.0)) for key in ("kl_mean", "kl_p99", "kl_max")}
     return check

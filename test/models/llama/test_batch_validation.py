@@ -194,6 +194,7 @@ def main(argv=None):
     if "left" not in sides:
         raise Unavailable(f"engine {args.engine!r} takes one prompt at a time (padding_sides "
                           f"{getattr(run.candidate, 'padding_sides', None)!r}): batch validation needs left padding")
+    engines.require(run.candidate, "new_cache", args.engine, "batch validation's ragged teacher-forced decode")
     prompts = [run.inputs.row(i).input_ids[0].tolist() for i in range(run.inputs.input_ids.shape[0])]
     if max(sizes) > len(prompts):
         raise UsageError(f"--batch_sizes {args.batch_sizes}: batches of {max(sizes)} need at least {max(sizes)} "

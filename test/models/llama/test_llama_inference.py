@@ -43,7 +43,8 @@ def main(argv=None):
     if run.peer is not None and run.peer is not run.candidate:
         with phases("peer_forward"):
             peer = run.peer.forward(inp.input_ids, inp.position_ids, inp.mask_or_none)
-    check = judges.check_logits(candidate, reference, inp.attention_mask, run.judge(run.candidate), peer)
+    check = judges.check_logits(candidate, reference, inp.attention_mask, run.judge(run.candidate), peer,
+                                space=judges.output_space(run.candidate))
     utils.print_logits_check(check, reference.shape[-1])
     # the check's own cost: its wall time (after imports) over the two models' load and forward times
     work = sum(phases.seconds.values())

@@ -97,7 +97,8 @@ def build_parser(doc, decode=False, batch=False):
     p = cli.ArgumentParser(description=doc)
     p.add_argument("--model_path", help="HF checkpoint directory (default: the kit's embedded tiny Llama)")
     p.add_argument("--reference_path", help="checkpoint of the reference (default: --model_path)")
-    p.add_argument("--engine", default="hf", help="hf | compile | package.module:Class | file.py:Class")
+    p.add_argument("--engine", default="hf", help="hf | compile | llama.cpp | vllm | openai:http://HOST:PORT/v1 | "
+                                                  "package.module:Class | file.py:Class")
     p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa"], help="attention of the hf/compile engine")
     p.add_argument("--dtype", default="bfloat16", help="candidate dtype: float32 | bfloat16 | float16 (default bf16)")
     p.add_argument("--reference_dtype", default="float32", choices=["float32", "float64"],
@@ -140,6 +141,12 @@ def build_parser(doc, decode=False, batch=False):
     p.add_argument("--gguf_type", choices=["f32", "f16", "bf16", "q8_0"],
                    help="llama.cpp engine: GGUF weight type (default: from --dtype)")
     p.add_argument("--kv_type", default="f32", choices=["f32", "f16"], help="llama.cpp engine: KV-cache type (default f32)")
+    p.add_argument("--served_model", help="openai engine: the model name the server serves (default: its only one)")
+    p.add_argument("--top_logprobs", type=int, metavar="K",
+                   help="openai engine: ask for the top K logprobs per position only, as a server capped at K returns "
+                        "(default: the whole vocabulary; judged then by what top K can show, see the README)")
+    p.add_argument("--request_timeout", type=float, default=300.0, metavar="S",
+                   help="openai engine: seconds one request may take (default 300)")
     if decode:
         p.add_argument("--decode_steps", type=int, default=8, help="teacher-forced decode steps (default 8)")
     return p
@@ -318,7 +325,9 @@ def setup(args, script, extra_positions=0, families=FAMILIES, specs=None):
         cache = refcache.ReferenceCache(reference_checkpoint, args.reference_dtype, int(args.reference_cache_gb * 2**30))
         reference = refcache.CachedReference(reference, cache)
     # n_ctx: the positions this check uses, for engines that allocate their context up front
-    options = {"gguf_type": args.gguf_type, "kv_type": args.kv_type,
+    options = {"gguf_type": args.gguf_type, "kv_type": args.kv_type, "served_model": args.served_model,
+               "top_logprobs": args.top_logprobs, "request_timeout": args.request_timeout,
+               "reference_path": str(reference_checkpoint.path),
                "n_ctx": inputs.input_ids.shape[1] + extra_positions}
     with phases("candidate_load"):
         loaded = {spec: engines.load_engine(spec, checkpoint.path, device, dtype, args.attn, options)
@@ -404,7 +413,11 @@ def record_logits_check(results, case, check, **labels):
 def print_logits_check(check, vocab):
     """The human paragraph of one logits check."""
     c = check.comparison
-    print(f"\nlogits at {check.positions} positions (vocab {vocab}), judged by {check.judge.describe()}:")
+    what = {"logits": "logits", "logprobs": "log-probabilities (the reference's and the peer's log-softmaxed)",
+            "topk": "top-k log-probabilities (only the tokens the engine returned)"}[check.space]
+    print(f"\n{what} at {check.positions} positions (vocab {vocab}), judged by {check.judge.describe()}:")
+    if check.skipped_positions:
+        print(f"  {check.skipped_positions} position(s) the engine returned nothing for: left out")
     if check.distribution:
         print(f"  max abs {c.max_abs:.3e}, mean abs {c.mean_abs:.3e}, nmse {c.nmse:.3e}, cosine {c.cosine:.9f}")
     else:
@@ -413,8 +426,9 @@ def print_logits_check(check, vocab):
         print(f"  {check.position_failures} position(s) above the peer's bound; worst at position {check.worst_position}")
     print(f"  top-1 agreement {check.top1_agreement:.4f}; decisive positions {check.decisive_positions}, "
           f"decisive disagreements {check.decisive_disagreements}; top-5 containment {check.top5_containment:.4f}")
-    print(f"  KL(reference || candidate) per position: mean {check.kl_mean:.3e}, p99 {check.kl_p99:.3e}, "
-          f"max {check.kl_max:.3e}")
+    kl = ("KL lower bound (its top k + one bucket for the rest)" if check.space == "topk"
+          else "KL(reference || candidate)")
+    print(f"  {kl} per position: mean {check.kl_mean:.3e}, p99 {check.kl_p99:.3e}, max {check.kl_max:.3e}")
     if check.peer:
         p = check.peer
         print(f"  peer (HF in the same dtype) vs reference: max abs {p['max_abs']:.3e}, nmse {p['nmse']:.3e}, "
