@@ -5,8 +5,10 @@
 Weight types: f32, f16, bf16, q8_0 (1-D norm weights stay f32, as llama.cpp's own converter does).
 Llama's q_proj/k_proj rows are permuted from HF's half-split RoPE layout to llama.cpp's interleaved
 one; Qwen3-MoE uses NeoX RoPE in llama.cpp too and is written unpermuted. Qwen3-MoE experts are
-stacked into [experts, rows, cols] tensors. The vocabulary is a placeholder of the right size: the kit
-feeds token ids, never text, so llama.cpp's tokenizer is not used. After writing, the file is read back
+stacked into [experts, rows, cols] tensors. The vocabulary is the checkpoint's byte-level BPE (tokens and
+merges, llama.cpp's "gpt2" tokenizer) where it has one, so that a server which takes text only
+(llama-cpp-python's) tokenizes as the checkpoint does; otherwise a placeholder of the right size (the
+in-process engine feeds token ids, never text). After writing, the file is read back
 and its tensor count and shapes are checked.
 """
 
@@ -24,7 +26,7 @@ from .rope import half_to_interleaved_rows
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 ARCH = {"llama": "llama", "qwen3_moe": "qwen3moe"}
 # bump when the export changes, so that cached files are rewritten
-EXPORT_VERSION = 4
+EXPORT_VERSION = 5
 
 
 def _gguf():
@@ -130,7 +132,8 @@ def write_gguf(checkpoint, path, gguf_type, permute_qk=True):
         w.add_expert_used_count(cfg["num_experts_per_tok"])
         w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
         w.add_expert_weights_norm(bool(cfg.get("norm_topk_prob", False)))
-    _placeholder_vocab(w, gguf, cfg["vocab_size"])
+    if not _bpe_vocab(w, gguf, checkpoint.path, cfg["vocab_size"]):
+        _placeholder_vocab(w, gguf, cfg["vocab_size"])
     qtypes = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
               "q8_0": gguf.GGMLQuantizationType.Q8_0}
     expected = {}
@@ -148,6 +151,39 @@ def write_gguf(checkpoint, path, gguf_type, permute_qk=True):
     w.write_tensors_to_file()
     w.close()
     _verify(gguf, path, expected)
+
+
+def _bpe_vocab(w, gguf, path, vocab):
+    """The checkpoint's byte-level BPE tokenizer (tokenizer.json) as llama.cpp's "gpt2" tokenizer; False when
+    it has none of that kind."""
+    import json
+
+    try:
+        spec = json.loads((Path(path) / "tokenizer.json").read_text())
+    except (OSError, ValueError):
+        return False
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or len(model.get("vocab", {})) > vocab:
+        return False
+    tokens = [f"[PAD{i}]" for i in range(vocab)]
+    types = [gguf.TokenType.UNUSED] * vocab
+    for token, i in model["vocab"].items():
+        tokens[i], types[i] = token, gguf.TokenType.NORMAL
+    for added in spec.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    special = [a["id"] for a in spec.get("added_tokens", []) if a.get("special")]
+    if special:
+        w.add_bos_token_id(special[0])
+        w.add_eos_token_id(special[0])
+    w.add_add_bos_token(False)
+    return True
 
 
 def _placeholder_vocab(w, gguf, vocab):

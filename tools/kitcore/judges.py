@@ -38,10 +38,9 @@ the reference's and the peer's logits are log-softmaxed first, so every figure, 
 measured with the same formula. A position the engine did not return (an all-NaN row) is left out and
 counted. With only each position's top k returned (`top_k`, space "topk"), the kit sees: the logprobs of the
 tokens both sides list (element figures, calibrated by the peer's on the same tokens), the top-1 at decisive
-positions and the top-5 rates, and a KL over the returned tokens plus one bucket for the rest of the
-vocabulary - a lower bound of the true KL (merging tokens never increases a KL), gated at k^2 x the peer's
-lower bound on the same buckets. A fault that only moves probability among the tokens it does not return
-stays invisible.
+positions and the top-5 rates, and a KL over the returned tokens only (_kl_lower_bound) - a lower bound of
+the true KL, gated at k^2 x the peer's same lower bound. A fault that only moves probability among the
+tokens it does not return stays invisible.
 """
 
 from dataclasses import dataclass, field
@@ -232,13 +231,23 @@ def _kl(ref, cand):
     return torch.where(torch.isfinite(kl), kl, torch.full_like(kl, float("inf")))
 
 
+@dataclass(frozen=True)
+class Space:
+    """What an engine's outputs are: kind "logits", "logprobs" or "topk" (only some tokens per position), and
+    `hidden`, the token ids it can never return (a server keying logprobs by a text several ids share)."""
+
+    kind: str = "logits"
+    hidden: tuple = ()
+
+
 def output_space(*engines):
-    """How the outputs of `engines` are compared: "logits", "logprobs" when one returns log-probabilities,
-    "topk" when one returns only its top k per position."""
+    """How the outputs of `engines` are compared (a Space): log-probabilities when one returns them, top k
+    when one returns only some tokens per position."""
     serving = [e for e in engines if getattr(e, "returns", "logits") == "logprobs"]
-    if any(getattr(e, "top_k", None) or getattr(e, "partial", False) for e in serving):
-        return "topk"
-    return "logprobs" if serving else "logits"
+    hidden = tuple(sorted({i for e in serving for i in getattr(e, "hidden", ())}))
+    if any(getattr(e, "top_k", None) or hidden for e in serving):
+        return Space("topk", hidden)
+    return Space("logprobs" if serving else "logits")
 
 
 def _logprobs(t):
@@ -246,11 +255,13 @@ def _logprobs(t):
     return t if bool(torch.isnan(t).any()) else t.log_softmax(-1)
 
 
-def check_logits(candidate, reference, mask, judge, peer=None, name="logits", aggregate=True, space="logits"):
+def check_logits(candidate, reference, mask, judge, peer=None, name="logits", aggregate=True, space=Space()):
     """Logits [B, S, V] at the real (unpadded) positions: figures, top-1/top-5, KL, collapse, judged by
     `judge`; `peer` (the peer's logits, same shape) calibrates the bounds when the judge is calibrated.
     aggregate=False judges a single position (a decode step): no KL mean/p99 and no agreement rates.
-    space (output_space()): "logprobs" and "topk" compare log-probabilities (module docstring)."""
+    space (output_space()): "logprobs" and "topk" compare log-probabilities (module docstring); its hidden
+    token ids are left out of every side after the log-softmax."""
+    space, hidden = space.kind, space.hidden
     valid = mask.bool().to("cpu")
     cand = candidate.detach().to("cpu", torch.float64)
     ref = reference.detach().to("cpu", torch.float64)
@@ -265,12 +276,15 @@ def check_logits(candidate, reference, mask, judge, peer=None, name="logits", ag
         valid = valid & returned
         cand, ref = cand[valid], _logprobs(ref[valid])
         cand = cand.log_softmax(-1) if space == "logprobs" else cand
+        shown = torch.ones(cand.shape[-1], dtype=torch.bool)
+        shown[list(hidden)] = False
+        cand, ref = cand[:, shown], ref[:, shown]
     else:
         cand, ref = cand[valid], ref[valid]  # [positions, V]
     calibrated = judge.calibrated and peer is not None
     if calibrated:
         peer = peer.detach().to("cpu", torch.float64)[valid]
-        peer = peer if space == "logits" else _logprobs(peer)
+        peer = peer if space == "logits" else _logprobs(peer)[:, shown]
     if space == "topk":
         check = _check_topk(cand, ref, judge, peer if calibrated else None, name, aggregate)
         check.skipped_positions = skipped
@@ -327,14 +341,17 @@ def check_logits(candidate, reference, mask, judge, peer=None, name="logits", ag
 
 
 def _kl_lower_bound(ref, cand, known):
-    """KL(ref || cand) per position of [N, V] log-probabilities over the `known` tokens plus one bucket for
-    the rest of the vocabulary: a lower bound of the full KL."""
-    zero = torch.zeros((), dtype=ref.dtype)
-    p, q = torch.where(known, ref.exp(), zero), torch.where(known, cand.exp(), zero)
-    kl = torch.where(known & (p > 0), p * (ref - cand), zero).sum(-1)
-    p_rest, q_rest = (1 - p.sum(-1)).clamp_min(1e-12), (1 - q.sum(-1)).clamp_min(1e-12)
-    rest = torch.where(known.all(-1), zero, p_rest * (p_rest.log() - q_rest.log()))
-    kl = kl + rest
+    """A lower bound of KL(ref || cand) per position of [N, V] log-probabilities from the `known` tokens S only:
+    P_ref(S) x KL(ref given S || cand given S), both renormalised over S with log-sum-exps. By the chain rule
+    the full KL is that plus the KL of the coarse split (S, rest) and of the rest, both >= 0. The coarse
+    term is left out: its "rest" mass, 1 - sum over S, cancels to rounding noise (seen: 1e-7 of a float32
+    server's logprobs); a server that moves mass out of S shows in the element figures of S instead."""
+    neg = torch.tensor(float("-inf"), dtype=ref.dtype)
+    r, c = torch.where(known, ref, neg), torch.where(known, cand, neg)
+    log_ps = r.logsumexp(-1)
+    r, c = r - log_ps[:, None], c - c.logsumexp(-1)[:, None]
+    kl = torch.where(known, r.exp() * (r - c), torch.zeros((), dtype=ref.dtype)).sum(-1)
+    kl = (log_ps.exp() * kl).clamp_min(0)
     return torch.where(torch.isfinite(kl), kl, torch.full_like(kl, float("inf")))
 
 

@@ -41,6 +41,14 @@ class Completion:
     tokens: list = field(default_factory=list)
 
 
+class Refused(UsageError):
+    """The server answered with an HTTP error; `detail` is the start of its body."""
+
+    def __init__(self, message, detail):
+        super().__init__(message)
+        self.detail = detail
+
+
 def _real_rows(input_ids, attention_mask):
     if attention_mask is None:
         return [row.tolist() for row in input_ids]
@@ -57,7 +65,7 @@ class ServingEngine:
     run_component = None
     rope = None
     top_k = None  # None: the full vocabulary at every position
-    partial = False  # True: some tokens are never returned (judged as top k)
+    hidden = ()  # token ids the engine can never return (judged as top k without them)
 
     def __init__(self, vocab_size, dtype):
         self.vocab_size, self.dtype = vocab_size, dtype
@@ -120,6 +128,7 @@ class VLLMEngine(ServingEngine):
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         # the engine core in this process: no spawned process, which would re-import the calling script
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would bury the check's own
         try:
             import vllm
         except ImportError:
@@ -131,7 +140,6 @@ class VLLMEngine(ServingEngine):
         super().__init__(config["vocab_size"], dtype)
         self._vllm = vllm
         max_len = max(16, n_ctx or 0) + 1  # the free-running decode asks for one token past the check's positions
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would bury the check's own
         self.llm = vllm.LLM(model=model_path, dtype=DTYPE_NAMES[dtype], enforce_eager=True, max_model_len=max_len,
                             max_logprobs=-1, enable_prefix_caching=False, seed=0)
         platform = getattr(vllm.platforms.current_platform, "device_type", "?")
@@ -195,10 +203,13 @@ class OpenAIEngine(ServingEngine):
         self.checkpoint = checkpoint
         self._texts = None  # echo dialect: text -> token id, from the checkpoint's tokenizer
         self.offset = None  # echo dialect: how its prompt entries are aligned, measured on the first request
+        self.accepts_ids = True  # token-id prompts, until the server refuses one
         self._check_tokenizer()
         if self.dialect == "echo":
-            self.partial = len(self._text_ids()) < self.vocab_size
+            self._text_ids()
         k = f"top {self.top_k}" if self.top_k else "all"
+        if self.hidden:
+            k += f" ({len(self.hidden)} token ids share their text with another and cannot be told apart: left out)"
         self.description = (f"OpenAI-compatible server {self.url} model {self.model!r} ({owner or 'unknown'}; "
                             f"{'prompt_logprobs' if self.dialect == 'vllm' else 'echo + logprobs'}), {k} logprobs "
                             f"per position; judged as {DTYPE_NAMES[dtype]} (--dtype: the dtype it serves in)")
@@ -215,8 +226,8 @@ class OpenAIEngine(ServingEngine):
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:300]
             if exc.code == 404:
-                raise UsageError(f"{url}: not found (404); is {self.url} the server's /v1 address?") from None
-            raise UsageError(f"{url}: the server refused the request (HTTP {exc.code}): {detail}") from None
+                raise Refused(f"{url}: not found (404); is {self.url} the server's /v1 address?", detail) from None
+            raise Refused(f"{url}: the server refused the request (HTTP {exc.code}): {detail}", detail) from None
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise Unavailable(f"no answer from {url} within {self.timeout:g} s ({reason}); start the server or fix "
@@ -227,7 +238,7 @@ class OpenAIEngine(ServingEngine):
     def _optional(self, path, body, root=False):
         try:
             return self._request("POST", path, body, root=root)
-        except UsageError:
+        except Refused:
             return None
 
     # -- checks ---------------------------------------------------------------------------------------
@@ -245,7 +256,7 @@ class OpenAIEngine(ServingEngine):
                                               "add_special_tokens": False}, root=True)
         got = (answer or {}).get("tokens")
         if got is None:
-            answer = self._optional("/extras/tokenize", {"input": DEFAULT_PROMPT})
+            answer = self._optional("/extras/tokenize", {"input": DEFAULT_PROMPT}, root=True)
             got = (answer or {}).get("tokens")
         if got is None:
             self.tokenizer_checked = False
@@ -258,9 +269,10 @@ class OpenAIEngine(ServingEngine):
                              "a different model is being served")
         self.tokenizer_checked = True
 
-    def _check_count(self, dist, position):
+    def _check_count(self, dist, position, distinct):
+        """`dist` as returned holds at least the k asked for (`distinct`: how many different keys exist)."""
         want = self.top_k or self.vocab_size
-        if dist is not None and len(dist) < min(want, self.vocab_size):
+        if dist is not None and len(dist) < min(want, distinct):
             raise UsageError(
                 f"{self.url} returned {len(dist)} logprobs at position {position} where {want} were asked: the server "
                 "caps them; restart it allowing all (vLLM: --max-logprobs -1) or judge its top k only with "
@@ -271,26 +283,63 @@ class OpenAIEngine(ServingEngine):
     def complete(self, rows, max_tokens, prompt_logprobs):
         return [self._complete_row(row, max_tokens, prompt_logprobs) for row in rows]
 
+    def _prompt(self, row):
+        """The ids themselves where the server takes them; else their text, once the server's own tokenizer
+        is shown to give back exactly these ids (it must tokenize: /extras/tokenize)."""
+        if self.accepts_ids:
+            return row
+        from .inputs import has_tokenizer
+
+        if not has_tokenizer(self.checkpoint.path):
+            raise UsageError(f"{self.url} takes text prompts only and the checkpoint has no tokenizer to write them")
+        from transformers import AutoTokenizer
+
+        text = AutoTokenizer.from_pretrained(str(self.checkpoint.path)).decode(row, clean_up_tokenization_spaces=False)
+        answer = self._optional("/extras/tokenize", {"input": text}, root=True)
+        if answer is None:
+            raise UsageError(f"{self.url} takes text prompts only and cannot tokenize them for the kit to check "
+                             "(/extras/tokenize); the ids it computes on cannot be verified")
+        got = [int(t) for t in answer.get("tokens", [])]
+        if got != row:
+            first = next((i for i, (a, b) in enumerate(zip(got, row)) if a != b), min(len(got), len(row)))
+            raise UsageError(f"{self.url} tokenizes the prompt's text into other ids than the kit's, first at position "
+                             f"{first} (server {got[first:first + 3]}, kit {row[first:first + 3]}); use prompts of text "
+                             "(not --inputs random) and serve the checkpoint's own tokenizer")
+        return text
+
+    def _evict(self, row):
+        """llama-cpp-python's server reuses the longest prefix its context shares with the last request, scores
+        included: a prefill right after a decode of the same tokens would return the decode's numbers, and the
+        cache check would compare them with themselves. One token of another text first leaves no prefix."""
+        other = next(t for t, i in self._text_ids().items() if t.strip() and i != row[0])
+        self._request("POST", "/completions", {"model": self.model, "prompt": other, "max_tokens": 1,
+                                               "temperature": 0.0})
+
     def _complete_row(self, row, max_tokens, prompt_logprobs):
+        if self.dialect == "echo":
+            self._evict(row)
         k = self.top_k or (-1 if self.dialect == "vllm" else self.vocab_size)
-        body = {"model": self.model, "prompt": row, "max_tokens": max_tokens, "temperature": 0.0, "logprobs": k,
-                "stream": False}
+        body = {"model": self.model, "prompt": self._prompt(row), "max_tokens": max_tokens, "temperature": 0.0,
+                "logprobs": k, "stream": False}
         if self.dialect == "vllm":
             body.update(return_tokens_as_token_ids=True, return_token_ids=True, ignore_eos=True)
             if prompt_logprobs:
                 body["prompt_logprobs"] = k
         else:
             body["echo"] = bool(prompt_logprobs)
-        answer = self._request("POST", "/completions", body)
+        try:
+            answer = self._request("POST", "/completions", body)
+        except Refused as exc:
+            if not (self.accepts_ids and "string" in exc.detail):
+                raise
+            self.accepts_ids = False  # e.g. llama-cpp-python's server: text prompts only
+            return self._complete_row(row, max_tokens, prompt_logprobs)
         choices = answer.get("choices") or []
         if not choices:
             raise UsageError(f"{self.url}/completions: no choices in the answer; is this a completions server?")
         choice = choices[0]
         parse = self._parse_vllm if self.dialect == "vllm" else self._parse_echo
-        completion = parse(choice, row, prompt_logprobs)
-        for p, dist in enumerate(completion.dists):
-            self._check_count(dist, p)
-        return completion
+        return parse(choice, row, prompt_logprobs)
 
     def _parse_vllm(self, choice, row, prompt_logprobs):
         prompt = [None] * (len(row) - 1)
@@ -304,11 +353,15 @@ class OpenAIEngine(ServingEngine):
                 first = next((i for i, (a, b) in enumerate(zip(echoed, row)) if a != b), min(len(echoed), len(row)))
                 raise UsageError(f"{self.url} echoed other prompt ids than it was sent, first at position {first}")
             prompt = [{int(i): float(v["logprob"]) for i, v in d.items()} for d in entries[1:]]
+            for p, dist in enumerate(prompt):
+                self._check_count(dist, p, self.vocab_size)
         logprobs = choice.get("logprobs") or {}
         top = logprobs.get("top_logprobs")
         if not top:
             raise UsageError(f"{self.url} returned no logprobs for the generated tokens; allow them (--max-logprobs)")
         generated = [{_token_id(t): float(v) for t, v in d.items()} for d in top]
+        for p, dist in enumerate(generated):
+            self._check_count(dist, len(row) - 1 + p, self.vocab_size)
         tokens = choice.get("token_ids") or [_token_id(t) for t in logprobs.get("tokens", [])]
         return Completion(prompt + generated, [int(t) for t in tokens])
 
@@ -324,11 +377,15 @@ class OpenAIEngine(ServingEngine):
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(str(self.checkpoint.path))
-            seen = {}
-            for i in range(self.vocab_size):
-                text = tok.decode([i], clean_up_tokenization_spaces=False).replace("\ufffd", "")
+            seen, special = {}, set(tok.all_special_ids)
+            for i, token in enumerate(tok.convert_ids_to_tokens(list(range(self.vocab_size)))):
+                raw = b"" if i in special else _byte_level_bytes(token)  # special tokens print as nothing
+                text = (raw.decode("utf-8", errors="ignore") if raw is not None
+                        else tok.decode([i], clean_up_tokenization_spaces=False).replace("\ufffd", ""))
                 seen.setdefault(text, []).append(i)
             self._texts = {t: ids[0] for t, ids in seen.items() if len(ids) == 1}
+            self._distinct_texts = len(seen)
+            self.hidden = tuple(i for ids in seen.values() if len(ids) > 1 for i in ids)
         return self._texts
 
     def _parse_echo(self, choice, row, prompt_logprobs):
@@ -338,6 +395,8 @@ class OpenAIEngine(ServingEngine):
             raise UsageError(f"{self.url} returned no logprobs; start it so that it computes them for every "
                              "position (llama-cpp-python: --logits_all true)")
         texts = self._text_ids()
+        for p, d in enumerate(top):  # keyed by text: at most as many keys as different token texts
+            self._check_count(d, p, self._distinct_texts)
         dists = [None if d is None else {texts[t]: float(v) for t, v in d.items() if t in texts} for d in top]
         n_prompt = len(row) if prompt_logprobs else 0
         if prompt_logprobs and len(dists) < len(row):
@@ -374,6 +433,30 @@ class OpenAIEngine(ServingEngine):
         if self.offset:  # entry p = the distribution at position p (entry 0, position 0, is left empty)
             return list(entries)
         return list(entries[1:])  # entry p predicted token p: position p - 1
+
+
+def _byte_level_unicode():
+    """GPT-2's byte-level alphabet: printable stand-ins for the 256 byte values (unicode char -> byte)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+BYTE_LEVEL = _byte_level_unicode()
+
+
+def _byte_level_bytes(token):
+    """A byte-level BPE token's bytes, or None when it is not written in that alphabet."""
+    if token is None or not all(c in BYTE_LEVEL for c in token):
+        return None
+    return bytes(BYTE_LEVEL[c] for c in token)
 
 
 def _token_id(key):

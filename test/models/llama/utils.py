@@ -426,7 +426,7 @@ def print_logits_check(check, vocab):
         print(f"  {check.position_failures} position(s) above the peer's bound; worst at position {check.worst_position}")
     print(f"  top-1 agreement {check.top1_agreement:.4f}; decisive positions {check.decisive_positions}, "
           f"decisive disagreements {check.decisive_disagreements}; top-5 containment {check.top5_containment:.4f}")
-    kl = ("KL lower bound (its top k + one bucket for the rest)" if check.space == "topk"
+    kl = ("KL lower bound (over the tokens it returned)" if check.space == "topk"
           else "KL(reference || candidate)")
     print(f"  {kl} per position: mean {check.kl_mean:.3e}, p99 {check.kl_p99:.3e}, max {check.kl_max:.3e}")
     if check.peer:
