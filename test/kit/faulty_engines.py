@@ -231,3 +231,20 @@ class DecodeOtherRowLengthEngine(HFEngine):
             position_ids = position_ids.roll(-1, 0)
             attention_mask = None if attention_mask is None else attention_mask.roll(-1, 0)
         return super().forward(input_ids, position_ids, attention_mask, cache)
+
+
+class SecondChoiceAtStep2(HFEngine):
+    """Decodes by itself (generate(), like a server) and takes its second choice at decode step 2."""
+
+    name = "second-choice-at-step-2"
+    new_cache = None
+
+    @torch.no_grad()
+    def generate(self, input_ids, position_ids, attention_mask, steps):
+        ids, tokens, logits = input_ids, [], []
+        for step in range(steps + 1):
+            last = self.forward(ids, torch.arange(ids.shape[1])[None].expand_as(ids))[:, -1].cpu()
+            logits.append(last)
+            tokens.append(last.topk(2).indices[:, 1 if step == 2 else 0])
+            ids = torch.cat([ids, tokens[-1][:, None]], 1)
+        return torch.stack(tokens[:steps], 1), torch.stack(logits, 1)

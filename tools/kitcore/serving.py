@@ -330,6 +330,10 @@ class OpenAIEngine(ServingEngine):
         try:
             answer = self._request("POST", "/completions", body)
         except Refused as exc:
+            if "logprob" in exc.detail.lower():
+                raise UsageError(f"{self.url} refuses {'all' if k == -1 else k} logprobs per position ({exc.detail[:160]}); "
+                                 "start it allowing all (vLLM: --max-logprobs -1) or judge its top k only with "
+                                 "--top_logprobs K") from None
             if not (self.accepts_ids and "string" in exc.detail):
                 raise
             self.accepts_ids = False  # e.g. llama-cpp-python's server: text prompts only

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import utils  # noqa: E402
-from kitcore import cli, inputs, judges  # noqa: E402
+from kitcore import cli, engines, inputs, judges  # noqa: E402
 from kitcore.decode import ragged_decode  # noqa: E402
 from kitcore.errors import Unavailable, UsageError  # noqa: E402
 

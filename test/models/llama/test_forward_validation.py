@@ -127,13 +127,15 @@ def main(argv=None):
                                            torch.ones(1, 1, dtype=torch.long), judge,
                                            None if peer_steps is None else peer_steps[row:row + 1, s:s + 1],
                                            aggregate=False, space=space(pair[0] if label == "A" else pair[1]))
+                # the token it chose, not only its distribution's argmax: a wrong pick is wrong at a decisive position
+                decisive = flip.decisive_positions > 0
+                all_close &= not decisive
                 print(f"{label} = {spec}, row {row}: chose token {int(decoded.tokens[row, s])} at step {s} where the "
                       f"teacher has {int(teacher[row, s])}: "
-                      + ("at a DECISIVE position: a real failure" if flip.decisive_disagreements else
+                      + ("at a DECISIVE position: a real failure" if decisive else
                          "a near-tie (the reference's top-1/top-2 gap is within rounding): a benign divergence")
                       + "; its later steps are not compared")
-                results.add("divergence", "first_step", s, unit="step", engine=label, row=row,
-                            decisive=bool(flip.decisive_disagreements))
+                results.add("divergence", "first_step", s, unit="step", engine=label, row=row, decisive=decisive)
     results.extra["steps"] = steps
 
     # every step together: the statistics a single position cannot carry (KL mean / p99, agreement rates)

@@ -1,0 +1,162 @@
+"""Serving engines (kitcore.serving): the OpenAI client against a stand-in server for every bad input, and
+against real servers - vLLM's (from .venv-vllm, `make setup-vllm`) and llama-cpp-python's - where installed.
+vLLM in-process runs the kit's scripts with .venv-vllm's Python."""
+
+import shutil
+import subprocess
+
+import pytest
+import servers
+from kit_helpers import FAULTY_ENGINES, LLAMA, ROOT, copy_checkpoint, edit_weights, run_script, scale_weight
+
+INFERENCE = f"{LLAMA}/test_llama_inference.py"
+FORWARD = f"{LLAMA}/test_forward_validation.py"
+BATCH = f"{LLAMA}/test_batch_validation.py"
+HAVE_VLLM = servers.VLLM_PYTHON.is_file()
+needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed (make setup-vllm; CI tries to)")
+try:
+    import llama_cpp.server  # noqa: F401
+
+    HAVE_LLAMACPP_SERVER = True
+except ImportError:
+    HAVE_LLAMACPP_SERVER = False
+needs_llamacpp_server = pytest.mark.skipif(not HAVE_LLAMACPP_SERVER,
+                                           reason="llama-cpp-python[server] is not installed (make setup-llamacpp)")
+
+
+@pytest.fixture(scope="module")
+def faulty_llama(llama_checkpoint, tmp_path_factory):
+    """The tiny Llama with layers.1's down_proj scaled by 1.01: one fault, in one layer."""
+    ckpt = copy_checkpoint(llama_checkpoint, tmp_path_factory.mktemp("served") / "down_proj_x1.01")
+    edit_weights(ckpt, scale_weight("model.layers.1.mlp.down_proj.weight", 1.01))
+    return ckpt
+
+
+def openai(url):
+    return f"openai:{url}"
+
+
+# ---- the client, against a stand-in -----------------------------------------------------------------
+
+
+def test_stand_in_passes_end_to_end_and_forward(llama_checkpoint, tmp_path):
+    with servers.StandIn(llama_checkpoint) as server:
+        r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", openai(server.url), "--dtype", "float32",
+                       json_path=tmp_path / "e.json")
+        assert r.code == 0 and "log-probabilities (the reference's and the peer's log-softmaxed)" in r.out, r
+        r = run_script(FORWARD, "--model_path", llama_checkpoint, "--engine", openai(server.url), "--dtype", "float32",
+                       "--decode_steps", 3)
+        assert r.code == 0 and "every step CLOSE" in r.out, r
+        r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", openai(server.url), "--dtype", "float32",
+                       "--top_logprobs", 20)
+        assert r.code == 0 and "top-k log-probabilities" in r.out and "KL lower bound" in r.out, r
+
+
+def test_stand_in_with_a_fault_fails_with_all_and_with_top_20(llama_checkpoint, faulty_llama):
+    with servers.StandIn(faulty_llama) as server:
+        for extra in ([], ["--top_logprobs", "20"]):
+            r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", openai(server.url), "--dtype",
+                           "float32", *extra)
+            assert r.code == 1 and "verdict: FAIL" in r.out, r
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("cap20", "returned 20 logprobs at position 0 where 2048 were asked"),
+    ("no_prompt_logprobs", "returned no prompt_logprobs"),
+    ("other_vocab", "outside the reference's vocabulary of 2048: a different model is being served"),
+    ("other_tokenizer", "tokenizes differently from"),
+])
+def test_a_server_that_cannot_be_judged_is_exit_2(llama_checkpoint, mode, message):
+    with servers.StandIn(llama_checkpoint, mode) as server:
+        r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", openai(server.url), "--dtype", "float32")
+    assert r.code == 2 and message in r.err and "Traceback" not in r.err, r
+    if mode == "cap20":
+        assert "--max-logprobs -1" in r.err and "--top_logprobs" in r.err
+
+
+def test_a_server_that_does_not_answer_is_exit_3_naming_the_url(llama_checkpoint):
+    url = f"http://127.0.0.1:{servers.free_port()}/v1"
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", openai(url))
+    assert r.code == 3 and f"no answer from {url}/models" in r.err, r
+
+
+def test_every_request_has_a_timeout(llama_checkpoint):
+    with servers.StandIn(llama_checkpoint, "hang", hang_s=5) as server:
+        r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", openai(server.url), "--dtype", "float32",
+                       "--request_timeout", 1)
+    assert r.code == 3 and "within 1 s" in r.err, r
+
+
+def test_batch_validation_needs_the_kits_cache(llama_checkpoint):
+    with servers.StandIn(llama_checkpoint) as server:
+        r = run_script(BATCH, "--model_path", llama_checkpoint, "--engine", openai(server.url), "--dtype", "float32")
+    assert r.code == 3 and "new_cache()" in r.err, r
+
+
+def test_vllm_missing_says_what_to_run(llama_checkpoint, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_vllm(name, *args, **kwargs):
+        if name == "vllm":
+            raise ImportError("No module named 'vllm'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_vllm)
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", "vllm")
+    assert r.code == 3 and "make setup-vllm" in r.err and ".venv-vllm/bin/python" in r.err, r
+
+
+def test_an_engine_that_decodes_by_itself_may_leave_the_teacher_at_a_near_tie(llama_checkpoint):
+    """A stand-in engine whose greedy token at decode step 2 is the reference's second choice: judged there
+    (decisive -> FAIL) and not compared after."""
+    r = run_script(FORWARD, "--model_path", llama_checkpoint, "--engine", f"{FAULTY_ENGINES}:SecondChoiceAtStep2",
+                   "--dtype", "float32", "--decode_steps", 4)
+    assert "chose token" in r.out and "at step 2" in r.out and "its later steps are not compared" in r.out, r
+    assert r.code == 1 and "DECISIVE" in r.out, r
+
+
+# ---- real servers -------------------------------------------------------------------------------------
+
+
+@needs_vllm
+def test_vllm_served_passes_and_a_served_fault_fails(llama_checkpoint, faulty_llama, tmp_path):
+    with servers.vllm_server(llama_checkpoint, log=tmp_path / "vllm.log") as url:
+        r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", openai(url), "--dtype", "float32")
+        assert r.code == 0, r
+        r = run_script(FORWARD, "--model_path", llama_checkpoint, "--engine", openai(url), "--dtype", "float32",
+                       "--decode_steps", 4)
+        assert r.code == 0, r
+        r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", openai(url), "--dtype", "float32",
+                       "--top_logprobs", 20)
+        assert r.code == 0 and "top-k" in r.out, r
+
+
+@needs_vllm
+@pytest.mark.parametrize("family, dtype, script", [("llama", "float32", INFERENCE), ("qwen3_moe", "bfloat16", FORWARD)])
+def test_vllm_in_process(family, dtype, script, llama_checkpoint, moe_checkpoint):
+    ckpt = llama_checkpoint if family == "llama" else moe_checkpoint
+    argv = [servers.VLLM_PYTHON, ROOT / script, "--model_path", ckpt, "--engine", "vllm", "--dtype", dtype]
+    argv += ["--decode_steps", "4"] if script == FORWARD else []
+    proc = subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "vLLM" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@needs_llamacpp_server
+def test_llamacpp_server_passes_and_a_served_fault_fails(llama_checkpoint, faulty_llama, tmp_path):
+    from kitcore.checkpoints import open_checkpoint
+    from kitcore.gguf_export import gguf_path
+
+    python = shutil.which("python", path=str(ROOT / ".venv" / "bin")) or "python3"
+    with servers.llamacpp_server(gguf_path(open_checkpoint(llama_checkpoint), "f32"), python,
+                                 log=tmp_path / "llamacpp.log") as url:
+        r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", openai(url), "--dtype", "float32")
+        assert r.code == 0 and "share their text" in r.out and "left out" in r.out, r
+        r = run_script(FORWARD, "--model_path", llama_checkpoint, "--engine", openai(url), "--dtype", "float32",
+                       "--decode_steps", 4)
+        assert r.code == 0, r
+    with servers.llamacpp_server(gguf_path(open_checkpoint(faulty_llama), "f32"), python,
+                                 log=tmp_path / "faulty.log") as url:
+        r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", openai(url), "--dtype", "float32")
+        assert r.code == 1 and "verdict: FAIL" in r.out, r
