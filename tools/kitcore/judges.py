@@ -255,6 +255,23 @@ def _logprobs(t):
     return t if bool(torch.isnan(t).any()) else t.log_softmax(-1)
 
 
+def _fill_agreement(check, cand, ref, decisive, kl):
+    """The ranking figures of a LogitsCheck from [N, V] scores (argmax, top-5) and the KL per position."""
+    n = ref.shape[0]
+    c_top1, r_top1 = cand.argmax(-1), ref.argmax(-1)
+    agree = c_top1 == r_top1
+    c_top5, r_top5 = cand.topk(5, dim=-1).indices, ref.topk(5, dim=-1).indices
+    contained = (c_top5 == r_top1[:, None]).any(-1) & (r_top5 == c_top1[:, None]).any(-1)
+    check.top1_agreement = float(agree.double().mean())
+    check.decisive_positions = int(decisive.sum())
+    check.decisive_disagreements = int((decisive & ~agree).sum())
+    check.top5_containment = float(contained.double().mean())
+    check.collapsed = n >= 4 and c_top1.unique().numel() == 1 and r_top1.unique().numel() > 1
+    check.kl_per_position = kl.tolist()
+    check.kl_mean, check.kl_max = float(kl.mean()), float(kl.max())
+    check.kl_p99 = float(torch.quantile(kl, 0.99)) if n else 0.0
+
+
 def check_logits(candidate, reference, mask, judge, peer=None, name="logits", aggregate=True, space=Space()):
     """Logits [B, S, V] at the real (unpadded) positions: figures, top-1/top-5, KL, collapse, judged by
     `judge`; `peer` (the peer's logits, same shape) calibrates the bounds when the judge is calibrated.
@@ -311,19 +328,7 @@ def check_logits(candidate, reference, mask, judge, peer=None, name="logits", ag
     # the error a correct engine may have at one logit of a position, typical rather than extreme
     allowed = DECISIVE_SIGMAS * sigma + 2 * f * top2[:, 0].abs()
     decisive = gap > 2 * allowed
-    c_top1, r_top1 = cand.argmax(-1), ref.argmax(-1)
-    agree = c_top1 == r_top1
-    c_top5, r_top5 = cand.topk(5, dim=-1).indices, ref.topk(5, dim=-1).indices
-    contained = (c_top5 == r_top1[:, None]).any(-1) & (r_top5 == c_top1[:, None]).any(-1)
-    kl = _kl(ref, cand)
-    check.top1_agreement = float(agree.double().mean())
-    check.decisive_positions = int(decisive.sum())
-    check.decisive_disagreements = int((decisive & ~agree).sum())
-    check.top5_containment = float(contained.double().mean())
-    check.collapsed = n >= 4 and c_top1.unique().numel() == 1 and r_top1.unique().numel() > 1
-    check.kl_per_position = kl.tolist()
-    check.kl_mean, check.kl_max = float(kl.mean()), float(kl.max())
-    check.kl_p99 = float(torch.quantile(kl, 0.99)) if n else 0.0
+    _fill_agreement(check, cand, ref, decisive, _kl(ref, cand))
     if calibrated:
         peer_kl = _kl(ref, peer)
         check.peer = {"nmse": comparison.peer_nmse, "max_abs": comparison.peer_max_abs,
@@ -379,19 +384,7 @@ def _check_topk(cand, ref, judge, peer, name, aggregate):
     else:
         sigma = LOGITS_NMSE[judge.dtype] ** 0.5 * rms_row
     decisive = gap > 2 * (DECISIVE_SIGMAS * sigma + 2 * f * top2[:, 0].abs())
-    c_top1, r_top1 = cand_f.argmax(-1), ref_f.argmax(-1)
-    agree = c_top1 == r_top1
-    c_top5, r_top5 = cand_f.topk(5, dim=-1).indices, ref_f.topk(5, dim=-1).indices
-    contained = (c_top5 == r_top1[:, None]).any(-1) & (r_top5 == c_top1[:, None]).any(-1)
-    kl = _kl_lower_bound(ref_f, cand_f, both)
-    check.top1_agreement = float(agree.double().mean())
-    check.decisive_positions = int(decisive.sum())
-    check.decisive_disagreements = int((decisive & ~agree).sum())
-    check.top5_containment = float(contained.double().mean())
-    check.collapsed = n >= 4 and c_top1.unique().numel() == 1 and r_top1.unique().numel() > 1
-    check.kl_per_position = kl.tolist()
-    check.kl_mean, check.kl_max = float(kl.mean()), float(kl.max())
-    check.kl_p99 = float(torch.quantile(kl, 0.99))
+    _fill_agreement(check, cand_f, ref_f, decisive, _kl_lower_bound(ref_f, cand_f, both))
     if peer is not None:
         peer_kl = _kl_lower_bound(ref_f, peer, both)
         check.peer = {"nmse": comparison.peer_nmse, "max_abs": comparison.peer_max_abs,
@@ -400,5 +393,6 @@ def _check_topk(cand, ref, judge, peer, name, aggregate):
         check.limits = {key: judge.k**2 * check.peer[key] + f * f for key in ("kl_mean", "kl_max")}
     d = judge.distribution
     if d is not None:
-        check.limits = {key: max(getattr(d, key), check.limits.get(key, 0.0)) for key in ("kl_mean", "kl_p99", "kl_max")}
+        check.limits = {key: max(getattr(d, key), check.limits.get(key, 0.0))
+                        for key in ("kl_mean", "kl_p99", "kl_max")}
     return check

@@ -303,7 +303,8 @@ class OpenAIEngine(ServingEngine):
         if got != row:
             first = next((i for i, (a, b) in enumerate(zip(got, row)) if a != b), min(len(got), len(row)))
             raise UsageError(f"{self.url} tokenizes the prompt's text into other ids than the kit's, first at position "
-                             f"{first} (server {got[first:first + 3]}, kit {row[first:first + 3]}); use prompts of text "
+                             f"{first} (server {got[first:first + 3]}, kit {row[first:first + 3]}); use prompts of "
+                             "text "
                              "(not --inputs random) and serve the checkpoint's own tokenizer")
         return text
 
@@ -331,7 +332,8 @@ class OpenAIEngine(ServingEngine):
             answer = self._request("POST", "/completions", body)
         except Refused as exc:
             if "logprob" in exc.detail.lower():
-                raise UsageError(f"{self.url} refuses {'all' if k == -1 else k} logprobs per position ({exc.detail[:160]}); "
+                asked = "all" if k == -1 else k
+                raise UsageError(f"{self.url} refuses {asked} logprobs per position ({exc.detail[:160]}); "
                                  "start it allowing all (vLLM: --max-logprobs -1) or judge its top k only with "
                                  "--top_logprobs K") from None
             if not (self.accepts_ids and "string" in exc.detail):
