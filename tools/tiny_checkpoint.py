@@ -4,7 +4,10 @@
     python tools/tiny_checkpoint.py --family llama --out /tmp/tiny-llama [--seed 0] [--size tiny]
 
 `tiny` is the kit's default checkpoint (the Llama is briefly trained on Python docstrings);
-`small` and `1b` are random-init shapes for scale and speed measurements.
+`small`, `1b` and `8b` are random-init shapes for scale and speed measurements; `8b` (Llama only, about
+16 GB in bfloat16) is written one layer at a time and never held in memory whole:
+
+    python tools/tiny_checkpoint.py --family llama --size 8b --dtype bfloat16 --out /data/llama-8b-random
 """
 
 import sys
@@ -22,12 +25,15 @@ def main(argv=None):
     parser.add_argument("--family", required=True, choices=sorted(tiny.SIZES))
     parser.add_argument("--out", required=True, help="output directory (must be empty or absent)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", default="tiny", choices=["tiny", "small", "1b"])
+    parser.add_argument("--size", default="tiny", choices=["tiny", "small", "1b", "8b"],
+                        help="tiny (default, trained), small, 1b, 8b (Llama-3.1-8B's shapes, written layer by layer)")
     parser.add_argument("--dtype", default="float32", help="dtype of the saved weights (default float32)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out}: directory is not empty; choose a new directory")
+    if args.size in tiny.STREAMED_SIZES and args.family != "llama":
+        raise UsageError(f"--size {args.size} exists for --family llama only")
     tiny.write_checkpoint(args.family, out, seed=args.seed, size=args.size, dtype=parse_dtype(args.dtype))
     return 0
 

@@ -120,3 +120,18 @@ def test_bad_checkpoint_is_refused_in_one_line(kind, message, tmp_path, llama_ch
 def test_bad_checkpoint_through_the_real_command_line(tmp_path, llama_checkpoint):
     r = run_subprocess(INFERENCE, "--model_path", broken(tmp_path, llama_checkpoint, "truncated"))
     assert r.code == 2 and "Traceback" not in r.err and len(r.err.strip().splitlines()) == 1, r
+
+
+def test_streamed_sizes_are_written_one_layer_per_shard(tmp_path, monkeypatch):
+    """--size 8b's writer, on a small shape: one shard per piece, an index, and a checkpoint HF loads."""
+    from transformers import AutoModelForCausalLM
+
+    small = dict(tiny.SIZES["llama"]["tiny"], num_hidden_layers=3, vocab_size=4096)
+    monkeypatch.setitem(tiny.SIZES["llama"], "8b", small)
+    tiny.write_checkpoint("llama", tmp_path / "ck", size="8b", dtype=torch.bfloat16, log=lambda *a: None)
+    index = json.loads((tmp_path / "ck" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 3 + 2  # embedding, three layers, norm + LM head
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    assert model.config.num_hidden_layers == 3 and model.dtype == torch.bfloat16
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    assert checkpoints.open_checkpoint(tmp_path / "ck").config["vocab_size"] == 4096

@@ -271,3 +271,25 @@ def test_unknown_quantization_of_a_plugin_is_one_clear_line():
 
     with pytest.raises(UsageError, match="quantization 'q3_k' has no measured thresholds"):
         judges.judge_for(Plugin(), "llama", calibrated=False)
+
+
+def test_logits_check_reads_long_prompts_in_chunks_with_the_same_figures(monkeypatch):
+    """check_logits and compare() read [positions x vocab] in float64 slices: the figures do not depend on the
+    slice size (a long prompt of a 128k vocabulary never exists in float64 whole)."""
+    from kitcore import compare as compare_module
+
+    torch.manual_seed(0)
+    ref = torch.randn(2, 40, 300) * 3
+    cand, peer = ref + 1e-4 * torch.randn_like(ref), ref + 1e-4 * torch.randn_like(ref)
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :7] = 0
+    judge = judges.Judge(torch.float32, judges.TOLERANCES[torch.float32], calibrated=True)
+    whole = judges.check_logits(cand, ref, mask, judge, peer)
+    monkeypatch.setattr(compare_module, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(judges, "CHUNK_ELEMENTS", 1000)
+    sliced = judges.check_logits(cand, ref, mask, judge, peer)
+    for key in ("max_abs", "mean_abs", "nmse", "mismatched", "worst_index", "cosine"):
+        assert getattr(sliced.comparison, key) == pytest.approx(getattr(whole.comparison, key), rel=1e-9), key
+    for key in ("kl_mean", "kl_max", "top1_agreement", "decisive_positions", "position_failures", "passed"):
+        assert getattr(sliced, key) == pytest.approx(getattr(whole, key), rel=1e-9), key
+    assert sliced.positions == 73

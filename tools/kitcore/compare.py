@@ -167,42 +167,67 @@ class Comparison:
         )
 
 
+CHUNK_ELEMENTS = 2**24  # float64 working set of compare(): 128 MiB a side, whatever the tensors' size
+
+
+def _flat_chunks(c, r):
+    """The two flattened tensors in float64 slices of CHUNK_ELEMENTS: (offset, candidate, reference)."""
+    c, r = c.detach().reshape(-1), r.detach().reshape(-1)
+    for start in range(0, r.numel(), CHUNK_ELEMENTS):
+        stop = start + CHUNK_ELEMENTS
+        yield start, c[start:stop].to("cpu", torch.float64), r[start:stop].to("cpu", torch.float64)
+
+
 def compare(candidate, reference, tolerance, name="tensor"):
-    """Compare `candidate` with `reference`; `tolerance` is a Tolerance or the candidate's torch dtype."""
+    """Compare `candidate` with `reference`; `tolerance` is a Tolerance or the candidate's torch dtype.
+    Both are read in float64 slices (CHUNK_ELEMENTS), so a [positions x vocab] tensor of a long prompt and a
+    large vocabulary never exists in float64 whole: one pass for the sums, one for the element tolerance
+    (it needs the reference's RMS over everything)."""
     tolerance = tolerance_for(tolerance)
     shape_c, shape_r = tuple(candidate.shape), tuple(reference.shape)
     if shape_c != shape_r:
         return Comparison(name, False, f"shape mismatch: candidate {list(shape_c)} vs reference {list(shape_r)}",
                           shape_c, shape_r, tolerance=tolerance)
-    c = candidate.detach().to("cpu", torch.float64)
-    r = reference.detach().to("cpu", torch.float64)
-    result = Comparison(name, False, "", shape_c, shape_r, numel=r.numel(), tolerance=tolerance,
-                        nan_candidate=int(torch.isnan(c).sum()), inf_candidate=int(torch.isinf(c).sum()),
-                        nan_reference=int(torch.isnan(r).sum()), inf_reference=int(torch.isinf(r).sum()))
-    if r.numel() == 0:
+    result = Comparison(name, False, "", shape_c, shape_r, numel=reference.numel(), tolerance=tolerance)
+    if reference.numel() == 0:
         result.reason = "empty tensors"
         return result
-    finite = torch.isfinite(c) & torch.isfinite(r)
-    diff = torch.where(finite, (c - r).abs(), torch.zeros_like(r))
-    ref_finite = torch.where(finite, r, torch.zeros_like(r))
-    result.max_abs = float(diff.max())
-    result.mean_abs = float(diff.sum() / max(int(finite.sum()), 1))
-    nonzero = ref_finite != 0
-    result.max_rel = float((diff[nonzero] / ref_finite[nonzero].abs()).max()) if nonzero.any() else 0.0
-    ref_sq = float((ref_finite**2).sum())
-    err_sq = float((diff**2).sum())
+    sums = dict(finite=0, diff=0.0, err_sq=0.0, ref_sq=0.0, c_sq=0.0, cr=0.0)
+    result.max_abs, result.max_rel, result.max_abs_reference, worst = -1.0, 0.0, 0.0, 0
+    for start, c, r in _flat_chunks(candidate, reference):
+        result.nan_candidate += int(torch.isnan(c).sum())
+        result.inf_candidate += int(torch.isinf(c).sum())
+        result.nan_reference += int(torch.isnan(r).sum())
+        result.inf_reference += int(torch.isinf(r).sum())
+        finite = torch.isfinite(c) & torch.isfinite(r)
+        zero = torch.zeros((), dtype=torch.float64)
+        diff = torch.where(finite, (c - r).abs(), zero)
+        ref_f, c_f = torch.where(finite, r, zero), torch.where(finite, c, zero)
+        sums["finite"] += int(finite.sum())
+        sums["diff"] += float(diff.sum())
+        sums["err_sq"] += float((diff**2).sum())
+        sums["ref_sq"] += float((ref_f**2).sum())
+        sums["c_sq"] += float((c_f**2).sum())
+        sums["cr"] += float((c_f * ref_f).sum())
+        at = int(diff.argmax())
+        if float(diff[at]) > result.max_abs:
+            result.max_abs, worst = float(diff[at]), start + at
+            result.worst_candidate, result.worst_reference = float(c[at]), float(r[at])
+        nonzero = ref_f != 0
+        if nonzero.any():
+            result.max_rel = max(result.max_rel, float((diff[nonzero] / ref_f[nonzero].abs()).max()))
+        result.max_abs_reference = max(result.max_abs_reference, float(ref_f.abs().max()))
+    result.mean_abs = sums["diff"] / max(sums["finite"], 1)
+    ref_sq, err_sq = sums["ref_sq"], sums["err_sq"]
     result.nmse = err_sq / ref_sq if ref_sq > 0 else (0.0 if err_sq == 0 else float("inf"))
-    result.rms_reference = (ref_sq / r.numel()) ** 0.5
-    result.max_abs_reference = float(ref_finite.abs().max())
-    c_finite = torch.where(finite, c, torch.zeros_like(c))
-    denom = float(c_finite.norm() * ref_finite.norm())
-    result.cosine = float((c_finite * ref_finite).sum()) / denom if denom > 0 else (1.0 if err_sq == 0 else 0.0)
-    flat_worst = int(diff.argmax())
-    result.worst_index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_worst), shape_r))
-    result.worst_candidate = float(c.reshape(-1)[flat_worst])
-    result.worst_reference = float(r.reshape(-1)[flat_worst])
-    allowed = tolerance.atol_rms * result.rms_reference + tolerance.rtol * ref_finite.abs()
-    result.mismatched = int((~finite).sum() + (diff > allowed).sum())
+    result.rms_reference = (ref_sq / reference.numel()) ** 0.5
+    denom = (sums["c_sq"] * ref_sq) ** 0.5
+    result.cosine = sums["cr"] / denom if denom > 0 else (1.0 if err_sq == 0 else 0.0)
+    result.worst_index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), shape_r))
+    for _, c, r in _flat_chunks(candidate, reference):
+        finite = torch.isfinite(c) & torch.isfinite(r)
+        allowed = tolerance.atol_rms * result.rms_reference + tolerance.rtol * torch.where(finite, r, 0.0).abs()
+        result.mismatched += int((~finite).sum() + (torch.where(finite, (c - r).abs(), 0.0) > allowed).sum())
     result.allclose = result.mismatched == 0
 
     non_finite = result.nan_candidate + result.inf_candidate + result.nan_reference + result.inf_reference

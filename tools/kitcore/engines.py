@@ -11,8 +11,8 @@ An engine is a class, chosen with `--engine`:
 
 Constructor:
     Engine(model_path: str, device: kitcore.devices.Device, dtype: torch.dtype, attn: str, **options)
-    `options` are engine-specific settings the class names in an OPTIONS tuple (llama.cpp: gguf_type, kv_type, and
-    n_ctx, the positions the check will use: prompt + decode steps).
+    `options` are engine-specific settings the class names in an OPTIONS tuple (hf, compile: device_map;
+    llama.cpp: gguf_type, kv_type, and n_ctx, the positions the check will use: prompt + decode steps).
 Attributes the kit reads: `dtype` (the precision whose tolerance judges the engine) and, optionally,
 `quantization` (e.g. "q8_0": judged by distribution metrics instead of element tolerances) and
 `padding_sides`, the padded batches forward() takes: ("left",) when absent, ("left", "right"), or ()
@@ -88,15 +88,19 @@ class HFEngine:
 
     name = "hf"
     padding_sides = ("left", "right")
+    OPTIONS = ("device_map",)
 
-    def __init__(self, model_path, device, dtype, attn="sdpa"):
+    def __init__(self, model_path, device, dtype, attn="sdpa", device_map=None):
         from transformers import AutoModelForCausalLM
 
         quiet_transformers()
         self.device, self.dtype, self.attn = device, dtype, attn
+        # an accelerator's copy goes straight onto it, shard by shard: no whole copy in CPU memory first;
+        # `--device_map auto` spreads it over every visible device and CPU memory (both through accelerate)
+        placement = device_map or (None if device.type == "cpu" else device.torch_device)
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=dtype, attn_implementation=attn, use_safetensors=True, trust_remote_code=False
-        ).to(device.torch_device).eval()
+            model_path, dtype=dtype, attn_implementation=attn, use_safetensors=True, trust_remote_code=False,
+            **({"device_map": placement} if placement else {})).eval()
         self.config = self.model.config
         self._call = self.model  # what forward() runs; CompileEngine swaps in the compiled module
         params = inspect.signature(type(self.model).forward).parameters
@@ -273,8 +277,8 @@ class CompileEngine(HFEngine):
     run_component = None
     rope = None
 
-    def __init__(self, model_path, device, dtype, attn="sdpa"):
-        super().__init__(model_path, device, dtype, attn)
+    def __init__(self, model_path, device, dtype, attn="sdpa", device_map=None):
+        super().__init__(model_path, device, dtype, attn, device_map)
         self._call = torch.compile(self.model, dynamic=True)
 
 

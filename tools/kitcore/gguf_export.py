@@ -26,7 +26,7 @@ from .rope import half_to_interleaved_rows
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 ARCH = {"llama": "llama", "qwen3_moe": "qwen3moe"}
 # bump when the export changes, so that cached files are rewritten
-EXPORT_VERSION = 5
+EXPORT_VERSION = 5  # the file's contents; streaming changed none of them
 
 
 def _gguf():
@@ -56,17 +56,23 @@ def _check_supported(config):
 
 
 def _tensors(checkpoint, permute_qk):
-    """(GGUF name, float32 numpy array) of every tensor, in llama.cpp's layout."""
+    """(GGUF name, float32 numpy array) of every tensor, in llama.cpp's layout, one at a time: each is read
+    from its shard when its turn comes (a layer at a time, never the whole checkpoint)."""
     cfg = checkpoint.config
     moe = cfg["model_type"] == "qwen3_moe"
-    names = list(checkpoint.tensors)
-    sd = checkpoint.load_tensors(names)
-    take = lambda name: sd.pop(name).float()  # noqa: E731
+    left = set(checkpoint.tensors)
+
+    def take(name):
+        left.discard(name)
+        return checkpoint.load_tensors([name])[name].float()
+
     out = [("token_embd.weight", take("model.embed_tokens.weight")),
            ("output_norm.weight", take("model.norm.weight"))]
-    if "lm_head.weight" in sd:
+    if "lm_head.weight" in left:
         out.append(("output.weight", take("lm_head.weight")))
+    yield from ((name, t.numpy()) for name, t in out)
     for i in range(cfg["num_hidden_layers"]):
+        out = []
         p, b = f"model.layers.{i}.", f"blk.{i}."
         q, k = take(p + "self_attn.q_proj.weight"), take(p + "self_attn.k_proj.weight")
         if permute_qk and not moe:  # llama.cpp rotates Llama interleaved, Qwen3 half-split (NeoX)
@@ -86,6 +92,7 @@ def _tensors(checkpoint, permute_qk):
                     [take(f"{p}mlp.experts.{e}.{proj}.weight") for e in range(cfg["num_experts"])])))
         else:
             out += [(b + f"ffn_{proj}.weight", take(p + f"mlp.{proj}_proj.weight")) for proj in ("gate", "up", "down")]
+        yield from ((name, t.numpy()) for name, t in out)
     scaling = cfg.get("rope_scaling") or {}
     if scaling.get("rope_type", scaling.get("type")) == "llama3":
         # llama.cpp reads Llama 3's frequency scaling as per-dimension divisors of the plain frequencies
@@ -97,10 +104,9 @@ def _tensors(checkpoint, permute_qk):
         theta = cfg.get("rope_theta", 10000.0)
         plain = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         scaled, _ = scaled_frequencies(AutoConfig.from_pretrained(str(checkpoint.path)))
-        out.append(("rope_freqs.weight", (plain / scaled).float()))
-    if sd:
-        raise UsageError(f"cannot convert to GGUF: no place for weight {next(iter(sd))} ({len(sd)} left over)")
-    return [(name, t.numpy()) for name, t in out]
+        yield "rope_freqs.weight", (plain / scaled).float().numpy()
+    if left:
+        raise UsageError(f"cannot convert to GGUF: no place for weight {sorted(left)[0]} ({len(left)} left over)")
 
 
 def write_gguf(checkpoint, path, gguf_type, permute_qk=True):
@@ -111,7 +117,8 @@ def write_gguf(checkpoint, path, gguf_type, permute_qk=True):
         raise UsageError(f"--gguf_type {gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     theta = cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta", 10000.0)
-    w = gguf.GGUFWriter(str(path), ARCH[cfg["model_type"]])
+    # each tensor goes to a spooled temporary file as it is added (spilled to disk past 256 MiB), not kept
+    w = gguf.GGUFWriter(str(path), ARCH[cfg["model_type"]], use_temp_file=True)
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
     w.add_block_count(cfg["num_hidden_layers"])

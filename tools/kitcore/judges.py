@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .compare import DISTRIBUTIONS, LOGITS_NMSE, TOLERANCES, Distribution, compare, tolerance_for
+from .compare import CHUNK_ELEMENTS, DISTRIBUTIONS, LOGITS_NMSE, TOLERANCES, Distribution, compare, tolerance_for
 from .errors import UsageError
 
 # k, the factor a candidate's error may exceed the peer's by. Measured (tools/measure_tolerances.py,
@@ -255,18 +255,38 @@ def _logprobs(t):
     return t if bool(torch.isnan(t).any()) else t.log_softmax(-1)
 
 
-def _fill_agreement(check, cand, ref, decisive, kl):
-    """The ranking figures of a LogitsCheck from [N, V] scores (argmax, top-5) and the KL per position."""
-    n = ref.shape[0]
-    c_top1, r_top1 = cand.argmax(-1), ref.argmax(-1)
-    agree = c_top1 == r_top1
-    c_top5, r_top5 = cand.topk(5, dim=-1).indices, ref.topk(5, dim=-1).indices
-    contained = (c_top5 == r_top1[:, None]).any(-1) & (r_top5 == c_top1[:, None]).any(-1)
+def _per_position(cand, ref, peer=None, kl=True):
+    """Figures per position of [N, V] scores, in float64 row chunks (a long prompt's [N, V] never exists in
+    float64 whole): the reference's RMS and top-2 values, each side's top-1, each side's top-1 inside the
+    other's top-5, and, with `kl`, KL(ref || cand) and the RMS errors of the candidate and the peer."""
+    figures = {}
+    step = max(1, CHUNK_ELEMENTS // max(ref.shape[-1], 1))
+    for start in range(0, ref.shape[0], step):
+        c, r = cand[start:start + step].double(), ref[start:start + step].double()
+        c_top1, r_top1 = c.argmax(-1), r.argmax(-1)
+        c_top5, r_top5 = c.topk(5, dim=-1).indices, r.topk(5, dim=-1).indices
+        chunk = {"rms": r.pow(2).mean(-1).sqrt(), "top2": r.topk(2, dim=-1).values, "c_top1": c_top1,
+                 "r_top1": r_top1,
+                 "contained": (c_top5 == r_top1[:, None]).any(-1) & (r_top5 == c_top1[:, None]).any(-1)}
+        if kl:
+            chunk.update(kl=_kl(r, c), cand_rmse=(c - r).pow(2).mean(-1).sqrt())
+            if peer is not None:
+                p = peer[start:start + step].double()
+                chunk.update(peer_kl=_kl(r, p), peer_rmse=(p - r).pow(2).mean(-1).sqrt())
+        for key, value in chunk.items():
+            figures.setdefault(key, []).append(value)
+    return {key: torch.cat(values) for key, values in figures.items()}
+
+
+def _fill_agreement(check, rows, decisive, kl):
+    """The ranking figures of a LogitsCheck from _per_position's `rows` and the KL per position."""
+    n = rows["r_top1"].shape[0]
+    agree = rows["c_top1"] == rows["r_top1"]
     check.top1_agreement = float(agree.double().mean())
     check.decisive_positions = int(decisive.sum())
     check.decisive_disagreements = int((decisive & ~agree).sum())
-    check.top5_containment = float(contained.double().mean())
-    check.collapsed = n >= 4 and c_top1.unique().numel() == 1 and r_top1.unique().numel() > 1
+    check.top5_containment = float(rows["contained"].double().mean())
+    check.collapsed = n >= 4 and rows["c_top1"].unique().numel() == 1 and rows["r_top1"].unique().numel() > 1
     check.kl_per_position = kl.tolist()
     check.kl_mean, check.kl_max = float(kl.mean()), float(kl.max())
     check.kl_p99 = float(torch.quantile(kl, 0.99)) if n else 0.0
@@ -280,57 +300,53 @@ def check_logits(candidate, reference, mask, judge, peer=None, name="logits", ag
     token ids are left out of every side after the log-softmax."""
     space, hidden = space.kind, space.hidden
     valid = mask.bool().to("cpu")
-    cand = candidate.detach().to("cpu", torch.float64)
-    ref = reference.detach().to("cpu", torch.float64)
     table = judge.dtype if judge.distribution else judge.table
-    if cand.shape != ref.shape:
-        c = compare(cand, ref, table, name)
+    if candidate.shape != reference.shape:
+        c = compare(candidate, reference, table, name)
         return LogitsCheck(c, 0, 0.0, 0, 0, 0.0, False, *[float("nan")] * 3, judge, aggregate, space=space)
+    # the real positions, in the tensors' own dtype: logits stay so (read in float64 chunks below);
+    # log-probabilities are made in float64 (a server's are few positions)
+    cand, ref = candidate.detach().to("cpu")[valid], reference.detach().to("cpu")[valid]  # [positions, V]
+    calibrated = judge.calibrated and peer is not None
+    peer = peer.detach().to("cpu")[valid] if calibrated else None
     skipped = 0
     if space != "logits":
+        cand, ref = cand.double(), ref.double()
         returned = ~torch.isnan(cand).all(-1)
-        skipped = int((valid & ~returned).sum())
-        valid = valid & returned
-        cand, ref = cand[valid], _logprobs(ref[valid])
-        cand = cand.log_softmax(-1) if space == "logprobs" else cand
+        skipped = int((~returned).sum())
         shown = torch.ones(cand.shape[-1], dtype=torch.bool)
         shown[list(hidden)] = False
-        cand, ref = cand[:, shown], ref[:, shown]
-    else:
-        cand, ref = cand[valid], ref[valid]  # [positions, V]
-    calibrated = judge.calibrated and peer is not None
-    if calibrated:
-        peer = peer.detach().to("cpu", torch.float64)[valid]
-        peer = peer if space == "logits" else _logprobs(peer)[:, shown]
+        cand, ref = cand[returned], _logprobs(ref[returned])[:, shown]
+        cand = (cand.log_softmax(-1) if space == "logprobs" else cand)[:, shown]
+        peer = None if peer is None else _logprobs(peer.double()[returned])[:, shown]
     if space == "topk":
-        check = _check_topk(cand, ref, judge, peer if calibrated else None, name, aggregate)
+        check = _check_topk(cand, ref, judge, peer, name, aggregate)
         check.skipped_positions = skipped
         check.passed = not check.reasons()
         return check
-    comparison = judge_tensor(cand, ref, judge, peer if calibrated else None, name)
+    comparison = judge_tensor(cand, ref, judge, peer, name)
     f = rounding_floor(judge.dtype)
     n = ref.shape[0]
-    rms_row = ref.pow(2).mean(-1).sqrt()
-    top2 = ref.topk(2, dim=-1).values
+    rows = _per_position(cand, ref, peer)
+    rms_row, top2 = rows["rms"], rows["top2"]
     gap = top2[:, 0] - top2[:, 1]
     check = LogitsCheck(comparison, n, 0.0, 0, 0, 0.0, False, 0.0, 0.0, 0.0, judge, aggregate, space=space,
                         skipped_positions=skipped)
     if calibrated:
-        peer_rmse = (peer - ref).pow(2).mean(-1).sqrt()
+        peer_rmse = rows["peer_rmse"]
         peer_rmse = peer_rmse.clamp_min(float(peer_rmse.quantile(0.9)))  # one lucky position of the peer is no bound
-        cand_rmse = (cand - ref).pow(2).mean(-1).sqrt()
         bound = PEER_K_MAX * peer_rmse + f * rms_row
-        check.position_failures = int((cand_rmse > bound).sum())
-        check.worst_position = int((cand_rmse / bound).argmax())
+        check.position_failures = int((rows["cand_rmse"] > bound).sum())
+        check.worst_position = int((rows["cand_rmse"] / bound).argmax())
         sigma = judge.k * peer_rmse + f * rms_row  # typical, not the extreme the RMS gate allows
     else:
         sigma = LOGITS_NMSE[judge.dtype] ** 0.5 * rms_row
     # the error a correct engine may have at one logit of a position, typical rather than extreme
     allowed = DECISIVE_SIGMAS * sigma + 2 * f * top2[:, 0].abs()
     decisive = gap > 2 * allowed
-    _fill_agreement(check, cand, ref, decisive, _kl(ref, cand))
+    _fill_agreement(check, rows, decisive, rows["kl"])
     if calibrated:
-        peer_kl = _kl(ref, peer)
+        peer_kl = rows["peer_kl"]
         check.peer = {"nmse": comparison.peer_nmse, "max_abs": comparison.peer_max_abs,
                       "kl_mean": float(peer_kl.mean()), "kl_max": float(peer_kl.max()),
                       "kl_p99": float(torch.quantile(peer_kl, 0.99)) if n else 0.0}
@@ -384,7 +400,7 @@ def _check_topk(cand, ref, judge, peer, name, aggregate):
     else:
         sigma = LOGITS_NMSE[judge.dtype] ** 0.5 * rms_row
     decisive = gap > 2 * (DECISIVE_SIGMAS * sigma + 2 * f * top2[:, 0].abs())
-    _fill_agreement(check, cand_f, ref_f, decisive, _kl_lower_bound(ref_f, cand_f, both))
+    _fill_agreement(check, _per_position(cand_f, ref_f, kl=False), decisive, _kl_lower_bound(ref_f, cand_f, both))
     if peer is not None:
         peer_kl = _kl_lower_bound(ref_f, peer, both)
         check.peer = {"nmse": comparison.peer_nmse, "max_abs": comparison.peer_max_abs,

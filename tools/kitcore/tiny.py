@@ -9,7 +9,8 @@ Recipe (measured in shared notes/tiny-training.md):
     trained the same way (with its load-balancing loss) so that the router is peaked like a real one
     (a random router is near-uniform and flips experts on rounding noise); saved with per-expert
     weights like real Qwen3 checkpoints;
-  * larger `size`s are random init, for scale and speed measurements.
+  * larger `size`s are random init, for scale and speed measurements; "8b" (Llama only) is written one
+    decoder layer per safetensors shard, generated and freed in turn (STREAMED_SIZES).
 
 Determinism: the same seed, thread count (fixed to 2 here) and CPU vector ISA give byte-identical
 safetensors. Another ISA or Python version gives a slightly different checkpoint (logits drift ~6e-3),
@@ -41,6 +42,9 @@ SIZES = {
                       num_key_value_heads=2, head_dim=64, vocab_size=VOCAB, max_position_embeddings=2048),
         "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
                    num_key_value_heads=8, head_dim=64, vocab_size=32000, max_position_embeddings=4096),
+        # Llama-3.1-8B's shapes (its context shortened): written layer by layer, never all in memory
+        "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                   num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=8192),
     },
     "qwen3_moe": {
         "tiny": dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=2,
@@ -182,10 +186,59 @@ def build_model(family, size, seed):
     return Qwen3MoeForCausalLM(cfg)
 
 
+STREAMED_SIZES = ("8b",)
+
+
+def _write_streamed(family, size, seed, out, dtype, log):
+    """A random-init checkpoint too large to build in memory: the model is built without weights (meta
+    device) for its names and shapes; each piece (embedding, one decoder layer, final norm + LM head) is drawn
+    from its own seeded generator (normal(0, 0.02); norms 1), saved as one shard, and freed."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if family != "llama":
+        raise ValueError(f"size {size} exists for the Llama family only")
+    cfg = LlamaConfig(**SIZES[family][size], tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=500000.0,
+                      bos_token_id=None, eos_token_id=0, pad_token_id=0, dtype=str(dtype).replace("torch.", ""))
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in LlamaForCausalLM(cfg).state_dict().items()}
+    pieces = [["model.embed_tokens.weight"]]
+    pieces += [[n for n in shapes if n.startswith(f"model.layers.{i}.")] for i in range(cfg.num_hidden_layers)]
+    pieces += [["model.norm.weight", "lm_head.weight"]]
+    weight_map, total = {}, 0
+    for k, names in enumerate(pieces):
+        shard = f"model-{k + 1:05d}-of-{len(pieces):05d}.safetensors"
+        generator = torch.Generator().manual_seed(seed * 1000 + k)
+        tensors = {n: (torch.ones(shapes[n]) if n.endswith("norm.weight")
+                       else torch.randn(shapes[n], generator=generator).mul_(0.02)).to(dtype) for n in names}
+        save_file(tensors, str(out / shard), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update({n: shard for n in names})
+        what = "embedding" if k == 0 else "final norm + LM head" if k == len(pieces) - 1 else f"layer {k - 1}"
+        log(f"  {shard}: {what}, {sum(t.numel() for t in tensors.values()) / 1e6:.0f}M parameters")
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    cfg.to_json_file(str(out / "config.json"))
+    return sum(math.prod(s) for s in shapes.values())
+
+
 def write_checkpoint(family, out, seed=0, size="tiny", dtype=torch.float32, log=print):
     """Write a HuggingFace checkpoint directory for `family` into `out` (created if missing)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if size in STREAMED_SIZES:
+        t0 = time.perf_counter()
+        docs = stdlib_docstrings()
+        save_tokenizer(train_tokenizer(docs), out)
+        meta = {"family": family, "size": size, "seed": seed, "train_steps": 0, "torch": torch.__version__,
+                "parameters": _write_streamed(family, size, seed, out, dtype, log)}
+        (out / "generation_config.json").write_text(json.dumps(
+            {"do_sample": False, "eos_token_id": 0, "pad_token_id": 0}, indent=2) + "\n")
+        _qwen3_style_config(out)
+        meta["generation_seconds"] = round(time.perf_counter() - t0, 1)
+        (out / "kit_metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+        log(f"wrote {family} {size} checkpoint (seed {seed}) to {out} in {meta['generation_seconds']} s")
+        return meta
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(GENERATION_THREADS)

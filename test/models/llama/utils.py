@@ -141,6 +141,9 @@ def build_parser(doc, decode=False, batch=False):
     p.add_argument("--gguf_type", choices=["f32", "f16", "bf16", "q8_0"],
                    help="llama.cpp engine: GGUF weight type (default: from --dtype)")
     p.add_argument("--kv_type", default="f32", choices=["f32", "f16"], help="llama.cpp engine: KV-cache type (default f32)")
+    p.add_argument("--device_map", metavar="MAP",
+                   help="hf/compile engines: 'auto' spreads a model that does not fit one device over every visible "
+                        "device and CPU memory (accelerate); default: all of it on --device, loaded straight there")
     p.add_argument("--served_model", help="openai engine: the model name the server serves (default: its only one)")
     p.add_argument("--top_logprobs", type=int, metavar="K",
                    help="openai engine: ask for the top K logprobs per position only, as a server capped at K returns "
@@ -282,6 +285,17 @@ def print_plan(args, script):
     return 0
 
 
+def _models_in_memory(args, specs, device, checkpoint, reference_checkpoint):
+    """How many copies of the model in the candidate dtype this process holds in CPU memory besides the
+    reference: each candidate on the CPU (a server holds its own elsewhere), and the peer unless `hf` on the
+    reference's checkpoint is under test (it is then the peer) or there is none. Candidates on an accelerator load straight onto it."""
+    candidates = [s for s in specs if s != REFERENCE]
+    held = sum(1 for s in candidates if not s.startswith("openai:")) if device.type == "cpu" else 0
+    hf_is_peer = "hf" in candidates and checkpoint.path.resolve() == reference_checkpoint.path.resolve()
+    peer = args.peer != "none" and not hf_is_peer and device.type == "cpu"
+    return held + int(peer)
+
+
 def setup(args, script, extra_positions=0, families=FAMILIES, specs=None):
     """Set-up of a check: device, dtype, checkpoints, inputs, the reference, the engines under test
     (`specs`, default [--engine]) and the peer that calibrates their verdicts."""
@@ -312,7 +326,8 @@ def setup(args, script, extra_positions=0, families=FAMILIES, specs=None):
           f"{args.reference_dtype} on cpu from {reference_checkpoint.path}")
     print(f"  torch {env['torch']}, transformers {env['transformers']}; input: {tuple(inputs.input_ids.shape)} "
           f"tokens (batch x length)")
-    source, why = plan.choose_reference(reference_checkpoint.config, args.dtype, 2 if device.type == "cpu" else 1,
+    source, why = plan.choose_reference(reference_checkpoint.config, args.dtype,
+                                        _models_in_memory(args, specs, device, checkpoint, reference_checkpoint),
                                         args.reference_dtype, args.reference_mode)
     print(f"  reference source: {source} ({why})")
     results.env["reference_source"] = source
@@ -325,7 +340,8 @@ def setup(args, script, extra_positions=0, families=FAMILIES, specs=None):
         cache = refcache.ReferenceCache(reference_checkpoint, args.reference_dtype, int(args.reference_cache_gb * 2**30))
         reference = refcache.CachedReference(reference, cache)
     # n_ctx: the positions this check uses, for engines that allocate their context up front
-    options = {"gguf_type": args.gguf_type, "kv_type": args.kv_type, "served_model": args.served_model,
+    options = {"gguf_type": args.gguf_type, "kv_type": args.kv_type, "device_map": args.device_map,
+               "served_model": args.served_model,
                "top_logprobs": args.top_logprobs, "request_timeout": args.request_timeout,
                "reference_path": str(reference_checkpoint.path),
                "n_ctx": inputs.input_ids.shape[1] + extra_positions}
@@ -349,7 +365,8 @@ def setup(args, script, extra_positions=0, families=FAMILIES, specs=None):
                                  "(measured on the tiny and the real checkpoint)")
     else:
         with phases("peer_load"):
-            peer = self_peer or engines.HFEngine(str(reference_checkpoint.path), device, dtype, args.attn)
+            peer = self_peer or engines.HFEngine(str(reference_checkpoint.path), device, dtype, args.attn,
+                                                 args.device_map)
         note = (f"HF Transformers {args.dtype} {args.attn} on {device} from the reference checkpoint: verdicts "
                 f"calibrated by its error (k={judges.PEER_K:g})")
     print(f"  peer: {note}")
