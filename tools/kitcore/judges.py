@@ -306,9 +306,13 @@ def check_logits(candidate, reference, mask, judge, peer=None, name="logits", ag
         return LogitsCheck(c, 0, 0.0, 0, 0, 0.0, False, *[float("nan")] * 3, judge, aggregate, space=space)
     # the real positions, in the tensors' own dtype: logits stay so (read in float64 chunks below);
     # log-probabilities are made in float64 (a server's are few positions)
-    cand, ref = candidate.detach().to("cpu")[valid], reference.detach().to("cpu")[valid]  # [positions, V]
+    def real(t):  # [positions, V]: a view when every position is real, else a copy of the real ones
+        t = t.detach().to("cpu")
+        return t.reshape(-1, t.shape[-1]) if bool(valid.all()) else t[valid]
+
+    cand, ref = real(candidate), real(reference)
     calibrated = judge.calibrated and peer is not None
-    peer = peer.detach().to("cpu")[valid] if calibrated else None
+    peer = real(peer) if calibrated else None
     skipped = 0
     if space != "logits":
         cand, ref = cand.double(), ref.double()
