@@ -102,3 +102,16 @@ def test_reference_cache_stays_within_its_bound(llama_checkpoint, tmp_path):
         cache.get_or_compute("logits", (torch.tensor([i]),), lambda: {"logits": torch.zeros(2**18)})
     assert sum(p.stat().st_size for p in tmp_path.iterdir()) <= 3 * 2**20
     assert cache.misses == 8 and len(list(tmp_path.iterdir())) == 2
+
+
+def test_intermediate_validation_reuses_cached_captures(llama_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_KIT_CACHE", str(tmp_path / "cache"))
+    script = f"{LLAMA}/test_intermediate_validation.py"
+    first = run_script(script, "--model_path", llama_checkpoint, json_path=tmp_path / "1.json")
+    assert first.code == 0 and first.json["env"]["reference_cache"]["misses"] > 0, first
+    second = run_script(script, "--model_path", llama_checkpoint, json_path=tmp_path / "2.json")
+    assert second.code == 0 and second.json["env"]["reference_cache"]["misses"] == 0, second
+    assert second.json["env"]["reference_cache"]["hits"] == first.json["env"]["reference_cache"]["misses"]
+    figures = lambda r: [(x["case"], x["metric"], x["value"]) for x in r.json["records"] if x["case"] != "timing"  # noqa: E731
+                         and not x["metric"].startswith("peak_")]
+    assert figures(second) == figures(first)  # the same captures, bit for bit

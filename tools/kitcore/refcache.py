@@ -95,7 +95,8 @@ class ReferenceCache:
             return cached
         self.misses += 1
         out = compute()
-        self._write(key, kind, out)
+        if sum(t.numel() * t.element_size() for t in out.values()) <= self.max_bytes:  # else it would evict itself
+            self._write(key, kind, out)
         return out
 
     def summary(self):
@@ -104,8 +105,9 @@ class ReferenceCache:
 
 
 class CachedReference:
-    """The reference engine behind the cache: no-cache forwards come from disk when they were computed
-    before; forwards through a KV cache run (they are part of a computation cached as a whole: `memo`)."""
+    """The reference engine behind the cache: no-cache forwards and captures come from disk when they were
+    computed before; forwards through a KV cache run (they are part of a computation cached as a whole:
+    `memo`)."""
 
     def __init__(self, engine, cache):
         self.engine, self.cache = engine, cache
@@ -119,6 +121,12 @@ class CachedReference:
         inputs = (input_ids, position_ids) + (() if attention_mask is None else (attention_mask,))
         return self.cache.get_or_compute("logits", inputs, lambda: {
             "logits": self.engine.forward(input_ids, position_ids, attention_mask).cpu()})["logits"]
+
+    def capture(self, input_ids, position_ids, layers=None):
+        """Intermediate validation's captures of these layers (all: None), from disk when captured before."""
+        kind = "capture" if layers is None else f"capture{layers.start}-{layers.stop}"
+        return self.cache.get_or_compute(kind, (input_ids, position_ids),
+                                         lambda: self.engine.capture(input_ids, position_ids, layers=layers))
 
     def memo(self, kind, inputs, compute):
         return self.cache.get_or_compute(kind, inputs, compute)

@@ -225,7 +225,7 @@ class Run:
     def finish(self, passed):
         """The verdict: the reference cache's figures into the environment, the exit code."""
         cache = getattr(self.reference, "cache", None)
-        if cache is not None and cache.hits + cache.misses:  # intermediate validation's captures are not cached
+        if cache is not None and cache.hits + cache.misses:
             self.results.env["reference_cache"] = cache.summary()
             if cache.hits and not cache.misses and self.results.env.get("reference_source"):
                 self.results.env["reference_source"] = "cache"
