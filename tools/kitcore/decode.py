@@ -26,21 +26,23 @@ def _mask(inp, mask):
 
 
 def greedy_reference(reference, inp, steps):
-    """Teacher tokens [B, steps]: the reference's greedy decode with its KV cache. Then the reference's
-    no-cache logits [B, steps + 1, V] at the prefill's last position and every decode step come from one
-    full forward of prompt + teacher tokens."""
+    """The reference's greedy decode with its KV cache: (teacher tokens [B, steps], its no-cache logits
+    [B, steps + 1, V], its cached logits [B, steps + 1, V]). The no-cache logits at the prefill's last
+    position and every decode step come from one full forward of prompt + teacher tokens; the cached ones
+    are the decode's own, one step past the last teacher token, so that they are also what a teacher-forced
+    run of the reference through its cache gives (forward validation's B = reference)."""
     cache = reference.new_cache()
     pos, mask = inp.position_ids, inp.attention_mask
     logits = reference.forward(inp.input_ids, pos, _mask(inp, mask), cache)[:, -1]
-    tokens = []
-    for k in range(steps):
+    tokens, cached = [], [logits.cpu()]
+    for _ in range(steps):
         tokens.append(logits.argmax(-1, keepdim=True).cpu())
-        if k < steps - 1:
-            pos = pos[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones_like(tokens[-1])], 1)
-            logits = reference.forward(tokens[-1], pos, _mask(inp, mask), cache)[:, -1]
+        pos = pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones_like(tokens[-1])], 1)
+        logits = reference.forward(tokens[-1], pos, _mask(inp, mask), cache)[:, -1]
+        cached.append(logits.cpu())
     teacher = torch.cat(tokens, 1)
-    return teacher, no_cache_steps(reference, inp, teacher)
+    return teacher, no_cache_steps(reference, inp, teacher), torch.stack(cached, 1)
 
 
 def no_cache_steps(engine, inp, teacher):

@@ -139,7 +139,7 @@ def check_decode(run, peer, alone, rows, steps, judge, results):
     teachers, references = [], []
     for j, i in enumerate(rows):
         row = inputs.pad([alone.prompts[i]])
-        teacher, logits = utils.reference_greedy(run, row, max(1, steps - j % 3))
+        teacher, logits, _ = utils.reference_greedy(run, row, max(1, steps - j % 3))
         teachers.append(teacher[0])
         references.append(logits[0])
     got = ragged_decode(run.candidate, batch, teachers)

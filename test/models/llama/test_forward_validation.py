@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import utils  # noqa: E402
 from kitcore import cli, judges  # noqa: E402
-from kitcore.decode import run_engine  # noqa: E402
+from kitcore.decode import Decoded, run_engine  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
 
 SCRIPT = "test_forward_validation"
@@ -57,8 +57,10 @@ def main(argv=None):
     pair = [run.engines[s] for s in specs]
 
     with run.phases("reference_decode"):
-        teacher, ref_steps = utils.reference_greedy(run, inp, args.decode_steps)
-    outputs = {}
+        teacher, ref_steps, ref_cached = utils.reference_greedy(run, inp, args.decode_steps)
+    # the reference teacher-forced through its own cache is its greedy decode: not run twice
+    outputs = {id(run.reference): Decoded(ref_cached, ref_steps, torch.ones_like(ref_cached[..., 0], dtype=torch.long),
+                                          teacher)}
     for label, engine in (("a", pair[0]), ("b", pair[1]), ("peer", run.peer)):
         if engine is not None and id(engine) not in outputs:
             with run.phases(f"{label}_decode"):
@@ -85,8 +87,8 @@ def main(argv=None):
     print(f"B = {specs[1]} ({pair[1].dtype}): {judge_b.describe()}")
     for label, spec, decoded in (("A", specs[0], a), ("B", specs[1], b)):
         if not torch.equal(decoded.tokens, teacher):
-            print(f"{label} = {spec} decodes by itself: its greedy tokens {decoded.tokens.tolist()}; a step is compared "
-                  "with the reference while its tokens so far are the teacher's")
+            print(f"{label} = {spec} decodes by itself: its greedy tokens {decoded.tokens.tolist()}; a step is "
+                  "compared with the reference while its tokens so far are the teacher's")
     header = (f"{'step':>5} {'kind':>8} | {'A vs ref':>19} | {'B vs ref':>19} | {'A vs B':>19} | "
               f"{'A cache':>19} | {'B cache':>19} | verdict")
     print("cells: max abs diff / this step's gates (element tolerances, KL max, decisive top-1); "

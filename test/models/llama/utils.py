@@ -288,7 +288,8 @@ def print_plan(args, script):
 def _models_in_memory(args, specs, device, checkpoint, reference_checkpoint):
     """How many copies of the model in the candidate dtype this process holds in CPU memory besides the
     reference: each candidate on the CPU (a server holds its own elsewhere), and the peer unless `hf` on the
-    reference's checkpoint is under test (it is then the peer) or there is none. Candidates on an accelerator load straight onto it."""
+    reference's checkpoint is under test (it is then the peer) or there is none. Candidates on an accelerator
+    load straight onto it."""
     candidates = [s for s in specs if s != REFERENCE]
     held = sum(1 for s in candidates if not s.startswith("openai:")) if device.type == "cpu" else 0
     hf_is_peer = "hf" in candidates and checkpoint.path.resolve() == reference_checkpoint.path.resolve()
@@ -379,12 +380,14 @@ REFERENCE = "reference"
 
 
 def reference_greedy(run, inp, steps):
-    """The reference's teacher tokens and no-cache logits (kitcore.decode.greedy_reference), from the
-    reference cache when this prompt was decoded before."""
-    compute = lambda: dict(zip(("teacher", "logits"), decode.greedy_reference(run.reference, inp, steps)))  # noqa: E731
+    """The reference's teacher tokens, no-cache logits and cached logits (kitcore.decode.greedy_reference),
+    from the reference cache when this prompt was decoded before."""
+    names = ("teacher", "logits", "cached")
+    compute = lambda: dict(zip(names, decode.greedy_reference(run.reference, inp, steps)))  # noqa: E731
     memo = getattr(run.reference, "memo", None)
-    out = memo(f"greedy{steps}", (inp.input_ids, inp.position_ids, inp.attention_mask), compute) if memo else compute()
-    return out["teacher"], out["logits"]
+    inputs = (inp.input_ids, inp.position_ids, inp.attention_mask)
+    out = memo(f"greedy{steps}-cached", inputs, compute) if memo else compute()
+    return tuple(out[n] for n in names)
 
 
 def add_repeat_arg(parser, what):
