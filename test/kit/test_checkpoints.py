@@ -132,6 +132,9 @@ def test_streamed_sizes_are_written_one_layer_per_shard(tmp_path, monkeypatch):
     index = json.loads((tmp_path / "ck" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == 3 + 2  # embedding, three layers, norm + LM head
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
-    assert model.config.num_hidden_layers == 3 and model.dtype == torch.bfloat16
+    assert model.config.num_hidden_layers == 3
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    first = checkpoints.open_checkpoint(tmp_path / "ck").load_tensors(["model.embed_tokens.weight"])
+    assert first["model.embed_tokens.weight"].dtype == torch.bfloat16
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
     assert checkpoints.open_checkpoint(tmp_path / "ck").config["vocab_size"] == 4096

@@ -219,6 +219,10 @@ def _write_streamed(family, size, seed, out, dtype, log):
     (out / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
     cfg.to_json_file(str(out / "config.json"))
+    saved = json.loads((out / "config.json").read_text())
+    saved.pop("dtype", None)
+    saved["torch_dtype"] = str(dtype).replace("torch.", "")  # as real checkpoints say it (every release reads it)
+    (out / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     return sum(math.prod(s) for s in shapes.values())
 
 
