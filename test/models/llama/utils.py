@@ -144,6 +144,8 @@ def build_parser(doc, decode=False, batch=False):
     p.add_argument("--device_map", metavar="MAP",
                    help="hf/compile engines: 'auto' spreads a model that does not fit one device over every visible "
                         "device and CPU memory (accelerate); default: all of it on --device, loaded straight there")
+    p.add_argument("--tensor_parallel_size", type=int, default=1, metavar="N",
+                   help="vllm engine: spread the model over N devices (vLLM's tensor parallelism; default 1)")
     p.add_argument("--served_model", help="openai engine: the model name the server serves (default: its only one)")
     p.add_argument("--top_logprobs", type=int, metavar="K",
                    help="openai engine: ask for the top K logprobs per position only, as a server capped at K returns "
@@ -342,6 +344,7 @@ def setup(args, script, extra_positions=0, families=FAMILIES, specs=None):
         reference = refcache.CachedReference(reference, cache)
     # n_ctx: the positions this check uses, for engines that allocate their context up front
     options = {"gguf_type": args.gguf_type, "kv_type": args.kv_type, "device_map": args.device_map,
+               "tensor_parallel_size": args.tensor_parallel_size,
                "served_model": args.served_model,
                "top_logprobs": args.top_logprobs, "request_timeout": args.request_timeout,
                "reference_path": str(reference_checkpoint.path),
