@@ -66,5 +66,5 @@ matrix: $(VENV)/.installed  ## every device x dtype this machine allows, through
 report: $(VENV)/.installed  ## HTML report of results/results.jsonl -> report.html
 	$(PY) tools/report.py results/results.jsonl -o report.html
 
-clean:  ## remove .venv, .nox, logs, results and the report (not the checkpoint cache)
-	rm -rf $(VENV) .nox logs results report.html .pytest_cache
+clean:  ## remove .venv, .venv-vllm, .nox, logs, results and the report (not the checkpoint cache)
+	rm -rf $(VENV) .venv-vllm .nox logs results report.html .pytest_cache
