@@ -14,6 +14,7 @@ after each generated token. kitcore.decode compares it with the reference for as
 follow the reference's greedy ones.
 """
 
+import functools
 import json
 import math
 import os
@@ -300,9 +301,7 @@ class OpenAIEngine(ServingEngine):
 
         if not has_tokenizer(self.checkpoint.path):
             raise UsageError(f"{self.url} takes text prompts only and the checkpoint has no tokenizer to write them")
-        from transformers import AutoTokenizer
-
-        text = AutoTokenizer.from_pretrained(str(self.checkpoint.path)).decode(row, clean_up_tokenization_spaces=False)
+        text = self._tokenizer.decode(row, clean_up_tokenization_spaces=False)
         answer = self._optional("/extras/tokenize", {"input": text}, root=True)
         if answer is None:
             raise UsageError(f"{self.url} takes text prompts only and cannot tokenize them for the kit to check "
@@ -379,6 +378,13 @@ class OpenAIEngine(ServingEngine):
         tokens = choice.get("token_ids") or [_token_id(t) for t in logprobs.get("tokens", [])]
         return Completion(prompt + generated, [int(t) for t in tokens])
 
+    @functools.cached_property
+    def _tokenizer(self):
+        """The checkpoint's tokenizer, loaded once (callers check that it has one)."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.checkpoint.path))
+
     def _text_ids(self):
         """text -> id for the echo dialect's keys: each id's own text (invalid UTF-8 bytes dropped, as
         llama-cpp-python does); a text shared by several ids is ambiguous and left out."""
@@ -388,9 +394,7 @@ class OpenAIEngine(ServingEngine):
             if not has_tokenizer(self.checkpoint.path):
                 raise UsageError(f"{self.url} keys its logprobs by token text; the checkpoint has no tokenizer to map "
                                  "them back to ids")
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(str(self.checkpoint.path))
+            tok = self._tokenizer
             seen, special = {}, set(tok.all_special_ids)
             for i, token in enumerate(tok.convert_ids_to_tokens(list(range(self.vocab_size)))):
                 raw = b"" if i in special else _byte_level_bytes(token)  # special tokens print as nothing
