@@ -64,8 +64,16 @@ class NoCaptureEngine(HFEngine):
 
     name = "forward-only"
     capture = None
+    capture_layers = None
     run_component = None
     rope = None
+
+
+class ChunkedCaptureEngine(HFEngine):
+    """A plugin with capture() but not capture_layers(): the kit captures it in chunks of layers."""
+
+    name = "chunked-capture"
+    capture_layers = None
 
 
 class NaNEngine(HFEngine):

@@ -68,8 +68,8 @@ def test_checkpoint_fault_fails_at_the_right_place(fault, chunked, llama_checkpo
             permute_qk_rows(sd, cfg)
     ckpt = faulty(tmp_path, llama_checkpoint, weights, **config)
     common = ["--model_path", ckpt, "--reference_path", llama_checkpoint, "--dtype", "float32"]
-    # chunked: a capture budget that holds one layer of both models at a time (as on a large model)
-    budget = ["--max_capture_mb", 0.1] if chunked else []
+    # chunked: a plugin without capture_layers(), captured a layer at a time within a small budget
+    budget = ["--max_capture_mb", 0.1, "--engine", f"{FAULTY_ENGINES}:ChunkedCaptureEngine"] if chunked else []
     r = run_script(INTERMEDIATE, *common, *budget, json_path=tmp_path / "iv.json")
     assert r.code == 1, r
     assert ("capturing 1 layer(s) at a time" in r.out) == chunked

@@ -46,11 +46,13 @@ def test_a_check_that_cannot_fit_is_refused_before_loading(llama_checkpoint, tmp
         assert r.code == 3 and "nothing was loaded" in r.err and len(r.err.strip().splitlines()) == 1, r
 
 
-def test_streamed_reference_is_the_resident_one_bit_for_bit(llama_checkpoint):
+@pytest.mark.parametrize("family", ["llama", "moe"])
+def test_streamed_reference_is_the_resident_one_bit_for_bit(family, request):
+    checkpoint = request.getfixturevalue(f"{family}_checkpoint")
     cpu = devices.Device("cpu", "cpu")
-    resident = engines.HFEngine(str(llama_checkpoint), cpu, torch.float32, "eager")
-    streamed = engines.StreamedHFEngine(str(llama_checkpoint), cpu, torch.float32, "eager")
-    ids = torch.randint(0, 2048, (2, 24), generator=torch.Generator().manual_seed(0))
+    resident = engines.HFEngine(str(checkpoint), cpu, torch.float32, "eager")
+    streamed = engines.StreamedHFEngine(str(checkpoint), cpu, torch.float32, "eager")
+    ids = torch.randint(0, resident.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 24, dtype=torch.long)
     mask[1, :7] = 0  # a left-padded row
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -60,8 +62,9 @@ def test_streamed_reference_is_the_resident_one_bit_for_bit(llama_checkpoint):
         engine.forward(ids, pos, mask, cache)
     step = ids[:, -1:], pos[:, -1:] + 1, torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
     assert torch.equal(resident.forward(*step, caches[0]), streamed.forward(*step, caches[1]))
-    a, b = resident.capture(ids[:1], pos[:1]), streamed.capture(ids[:1], pos[:1])
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if family == "llama":  # intermediate validation is Llama's
+        a, b = resident.capture(ids[:1], pos[:1]), streamed.capture(ids[:1], pos[:1])
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(p.is_meta for p in streamed.model.parameters())  # nothing stays loaded between forwards
 
 
@@ -71,8 +74,9 @@ def test_streamed_reference_through_the_scripts(llama_checkpoint, moe_checkpoint
     assert r.code == 0 and r.json["env"]["reference_source"] == "streamed", r
     r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--no_reference_cache", json_path=tmp_path / "a.json")
     assert r.code == 0 and r.json["env"]["reference_source"] == "resident", r
-    r = run_script(INFERENCE, "--model_path", moe_checkpoint, "--reference_mode", "streamed")
-    assert r.code == 2 and "dense Llama only" in r.err, r
+    r = run_script(INFERENCE, "--model_path", moe_checkpoint, "--reference_mode", "streamed",
+                   "--no_reference_cache", json_path=tmp_path / "m.json")
+    assert r.code == 0 and r.json["env"]["reference_source"] == "streamed", r
 
 
 def test_reference_cache_reuses_and_never_trusts_a_bad_entry(llama_checkpoint, tmp_path, monkeypatch):
@@ -115,3 +119,70 @@ def test_intermediate_validation_reuses_cached_captures(llama_checkpoint, tmp_pa
     figures = lambda r: [(x["case"], x["metric"], x["value"]) for x in r.json["records"] if x["case"] != "timing"  # noqa: E731
                          and not x["metric"].startswith("peak_")]
     assert figures(second) == figures(first)  # the same captures, bit for bit
+
+
+def test_captures_stream_a_layer_at_a_time_from_one_forward(llama_checkpoint):
+    import threading
+
+    cpu = devices.Device("cpu", "cpu")
+    engine = engines.HFEngine(str(llama_checkpoint), cpu, torch.float32, "eager")
+    layers = engine.model.model.layers
+    runs = [0] * len(layers)
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda mod, args, i=i: runs.__setitem__(i, runs[i] + 1))
+    ids = torch.randint(0, 2048, (1, 16), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(16)[None]
+    whole = engine.capture(ids, pos)
+    runs[:] = [0] * len(layers)
+    streamed = list(engine.capture_layers(ids, pos))
+    assert runs == [1] * len(layers) and len(streamed) == len(layers)  # one forward, every layer once
+    assert "embed_tokens" in streamed[0] and {"final_norm", "logits"} <= streamed[-1].keys()
+    merged = {k: v for one in streamed for k, v in one.items()}
+    assert merged.keys() == whole.keys() and all(torch.equal(merged[k], whole[k]) for k in whole)
+    # given up after the first layer: the forward stops there, its thread ends, its hooks are gone
+    runs[:] = [0] * len(layers)
+    stream = engine.capture_layers(ids, pos)
+    next(stream)
+    stream.close()
+    assert runs == [1] + [0] * (len(layers) - 1)
+    assert not [t for t in threading.enumerate() if t.name.endswith("-capture")]
+    assert not any(m._forward_hooks for m in engine.model.modules())
+
+
+def test_an_error_inside_a_streamed_capture_reaches_the_caller(llama_checkpoint):
+    engine = engines.HFEngine(str(llama_checkpoint), devices.Device("cpu", "cpu"), torch.float32, "eager")
+
+    def broken(mod, args):
+        raise RuntimeError("layer 1 is broken")
+
+    engine.model.model.layers[1].register_forward_pre_hook(broken)
+    stream = engine.capture_layers(torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
+    assert "layers.0.output" in next(stream)
+    with pytest.raises(RuntimeError, match="layer 1 is broken"):
+        next(stream)
+
+
+def test_streamed_intermediate_validation_reads_the_weights_once(llama_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_KIT_CACHE", str(tmp_path / "cache"))
+    script = f"{LLAMA}/test_intermediate_validation.py"
+    one_forward = engines.StreamedHFEngine(str(llama_checkpoint), devices.Device("cpu", "cpu"), torch.float32)
+    one_forward.forward(torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
+    weights = one_forward.bytes_read  # every tensor once
+    first = run_script(script, "--model_path", llama_checkpoint, "--reference_mode", "streamed",
+                       json_path=tmp_path / "1.json")
+    assert first.code == 0 and first.json["env"]["reference_bytes_read"] == weights, first
+    # the cache holds a layer per entry: a second run reads them and nothing from the shards
+    second = run_script(script, "--model_path", llama_checkpoint, "--reference_mode", "streamed",
+                        json_path=tmp_path / "2.json")
+    assert second.code == 0 and second.json["env"]["reference_bytes_read"] == 0, second
+    assert second.json["env"]["reference_source"] == "cache"
+    # one entry lost: the layers before it come from disk, the forward runs once for it and the rest
+    entries = sorted((tmp_path / "cache" / "reference").iterdir(), key=lambda p: p.stat().st_mtime)
+    entries[-1].unlink()
+    third = run_script(script, "--model_path", llama_checkpoint, "--reference_mode", "streamed",
+                       json_path=tmp_path / "3.json")
+    assert third.code == 0 and third.json["env"]["reference_cache"]["misses"] == 1, third
+    assert third.json["env"]["reference_bytes_read"] == weights
+    figures = lambda r: [(x["case"], x["metric"], x["value"]) for x in r.json["records"] if x["case"] != "timing"  # noqa: E731
+                         and not x["metric"].startswith("peak_")]
+    assert figures(first) == figures(second) == figures(third)

@@ -39,8 +39,13 @@ Optional capabilities (intermediate validation; an engine without them gets exit
     capture(input_ids, position_ids, layers=None) -> dict[str, Tensor]
         The intermediate tensors of one no-cache forward, keyed by the point names of kitcore.points.
         `layers` (a range, or None for all) limits them to those layers (with embed_tokens when the range
-        starts at 0, final_norm and logits when it ends at the last layer); the kit captures in chunks of
-        layers so that it never holds every activation of both models. Returning more is allowed.
+        starts at 0, final_norm and logits when it ends at the last layer). Returning more is allowed.
+    capture_layers(input_ids, position_ids) -> iterator of dict[str, Tensor]
+        Optional, preferred to capture(): the same tensors from ONE forward, a layer at a time (embed_tokens
+        comes with layer 0, final_norm and logits with the last layer). The kit compares each layer of every
+        model and drops it before asking for the next: one layer's activations in memory, no forward run
+        twice. Without it the kit calls capture() in chunks of layers that fit `--max_capture_mb`, each
+        chunk's forward running from layer 0 again.
     run_component(point, layer, inputs, position_ids) -> Tensor
         Run the engine's own implementation of one component on the given inputs (the reference's
         captured tensors, keyed by the names in kitcore.points.COMPONENT_INPUTS). Used by the dual test.
@@ -55,7 +60,9 @@ import importlib
 import importlib.util
 import inspect
 import os
+import queue
 import sys
+import threading
 import time
 
 import torch
@@ -150,20 +157,40 @@ class HFEngine:
 
     @torch.no_grad()
     def capture(self, input_ids, position_ids, layers=None):
-        """Forward hooks on every module of interest; q/k after RoPE are recomputed from the captured
-        projections with the model's own rotary embedding (HF applies RoPE inside forward, unhooked).
-        `layers` (a range) limits the capture to those layers, embed_tokens when it starts at 0 and
-        final_norm/logits when it reaches the last layer; the forward stops after the range's last layer."""
+        """The points of `layers` (a range; None: all) from one forward that stops after the range's last
+        layer: embed_tokens when the range starts at 0, final_norm and logits when it reaches the last layer."""
+        captured = {}
+        for one_layer in self._captures(input_ids, position_ids, layers):
+            captured.update(one_layer)
+        return captured
+
+    def capture_layers(self, input_ids, position_ids):
+        """Every point, one layer at a time, from a single forward (see the protocol above)."""
+        return self._captures(input_ids, position_ids, None)
+
+    def _captures(self, input_ids, position_ids, layers):
+        """Forward hooks on every module of interest, the forward in a worker thread that hands over each
+        layer's tensors when the layer ends and waits until the next is asked for: the caller compares one
+        layer of every model at a time and no forward is repeated. q/k after RoPE are recomputed from the
+        captured projections with the model's own rotary embedding (HF applies it inside forward, unhooked).
+        Hooks ignore other threads: run_component() may use the same modules while the forward waits."""
         dev = self.device.torch_device
         m = self.model.model
         layers = range(len(m.layers)) if layers is None else layers
+        last = len(m.layers) - 1
         captured, handles = {}, []
+        handed = queue.Queue()  # worker -> caller: ("layer", tensors), ("error", exception) or ("end", None)
+        resume = queue.Queue()  # caller -> worker: True for the next layer, False to stop the forward
 
         class Enough(Exception):
-            """Raised by the hook on the range's last layer: the rest of the forward is not needed."""
+            """Raised in a hook when no more layers are wanted: the rest of the forward is not run."""
+
+        def ours():
+            return threading.current_thread() is worker
 
         def keep(name, tensor):
-            captured[name] = tensor.detach().to("cpu")
+            if ours():
+                captured[name] = tensor.detach().to("cpu")
 
         def out_hook(name):
             return lambda mod, args, out: keep(name, out[0] if isinstance(out, tuple) else out)
@@ -171,8 +198,32 @@ class HFEngine:
         def in_hook(name):
             return lambda mod, args: keep(name, args[0])
 
-        def stop(mod, args, out):
-            raise Enough
+        def hand_over():
+            handed.put(("layer", dict(captured)))
+            captured.clear()
+            if not resume.get():
+                raise Enough
+
+        def layer_end(i):
+            def hook(mod, args, out):
+                if not ours():
+                    return
+                keep(f"layers.{i}.output", out[0] if isinstance(out, tuple) else out)
+                for point, key in (("q_rope", False), ("k_rope", True)):
+                    proj = captured[f"layers.{i}.{'k_proj' if key else 'q_proj'}"].to(dev)
+                    captured[f"layers.{i}.{point}"] = self._rope_point(m.layers[i].self_attn, proj, position_ids,
+                                                                       key).to("cpu")
+                if i == layers.stop - 1 and i == last:
+                    return  # final_norm and logits come with this layer
+                hand_over()
+                if i == layers.stop - 1:
+                    raise Enough
+            return hook
+
+        def logits_end(mod, args, out):
+            keep("logits", out)
+            if ours():
+                hand_over()
 
         if layers.start == 0:
             handles.append(m.embed_tokens.register_forward_hook(out_hook("embed_tokens")))
@@ -188,7 +239,7 @@ class HFEngine:
                 attn.o_proj.register_forward_hook(out_hook(p + "o_proj")),
                 layer.post_attention_layernorm.register_forward_pre_hook(in_hook(p + "attn_residual")),
                 layer.post_attention_layernorm.register_forward_hook(out_hook(p + "post_attention_layernorm")),
-                layer.register_forward_hook(out_hook(p + "output")),
+                layer.register_forward_hook(layer_end(i)),
             ]
             if hasattr(mlp, "gate_proj"):  # dense MLP (Llama); MoE blocks have no such points
                 handles += [
@@ -197,24 +248,37 @@ class HFEngine:
                     mlp.down_proj.register_forward_pre_hook(in_hook(p + "act_mul")),
                     mlp.down_proj.register_forward_hook(out_hook(p + "down_proj")),
                 ]
-        if layers.stop >= len(m.layers):
+        if layers.stop > last:
             handles.append(m.norm.register_forward_hook(out_hook("final_norm")))
-            handles.append(self.model.lm_head.register_forward_hook(out_hook("logits")))
-        else:
-            handles.append(m.layers[layers.stop - 1].register_forward_hook(stop))
+            handles.append(self.model.lm_head.register_forward_hook(logits_end))
+
+        def run():
+            try:
+                with torch.no_grad():  # grad mode is per thread
+                    self.forward(input_ids, position_ids)
+                handed.put(("end", None))
+            except Enough:
+                handed.put(("end", None))
+            except BaseException as exc:  # raised again in the caller's thread
+                handed.put(("error", exc))
+
+        worker = threading.Thread(target=run, name=f"{self.name}-capture", daemon=True)
+        worker.start()
         try:
-            self.forward(input_ids, position_ids)
-        except Enough:
-            pass
+            while True:
+                kind, value = handed.get()
+                if kind == "error":
+                    raise value
+                if kind == "end":
+                    return
+                yield value
+                resume.put(True)
         finally:
+            if worker.is_alive():
+                resume.put(False)
+                worker.join()
             for h in handles:
                 h.remove()
-        for i in layers:
-            p = f"layers.{i}."
-            for point, key in (("q_rope", False), ("k_rope", True)):
-                proj = captured[p + ("k_proj" if key else "q_proj")].to(dev)
-                captured[p + point] = self._rope_point(m.layers[i].self_attn, proj, position_ids, key).to("cpu")
-        return captured
 
     @torch.no_grad()
     def run_component(self, point, layer, inputs, position_ids):
@@ -274,6 +338,7 @@ class CompileEngine(HFEngine):
 
     name = "compile"
     capture = None
+    capture_layers = None
     run_component = None
     rope = None
 
@@ -288,7 +353,7 @@ class StreamedHFEngine(HFEngine):
     run (a forward pre-hook) and drop them right after (a forward hook). HF's own forward runs unchanged
     (its masks, rotary embedding, cache), so the logits and captures are the resident model's, bit for bit;
     memory is about one layer plus the embedding or LM head. Every forward reads the weights again (from
-    the page cache when they fit there). Dense Llama checkpoints; MoE checkpoints use the resident path."""
+    the page cache when they fit there). Llama and Qwen3-MoE checkpoints."""
 
     def __init__(self, model_path, device, dtype, attn="eager"):
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -329,18 +394,43 @@ class StreamedHFEngine(HFEngine):
         module.to("meta")  # returns None: the output stays what the module computed
 
     def _load(self, module, prefix):
-        names = {prefix + k: k for k in module.state_dict()}
-        on_disk = {n: n for n in names}
+        wanted = module.state_dict()
+        on_disk = {n: n for n in wanted if prefix + n in self.checkpoint.tensors}
         if prefix == "lm_head." and "lm_head.weight" not in self.checkpoint.tensors:
-            on_disk["lm_head.weight"] = "model.embed_tokens.weight"  # tied embeddings
+            on_disk["weight"] = "model.embed_tokens.weight"  # tied embeddings
+        else:
+            on_disk = {n: prefix + n for n in on_disk}
         loaded = self.checkpoint.load_tensors(list(on_disk.values()))
-        state = {names[n]: loaded[src].to(self.dtype) for n, src in on_disk.items()}
+        state = {n: loaded[src].to(self.dtype) for n, src in on_disk.items()}
         self.bytes_read += sum(t.numel() * t.element_size() for t in loaded.values())
+        del loaded
+        for n in wanted.keys() - state.keys():
+            state[n] = self._stacked_experts(prefix + n, wanted[n].shape)
         module.load_state_dict(state, strict=True, assign=True)
         elapsed = time.perf_counter() - getattr(self, "_started", time.perf_counter())
         if elapsed > self.PROGRESS_AFTER_S:
             print(f"  streamed reference: {prefix.rstrip('.')} ({self.bytes_read / 2**30:.1f} GiB read so far, "
                   f"{elapsed:.0f} s into this forward)", file=sys.stderr, flush=True)
+
+    # transformers >= 5 holds a MoE layer's experts as stacked tensors ([experts, 2 * inter, hidden] with gate
+    # rows first, and [experts, hidden, inter]); checkpoints hold one tensor per expert
+    STACKED_EXPERTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+
+    def _stacked_experts(self, name, shape):
+        """One stacked expert tensor, filled an expert at a time (no second copy of the layer)."""
+        experts, kind = name.rsplit(".", 1)
+        parts = self.STACKED_EXPERTS.get(kind) if experts.endswith(".experts") else None
+        if parts is None or f"{experts}.0.{parts[0]}.weight" not in self.checkpoint.tensors:
+            raise Unavailable(f"the streamed reference cannot find {name} in {self.checkpoint.path} (this "
+                              "transformers lays the weights out in a way it does not know); use "
+                              "--reference_mode resident")
+        out = torch.empty(shape, dtype=self.dtype)
+        for e in range(shape[0]):
+            names = [f"{experts}.{e}.{p}.weight" for p in parts]
+            pieces = self.checkpoint.load_tensors(names)
+            self.bytes_read += sum(t.numel() * t.element_size() for t in pieces.values())
+            out[e] = torch.cat([pieces[n] for n in names], dim=0)  # a shape that differs raises here
+        return out
 
 
 BUILTIN_ENGINES = {"hf": HFEngine, "compile": CompileEngine}
@@ -400,6 +490,23 @@ def load_engine(spec, model_path, device, dtype, attn, options=None):
     options = dict(options or {}, url=spec.split(":", 1)[1] if spec.startswith("openai:") else None)
     chosen = {k: v for k, v in options.items() if k in getattr(cls, "OPTIONS", ()) and v is not None}
     return cls(str(model_path), device, dtype, attn, **chosen)
+
+
+def layer_captures(engine, input_ids, position_ids, num_layers, chunk):
+    """One dict of captured points per layer, in order: from capture_layers() when the engine has it, else
+    from capture() over `chunk` layers at a time, split by layer (the last dict also holds final_norm and
+    logits, the first embed_tokens). A layer the engine did not capture comes as an empty dict."""
+    if callable(getattr(engine, "capture_layers", None)):
+        yield from engine.capture_layers(input_ids, position_ids)
+        return
+    for start in range(0, num_layers, chunk):
+        layers = range(start, min(start + chunk, num_layers))
+        captured = engine.capture(input_ids, position_ids, layers=layers)
+        for i in layers:
+            names = {f"layers.{i}.{p}" for p in LAYER_POINTS}
+            names |= {"embed_tokens"} if i == 0 else set()
+            names |= {"final_norm", "logits"} if i == num_layers - 1 else set()
+            yield {k: v for k, v in captured.items() if k in names}
 
 
 def require(engine, capability, spec, purpose):

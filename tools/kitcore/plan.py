@@ -96,13 +96,16 @@ def _size(n):
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
+STREAMED_MODEL_TYPES = ("llama", "qwen3_moe")
+
+
 def choose_reference(cfg, candidate_dtype, cpu_models, reference_dtype="float32", mode="auto"):
     """Resident or streamed reference, decided before loading anything: -> (mode, why).
 
     The resident reference plus `cpu_models` copies of the model in the candidate dtype (the candidate
     and its peer on the CPU; a candidate on an accelerator passes through CPU memory while it loads) must
     fit in RESIDENT_MEMORY_SHARE of the available memory; `auto` streams the reference when they do not
-    (dense Llama checkpoints). What cannot fit either way stops with one line (exit 3), instead of the OOM
+    (Llama and Qwen3-MoE checkpoints). What cannot fit either way stops with one line (exit 3), instead of the OOM
     killer halfway through."""
     p = make_plan(cfg, candidate_dtype, 1)
     scale = BYTES[reference_dtype] / 4
@@ -112,10 +115,10 @@ def choose_reference(cfg, candidate_dtype, cpu_models, reference_dtype="float32"
     budget = RESIDENT_MEMORY_SHARE * available if available else float("inf")
     figures = f"resident needs {_size(resident)}, streamed {_size(streamed)}, " + (
         f"{_size(available)} available" if available else "available memory unknown")
-    can_stream = cfg.get("model_type") == "llama"
+    can_stream = cfg.get("model_type") in STREAMED_MODEL_TYPES
     if mode == "streamed" and not can_stream:
         raise UsageError(f"--reference_mode streamed: model_type {cfg.get('model_type')!r} has no streamed "
-                         "reference (dense Llama only); use --reference_mode resident")
+                         f"reference ({', '.join(STREAMED_MODEL_TYPES)} only); use --reference_mode resident")
     if mode == "resident" or (mode == "auto" and (resident <= budget or not can_stream)):
         if resident > budget:
             raise Unavailable(f"the resident {reference_dtype} reference ({p.parameters / 1e9:.2f}B parameters) and "

@@ -86,18 +86,25 @@ class ReferenceCache:
             total -= oldest.stat().st_size
             oldest.unlink(missing_ok=True)
 
+    def lookup(self, kind, inputs):
+        """The tensors stored for these inputs (a hit), or None."""
+        found = self._read(self._key(kind, inputs), kind)
+        self.hits += found is not None
+        return found
+
+    def store(self, kind, inputs, tensors):
+        """Keep what was just computed (a miss), unless it alone exceeds the bound (it would evict itself)."""
+        self.misses += 1
+        if sum(t.numel() * t.element_size() for t in tensors.values()) <= self.max_bytes:
+            self._write(self._key(kind, inputs), kind, tensors)
+
     def get_or_compute(self, kind, inputs, compute):
         """The tensors {name: tensor} that `compute()` returns for these inputs, from the cache when there."""
-        key = self._key(kind, inputs)
-        cached = self._read(key, kind)
-        if cached is not None:
-            self.hits += 1
-            return cached
-        self.misses += 1
-        out = compute()
-        if sum(t.numel() * t.element_size() for t in out.values()) <= self.max_bytes:  # else it would evict itself
-            self._write(key, kind, out)
-        return out
+        found = self.lookup(kind, inputs)
+        if found is None:
+            found = compute()
+            self.store(kind, inputs, found)
+        return found
 
     def summary(self):
         return {"hits": self.hits, "misses": self.misses, "rejected": self.rejected, "root": str(self.root),
@@ -122,11 +129,27 @@ class CachedReference:
         return self.cache.get_or_compute("logits", inputs, lambda: {
             "logits": self.engine.forward(input_ids, position_ids, attention_mask).cpu()})["logits"]
 
-    def capture(self, input_ids, position_ids, layers=None):
-        """Intermediate validation's captures of these layers (all: None), from disk when captured before."""
-        kind = "capture" if layers is None else f"capture{layers.start}-{layers.stop}"
-        return self.cache.get_or_compute(kind, (input_ids, position_ids),
-                                         lambda: self.engine.capture(input_ids, position_ids, layers=layers))
+    def capture_layers(self, input_ids, position_ids):
+        """Intermediate validation's captures, a layer at a time (an entry per layer): from disk while they
+        are there; from the first layer that is not, one forward of the engine, which skips the layers
+        already read and stores the rest."""
+        inputs = (input_ids, position_ids)
+        computing = None
+        try:
+            for i in range(self.engine.config.num_hidden_layers):
+                kind = f"capture.layer{i}"
+                found = None if computing else self.cache.lookup(kind, inputs)
+                if found is None:
+                    if computing is None:
+                        computing = self.engine.capture_layers(input_ids, position_ids)
+                        for _ in range(i):
+                            next(computing)
+                    found = next(computing, {})
+                    self.cache.store(kind, inputs, found)
+                yield found
+        finally:
+            if computing is not None:
+                computing.close()
 
     def memo(self, kind, inputs, compute):
         return self.cache.get_or_compute(kind, inputs, compute)

@@ -2,7 +2,8 @@
 """Layer by layer: where does the candidate first diverge from HF Transformers, and which component is wrong?
 
 Both models run one no-cache forward; the tensors at every capture point (names: tools/kitcore/points.py,
-e.g. `layers.3.q_rope`) are compared with the candidate dtype's tolerance ("total error").
+e.g. `layers.3.q_rope`) are compared with the candidate dtype's tolerance ("total error"). The forwards
+advance together a layer at a time: each layer's points are compared and dropped before the next layer runs.
 
 The dual test: each component of the candidate is also run on the reference's own captured input and
 compared with the reference's output ("own error"). A component whose own error is out of tolerance
@@ -18,6 +19,7 @@ Exit 1 when any point, own error or RoPE check fails; a point missing on either 
 shape, is a failure. `--json` includes "first_divergence": null or {"layer": N, "point": "<point>"}.
 """
 
+import contextlib
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -185,46 +187,52 @@ def _ratio(c):
 
 
 def validate_row(run, ids, pos, judge, peer, dual, results):
-    """Every capture point of one unpadded row [1, S], layer chunk by layer chunk: its printed table rows,
-    the first failing point (layer, point, name, row, layout finding) or None, and whether all passed."""
+    """Every capture point of one unpadded row [1, S], a layer of every model at a time: its printed table
+    rows, the first failing point (layer, point, name, row, layout finding) or None, and whether all passed."""
     cand, config = run.candidate, run.reference_checkpoint.config
     n_layers = config["num_hidden_layers"]
-    chunk = layers_per_capture(config, ids.shape[1], run.args.max_capture_mb, models=3 if peer else 2)
-    if chunk < n_layers:
-        print(f"note: capturing {chunk} layer(s) at a time to stay within --max_capture_mb {run.args.max_capture_mb}")
+    models = [m for m in (run.reference, cand, peer) if m is not None]
+    chunk = layers_per_capture(config, ids.shape[1], run.args.max_capture_mb, models=len(models))
+    chunked = [m for m in models if not callable(getattr(m, "capture_layers", None))]
+    if chunked and chunk < n_layers:
+        print(f"note: {', '.join(type(m).__name__ for m in chunked)} has no capture_layers(): capturing {chunk} "
+              f"layer(s) at a time to stay within --max_capture_mb {run.args.max_capture_mb}, each chunk's "
+              "forward from layer 0")
     print(f"\n{'point':<36} {'max abs':>10} {'nmse':>10} {'vs peer':>9} | {'own maxabs':>10} {'own nmse':>10} "
           f"{'vs peer':>9} | status")
     rows, first, all_passed = [], None, True
-    carry = {}  # the reference's output of the previous chunk's last layer: the next layer's input
-    for start in range(0, n_layers, chunk):
-        layers = range(start, min(start + chunk, n_layers))
-        reference = {**carry, **run.reference.capture(ids, pos, layers=layers)}
-        candidate = cand.capture(ids, pos, layers=layers)
-        peer_capture = peer.capture(ids, pos, layers=layers) if peer else None
-        for layer, point, name in point_order(n_layers, layers):
-            row = check_point(name, layer, point, (reference, candidate, peer_capture),
-                              (cand, peer) if dual else None, judge, ids, pos, n_layers, results)
-            failed = row["status"] != "ok"
-            results.add(name, "passed", not failed, unit="bool", layer=layer, point=point)
-            if failed and first is None:
-                layout = None
-                if point in ("q_proj", "k_proj") and name in candidate:
-                    heads = config["num_attention_heads"] if point == "q_proj" else config["num_key_value_heads"]
-                    layout = layout_permutation(candidate[name], reference[name], heads, run.dtype)
-                finding = f"{name}: {layout} -- the interleaved-vs-half-split RoPE layout mistake" if layout else None
-                first = (layer, point, name, row, finding)
-            all_passed &= not failed
-            rows.append(row)
-        last = f"layers.{layers.stop - 1}.output"
-        carry = {last: reference[last]} if last in reference else {}
+    previous_output = {}  # the reference's output of the previous layer: this layer's input
+    with contextlib.ExitStack() as stack:
+        sources = [stack.enter_context(contextlib.closing(engines.layer_captures(m, ids, pos, n_layers, chunk)))
+                   for m in models]
+        for i in range(n_layers):
+            reference, candidate, *peer_capture = (next(s, {}) for s in sources)
+            reference = {**previous_output, **reference}
+            captures = (reference, candidate, peer_capture[0] if peer else None)
+            for layer, point, name in point_order(n_layers, range(i, i + 1)):
+                row = check_point(name, layer, point, captures, (cand, peer) if dual else None, judge, ids, pos,
+                                  n_layers, results)
+                failed = row["status"] != "ok"
+                results.add(name, "passed", not failed, unit="bool", layer=layer, point=point)
+                if failed and first is None:
+                    layout = None
+                    if point in ("q_proj", "k_proj") and name in candidate:
+                        heads = config["num_attention_heads"] if point == "q_proj" else config["num_key_value_heads"]
+                        layout = layout_permutation(candidate[name], reference[name], heads, run.dtype)
+                    finding = f"{name}: {layout} -- the interleaved-vs-half-split RoPE layout mistake" if layout else None
+                    first = (layer, point, name, row, finding)
+                all_passed &= not failed
+                rows.append(row)
+            output = f"layers.{i}.output"
+            previous_output = {output: reference[output]} if output in reference else {}
     return rows, first, all_passed
 
 
 def main(argv=None):
     parser = utils.build_parser(__doc__)
     parser.add_argument("--max_capture_mb", type=float, default=1024,
-                        help="memory for captured activations of both models; layers are captured in chunks "
-                             "that fit (default 1024)")
+                        help="for engines without capture_layers(): memory for captured activations of every "
+                             "model; their layers are captured in chunks that fit (default 1024)")
     args = parser.parse_args(argv)
     if args.plan:
         return utils.print_plan(args, SCRIPT)

@@ -105,7 +105,7 @@ def build_parser(doc, decode=False, batch=False):
                    help="dtype of the CPU reference (default float32)")
     p.add_argument("--reference_mode", default="auto", choices=["auto", "resident", "streamed"],
                    help="auto (default): the reference resident in memory when it fits, else streamed layer by "
-                        "layer from the safetensors shards (dense Llama; the same logits bit for bit, about one "
+                        "layer from the safetensors shards (Llama, Qwen3-MoE; the same logits bit for bit, about one "
                         "layer of memory, the weights read again on every forward)")
     p.add_argument("--no_reference_cache", action="store_true",
                    help="compute the reference every time instead of reusing $LLM_KIT_CACHE/reference (keyed by "
@@ -226,6 +226,9 @@ class Run:
 
     def finish(self, passed):
         """The verdict: the reference cache's figures into the environment, the exit code."""
+        read = getattr(self.reference, "bytes_read", None)
+        if read is not None:  # a streamed reference: what it read from the shards, every forward together
+            self.results.env["reference_bytes_read"] = read
         cache = getattr(self.reference, "cache", None)
         if cache is not None and cache.hits + cache.misses:
             self.results.env["reference_cache"] = cache.summary()
