@@ -82,6 +82,10 @@ class Checkpoint:
 
     def load_tensors(self, names):
         """Load the named tensors from whichever shards hold them (safetensors only)."""
+        return dict(self.iter_tensors(names))
+
+    def iter_tensors(self, names):
+        """(name, tensor) for the named tensors, read one at a time, each shard opened once."""
         from safetensors import safe_open
 
         missing = [n for n in names if n not in self.tensors]
@@ -92,12 +96,10 @@ class Checkpoint:
         by_file = {}
         for n in names:
             by_file.setdefault(self.tensors[n][0], []).append(n)
-        out = {}
         for f, keys in by_file.items():
             with safe_open(str(f), framework="pt") as st:
                 for k in keys:
-                    out[k] = st.get_tensor(k)
-        return out
+                    yield k, st.get_tensor(k)
 
 
 def open_checkpoint(path, family=None):
