@@ -186,3 +186,22 @@ def test_streamed_intermediate_validation_reads_the_weights_once(llama_checkpoin
     figures = lambda r: [(x["case"], x["metric"], x["value"]) for x in r.json["records"] if x["case"] != "timing"  # noqa: E731
                          and not x["metric"].startswith("peak_")]
     assert figures(first) == figures(second) == figures(third)
+
+
+def test_device_map_loads_through_accelerate(llama_checkpoint, tmp_path):
+    """Only the CPU here: the placement is trivial, the code path (loading, forward, a component on the
+    device that holds it, the script) is what is checked."""
+    cpu = devices.Device("cpu", "cpu")
+    plain = engines.HFEngine(str(llama_checkpoint), cpu, torch.float32, "eager")
+    mapped = engines.HFEngine(str(llama_checkpoint), cpu, torch.float32, "eager", device_map="auto")
+    ids, pos = torch.arange(12)[None], torch.arange(12)[None]
+    assert torch.equal(plain.forward(ids, pos), mapped.forward(ids, pos))
+    captured = plain.capture(ids, pos)
+    inputs = {"layer_input": captured["layers.0.output"]}
+    assert torch.equal(plain.run_component("input_layernorm", 1, inputs, pos),
+                       mapped.run_component("input_layernorm", 1, inputs, pos))
+    r = run_script(f"{LLAMA}/test_intermediate_validation.py", "--model_path", llama_checkpoint, "--device_map", "auto",
+                   json_path=tmp_path / "iv.json")
+    assert r.code == 0, r
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--device_map", "cuda:7")
+    assert r.code == 2 and "--device_map" in r.err, r

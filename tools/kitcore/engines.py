@@ -120,6 +120,8 @@ class HFEngine:
         # an accelerator's copy goes straight onto it, shard by shard: no whole copy in CPU memory first;
         # `--device_map auto` spreads it over every visible device and CPU memory (both through accelerate)
         placement = device_map or (None if device.type == "cpu" else device.torch_device)
+        if device_map and importlib.util.find_spec("accelerate") is None:
+            raise Unavailable("--device_map needs accelerate: pip install -r requirements.txt")
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=dtype, attn_implementation=attn, use_safetensors=True, trust_remote_code=False,
             **({"device_map": placement} if placement else {})).eval()
@@ -298,9 +300,12 @@ class HFEngine:
 
     @torch.no_grad()
     def run_component(self, point, layer, inputs, position_ids):
-        dev, dt = self.device.torch_device, self.dtype
-        x = {k: v.to(dev, dt) if v.is_floating_point() else v.to(dev) for k, v in inputs.items()}
         m = self.model.model
+        owner = {"embed_tokens": m.embed_tokens, "final_norm": m.norm, "logits": self.model.lm_head}.get(point)
+        # the device that holds the component (`--device_map` may spread the layers over several)
+        weight = next((owner or m.layers[layer]).parameters())
+        dev, dt = (self.device.torch_device if weight.is_meta else weight.device), self.dtype
+        x = {k: v.to(dev, dt) if v.is_floating_point() else v.to(dev) for k, v in inputs.items()}
         if point == "embed_tokens":
             return m.embed_tokens(x["input_ids"])
         if point == "final_norm":

@@ -141,9 +141,10 @@ def build_parser(doc, decode=False, batch=False):
     p.add_argument("--gguf_type", choices=["f32", "f16", "bf16", "q8_0"],
                    help="llama.cpp engine: GGUF weight type (default: from --dtype)")
     p.add_argument("--kv_type", default="f32", choices=["f32", "f16"], help="llama.cpp engine: KV-cache type (default f32)")
-    p.add_argument("--device_map", metavar="MAP",
+    p.add_argument("--device_map", choices=["auto", "balanced", "balanced_low_0", "sequential"],
                    help="hf/compile engines: 'auto' spreads a model that does not fit one device over every visible "
-                        "device and CPU memory (accelerate); default: all of it on --device, loaded straight there")
+                        "device and CPU memory (accelerate; the others are its other strategies); default: all of "
+                        "it on --device, loaded straight there")
     p.add_argument("--tensor_parallel_size", type=int, default=1, metavar="N",
                    help="vllm engine: spread the model over N devices (vLLM's tensor parallelism; default 1)")
     p.add_argument("--served_model", help="openai engine: the model name the server serves (default: its only one)")
