@@ -205,3 +205,14 @@ def test_device_map_loads_through_accelerate(llama_checkpoint, tmp_path):
     assert r.code == 0, r
     r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--device_map", "cuda:7")
     assert r.code == 2 and "--device_map" in r.err, r
+
+
+def test_captures_larger_than_the_cache_are_not_cached(llama_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_KIT_CACHE", str(tmp_path / "cache"))
+    script = f"{LLAMA}/test_intermediate_validation.py"
+    # 0.0005 GiB (~0.5 MiB): one layer's captures of the 28-token prompt fit, both do not
+    r = run_script(script, "--model_path", llama_checkpoint, "--reference_cache_gb", 0.0005,
+                   json_path=tmp_path / "iv.json")
+    assert r.code == 0 and "exceed the reference cache's bound" in r.out, r
+    entries = (tmp_path / "cache" / "reference").glob("*.safetensors")
+    assert not any(b"capture" in entry.read_bytes()[:4096] for entry in entries)  # the kind is in the header

@@ -92,7 +92,7 @@ def available_memory_bytes():
     return None
 
 
-def _size(n):
+def size_text(n):
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
@@ -113,8 +113,8 @@ def choose_reference(cfg, candidate_dtype, cpu_models, reference_dtype="float32"
     streamed = p.reference_bytes_streamed * scale + cpu_models * p.candidate_bytes
     available = available_memory_bytes()
     budget = RESIDENT_MEMORY_SHARE * available if available else float("inf")
-    figures = f"resident needs {_size(resident)}, streamed {_size(streamed)}, " + (
-        f"{_size(available)} available" if available else "available memory unknown")
+    figures = f"resident needs {size_text(resident)}, streamed {size_text(streamed)}, " + (
+        f"{size_text(available)} available" if available else "available memory unknown")
     can_stream = cfg.get("model_type") in STREAMED_MODEL_TYPES
     if mode == "streamed" and not can_stream:
         raise UsageError(f"--reference_mode streamed: model_type {cfg.get('model_type')!r} has no streamed "

@@ -16,8 +16,13 @@ import tempfile
 import torch
 
 from . import checkpoints
+from .plan import size_text
 
 DEFAULT_MAX_BYTES = 2 * 2**30
+
+
+def nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 class ReferenceCache:
@@ -92,10 +97,11 @@ class ReferenceCache:
         self.hits += found is not None
         return found
 
-    def store(self, kind, inputs, tensors):
-        """Keep what was just computed (a miss), unless it alone exceeds the bound (it would evict itself)."""
+    def store(self, kind, inputs, tensors, keep=True):
+        """Keep what was just computed (a miss), unless it alone exceeds the bound (it would evict itself)
+        or the caller says it would not fit with the rest of its kind (`keep=False`)."""
         self.misses += 1
-        if sum(t.numel() * t.element_size() for t in tensors.values()) <= self.max_bytes:
+        if keep and nbytes(tensors) <= self.max_bytes:
             self._write(self._key(kind, inputs), kind, tensors)
 
     def get_or_compute(self, kind, inputs, compute):
@@ -134,9 +140,10 @@ class CachedReference:
         are there; from the first layer that is not, one forward of the engine, which skips the layers
         already read and stores the rest."""
         inputs = (input_ids, position_ids)
-        computing = None
+        layers = self.engine.config.num_hidden_layers
+        computing, keep = None, True
         try:
-            for i in range(self.engine.config.num_hidden_layers):
+            for i in range(layers):
                 kind = f"capture.layer{i}"
                 found = None if computing else self.cache.lookup(kind, inputs)
                 if found is None:
@@ -145,7 +152,13 @@ class CachedReference:
                         for _ in range(i):
                             next(computing)
                     found = next(computing, {})
-                    self.cache.store(kind, inputs, found)
+                    if keep and nbytes(found) * layers > self.cache.max_bytes:
+                        # storing them would evict the first layers before the last were written: every
+                        # later run would miss at layer 0 and write them all again
+                        keep = False
+                        print(f"note: the captures (~{size_text(nbytes(found) * layers)}) exceed the reference "
+                              f"cache's bound ({size_text(self.cache.max_bytes)}, --reference_cache_gb): not cached")
+                    self.cache.store(kind, inputs, found, keep)
                 yield found
         finally:
             if computing is not None:
