@@ -91,6 +91,9 @@ def causal_mask(q_len, kv_len, dtype, additive, device):
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+M_ARENA_MAX = -8  # glibc's malloc.h
+
+
 def _one_malloc_arena():
     """glibc gives each new thread a malloc arena of its own, whose heaps are trimmed and faulted in again on
     every layer when a capture's forward runs in a worker thread (intermediate validation of a 1B Llama at
@@ -100,9 +103,6 @@ def _one_malloc_arena():
         ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1)
     except (AttributeError, OSError):
         pass
-
-
-M_ARENA_MAX = -8  # glibc's malloc.h
 
 
 class HFEngine:
