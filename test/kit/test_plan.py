@@ -17,6 +17,12 @@ QWEN3_235B = dict(model_type="qwen3_moe", hidden_size=4096, intermediate_size=12
                   num_experts_per_tok=8, vocab_size=151936, tie_word_embeddings=False)
 
 
+def figures(r):
+    """A run's metric records without timings and memory peaks: what must be equal bit for bit."""
+    return [(x["case"], x["metric"], x["value"]) for x in r.json["records"]
+            if x["case"] != "timing" and not x["metric"].startswith("peak_")]
+
+
 @pytest.mark.parametrize("config,billions,active", [(LLAMA_70B, 70.55, 69.50), (QWEN3_235B, 235.09, 21.57)])
 def test_plan_from_a_config_alone(config, billions, active, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -116,8 +122,6 @@ def test_intermediate_validation_reuses_cached_captures(llama_checkpoint, tmp_pa
     second = run_script(script, "--model_path", llama_checkpoint, json_path=tmp_path / "2.json")
     assert second.code == 0 and second.json["env"]["reference_cache"]["misses"] == 0, second
     assert second.json["env"]["reference_cache"]["hits"] == first.json["env"]["reference_cache"]["misses"]
-    figures = lambda r: [(x["case"], x["metric"], x["value"]) for x in r.json["records"] if x["case"] != "timing"  # noqa: E731
-                         and not x["metric"].startswith("peak_")]
     assert figures(second) == figures(first)  # the same captures, bit for bit
 
 
@@ -183,8 +187,6 @@ def test_streamed_intermediate_validation_reads_the_weights_once(llama_checkpoin
                        json_path=tmp_path / "3.json")
     assert third.code == 0 and third.json["env"]["reference_cache"]["misses"] == 1, third
     assert third.json["env"]["reference_bytes_read"] == weights
-    figures = lambda r: [(x["case"], x["metric"], x["value"]) for x in r.json["records"] if x["case"] != "timing"  # noqa: E731
-                         and not x["metric"].startswith("peak_")]
     assert figures(first) == figures(second) == figures(third)
 
 
