@@ -76,6 +76,17 @@ class ChunkedCaptureEngine(HFEngine):
     capture_layers = None
 
 
+class StopsAfterFirstLayerEngine(HFEngine):
+    """Its capture_layers() hands over layer 0 and then ends, as a forward that stops early would."""
+
+    name = "stops-after-first-layer"
+
+    def capture_layers(self, input_ids, position_ids):
+        layers = super().capture_layers(input_ids, position_ids)
+        yield next(layers)
+        layers.close()
+
+
 class NaNEngine(HFEngine):
     """Returns NaN logits at one position."""
 

@@ -89,6 +89,17 @@ def test_checkpoint_fault_fails_at_the_right_place(fault, chunked, llama_checkpo
         assert run_script(FORWARD, *common, "--decode_steps", 2).code == 1
 
 
+def test_layers_a_candidate_never_hands_over_fail_as_missing(llama_checkpoint, tmp_path):
+    engine = f"{FAULTY_ENGINES}:StopsAfterFirstLayerEngine"
+    r = run_script(INTERMEDIATE, "--model_path", llama_checkpoint, "--engine", engine, "--dtype", "float32",
+                   json_path=tmp_path / "iv.json")
+    assert r.code == 1, r
+    status = {p["point"]: p["status"] for p in r.json["points"]}
+    assert status["layers.0.output"] == "ok" and status["layers.1.input_layernorm"] == "MISSING"
+    assert status["logits"] == "MISSING"
+    assert r.json["first_divergence"] == {"layer": 1, "point": "input_layernorm"}
+
+
 def test_gqa_head_mapping_off_by_one_is_located(llama_checkpoint, tmp_path):
     engine = f"{FAULTY_ENGINES}:GQAOffByOneEngine"
     r = run_script(INTERMEDIATE, "--model_path", llama_checkpoint, "--engine", engine, "--dtype", "float32",
