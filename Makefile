@@ -8,7 +8,7 @@ DTYPE ?= bfloat16
 LLAMA := test/models/llama
 QWEN := test/models/qwen3_moe
 
-.PHONY: help setup setup-llamacpp setup-vllm test test-serving validate-llama validate-real bench-qwen3-moe sweep matrix report clean
+.PHONY: help setup setup-llamacpp setup-vllm test test-serving validate-llama validate-real bench-qwen3-moe bench-timer sweep matrix report clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ validate-real: $(VENV)/.installed  ## the four Llama checks on the real SmolLM2-
 bench-qwen3-moe: $(VENV)/.installed  ## Qwen3-MoE attention and MoE block benchmarks with correctness (DEVICE, DTYPE)
 	@status=0; for script in attention_test moe_test; do \
 		$(PY) $(QWEN)/$$script.py --device $(DEVICE) --dtype $(DTYPE) || status=1; done; exit $$status
+
+bench-timer: $(VENV)/.installed  ## the kit's timer against torch.utils.benchmark on this machine (a report; DEVICE)
+	$(PY) tools/timer_fidelity.py --device $(DEVICE)
 
 sweep: $(VENV)/.installed  ## Qwen3-MoE benchmark sweeps into results/ (DEVICE=cpu|cuda|musa ..., DTYPE), then make report
 	$(VENV)/bin/nox -s "sweep-$(firstword $(subst :, ,$(DEVICE)))(dtype='$(DTYPE)')"

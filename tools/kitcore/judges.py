@@ -44,7 +44,7 @@ peer's same lower bound); under element judges the listed logprobs already bound
 moves probability among the tokens it does not return stays invisible.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -411,3 +411,58 @@ def _check_topk(cand, ref, judge, peer, name, aggregate):
         check.limits = {key: max(getattr(d, key), judge.k**2 * check.peer[key] + f * f if check.peer else 0.0)
                         for key in ("kl_mean", "kl_p99", "kl_max")}
     return check
+
+
+# ---- invariance: the same engine on the same prompt, alone and in a batch ------------------------------
+
+
+def rounding_noise(correct, reference):
+    """A correct engine's rounding error per prompt, the bound of what a batch may change: for each prompt's
+    logits [S, V] (`correct`: a correct engine's, `reference`: the reference's), its error against the
+    reference, each position's raised to at least the 90th percentile over every prompt's positions
+    (relative to the reference's RMS there), since one position that happens to round exactly (a one-token
+    prompt) bounds nothing. Where the engine rounded exactly, the floor is taken along the reference."""
+    errors = [c.double() - r.double() for c, r in zip(correct, reference)]
+    rms = [r.double().pow(2).mean(-1).sqrt().clamp_min(1e-30) for r in reference]
+    relative = [e.pow(2).mean(-1).sqrt() / n for e, n in zip(errors, rms)]
+    floor = float(torch.quantile(torch.cat(relative), 0.9))
+    noise = []
+    for e, rel, r in zip(errors, relative, reference):
+        scale = (floor / rel.clamp_min(1e-300)).clamp_min(1.0)[:, None]
+        noise.append(torch.where(rel[:, None] > 0, e * scale, r.double() * floor))
+    return noise
+
+
+@dataclass(frozen=True)
+class Invariance:
+    """One prompt's logits in a batch against the same prompt alone on the same engine."""
+
+    kind: str  # "bitwise", "within rounding" or "NOT"
+    max_abs: float
+    passed: bool
+
+
+def judge_invariance(batched, alone, noise, judge):
+    """Invariance of logits [S, V] of one prompt: bitwise equal, within rounding (the batch moves them by
+    no more than k x a correct engine's rounding `noise` [S, V], per position and overall, as every
+    calibrated bound), or NOT. Without a correct engine to measure (`noise` None), the dtype's table."""
+    if torch.equal(batched, alone.to(batched.dtype)):
+        return Invariance("bitwise", 0.0, True)
+    shifted = None if noise is None else (alone.double() + noise)[None]
+    judge = replace(judge, calibrated=shifted is not None)
+    check = check_logits(batched[None], alone[None], torch.ones(1, len(alone)), judge, shifted, aggregate=False)
+    return Invariance("within rounding" if check.passed else "NOT", check.comparison.max_abs, check.passed)
+
+
+# ---- intermediate validation: one capture point ---------------------------------------------------------
+
+
+def point_status(total, own):
+    """The dual test's ladder for one capture point: "ok"; "FAIL: ADDS error" when the component's own error
+    (on the reference's own input) fails: it is wrong itself; "FAIL: inherits error" when only its total
+    error fails: it carries error from before it. Without an own error, the total's reason."""
+    if own is not None and not own.passed:
+        return "FAIL: ADDS error"
+    if not total.passed:
+        return "FAIL: inherits error" if own is not None else f"FAIL: {total.reason}"
+    return "ok"

@@ -18,16 +18,13 @@ A failure names the batch, the row and the step. Exit 1 on any failure.
 """
 
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import utils  # noqa: E402
-from kitcore import cli, engines, inputs, judges  # noqa: E402
+from kitcore import cli, engines, inputs, judges, session  # noqa: E402
 from kitcore.decode import ragged_decode  # noqa: E402
 from kitcore.errors import Unavailable, UsageError  # noqa: E402
 
@@ -60,37 +57,7 @@ class Rows:
             self.peer.append(peer.forward(row.input_ids, row.position_ids)[0].cpu() if peer else None)
         # the correct engine: the peer, or the candidate itself when it is the peer (plain hf); none: tables
         correct = self.peer if peer else self.candidate if run.candidate is run.peer else None
-        self.noise = None if correct is None else self._noise(correct)
-
-    def _noise(self, correct):
-        """Per prompt [S, V]: the correct engine's error against the reference, each position's raised to at
-        least the 90th percentile (relative to the reference's RMS there) over every prompt's positions,
-        since one position that happens to round exactly (a one-token prompt) bounds nothing."""
-        errors = [c.double() - r.double() for c, r in zip(correct, self.reference)]
-        rms = [r.double().pow(2).mean(-1).sqrt().clamp_min(1e-30) for r in self.reference]
-        relative = [e.pow(2).mean(-1).sqrt() / n for e, n in zip(errors, rms)]
-        floor = float(torch.quantile(torch.cat(relative), 0.9))
-        noise = []
-        for e, rel, r in zip(errors, relative, self.reference):
-            scale = (floor / rel.clamp_min(1e-300)).clamp_min(1.0)[:, None]
-            # where the engine rounded exactly, the floor is taken along the reference itself
-            noise.append(torch.where(rel[:, None] > 0, e * scale, r.double() * floor))
-        return noise
-
-
-def invariance(batched, alone, i, judge):
-    """'bitwise', 'within rounding' or 'NOT' for prompt i's logits [S, V] in a batch against alone, on the
-    same engine. Within rounding: the batch moves the logits by no more than the dtype's rounding moves a
-    correct engine's (alone.noise: k times it, per position and overall, as every calibrated bound);
-    without a correct engine to measure (--peer none), the dtype's table."""
-    cand_alone = alone.candidate[i]
-    if torch.equal(batched, cand_alone.to(batched.dtype)):
-        return "bitwise", 0.0, True
-    shifted = None if alone.noise is None else (cand_alone.double() + alone.noise[i])[None]
-    judge = replace(judge, calibrated=shifted is not None)
-    check = judges.check_logits(batched[None], cand_alone[None], torch.ones(1, len(cand_alone)), judge, shifted,
-                                aggregate=False)
-    return ("within rounding" if check.passed else "NOT"), check.comparison.max_abs, check.passed
+        self.noise = None if correct is None else judges.rounding_noise(correct, self.reference)
 
 
 def check_batch(run, peer, alone, rows, side, label, judge, results):
@@ -102,16 +69,16 @@ def check_batch(run, peer, alone, rows, side, label, judge, results):
     passed = True
     for j, i in enumerate(rows):
         got = batch.real(j, cand)
-        kind, max_diff, same = invariance(got, alone, i, judge)
+        same = judges.judge_invariance(got, alone.candidate[i], None if alone.noise is None else alone.noise[i], judge)
         vs_ref = judges.check_logits(got[None], alone.reference[i][None], torch.ones(1, len(got)), judge,
                                      None if peer_out is None else batch.real(j, peer_out)[None], aggregate=False)
-        ok = same and vs_ref.passed
+        ok = same.passed and vs_ref.passed
         passed &= ok
         where = f"{label} row {j} (prompt {i}, {len(got)} tokens)"
-        print(f"  {where:<46} {kind:<16} {max_diff:>10.3e} | vs reference "
+        print(f"  {where:<46} {same.kind:<16} {same.max_abs:>10.3e} | vs reference "
               + ("ok" if vs_ref.passed else f"FAIL: {vs_ref.reasons()}"))
         case = f"{label.replace(' ', '_')}_row{j}"
-        results.add(case, "invariant_max_abs", max_diff, invariance=kind.replace(" ", "_"))
+        results.add(case, "invariant_max_abs", same.max_abs, invariance=same.kind.replace(" ", "_"))
         results.add(case, "max_abs", vs_ref.comparison.max_abs)
         results.add(case, "kl_max", vs_ref.kl_max, unit="nats")
         results.add(case, "passed", ok, unit="bool")
@@ -139,7 +106,7 @@ def check_decode(run, peer, alone, rows, steps, judge, results):
     teachers, references = [], []
     for j, i in enumerate(rows):
         row = inputs.pad([alone.prompts[i]])
-        teacher, logits, _ = utils.reference_greedy(run, row, max(1, steps - j % 3))
+        teacher, logits, _ = run.reference_greedy(row, max(1, steps - j % 3))
         teachers.append(teacher[0])
         references.append(logits[0])
     got = ragged_decode(run.candidate, batch, teachers)
@@ -174,13 +141,13 @@ def check_decode(run, peer, alone, rows, steps, judge, results):
     return passed and together.passed
 
 
-def main(argv=None):
-    parser = utils.build_parser(__doc__, decode=True, batch=True)
+def parse_args(argv):
+    parser = session.build_parser(__doc__, decode=True, batch=True)
     parser.set_defaults(decode_steps=4)
     parser.add_argument("--batch_sizes", default="2,4,8", help="batch sizes (default 2,4,8)")
     args = parser.parse_args(argv)
     if args.plan:
-        return utils.print_plan(args, SCRIPT)
+        return args, None
     try:
         sizes = sorted({int(b) for b in args.batch_sizes.split(",")})
     except ValueError:
@@ -189,18 +156,43 @@ def main(argv=None):
         raise UsageError(f"--batch_sizes {args.batch_sizes!r}: expected sizes of at least 2, e.g. 2,4,8")
     if args.decode_steps < 1:
         raise UsageError(f"--decode_steps must be at least 1, got {args.decode_steps}")
-    run = utils.setup(args, SCRIPT, extra_positions=args.decode_steps)
-    sides = [s for s in ("left", "right") if s in getattr(run.candidate, "padding_sides", ("left",))]
-    if "left" not in sides:
-        raise Unavailable(f"engine {args.engine!r} takes one prompt at a time (padding_sides "
-                          f"{getattr(run.candidate, 'padding_sides', None)!r}): batch validation needs left padding")
-    engines.require(run.candidate, "new_cache", args.engine, "batch validation's ragged teacher-forced decode")
+    return args, sizes
+
+
+def padding_sides(run, spec):
+    """The padded batches the candidate takes; batch validation needs left padding and a cache."""
+    declared = getattr(run.candidate, "padding_sides", ("left",))
+    if "left" not in declared:
+        raise Unavailable(f"engine {spec!r} takes one prompt at a time (padding_sides {declared!r}): batch "
+                          "validation needs left padding")
+    engines.require(run.candidate, "new_cache", spec, "batch validation's ragged teacher-forced decode")
+    return [s for s in ("left", "right") if s in declared]
+
+
+def check_shared_prefix(run, peer, prompts, judge, results):
+    """One prompt, and that prompt continued two ways, in one batch; skipped without a long enough prompt."""
+    prefix = max(prompts, key=len)[:SHARED_PREFIX]
+    if len(prefix) < SHARED_PREFIX:
+        print(f"\nnote: no prompt of {SHARED_PREFIX} tokens: the shared-prefix batch is skipped")
+        return True
+    tails = inputs.random_rows(CONTINUATIONS, run.checkpoint.config["vocab_size"], run.args.seed)
+    shared = [prefix + tails[0], prefix + tails[1], prefix]
+    print(f"\nshared-prefix batch ({SHARED_PREFIX} shared tokens, then {CONTINUATIONS} more or none):")
+    with run.phases("shared_prefix"):
+        return check_batch(run, peer, Rows(run, peer, shared), [0, 1, 2], "left", "shared prefix", judge, results)
+
+
+def main(argv=None):
+    args, sizes = parse_args(argv)
+    if args.plan:
+        return session.print_plan(args, SCRIPT)
+    run = session.Session.open(args, SCRIPT, extra_positions=args.decode_steps)
+    sides = padding_sides(run, args.engine)
     prompts = [run.inputs.row(i).input_ids[0].tolist() for i in range(run.inputs.input_ids.shape[0])]
     if max(sizes) > len(prompts):
         raise UsageError(f"--batch_sizes {args.batch_sizes}: batches of {max(sizes)} need at least {max(sizes)} "
                          f"prompts, there are {len(prompts)}; add --lengths or prompts")
-    results, judge = run.results, run.judge(run.candidate)
-    peer = run.peer if run.peer is not None and run.peer is not run.candidate else None
+    results, judge, peer = run.results, run.judge(run.candidate), run.peer_for(run.candidate)
     order = interleaved([len(p) for p in prompts])
     print(f"prompts: {len(prompts)} of {', '.join(str(len(p)) for p in prompts)} tokens; padding sides: "
           f"{', '.join(sides)}; against the reference: {judge.describe()}")
@@ -223,17 +215,7 @@ def main(argv=None):
     print(f"\nbatched prefill + ragged greedy decode ({args.decode_steps} steps, rows finish early):")
     with run.phases("decode"):
         passed &= check_decode(run, peer, alone, order[:max(sizes)], args.decode_steps, judge, results)
-
-    prefix = max(prompts, key=len)[:SHARED_PREFIX]
-    if len(prefix) == SHARED_PREFIX:
-        tails = inputs.random_rows(CONTINUATIONS, run.checkpoint.config["vocab_size"], args.seed)
-        shared = [prefix + tails[0], prefix + tails[1], prefix]
-        print(f"\nshared-prefix batch ({SHARED_PREFIX} shared tokens, then {CONTINUATIONS} more or none):")
-        with run.phases("shared_prefix"):
-            shared_alone = Rows(run, peer, shared)
-            passed &= check_batch(run, peer, shared_alone, [0, 1, 2], "left", "shared prefix", judge, results)
-    else:
-        print(f"\nnote: no prompt of {SHARED_PREFIX} tokens: the shared-prefix batch is skipped")
+    passed &= check_shared_prefix(run, peer, prompts, judge, results)
 
     print("\n" + run.phases.summary())
     run.phases.report(results)

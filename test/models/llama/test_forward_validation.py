@@ -24,144 +24,127 @@ check compares their decode with their own prefill of the same tokens.
 """
 
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import utils  # noqa: E402
-from kitcore import cli, judges  # noqa: E402
+from kitcore import cli, session, stepwise  # noqa: E402
 from kitcore.decode import Decoded, run_engine  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
 
 SCRIPT = "test_forward_validation"
+HEADER = (f"{'step':>5} {'kind':>8} | {'A vs ref':>19} | {'B vs ref':>19} | {'A vs B':>19} | "
+          f"{'A cache':>19} | {'B cache':>19} | verdict")
 
 
-def main(argv=None):
-    parser = utils.build_parser(__doc__, decode=True)
+def parse_args(argv):
+    parser = session.build_parser(__doc__, decode=True)
     parser.add_argument("--engines", help="A,B: two engines to compare (default: <--engine>,reference)")
-    utils.add_repeat_arg(parser, "prefill + decode (engine A)")
+    session.add_repeat_arg(parser, "prefill + decode (engine A)")
     args = parser.parse_args(argv)
     if args.plan:
-        return utils.print_plan(args, SCRIPT)
+        return args, None
     if args.decode_steps < 1:
         raise UsageError(f"--decode_steps must be at least 1, got {args.decode_steps}")
-    specs = (args.engines or f"{args.engine},{utils.REFERENCE}").split(",")
+    specs = (args.engines or f"{args.engine},{session.REFERENCE}").split(",")
     if len(specs) != 2 or not all(specs):
         raise UsageError(f"--engines {args.engines!r}: expected two engines, e.g. hf,compile or hf,reference")
-    run = utils.setup(args, SCRIPT, extra_positions=args.decode_steps, specs=specs)
-    results, inp = run.results, run.inputs
-    pair = [run.engines[s] for s in specs]
+    return args, specs
 
-    with run.phases("reference_decode"):
-        teacher, ref_steps, ref_cached = utils.reference_greedy(run, inp, args.decode_steps)
-    # the reference teacher-forced through its own cache is its greedy decode: not run twice
-    outputs = {id(run.reference): Decoded(ref_cached, ref_steps, torch.ones_like(ref_cached[..., 0], dtype=torch.long),
-                                          teacher)}
+
+def decode_all(run, pair, teacher, ref_steps, ref_cached):
+    """Every engine's prefill + decode (the reference's is its greedy decode, not run twice): by id."""
+    ones = torch.ones_like(ref_cached[..., 0], dtype=torch.long)
+    outputs = {id(run.reference): Decoded(ref_cached, ref_steps, ones, teacher)}
     for label, engine in (("a", pair[0]), ("b", pair[1]), ("peer", run.peer)):
         if engine is not None and id(engine) not in outputs:
             with run.phases(f"{label}_decode"):
-                outputs[id(engine)] = run_engine(engine, inp, teacher)
+                outputs[id(engine)] = run_engine(engine, run.inputs, teacher)
+    return outputs
+
+
+def print_step(results, step, checks):
+    """One row of the step table, its FAIL lines and metric lines; returns whether the step is CLOSE."""
+    kind = "prefill" if step == 0 else f"decode{step}"
+    close = all(c.passed for c in checks.values())
+    cells = " | ".join(f"{checks[n].comparison.max_abs:>11.3e} {'ok' if checks[n].passed else 'FAIL':>7}"
+                       if n in checks else f"{'--':>19}" for n in stepwise.COLUMNS)
+    print(f"{step:>5} {kind:>8} | {cells} | {'CLOSE' if close else 'NOT_CLOSE'}")
+    for name, c in checks.items():
+        if not c.passed:
+            print(f"      {name}: {c.reasons()}")
+        results.add(f"step{step}", f"{name}_max_abs", c.comparison.max_abs, kind=kind)
+        results.add(f"step{step}", f"{name}_nmse", c.comparison.nmse, kind=kind)
+        results.add(f"step{step}", f"{name}_kl", c.kl_mean, unit="nats", kind=kind)
+        results.add(f"step{step}", f"{name}_passed", c.passed, unit="bool", kind=kind)
+    results.add(f"step{step}", "close", close, unit="bool", kind=kind)
+    return {"step": step, "kind": kind, "close": close,
+            **{n: {**c.comparison.as_dict(), "passed": c.passed, "kl": c.kl_mean, "top1_agreement": c.top1_agreement,
+                   "top5_containment": c.top5_containment} for n, c in checks.items()}}
+
+
+def print_divergence(results, label, spec, d):
+    print(f"{label} = {spec}, row {d.row}: chose token {d.token} at step {d.step} where the teacher has {d.teacher}: "
+          + ("at a DECISIVE position: a real failure" if d.decisive else
+             "a near-tie (the reference's top-1/top-2 gap is within rounding): a benign divergence")
+          + "; its later steps are not compared")
+    results.add("divergence", "first_step", d.step, unit="step", engine=label, row=d.row, decisive=d.decisive)
+
+
+def print_overall(results, name, check):
+    """Every step of one comparison together: the statistics a single position cannot carry."""
+    peer_note = f"; peer KL mean {check.peer['kl_mean']:.2e}, nmse {check.peer['nmse']:.2e}" if check.peer else ""
+    print(f"  {name:<8} KL mean {check.kl_mean:.2e} p99 {check.kl_p99:.2e} max {check.kl_max:.2e}, nmse "
+          f"{check.comparison.nmse:.2e}, top-1 {check.top1_agreement:.3f}, top-5 {check.top5_containment:.3f}"
+          f"{peer_note} -> {'ok' if check.passed else 'FAIL: ' + check.reasons()}")
+    for metric in ("kl_mean", "kl_p99", "kl_max", "top1_agreement", "top5_containment"):
+        results.add("all_steps", f"{name}_{metric}", getattr(check, metric),
+                    unit="nats" if metric.startswith("kl") else "fraction")
+    results.add("all_steps", f"{name}_passed", check.passed, unit="bool")
+    return {"passed": check.passed, "kl_mean": check.kl_mean, "kl_p99": check.kl_p99, "kl_max": check.kl_max,
+            "top1_agreement": check.top1_agreement, "top5_containment": check.top5_containment,
+            "nmse": check.comparison.nmse, "decisive_disagreements": check.decisive_disagreements, "peer": check.peer}
+
+
+def main(argv=None):
+    args, specs = parse_args(argv)
+    if args.plan:
+        return session.print_plan(args, SCRIPT)
+    run = session.Session.open(args, SCRIPT, extra_positions=args.decode_steps, specs=specs)
+    results, pair = run.results, [run.engines[s] for s in specs]
+    with run.phases("reference_decode"):
+        teacher, ref_steps, ref_cached = run.reference_greedy(run.inputs, args.decode_steps)
+    outputs = decode_all(run, pair, teacher, ref_steps, ref_cached)
     peer_steps = outputs[id(run.peer)].cached if run.peer is not None else None
-    a, b = outputs[id(pair[0])], outputs[id(pair[1])]
-    judge_a, judge_b = run.judge(pair[0]), run.judge(pair[1])
-    # the cache check compares an engine with itself: the table bounds its rounding, no peer applies
-    own_a, own_b = replace(judge_a, calibrated=False), replace(judge_b, calibrated=False)
-    every = torch.ones_like(a.comparable)
-    space = judges.output_space
-    comparisons = {  # name: (candidate, reference, judge, peer, steps compared, space)
-        "a_vs_ref": (a.cached, ref_steps, judge_a, peer_steps, a.comparable, space(pair[0])),
-        "b_vs_ref": (b.cached, ref_steps, judge_b, peer_steps, b.comparable, space(pair[1])),
-        "a_vs_b": (a.cached, b.cached, judges.looser(judge_a, judge_b), None, a.comparable & b.comparable,
-                   space(*pair)),
-        "a_cache": (a.cached, a.no_cache, own_a, None, every, space(pair[0])),
-        "b_cache": (b.cached, b.no_cache, own_b, None, every, space(pair[1])),
-    }
-    n_steps = args.decode_steps + 1
+    decoded = (outputs[id(pair[0])], outputs[id(pair[1])])
+    table = stepwise.comparisons(pair, decoded, ref_steps, peer_steps, run.judge)
 
     print(f"\nteacher tokens (reference greedy): {teacher.tolist()}")
-    print(f"A = {specs[0]} ({pair[0].dtype}): {judge_a.describe()}")
-    print(f"B = {specs[1]} ({pair[1].dtype}): {judge_b.describe()}")
-    for label, spec, decoded in (("A", specs[0], a), ("B", specs[1], b)):
-        if not torch.equal(decoded.tokens, teacher):
-            print(f"{label} = {spec} decodes by itself: its greedy tokens {decoded.tokens.tolist()}; a step is "
+    for label, spec, engine, column in (("A", specs[0], pair[0], "a_vs_ref"), ("B", specs[1], pair[1], "b_vs_ref")):
+        print(f"{label} = {spec} ({engine.dtype}): {table[column].judge.describe()}")
+    for label, spec, d in (("A", specs[0], decoded[0]), ("B", specs[1], decoded[1])):
+        if not torch.equal(d.tokens, teacher):
+            print(f"{label} = {spec} decodes by itself: its greedy tokens {d.tokens.tolist()}; a step is "
                   "compared with the reference while its tokens so far are the teacher's")
-    header = (f"{'step':>5} {'kind':>8} | {'A vs ref':>19} | {'B vs ref':>19} | {'A vs B':>19} | "
-              f"{'A cache':>19} | {'B cache':>19} | verdict")
     print("cells: max abs diff / this step's gates (element tolerances, KL max, decisive top-1); "
           "'--': not compared (the engine's tokens left the teacher's)")
-    print(header)
-    print("-" * len(header))
-    all_close = True
-    steps = []
-    for step in range(n_steps):
-        kind = "prefill" if step == 0 else f"decode{step}"
-        at = slice(step, step + 1)
-        checks = {name: judges.check_logits(c[:, at], r[:, at], m[:, at], j, None if p is None else p[:, at],
-                                            aggregate=False, space=sp)
-                  for name, (c, r, j, p, m, sp) in comparisons.items() if m[:, at].any()}
-        close = all(c.passed for c in checks.values())
-        all_close &= close
-        cells = " | ".join(f"{checks[n].comparison.max_abs:>11.3e} {'ok' if checks[n].passed else 'FAIL':>7}"
-                           if n in checks else f"{'--':>19}" for n in comparisons)
-        print(f"{step:>5} {kind:>8} | {cells} | {'CLOSE' if close else 'NOT_CLOSE'}")
-        for name, c in checks.items():
-            if not c.passed:
-                print(f"      {name}: {c.reasons()}")
-            results.add(f"step{step}", f"{name}_max_abs", c.comparison.max_abs, kind=kind)
-            results.add(f"step{step}", f"{name}_nmse", c.comparison.nmse, kind=kind)
-            results.add(f"step{step}", f"{name}_kl", c.kl_mean, unit="nats", kind=kind)
-            results.add(f"step{step}", f"{name}_passed", c.passed, unit="bool", kind=kind)
-        results.add(f"step{step}", "close", close, unit="bool", kind=kind)
-        steps.append({"step": step, "kind": kind, "close": close,
-                      **{n: {**c.comparison.as_dict(), "passed": c.passed, "kl": c.kl_mean,
-                             "top1_agreement": c.top1_agreement, "top5_containment": c.top5_containment}
-                         for n, c in checks.items()}})
-    for label, spec, decoded, judge in (("A", specs[0], a, judge_a), ("B", specs[1], b, judge_b)):
-        for row in range(teacher.shape[0]):
-            left = (decoded.tokens[row] != teacher[row]).nonzero()
-            if len(left):
-                s = int(left[0])
-                flip = judges.check_logits(decoded.cached[row:row + 1, s:s + 1], ref_steps[row:row + 1, s:s + 1],
-                                           torch.ones(1, 1, dtype=torch.long), judge,
-                                           None if peer_steps is None else peer_steps[row:row + 1, s:s + 1],
-                                           aggregate=False, space=space(pair[0] if label == "A" else pair[1]))
-                # the token it chose, not only its distribution's argmax: a wrong pick is wrong at a decisive position
-                decisive = flip.decisive_positions > 0
-                all_close &= not decisive
-                print(f"{label} = {spec}, row {row}: chose token {int(decoded.tokens[row, s])} at step {s} where the "
-                      f"teacher has {int(teacher[row, s])}: "
-                      + ("at a DECISIVE position: a real failure" if decisive else
-                         "a near-tie (the reference's top-1/top-2 gap is within rounding): a benign divergence")
-                      + "; its later steps are not compared")
-                results.add("divergence", "first_step", s, unit="step", engine=label, row=row, decisive=decisive)
+    print(HEADER + "\n" + "-" * len(HEADER))
+    steps = [print_step(results, step, stepwise.step_checks(table, step)) for step in range(args.decode_steps + 1)]
+    all_close = all(s["close"] for s in steps)
+    for label, spec, d, column in (("A", specs[0], decoded[0], "a_vs_ref"), ("B", specs[1], decoded[1], "b_vs_ref")):
+        for divergence in stepwise.divergences(d, teacher, table[column]):
+            print_divergence(results, label, spec, divergence)
+            all_close &= not divergence.decisive
     results.extra["steps"] = steps
 
-    # every step together: the statistics a single position cannot carry (KL mean / p99, agreement rates)
-    print(f"\nall {n_steps} steps together:")
-    overall = {}
-    for name, (c, r, j, p, m, sp) in comparisons.items():
-        check = judges.check_logits(c, r, m, j, p, space=sp)
-        overall[name] = {"passed": check.passed, "kl_mean": check.kl_mean, "kl_p99": check.kl_p99,
-                         "kl_max": check.kl_max, "top1_agreement": check.top1_agreement,
-                         "top5_containment": check.top5_containment, "nmse": check.comparison.nmse,
-                         "decisive_disagreements": check.decisive_disagreements, "peer": check.peer}
-        all_close &= check.passed
-        peer_note = (f"; peer KL mean {check.peer['kl_mean']:.2e}, nmse {check.peer['nmse']:.2e}"
-                     if check.peer else "")
-        print(f"  {name:<8} KL mean {check.kl_mean:.2e} p99 {check.kl_p99:.2e} max {check.kl_max:.2e}, nmse "
-              f"{check.comparison.nmse:.2e}, top-1 {check.top1_agreement:.3f}, top-5 {check.top5_containment:.3f}"
-              f"{peer_note} -> {'ok' if check.passed else 'FAIL: ' + check.reasons()}")
-        for metric in ("kl_mean", "kl_p99", "kl_max", "top1_agreement", "top5_containment"):
-            results.add("all_steps", f"{name}_{metric}", getattr(check, metric),
-                        unit="nats" if metric.startswith("kl") else "fraction")
-        results.add("all_steps", f"{name}_passed", check.passed, unit="bool")
-    results.extra["all_steps"] = overall
-    for label, spec, key in (("A", specs[0], "a_cache"), ("B", specs[1], "b_cache")):
-        bad = [s["step"] for s in steps if not s[key]["passed"]]
+    print(f"\nall {len(steps)} steps together:")
+    overall = {name: c.check() for name, c in table.items()}
+    results.extra["all_steps"] = {name: print_overall(results, name, check) for name, check in overall.items()}
+    all_close &= all(check.passed for check in overall.values())
+    for label, spec, column in (("A", specs[0], "a_cache"), ("B", specs[1], "b_cache")):
+        bad = stepwise.cache_bug_steps(steps, column)
         if bad:
             print(f"engine {label} ({spec}): its cached logits differ from its own no-cache forward from step "
                   f"{bad[0]} on: a KV-cache bug, not kernel rounding")
@@ -169,8 +152,8 @@ def main(argv=None):
     run.phases.report(results)
     passed = all_close
     if args.repeat:
-        del outputs
-        passed &= utils.check_growth(run, lambda: run_engine(pair[0], inp, teacher), "prefill + decode")
+        del outputs, decoded, table
+        passed &= run.check_growth(lambda: run_engine(pair[0], run.inputs, teacher), "prefill + decode")
     verdict = ("PASS: every step CLOSE" if passed else "FAIL: see the NOT_CLOSE steps and FAIL lines" if not all_close
                else "FAIL: memory grows with every call")
     print(f"\nverdict: {verdict}")

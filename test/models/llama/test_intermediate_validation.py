@@ -27,10 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import utils  # noqa: E402
-from kitcore import cli, engines, judges  # noqa: E402
+from kitcore import cli, engines, judges, rope, session  # noqa: E402
 from kitcore.compare import OWN_TOLERANCES, Tolerance, compare  # noqa: E402
 from kitcore.points import component_inputs, point_order  # noqa: E402
 
@@ -65,15 +63,15 @@ def check_rope(engine, config, hf_config, dtype, device, seed):
     max_pos = config.get("max_position_embeddings", 2048)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 2, ROPE_POSITIONS, head_dim, generator=g)
-    inv_freq, scale = utils.scaled_frequencies(hf_config)
+    inv_freq, scale = rope.scaled_frequencies(hf_config)
     rotations = _rotations(engine, x, dtype, device, max_pos)
     cases = {}
     for label, (got, pos) in zip(("small", "large"), rotations):
         start = int(pos[0, 0])
         tol = rope_tolerance(dtype, start + ROPE_POSITIONS)
-        half = compare(got, utils.rope_half(x, pos, theta, inv_freq, scale), tol,
+        half = compare(got, rope.rope_half(x, pos, theta, inv_freq, scale), tol,
                        f"rope {label} positions vs half-split")
-        inter = compare(got, utils.rope_interleaved(x, pos, theta, inv_freq, scale), tol,
+        inter = compare(got, rope.rope_interleaved(x, pos, theta, inv_freq, scale), tol,
                         f"rope {label} positions vs interleaved")
         cases[label] = (start, half, inter)
     passed = all(half.passed for _, half, _ in cases.values())
@@ -86,7 +84,7 @@ def check_rope(engine, config, hf_config, dtype, device, seed):
         diagnosis = f"matches neither layout with rope_theta {theta:g} (head_dim {head_dim})"
         for other in COMMON_THETAS if inv_freq is None else ():
             if other != theta and all(
-                    compare(got, utils.rope_half(x, pos, other), rope_tolerance(dtype, max_pos)).passed
+                    compare(got, rope.rope_half(x, pos, other), rope_tolerance(dtype, max_pos)).passed
                     for got, pos in rotations):
                 diagnosis = f"the candidate rotates with rope_theta {other:g}, the reference uses {theta:g}"
     return passed, diagnosis, cases
@@ -94,9 +92,9 @@ def check_rope(engine, config, hf_config, dtype, device, seed):
 
 def layout_permutation(cand, ref, n_heads, dtype):
     """Name the layout mistake when the candidate's projection rows are a per-head permutation."""
-    if compare(cand, utils.half_to_interleaved_rows(ref, n_heads), dtype).passed:
+    if compare(cand, rope.half_to_interleaved_rows(ref, n_heads), dtype).passed:
         return "rows are the reference's permuted half-split -> interleaved (a GGUF-style permutation was applied)"
-    if compare(utils.half_to_interleaved_rows(cand, n_heads), ref, dtype).passed:
+    if compare(rope.half_to_interleaved_rows(cand, n_heads), ref, dtype).passed:
         return "rows are the reference's permuted interleaved -> half-split (a layout permutation was omitted)"
     return None
 
@@ -132,12 +130,7 @@ def check_point(name, layer, point, captures, dual_engines, judge, ids, pos, n_l
         own_judge = replace(judge, table=OWN_TOLERANCES[judge.dtype])
         own = judges.judge_tensor(got, reference[name], own_judge, peer_got, name + " (own)")
         row["own"] = own.as_dict()
-    if own is not None and not own.passed:
-        row["status"] = "FAIL: ADDS error"
-    elif not total.passed:
-        row["status"] = "FAIL: inherits error" if own is not None else f"FAIL: {total.reason}"
-    else:
-        row["status"] = "ok"
+    row["status"] = judges.point_status(total, own)
     if not total.passed and "shape" in total.reason:
         row["reason"] = total.reason
     print(f"{name:<36} {total.max_abs:>10.3e} {total.nmse:>10.2e} {_ratio(total):>9} | "
@@ -228,28 +221,13 @@ def validate_row(run, ids, pos, judge, peer, dual, results):
     return rows, first, all_passed
 
 
-def main(argv=None):
-    parser = utils.build_parser(__doc__)
-    parser.add_argument("--max_capture_mb", type=float, default=1024,
-                        help="for engines without capture_layers(): memory for captured activations of every "
-                             "model; their layers are captured in chunks that fit (default 1024)")
-    args = parser.parse_args(argv)
-    if args.plan:
-        return utils.print_plan(args, SCRIPT)
-    run = utils.setup(args, SCRIPT, families=("llama",))
-    results, inp, cand = run.results, run.inputs, run.candidate
-    engines.require(cand, "capture", args.engine, "intermediate validation")
-    config = run.reference_checkpoint.config
-    dual = callable(getattr(cand, "run_component", None))
-    if not dual:
-        print(f"note: engine {args.engine!r} has no run_component(): the dual test (own error) is skipped")
-    peer = run.peer if run.peer is not None and run.peer is not cand else None
-    judge = run.judge(cand)
-    print(f"judged by {judge.describe()}; own errors by the own-error table" + (", calibrated the same way" if peer else ""))
+def validate_rows(run, judge, peer, dual):
+    """Every row of the batch, without its padding: its points, and the first failing one (row first)."""
+    results, inp = run.results, run.inputs
     batch = inp.input_ids.shape[0]
-    rows, first, all_passed, findings = [], None, True, []
+    rows, first, all_passed = [], None, True
     for r in range(batch):
-        row = inp.row(r)  # every row of a batch, without its padding
+        row = inp.row(r)
         if batch > 1:
             print(f"\n== row {r} of {batch} ({row.input_ids.shape[1]} tokens)")
         row_points, row_first, row_passed = validate_row(run, row.input_ids, row.position_ids, judge, peer, dual,
@@ -258,13 +236,19 @@ def main(argv=None):
         rows += [{**p, "row": r} for p in row_points] if batch > 1 else row_points
         if row_first is not None and first is None:
             first = (r, *row_first)
+    return rows, first, all_passed
+
+
+def findings_of(rows, first, batched):
+    """The summary lines: the first divergence (and a layout finding), the largest own error, the
+    components that add error and how many only inherit it."""
+    findings = []
     if first is not None:
         r, layer, point, name, row_, finding = first
-        findings.append(f"first divergence: {name}" + (f" in row {r}" if batch > 1 else "")
+        findings.append(f"first divergence: {name}" + (f" in row {r}" if batched else "")
                         + f" ({row_['status']}; {row_.get('reason') or 'out of tolerance'})")
         if finding:
             findings.append(finding)
-
     worst_own = largest_own_error(rows)
     if worst_own is not None:
         findings.append(f"largest own error: {worst_own['name']} (nmse {worst_own['nmse']:.3e}, "
@@ -275,29 +259,55 @@ def main(argv=None):
         findings.append(f"components that add error: {', '.join(adders)}")
     if inheritors:
         findings.append(f"{len(inheritors)} later point(s) only inherit error")
+    return findings, worst_own
 
-    rope = None
-    if callable(getattr(cand, "rope", None)):
-        rope_ok, diagnosis, cases = check_rope(cand, config, run.reference.config, run.dtype, run.device, args.seed)
-        all_passed &= rope_ok
-        findings.append(f"RoPE: {'PASS' if rope_ok else 'FAIL'} -- {diagnosis}")
-        rope = {"passed": rope_ok, "diagnosis": diagnosis,
-                **{label: {"start": start, "half_split": h.as_dict(), "interleaved": i.as_dict()}
-                   for label, (start, h, i) in cases.items()}}
-        for label, (start, h, _) in cases.items():
-            results.add(f"rope_{label}", "max_abs", h.max_abs, position_start=start)
-        results.add("rope", "passed", rope_ok, unit="bool")
-    else:
-        print(f"note: engine {args.engine!r} has no rope(): the RoPE validation is skipped")
+
+def validate_rope(run, cand):
+    """The RoPE check's record, finding and verdict, or (None, None, True) for an engine without rope()."""
+    if not callable(getattr(cand, "rope", None)):
+        print(f"note: engine {run.args.engine!r} has no rope(): the RoPE validation is skipped")
+        return None, None, True
+    config = run.reference_checkpoint.config
+    rope_ok, diagnosis, cases = check_rope(cand, config, run.reference.config, run.dtype, run.device, run.args.seed)
+    record = {"passed": rope_ok, "diagnosis": diagnosis,
+              **{label: {"start": start, "half_split": h.as_dict(), "interleaved": i.as_dict()}
+                 for label, (start, h, i) in cases.items()}}
+    for label, (start, h, _) in cases.items():
+        run.results.add(f"rope_{label}", "max_abs", h.max_abs, position_start=start)
+    run.results.add("rope", "passed", rope_ok, unit="bool")
+    return record, f"RoPE: {'PASS' if rope_ok else 'FAIL'} -- {diagnosis}", rope_ok
+
+
+def main(argv=None):
+    parser = session.build_parser(__doc__)
+    parser.add_argument("--max_capture_mb", type=float, default=1024,
+                        help="for engines without capture_layers(): memory for captured activations of every "
+                             "model; their layers are captured in chunks that fit (default 1024)")
+    args = parser.parse_args(argv)
+    if args.plan:
+        return session.print_plan(args, SCRIPT)
+    run = session.Session.open(args, SCRIPT, families=("llama",))
+    cand = run.candidate
+    engines.require(cand, "capture", args.engine, "intermediate validation")
+    dual = callable(getattr(cand, "run_component", None))
+    if not dual:
+        print(f"note: engine {args.engine!r} has no run_component(): the dual test (own error) is skipped")
+    peer, judge = run.peer_for(cand), run.judge(cand)
+    print(f"judged by {judge.describe()}; own errors by the own-error table" + (", calibrated the same way" if peer else ""))
+    rows, first, all_passed = validate_rows(run, judge, peer, dual)
+    batched = run.inputs.input_ids.shape[0] > 1
+    findings, worst_own = findings_of(rows, first, batched)
+    rope_record, rope_finding, rope_ok = validate_rope(run, cand)
+    all_passed &= rope_ok
+    findings += [rope_finding] if rope_finding else []
 
     print()
     for f in findings:
         print(f)
-    results.extra.update(
+    run.results.extra.update(
         first_divergence=None if first is None else {"layer": first[1], "point": first[2],
-                                                      **({"row": first[0]} if batch > 1 else {})},
-        largest_own_error=worst_own,
-        points=rows, rope=rope, findings=findings)
+                                                      **({"row": first[0]} if batched else {})},
+        largest_own_error=worst_own, points=rows, rope=rope_record, findings=findings)
     print(f"\nverdict: {'PASS' if all_passed else 'FAIL'}")
     return run.finish(all_passed)
 

@@ -17,49 +17,37 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import utils  # noqa: E402
-from kitcore import cli, judges  # noqa: E402
+from kitcore import cli, judges, session  # noqa: E402
 
 SCRIPT = "test_llama_inference"
 
 
 def main(argv=None):
     started = time.perf_counter()
-    parser = utils.build_parser(__doc__)
-    utils.add_repeat_arg(parser, "forward")
+    parser = session.build_parser(__doc__)
+    session.add_repeat_arg(parser, "forward")
     args = parser.parse_args(argv)
     if args.plan:
-        return utils.print_plan(args, SCRIPT)
-    run = utils.setup(args, SCRIPT)
-    inp, results, phases = run.inputs, run.results, run.phases
+        return session.print_plan(args, SCRIPT)
+    run = session.Session.open(args, SCRIPT)
+    inp = run.inputs
 
-    with phases("reference_forward"):
-        reference = run.reference.forward(inp.input_ids, inp.position_ids, inp.mask_or_none)
-    with phases("candidate_forward"):
-        candidate = run.candidate.forward(inp.input_ids, inp.position_ids, inp.mask_or_none)
-    peer = None
-    if run.peer is not None and run.peer is not run.candidate:
-        with phases("peer_forward"):
-            peer = run.peer.forward(inp.input_ids, inp.position_ids, inp.mask_or_none)
+    def forward(engine):
+        return engine.forward(inp.input_ids, inp.position_ids, inp.mask_or_none)
+
+    reference, candidate, peer = run.run_all("forward", forward)
     check = judges.check_logits(candidate, reference, inp.attention_mask, run.judge(run.candidate), peer,
                                 space=judges.output_space(run.candidate))
-    utils.print_logits_check(check, reference.shape[-1])
-    # the check's own cost: its wall time (after imports) over the two models' load and forward times
-    work = sum(phases.seconds.values())
-    wall = time.perf_counter() - started
-    print("  timings (s): " + ", ".join(f"{k} {v:.3f}" for k, v in phases.seconds.items())
-          + f"; check wall {wall:.3f}, wall / (loads + forwards) = {wall / work:.2f}")
-    print("  " + phases.summary())
-    utils.record_logits_check(results, "logits", check)
-    phases.report(results)
-    results.add("timing", "check_wall", wall, unit="s")
+    session.print_logits_check(check, reference.shape[-1])
+    wall = session.print_timings(run.phases, started)
+    session.record_logits_check(run.results, "logits", check)
+    run.phases.report(run.results)
+    run.results.add("timing", "check_wall", wall, unit="s")
     passed = check.passed
     if args.repeat:
         del candidate
-        passed &= utils.check_growth(run, lambda: run.candidate.forward(inp.input_ids, inp.position_ids,
-                                                                         inp.mask_or_none), "forward")
+        passed &= run.check_growth(lambda: forward(run.candidate), "forward")
     verdict = "PASS" if passed else f"FAIL: {check.reasons() if not check.passed else 'memory grows with every call'}"
     print(f"\nverdict: {verdict}")
     return run.finish(passed)

@@ -1,0 +1,459 @@
+"""The runner every check uses: one Session opens what a check compares and finishes with its exit code.
+
+A Llama check (`Session.open`) resolves the device, the dtype, the checkpoints and the inputs, opens
+  * the reference: HF Transformers eager on the CPU in float32 (or float64), resident or streamed,
+    behind the reference cache;
+  * the engines under test (`--engine`, or the two of `--engines`);
+  * the peer that calibrates their verdicts: HF Transformers in the candidate dtype on the device,
+    reading the reference's checkpoint.
+The peer rule is decided here, once (`decide_peer`): `--peer none` means no peer (the static tables
+judge); a candidate that *is* HF Transformers on the reference's checkpoint is the peer itself, so it is
+judged by the table and says so; any other candidate gets the peer. `Session.peer_for(engine)` answers
+"which peer judges this engine" for every script, and `Session.judge(engine)` returns its Judge.
+
+The Qwen3-MoE benchmarks use the same start (`start`: threads, device, dtype, seed, checkpoint, the
+results and their environment, the header) and the same peer rule, with module engines.
+"""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import checkpoints, cli, decode, devices, engines, judges, memory, plan, refcache, roofline
+from . import inputs as kitinputs
+from .errors import UsageError
+from .results import Results, environment
+from .tiny import DEFAULT_PROMPT
+
+FAMILIES = ("llama", "qwen3_moe")  # end-to-end and forward validation; intermediate validation is Llama only
+BATCH_LENGTHS = (1, 4, 11, 26, 60, 128, 200, 300)  # batch validation: ragged, from one token to a few hundred
+REFERENCE = "reference"  # the engine spec that names the reference itself (`--engines hf,reference`)
+PLAN_TOKENS = 1000
+
+
+# ---- the peer rule, for every script -------------------------------------------------------------
+
+NO_PEER, SELF_PEER, OWN_PEER = "none", "self", "peer"
+
+
+def decide_peer(peer_flag, candidate_is_peer):
+    """NO_PEER (`--peer none`), SELF_PEER (the candidate is the peer: judged by the table) or OWN_PEER (build
+    the peer and calibrate by it)."""
+    if peer_flag == "none":
+        return NO_PEER
+    return SELF_PEER if candidate_is_peer else OWN_PEER
+
+
+# ---- flags and inputs -----------------------------------------------------------------------------
+
+
+def build_parser(doc, decode=False, batch=False):
+    """The flags of the four Llama checks."""
+    p = cli.ArgumentParser(description=doc)
+    p.add_argument("--model_path", help="HF checkpoint directory (default: the kit's embedded tiny Llama)")
+    p.add_argument("--reference_path", help="checkpoint of the reference (default: --model_path)")
+    p.add_argument("--engine", default="hf", help="hf | compile | llama.cpp | vllm | openai:http://HOST:PORT/v1 | "
+                                                  "package.module:Class | file.py:Class")
+    p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa"], help="attention of the hf/compile engine")
+    p.add_argument("--dtype", default="bfloat16", help="candidate dtype: float32 | bfloat16 | float16 (default bf16)")
+    p.add_argument("--reference_dtype", default="float32", choices=["float32", "float64"],
+                   help="dtype of the CPU reference (default float32)")
+    p.add_argument("--reference_mode", default="auto", choices=["auto", "resident", "streamed"],
+                   help="auto (default): the reference resident in memory when it fits, else streamed layer by "
+                        "layer from the safetensors shards (Llama, Qwen3-MoE; the same logits bit for bit, about one "
+                        "layer of memory, the weights read again on every forward)")
+    p.add_argument("--no_reference_cache", action="store_true",
+                   help="compute the reference every time instead of reusing $LLM_KIT_CACHE/reference (keyed by "
+                        "checkpoint, inputs, reference dtype and library versions)")
+    p.add_argument("--reference_cache_gb", type=float, default=refcache.DEFAULT_MAX_BYTES / 2**30,
+                   help=f"size bound of the reference cache, oldest entries removed first "
+                        f"(default {refcache.DEFAULT_MAX_BYTES / 2**30:g})")
+    p.add_argument("--peer", default="hf", choices=["hf", "none"],
+                   help="hf (default): judge the candidate against a correct peer measured in this run, HF "
+                        "Transformers in --dtype on the device (kitcore/judges.py); none: the static table")
+    devices.add_device_args(p)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--prompts-file", dest="prompts_file", help="one prompt per line: a padded batch")
+    if batch:
+        p.add_argument("--lengths", default=",".join(map(str, BATCH_LENGTHS)),
+                       help="token lengths of the prompts: windows of real text, or random ids with --inputs random "
+                            f"(default {','.join(map(str, BATCH_LENGTHS))})")
+    else:
+        group.add_argument("--prompt", default=None, help="prompt text (default: an English sentence)")
+        group.add_argument("--input_ids", help="comma-separated token ids instead of a prompt, e.g. 1,2,3")
+        group.add_argument("--edge", choices=list(kitinputs.EDGE_CASES),
+                           help="an edge input instead of the prompt: " + "; ".join(
+                               f"{k}: {v}" for k, v in kitinputs.EDGE_CASES.items()))
+    p.add_argument("--inputs", default="text", choices=["text", "random"],
+                   help="text (default): the prompt(s); random: token ids drawn with --seed (no tokenizer needed)"
+                        + ("" if batch else f", {kitinputs.RANDOM_PROMPT_TOKENS} of them"))
+    p.add_argument("--seed", type=int, default=0, help="seed for anything random (default 0)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice); recorded")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH (atomically)")
+    p.add_argument("--plan", action="store_true",
+                   help="print what this check would need (memory of the reference and the candidate, reference "
+                        "cache per 1k tokens, an estimated reference time), from config.json alone, and exit")
+    p.add_argument("--gguf_type", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="llama.cpp engine: GGUF weight type (default: from --dtype)")
+    p.add_argument("--kv_type", default="f32", choices=["f32", "f16"], help="llama.cpp engine: KV-cache type (default f32)")
+    p.add_argument("--device_map", choices=["auto", "balanced", "balanced_low_0", "sequential"],
+                   help="hf/compile engines: 'auto' spreads a model that does not fit one device over every visible "
+                        "device and CPU memory (accelerate; the others are its other strategies); default: all of "
+                        "it on --device, loaded straight there")
+    p.add_argument("--tensor_parallel_size", type=int, default=1, metavar="N",
+                   help="vllm engine: spread the model over N devices (vLLM's tensor parallelism; default 1)")
+    p.add_argument("--served_model", help="openai engine: the model name the server serves (default: its only one)")
+    p.add_argument("--top_logprobs", type=int, metavar="K",
+                   help="openai engine: ask for the top K logprobs per position only, as a server capped at K returns "
+                        "(default: the whole vocabulary; judged then by what top K can show, see the README)")
+    p.add_argument("--request_timeout", type=float, default=300.0, metavar="S",
+                   help="openai engine: seconds one request may take (default 300)")
+    if decode:
+        p.add_argument("--decode_steps", type=int, default=8, help="teacher-forced decode steps (default 8)")
+    return p
+
+
+def add_repeat_arg(parser, what):
+    parser.add_argument("--repeat", type=int, default=0, metavar="N",
+                        help=f"after the check, run the candidate's {what} N more times and report how its live "
+                             "memory grows per call (device allocator, or RSS on the CPU); growth above "
+                             f"{memory.LEAK_BYTES_PER_ITERATION // 1024} KiB per call fails as a leak (0: off)")
+
+
+def _lengths(text):
+    try:
+        lengths = [int(n) for n in text.split(",")]
+    except ValueError:
+        lengths = []
+    if not lengths or min(lengths) < 1:
+        raise UsageError(f"--lengths {text!r}: expected positive comma-separated integers, e.g. 1,4,11")
+    return lengths
+
+
+def _prompts(prompts_file, prompt):
+    if not prompts_file:
+        return [DEFAULT_PROMPT if prompt is None else prompt]
+    try:
+        prompts = [ln.rstrip("\n") for ln in Path(prompts_file).read_text().splitlines() if ln.strip()]
+    except OSError as exc:
+        raise UsageError(f"--prompts-file {prompts_file}: {exc.strerror}") from None
+    if not prompts:
+        raise UsageError(f"--prompts-file {prompts_file}: no prompts (one per line)")
+    return prompts
+
+
+def build_inputs(args, checkpoint, extra_positions=0):
+    """Token ids from --input_ids, --prompts-file, --edge, --inputs random or --prompt, left-padded into a
+    batch and checked against the checkpoint's vocabulary and context."""
+    cfg = checkpoint.config
+    prompt, input_ids, edge = (getattr(args, name, None) for name in ("prompt", "input_ids", "edge"))
+    if args.inputs == "random" and (prompt is not None or args.prompts_file or edge):
+        raise UsageError("--inputs random replaces the prompt; drop --prompt / --prompts-file / --edge")
+    lengths = _lengths(args.lengths) if getattr(args, "lengths", None) and not args.prompts_file else None
+    if input_ids is not None:
+        try:
+            rows = [[int(t) for t in input_ids.split(",") if t.strip()]]
+        except ValueError:
+            raise UsageError(f"--input_ids {input_ids!r}: expected comma-separated integers, e.g. 1,2,3") from None
+    elif edge:
+        rows = [kitinputs.edge_row(edge, cfg, checkpoint.path, extra_positions)]
+    elif args.inputs == "random":
+        rows = kitinputs.random_rows(lengths or [kitinputs.RANDOM_PROMPT_TOKENS], cfg["vocab_size"], args.seed)
+    elif lengths:
+        rows = kitinputs.text_rows(kitinputs.tokenizer(checkpoint.path), lengths)
+    else:
+        prompts = _prompts(args.prompts_file, prompt)
+        if any(not p.strip() for p in prompts):
+            raise UsageError("empty prompt; give some text with --prompt")
+        encode = kitinputs.tokenizer(checkpoint.path)
+        rows = [encode(p) for p in prompts]
+    kitinputs.check_rows(rows, cfg, extra_positions)
+    return kitinputs.pad(rows)
+
+
+# ---- --plan -------------------------------------------------------------------------------------
+
+
+def print_plan(args, script):
+    """--plan: the figures of kitcore.plan for --model_path's config.json (no weights needed)."""
+    import json
+
+    if args.model_path is None:
+        raise UsageError("--plan needs --model_path: a directory with the model's config.json")
+    path = Path(args.model_path) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UsageError(f"--plan: cannot read {path}; give a directory holding the model's config.json") from None
+    if cfg.get("model_type") not in FAMILIES:
+        raise UsageError(f"--plan: model_type {cfg.get('model_type')!r} is not one of {', '.join(FAMILIES)}")
+    cpu = devices.Device("cpu", "cpu")
+    ceilings = roofline.ceilings_for(cpu, ["float32"])
+    p = plan.make_plan(cfg, args.dtype, PLAN_TOKENS, ceilings)
+    gib = 2**30
+    print(f"{script} --plan: {path} ({p.model_type}, {p.parameters / 1e9:.2f}B parameters, "
+          f"{p.active_parameters_per_token / 1e9:.2f}B active per token, {p.layers} layers)")
+    print(f"  reference (float32): resident {p.reference_bytes_resident / gib:.1f} GiB; per layer "
+          f"{p.reference_bytes_per_layer / gib:.2f} GiB; streamed (one layer + embedding + LM head) "
+          f"{p.reference_bytes_streamed / gib:.2f} GiB")
+    print(f"  candidate ({args.dtype}): {p.candidate_bytes / gib:.1f} GiB")
+    print(f"  reference cache per 1k tokens: logits {p.reference_cache_bytes_per_1k_tokens / 2**20:.0f} MiB, "
+          f"every capture point {p.capture_cache_bytes_per_1k_tokens / gib:.2f} GiB")
+    print(f"  estimated reference forward of {p.tokens} tokens on this CPU: {p.estimated_reference_seconds:.0f} s "
+          f"(from {ceilings.describe('float32')})")
+    available = plan.available_memory_bytes()
+    if available:
+        print(f"  this machine: {available / gib:.1f} GiB available; resident reference "
+              + ("fits" if p.reference_bytes_resident + p.candidate_bytes < plan.RESIDENT_MEMORY_SHARE * available
+                 else "does NOT fit"))
+    if args.json:
+        from .results import write_json_atomic
+
+        write_json_atomic(args.json, {"script": script, "plan": p.as_dict(), "available_memory_bytes": available,
+                                      "ceilings": ceilings.fingerprint})
+    return 0
+
+
+# ---- the common start -----------------------------------------------------------------------------
+
+
+def start(args, script, labels, checkpoint_path, families, default_seed=0):
+    """What every check does first: CPU threads, device, dtype (checked against the device), the seed, the
+    checkpoint, and the Results with the environment recorded. Returns (device, dtype, checkpoint, results)."""
+    devices.set_threads(args.threads)
+    device = devices.resolve_device(args)
+    dtype = devices.parse_dtype(args.dtype)
+    device.check_dtype(dtype)
+    torch.manual_seed(args.seed)
+    checkpoint = checkpoints.resolve_checkpoint(checkpoint_path, families, default_seed)
+    results = Results(script, labels=labels)
+    results.env = environment(device, dtype, args.seed, checkpoint)
+    return device, dtype, checkpoint, results
+
+
+@dataclass
+class Session:
+    """One Llama check's reference, engines under test and peer, and how each is judged."""
+
+    args: object
+    results: Results
+    device: devices.Device
+    dtype: torch.dtype
+    checkpoint: checkpoints.Checkpoint
+    reference_checkpoint: checkpoints.Checkpoint
+    inputs: kitinputs.Inputs
+    reference: engines.HFEngine
+    engines: dict  # spec -> engine, for every engine under test
+    peer: object  # the correct peer (HF in the candidate dtype on the device), or None: table verdicts
+    phases: memory.Phases  # wall time and peak memory of each phase
+
+    @property
+    def candidate(self):
+        return next(iter(self.engines.values()))
+
+    def peer_for(self, engine):
+        """The peer that calibrates `engine`'s verdict: None when there is none, or when it is the peer."""
+        return None if self.peer is None or engine is self.peer or engine is self.reference else self.peer
+
+    def judge(self, engine):
+        """How `engine` is judged: calibrated by the peer, unless it is the peer itself or there is none."""
+        if engine is self.reference:
+            return judges.Judge(engine.dtype, judges.TOLERANCES[engine.dtype])
+        return judges.judge_for(engine, self.checkpoint.model_type, calibrated=self.peer_for(engine) is not None)
+
+    def run_all(self, what, call):
+        """`call(engine)` on the reference, the candidate and its peer (when it has one), each in a phase of
+        its own (`reference_<what>` ...): (reference output, candidate output, peer output or None)."""
+        with self.phases(f"reference_{what}"):
+            reference = call(self.reference)
+        with self.phases(f"candidate_{what}"):
+            candidate = call(self.candidate)
+        peer = self.peer_for(self.candidate)
+        if peer is not None:
+            with self.phases(f"peer_{what}"):
+                peer = call(peer)
+        return reference, candidate, peer
+
+    def reference_greedy(self, inp, steps):
+        """The reference's teacher tokens, no-cache logits and cached logits (kitcore.decode.greedy_reference),
+        from the reference cache when this prompt was decoded before."""
+        names = ("teacher", "logits", "cached")
+        compute = lambda: dict(zip(names, decode.greedy_reference(self.reference, inp, steps)))  # noqa: E731
+        memo = getattr(self.reference, "memo", None)
+        out = memo(f"greedy{steps}-cached", (inp.input_ids, inp.position_ids, inp.attention_mask), compute) \
+            if memo else compute()
+        return tuple(out[n] for n in names)
+
+    def check_growth(self, call, what):
+        """`--repeat N`: run `call` N times, report live memory per call; False when it grows like a leak."""
+        repeat = self.args.repeat
+        if repeat < 3:
+            raise UsageError(f"--repeat {repeat}: at least 3 calls are needed to tell growth from warm-up")
+        growth = memory.repeat_growth(call, self.device, repeat)
+        leaking = growth.leaking
+        print(f"\nmemory over --repeat {repeat} candidate {what} calls: {growth.describe()} -> "
+              + ("FAIL: it grows with every call (a leak: caches, outputs or buffers kept)" if leaking else "ok"))
+        kind, results = self.device.memory_kind, self.results
+        results.add("repeat", "memory_growth_per_call", growth.per_iteration, unit="bytes", memory=kind)
+        results.add("repeat", "memory_first_call", growth.samples[0], unit="bytes", memory=kind)
+        results.add("repeat", "memory_last_call", growth.samples[-1], unit="bytes", memory=kind)
+        results.add("repeat", "passed", not leaking, unit="bool")
+        results.extra["repeat"] = {"calls": repeat, "samples_bytes": growth.samples,
+                                   "growth_per_call_bytes": growth.per_iteration, "leaking": leaking, "memory": kind}
+        return not leaking
+
+    def finish(self, passed):
+        """The verdict: the reference cache's figures into the environment, the exit code."""
+        read = getattr(self.reference, "bytes_read", None)
+        if read is not None:  # a streamed reference: what it read from the shards, every forward together
+            self.results.env["reference_bytes_read"] = read
+        cache = getattr(self.reference, "cache", None)
+        if cache is not None and cache.hits + cache.misses:
+            self.results.env["reference_cache"] = cache.summary()
+            if cache.hits and not cache.misses and self.results.env.get("reference_source"):
+                self.results.env["reference_source"] = "cache"
+            print(f"reference cache: {cache.hits} hit(s), {cache.misses} miss(es)"
+                  + (f", {cache.rejected} entry(ies) rejected and recomputed" if cache.rejected else "")
+                  + f" ({cache.root})")
+        return self.results.finish(passed, self.args.json)
+
+    # ---- opening ----------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, args, script, extra_positions=0, families=FAMILIES, specs=None):
+        """Set-up of a Llama check: device, dtype, checkpoints, inputs, the reference, the engines under test
+        (`specs`, default [--engine]) and the peer that calibrates their verdicts."""
+        specs = specs or [args.engine]
+        if args.dtype == "float64":
+            raise UsageError("--dtype float64 is a reference dtype; the candidate takes float32, bfloat16 or float16")
+        labels = {"device": None, "dtype": args.dtype, "engine": ",".join(specs), "attn": args.attn}
+        if args.gguf_type:
+            labels["gguf_type"] = args.gguf_type
+        device, dtype, checkpoint, results = start(args, script, labels, args.model_path, families,
+                                                   args.seed if args.model_path is None else 0)
+        results.labels["device"] = str(device)
+        reference_checkpoint = (checkpoints.open_checkpoint(args.reference_path, families) if args.reference_path
+                                else checkpoint)
+        inputs = build_inputs(args, reference_checkpoint, extra_positions)
+        results.env["reference"] = {"checkpoint": str(reference_checkpoint.path),
+                                    "checkpoint_hash": reference_checkpoint.fingerprint,
+                                    "device": "cpu", "dtype": args.reference_dtype, "attn": "eager"}
+        env = results.env
+        print(f"{script}: engine={','.join(specs)} attn={args.attn} device={env['device_name']} dtype={args.dtype} "
+              f"seed={args.seed} threads={env['threads']}")
+        print(f"  checkpoint {checkpoint.path} (hash {env['checkpoint_hash']}); reference: HF eager "
+              f"{args.reference_dtype} on cpu from {reference_checkpoint.path}")
+        print(f"  torch {env['torch']}, transformers {env['transformers']}; input: {tuple(inputs.input_ids.shape)} "
+              f"tokens (batch x length)")
+        same_checkpoint = checkpoint.path.resolve() == reference_checkpoint.path.resolve()
+        under_test = [s for s in specs if s != REFERENCE]
+        # plain `--engine hf` on the reference's checkpoint *is* the peer
+        self_peer_spec = "hf" if "hf" in under_test and same_checkpoint else None
+        peer_kind = decide_peer(args.peer, bool(under_test) and all(s == self_peer_spec for s in under_test))
+        source, why = plan.choose_reference(reference_checkpoint.config, args.dtype,
+                                            _models_in_memory(under_test, device, peer_kind, self_peer_spec),
+                                            args.reference_dtype, args.reference_mode)
+        print(f"  reference source: {source} ({why})")
+        results.env["reference_source"] = source
+        phases = memory.Phases(device)
+        with phases("reference_load"):
+            reference_class = engines.StreamedHFEngine if source == "streamed" else engines.HFEngine
+            reference = reference_class(str(reference_checkpoint.path), devices.Device("cpu", "cpu"),
+                                        devices.parse_dtype(args.reference_dtype), "eager")
+        if not args.no_reference_cache:
+            cache = refcache.ReferenceCache(reference_checkpoint, args.reference_dtype,
+                                            int(args.reference_cache_gb * 2**30))
+            reference = refcache.CachedReference(reference, cache)
+        # n_ctx: the positions this check uses, for engines that allocate their context up front
+        options = {"gguf_type": args.gguf_type, "kv_type": args.kv_type, "device_map": args.device_map,
+                   "tensor_parallel_size": args.tensor_parallel_size, "served_model": args.served_model,
+                   "top_logprobs": args.top_logprobs, "request_timeout": args.request_timeout,
+                   "reference_path": str(reference_checkpoint.path),
+                   "n_ctx": inputs.input_ids.shape[1] + extra_positions}
+        with phases("candidate_load"):
+            loaded = {spec: engines.load_engine(spec, checkpoint.path, device, dtype, args.attn, options)
+                      for spec in under_test}
+        loaded = {spec: reference if spec == REFERENCE else loaded[spec] for spec in specs}
+        for spec, engine in loaded.items():
+            if getattr(engine, "description", None):
+                print(f"  {spec}: {engine.description}")
+                results.env.setdefault("engines", {})[spec] = engine.description
+        if peer_kind == NO_PEER:
+            peer, note = None, "none (--peer none): verdicts from the static table"
+        elif peer_kind == SELF_PEER:
+            peer, note = loaded[self_peer_spec], ("the candidate is HF Transformers itself, the peer: judged by the "
+                                                  "static table (measured on the tiny and the real checkpoint)")
+        else:
+            with phases("peer_load"):
+                peer = loaded[self_peer_spec] if self_peer_spec else engines.HFEngine(
+                    str(reference_checkpoint.path), device, dtype, args.attn, args.device_map)
+            note = (f"HF Transformers {args.dtype} {args.attn} on {device} from the reference checkpoint: verdicts "
+                    f"calibrated by its error (k={judges.PEER_K:g})")
+        print(f"  peer: {note}")
+        results.env["peer"] = note
+        return cls(args, results, device, dtype, checkpoint, reference_checkpoint, inputs, reference, loaded, peer,
+                   phases)
+
+
+def _models_in_memory(under_test, device, peer_kind, self_peer_spec):
+    """How many copies of the model in the candidate dtype this process holds in CPU memory besides the
+    reference: each candidate on the CPU (a server holds its own elsewhere), and the peer unless a candidate
+    is the peer or there is none. Candidates on an accelerator load straight onto it."""
+    if device.type != "cpu":
+        return 0
+    held = sum(1 for s in under_test if not s.startswith("openai:"))
+    return held + int(peer_kind == OWN_PEER and self_peer_spec is None)
+
+
+# ---- the logits check's lines ---------------------------------------------------------------------
+
+
+def record_logits_check(results, case, check, **labels):
+    for metric in ("max_abs", "mean_abs", "nmse", "cosine"):
+        results.add(case, metric, getattr(check.comparison, metric), **labels)
+    results.add(case, "top1_agreement", check.top1_agreement, unit="fraction", **labels)
+    results.add(case, "top5_containment", check.top5_containment, unit="fraction", **labels)
+    results.add(case, "decisive_top1_disagreements", check.decisive_disagreements, unit="count", **labels)
+    for metric in ("kl_mean", "kl_p99", "kl_max"):
+        results.add(case, metric, getattr(check, metric), unit="nats", **labels)
+    if check.peer:
+        for metric, value in check.peer.items():
+            results.add(case, f"peer_{metric}", value, unit="nats" if metric.startswith("kl") else "-", **labels)
+    results.add(case, "passed", check.passed, unit="bool", **labels)
+
+
+def print_logits_check(check, vocab):
+    """The human paragraph of one logits check."""
+    c = check.comparison
+    what = {"logits": "logits", "logprobs": "log-probabilities (the reference's and the peer's log-softmaxed)",
+            "topk": "top-k log-probabilities (only the tokens the engine returned)"}[check.space]
+    print(f"\n{what} at {check.positions} positions (vocab {vocab}), judged by {check.judge.describe()}:")
+    if check.skipped_positions:
+        print(f"  {check.skipped_positions} position(s) the engine returned nothing for: left out")
+    if check.distribution:
+        print(f"  max abs {c.max_abs:.3e}, mean abs {c.mean_abs:.3e}, nmse {c.nmse:.3e}, cosine {c.cosine:.9f}")
+    else:
+        print("  " + c.message().replace("\n", "\n  "))
+    if check.position_failures:
+        print(f"  {check.position_failures} position(s) above the peer's bound; worst at position {check.worst_position}")
+    print(f"  top-1 agreement {check.top1_agreement:.4f}; decisive positions {check.decisive_positions}, "
+          f"decisive disagreements {check.decisive_disagreements}; top-5 containment {check.top5_containment:.4f}")
+    kl = ("KL lower bound (over the tokens it returned)" if check.space == "topk"
+          else "KL(reference || candidate)")
+    print(f"  {kl} per position: mean {check.kl_mean:.3e}, p99 {check.kl_p99:.3e}, max {check.kl_max:.3e}")
+    if check.peer:
+        p = check.peer
+        print(f"  peer (HF in the same dtype) vs reference: max abs {p['max_abs']:.3e}, nmse {p['nmse']:.3e}, "
+              f"KL mean {p['kl_mean']:.3e}, max {p['kl_max']:.3e}")
+
+
+def print_timings(phases, started):
+    """The check's own cost: its wall time (after imports) over the loads and forwards it timed. Returns it."""
+    work = sum(phases.seconds.values())
+    wall = time.perf_counter() - started
+    print("  timings (s): " + ", ".join(f"{k} {v:.3f}" for k, v in phases.seconds.items())
+          + f"; check wall {wall:.3f}, wall / (loads + forwards) = {wall / work:.2f}")
+    print("  " + phases.summary())
+    return wall

@@ -1,0 +1,93 @@
+"""Forward validation's verdicts: two engines' prefill + decode steps against the reference, each other
+and their own no-cache forward (test_forward_validation.py prints and records what this decides).
+
+Five comparisons (COLUMNS) run over every step: A vs reference and B vs reference (calibrated by the
+peer run through the same steps), A vs B (the looser of the two table judges), and each engine's cached
+logits against its own no-cache forward of the same tokens (the table: same engine, same kernels, so a
+difference is a KV-cache bug, not rounding). A step is CLOSE when every gate of every comparison passes
+at that one position; the statistics that need many positions (KL mean/p99, agreement rates) are
+judged over every step together. An engine that decodes by itself and leaves the teacher's tokens is
+judged at that step: a flip at a decisive position fails, one at a near-tie is a benign divergence.
+"""
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from . import judges
+
+COLUMNS = ("a_vs_ref", "b_vs_ref", "a_vs_b", "a_cache", "b_cache")
+
+
+@dataclass(frozen=True)
+class Comparand:
+    """One comparison over the steps: logits [B, steps + 1, V] of both sides, its judge and peer."""
+
+    candidate: torch.Tensor
+    reference: torch.Tensor
+    judge: judges.Judge
+    peer: torch.Tensor  # the peer's logits at the same steps, or None
+    mask: torch.Tensor  # [B, steps + 1]: the steps compared
+    space: judges.Space
+
+    def check(self, at=slice(None), aggregate=True):
+        peer = None if self.peer is None else self.peer[:, at]
+        return judges.check_logits(self.candidate[:, at], self.reference[:, at], self.mask[:, at], self.judge, peer,
+                                   aggregate=aggregate, space=self.space)
+
+
+def comparisons(engines, decoded, ref_steps, peer_steps, judge_of):
+    """The five Comparands of engines (A, B) with their Decoded outputs."""
+    a, b = decoded
+    judge_a, judge_b = judge_of(engines[0]), judge_of(engines[1])
+    space = judges.output_space
+    every = torch.ones_like(a.comparable)
+    return {
+        "a_vs_ref": Comparand(a.cached, ref_steps, judge_a, peer_steps, a.comparable, space(engines[0])),
+        "b_vs_ref": Comparand(b.cached, ref_steps, judge_b, peer_steps, b.comparable, space(engines[1])),
+        "a_vs_b": Comparand(a.cached, b.cached, judges.looser(judge_a, judge_b), None, a.comparable & b.comparable,
+                            space(*engines)),
+        # the cache check compares an engine with itself: the table bounds its rounding, no peer applies
+        "a_cache": Comparand(a.cached, a.no_cache, replace(judge_a, calibrated=False), None, every, space(engines[0])),
+        "b_cache": Comparand(b.cached, b.no_cache, replace(judge_b, calibrated=False), None, every, space(engines[1])),
+    }
+
+
+def step_checks(table, step):
+    """Every comparison at one step (a single position: no aggregate statistics), where it has positions."""
+    at = slice(step, step + 1)
+    return {name: c.check(at, aggregate=False) for name, c in table.items() if c.mask[:, at].any()}
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Where an engine that decodes by itself first chose another token than the teacher's."""
+
+    row: int
+    step: int
+    token: int
+    teacher: int
+    decisive: bool  # at a decisive position: a real failure; else a near-tie, a benign divergence
+
+
+def divergences(decoded, teacher, comparand):
+    """Each row's first step where `decoded` left the teacher, judged at that step by `comparand`'s judge
+    (A vs reference or B vs reference): the token it chose is wrong when the position is decisive."""
+    found = []
+    for row in range(teacher.shape[0]):
+        left = (decoded.tokens[row] != teacher[row]).nonzero()
+        if not len(left):
+            continue
+        s = int(left[0])
+        at = (slice(row, row + 1), slice(s, s + 1))
+        peer = None if comparand.peer is None else comparand.peer[at]
+        flip = judges.check_logits(decoded.cached[at], comparand.reference[at], torch.ones(1, 1, dtype=torch.long),
+                                   comparand.judge, peer, aggregate=False, space=comparand.space)
+        found.append(Divergence(row, s, int(decoded.tokens[row, s]), int(teacher[row, s]),
+                                flip.decisive_positions > 0))
+    return found
+
+
+def cache_bug_steps(steps, column):
+    """The steps whose `column` cache check failed (a KV-cache bug from the first one on)."""
+    return [s["step"] for s in steps if not s[column]["passed"]]
