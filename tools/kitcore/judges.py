@@ -134,32 +134,34 @@ def _name(dtype):
 
 
 def calibrate(cand, peer, dtype, k=PEER_K, k_max=PEER_K_MAX):
-    """Re-judge the Comparison `cand` (candidate vs reference) against `peer` (peer vs reference, same
-    reference): the calibrated bounds replace the table's. Shape and non-finite failures stay."""
-    cand.judge = "calibrated"
-    cand.peer_nmse, cand.peer_max_abs = peer.nmse, peer.max_abs
+    """The Comparison `cand` (candidate vs reference) judged against `peer` (peer vs reference): a new
+    Comparison whose verdict comes from the calibrated bounds instead of the table's. Shape, empty and
+    non-finite failures stay what they are."""
+    peer_figures = {"judge": "calibrated", "peer_nmse": peer.nmse, "peer_max_abs": peer.max_abs}
     if cand.reason.startswith(("shape", "non-finite", "empty")):
-        return cand
+        return replace(cand, **peer_figures)
     f = rounding_floor(dtype)
-    cand.limit_nmse = (k * peer.nmse**0.5 + f) ** 2
-    cand.limit_max_abs = k_max * peer.max_abs + 2 * f * cand.max_abs_reference
+    limit_nmse = (k * peer.nmse**0.5 + f) ** 2
+    limit_max_abs = k_max * peer.max_abs + 2 * f * cand.max_abs_reference
     reasons = []
-    if cand.nmse > cand.limit_nmse:
-        reasons.append(f"nmse {cand.nmse:.3e} above {cand.limit_nmse:.2e} (k={k:g} x peer {peer.nmse:.2e})")
-    if cand.max_abs > cand.limit_max_abs:
-        reasons.append(f"max abs {cand.max_abs:.3e} above {cand.limit_max_abs:.2e} (k={k_max:g} x peer "
+    if cand.nmse > limit_nmse:
+        reasons.append(f"nmse {cand.nmse:.3e} above {limit_nmse:.2e} (k={k:g} x peer {peer.nmse:.2e})")
+    if cand.max_abs > limit_max_abs:
+        reasons.append(f"max abs {cand.max_abs:.3e} above {limit_max_abs:.2e} (k={k_max:g} x peer "
                        f"{peer.max_abs:.2e})")
-    cand.reason = "; ".join(reasons)
-    cand.passed = not reasons
-    return cand
+    return replace(cand, **peer_figures, limit_nmse=limit_nmse, limit_max_abs=limit_max_abs,
+                   reason="; ".join(reasons), passed=not reasons)
 
 
-def judge_tensor(candidate, reference, judge, peer=None, name="tensor"):
-    """compare() under `judge`: the table, or calibrated by `peer` (the peer's tensor) when given."""
+def judge_tensor(candidate, reference, judge, peer=None, name="tensor", peer_reference=None):
+    """compare() under `judge`: the table, or calibrated by `peer` (the peer's tensor) when given. The peer
+    is measured against `peer_reference` where the reference it should meet differs from the candidate's
+    (the MoE block's near-tie tokens, resolved for each side), else against `reference`."""
     table = judge.table if not isinstance(judge.table, Distribution) else judge.dtype
     c = compare(candidate, reference, table, name)
     if judge.calibrated and peer is not None:
-        calibrate(c, compare(peer, reference, table, name), judge.dtype, judge.k)
+        peer_reference = reference if peer_reference is None else peer_reference
+        return calibrate(c, compare(peer, peer_reference, table, name), judge.dtype, judge.k)
     return c
 
 

@@ -19,10 +19,10 @@ Module engine protocol (`--engine` of attention_test.py and moe_test.py; documen
 """
 
 import copy
+from dataclasses import dataclass
 
 import torch
 
-from . import roofline
 from .engines import causal_mask, resolve_class
 from .errors import UsageError
 
@@ -202,9 +202,23 @@ def admissible_sets(ref_logits, top_k, margin, max_boundary=6):
     return out
 
 
+@dataclass(frozen=True)
+class MoEBlockCheck:
+    """The sparse MoE block's verdict on every token (check_moe_block)."""
+
+    passed: bool
+    output: object  # the output's Comparison, judged by the table or calibrated by the peer
+    near_ties: int  # tokens a correct engine's rounding may route to another admissible set
+    rerouted: int  # near-tie tokens whose output matched another admissible set than the reference's
+    peer_rerouted: int = None  # the same for the peer, when calibrated
+    router_logits: object = None  # with a candidate router: its logits' Comparison
+    set_mismatches: int = None  # tokens whose expert set is not admissible (a failure)
+    match_all: float = None  # fraction of tokens with exactly the reference's expert set
+
+
 def check_moe_block(out, ref_out, x, weights, config, ref_logits, judge, peer_out=None, peer_logits=None,
                     cand_logits=None):
-    """The sparse MoE block's verdict on every token, against the float32 reference.
+    """The sparse MoE block's verdict on every token, against the float32 reference (a MoEBlockCheck).
 
     A token is a near-tie when the reference's k-th/(k+1)-th router-logit gap is within twice what a
     correct engine's router error may be there (k x the peer's error + one rounding; without a peer, the
@@ -215,13 +229,12 @@ def check_moe_block(out, ref_out, x, weights, config, ref_logits, judge, peer_ou
     its expert set must be the reference's on every decisive token and an admissible one on every other.
     Near-ties come from the reference and the peer only, so their share is bounded by the peer's error.
     """
-    from .compare import OWN_TOLERANCES, TOLERANCES, compare
-    from .judges import DECISIVE_SIGMAS, PEER_K_MAX, calibrate, rounding_floor
+    from .compare import OWN_TOLERANCES
+    from .judges import DECISIVE_SIGMAS, PEER_K_MAX, judge_tensor, rounding_floor
 
     top_k = config.num_experts_per_tok
     tokens = ref_logits.shape[0]
     f = rounding_floor(judge.dtype)
-    table = TOLERANCES[judge.dtype]
     calibrated = judge.calibrated and peer_out is not None
     # the router-logit error a correct engine may have on a token: the peer's largest there (calibrated), or
     # DECISIVE_SIGMAS x the RMS error the own-error table allows (the router is one component), plus the floor
@@ -255,130 +268,19 @@ def check_moe_block(out, ref_out, x, weights, config, ref_logits, judge, peer_ou
         return out2d, adjusted, rerouted
 
     cand2d, cand_ref, cand_rerouted = resolve(out)
-    output = compare(cand2d, cand_ref, table, "output")
-    result = {"near_ties": len(near), "rerouted": cand_rerouted, "peer_rerouted": None, "output": output,
-              "router_logits": None, "set_mismatches": None, "match_all": None}
-    if calibrated:
-        peer2d, peer_ref, result["peer_rerouted"] = resolve(peer_out)
-        calibrate(output, compare(peer2d, peer_ref, table, "output"), judge.dtype, judge.k)
-    passed = output.passed
-    if cand_logits is not None:
-        logits = compare(cand_logits, ref_logits, table, "router logits")
-        if calibrated:
-            calibrate(logits, compare(peer_logits, ref_logits, table, "router logits"), judge.dtype, judge.k)
-        chosen = cand_logits.topk(top_k, -1).indices.sort(-1).values
-        admissible = [bool((options == chosen[t]).all(-1).any()) for t, options in enumerate(sets)]
-        reference_sets = torch.stack([options[0] for options in sets])
-        result.update(router_logits=logits, set_mismatches=admissible.count(False),
-                      match_all=float((chosen == reference_sets).all(-1).double().mean()))
-        passed &= logits.passed and result["set_mismatches"] == 0
-    result["passed"] = passed
-    return result
+    peer2d, peer_ref, peer_rerouted = resolve(peer_out) if calibrated else (None, None, None)
+    output = judge_tensor(cand2d, cand_ref, judge, peer2d, "output", peer_reference=peer_ref)
+    if cand_logits is None:
+        return MoEBlockCheck(output.passed, output, len(near), cand_rerouted, peer_rerouted)
+    logits = judge_tensor(cand_logits, ref_logits, judge, peer_logits if calibrated else None, "router logits")
+    chosen = cand_logits.topk(top_k, -1).indices.sort(-1).values
+    admissible = [bool((options == chosen[t]).all(-1).any()) for t, options in enumerate(sets)]
+    reference_sets = torch.stack([options[0] for options in sets])
+    mismatches = admissible.count(False)
+    return MoEBlockCheck(output.passed and logits.passed and mismatches == 0, output, len(near), cand_rerouted,
+                         peer_rerouted, logits, mismatches, float((chosen == reference_sets).all(-1).double().mean()))
 
 
 def first_output(out):
     """Modules return a tensor, or a tuple whose first element is the output (4.57 MoE, attention)."""
     return out[0] if isinstance(out, tuple) else out
-
-
-def bench_parser(doc, impl_flag, impl_choices, impl_default):
-    """The flags both Qwen3-MoE benchmarks share."""
-    from . import cli, devices
-
-    p = cli.ArgumentParser(description=doc)
-    p.add_argument("--model_path", help="Qwen3-MoE checkpoint directory (default: the kit's embedded tiny one)")
-    devices.add_device_args(p)
-    p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 | float16 (default bfloat16)")
-    p.add_argument("--layer", type=int, default=0, help="which layer's weights to benchmark (default 0)")
-    p.add_argument("--warmups", type=int, default=10, help="untimed calls before timing (default 10)")
-    p.add_argument("--runs", type=int, default=100, help="timed calls (default 100)")
-    p.add_argument("--engine", default="hf", help="hf | compile | package.module:Class | file.py:Class")
-    p.add_argument(impl_flag, default=impl_default, choices=impl_choices,
-                   help=f"transformers implementation (default {impl_default})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice); recorded")
-    p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH (atomically)")
-    p.add_argument("--peer", default="hf", choices=["hf", "none"],
-                   help="hf (default): verdicts calibrated by HF's eager block in --dtype on the device; none: table")
-    p.add_argument("--cold", action="store_true",
-                   help="also time every case cold: the caches evicted before each timed call (a write of twice "
-                        "the last-level cache, untimed), reported beside the warm figures")
-    p.add_argument("--sweep", action="store_true", help="run the script's shape sweep instead of its cases")
-    p.epilog = (ROOFLINE_HELP + "\n\n" + (p.epilog or "")).strip()
-    return p
-
-
-ROOFLINE_HELP = """Distance to the limit (kitcore/roofline.py): every row adds roofline_ms = max(bytes / bandwidth,
-FLOPs / matmul throughput), with the device's ceilings measured once and cached (tools/device_ceilings.py),
-bound=memory|compute (which term is larger) and roofline_fraction = roofline_ms / median."""
-
-
-def build_peer(args, impl, build_eager, device, what):
-    """The correct peer of a Qwen3-MoE benchmark: HF's block with its eager implementation, in the
-    candidate dtype on the device (`build_eager()` builds it), or None where there is none: --peer none,
-    or the hf engine with `impl` "eager", which is that peer itself. Says which on one line."""
-    from .judges import PEER_K
-
-    if args.peer == "none" or (args.engine == "hf" and impl == "eager"):
-        print("  peer: " + ("none (--peer none)" if args.peer == "none" else "the candidate is HF's block itself")
-              + ": verdicts from the static table")
-        return None
-    print(f"  peer: HF's block ({what}) in {args.dtype} on {device}: verdicts calibrated by its error (k={PEER_K:g})")
-    return build_eager()
-
-
-def bench_setup(args, script, impl):
-    """Device, dtype, checkpoint, config and Results of a Qwen3-MoE benchmark."""
-    from . import checkpoints, devices
-    from .engines import quiet_transformers
-    from .results import Results, environment
-    from .timing import check_counts
-
-    check_counts(args.warmups, args.runs)
-    quiet_transformers()
-    devices.set_threads(args.threads)
-    device = devices.resolve_device(args)
-    dtype = devices.parse_dtype(args.dtype)
-    device.check_dtype(dtype)
-    torch.manual_seed(args.seed)
-    checkpoint = checkpoints.resolve_checkpoint(args.model_path, "qwen3_moe")
-    config = load_config(checkpoint, args.layer)
-    results = Results(script, labels={"device": str(device), "dtype": args.dtype, "engine": args.engine,
-                                      "impl": impl, "layer": args.layer})
-    results.env = environment(device, dtype, args.seed, checkpoint)
-    env = results.env
-    print(f"{script}: engine={args.engine} impl={impl} device={env['device_name']} dtype={args.dtype} "
-          f"layer={args.layer} seed={args.seed} threads={env['threads']}")
-    print(f"  checkpoint {checkpoint.path} (hash {env['checkpoint_hash']}); torch {env['torch']}, "
-          f"transformers {env['transformers']}; reference: the same module in float32 on the CPU")
-    ceilings = roofline.ceilings_for(device, [args.dtype])
-    print(f"  {ceilings.describe(args.dtype)}")
-    env["ceilings"] = {"bandwidth_bytes_per_s": ceilings.bandwidth_bytes_per_s,
-                       "flops_per_s": ceilings.flops_per_s[args.dtype], **ceilings.measured}
-    return device, dtype, checkpoint, config, results, ceilings
-
-
-def report_measurement(results, case, m, tokens, flops, bytes_moved, peak_bytes, ceilings, **labels):
-    """A Measurement as metric lines: latency statistics, tok/s, GFLOP/s, GB/s, peak memory, and its
-    distance to the device's limit (kitcore.roofline). Returns the roofline Bound."""
-    for key, value in m.summary().items():
-        unit = "ms" if key.endswith("_ms") else ("bool" if key == "spread_warning" else "count")
-        results.add(case, key, value, unit=unit, **labels)
-    seconds = m.median_ms / 1e3
-    results.add(case, "tokens_per_s", tokens / seconds, unit="tok/s", **labels)
-    results.add(case, "gflops", flops / seconds / 1e9, unit="GFLOP/s", **labels)
-    results.add(case, "gbytes_per_s", bytes_moved / seconds / 1e9, unit="GB/s", **labels)
-    if peak_bytes is not None:
-        results.add(case, "peak_memory", peak_bytes, unit="bytes", **labels)
-    roof = roofline.bound(flops, bytes_moved, ceilings, results.labels["dtype"], m.median_ms)
-    results.add(case, "roofline_ms", roof.ms, unit="ms", bound=roof.kind, **labels)
-    results.add(case, "roofline_fraction", roof.fraction, unit="fraction", bound=roof.kind, **labels)
-    return roof
-
-
-def bench_finish(results, device, cases, passed, json_path):
-    """The correctness verdict line, the device's cache released, the JSON written; the exit code."""
-    results.extra["cases"] = cases
-    print(f"\ncorrectness verdict: {'PASS' if passed else 'FAIL'}")
-    device.empty_cache()
-    return results.finish(passed, json_path)

@@ -457,3 +457,110 @@ def print_timings(phases, started):
           + f"; check wall {wall:.3f}, wall / (loads + forwards) = {wall / work:.2f}")
     print("  " + phases.summary())
     return wall
+
+
+# ---- the Qwen3-MoE benchmarks: one block of one layer, module engines ------------------------------
+
+ROOFLINE_HELP = """Distance to the limit (kitcore/roofline.py): every row adds roofline_ms = max(bytes / bandwidth,
+FLOPs / matmul throughput), with the device's ceilings measured once and cached (tools/device_ceilings.py),
+bound=memory|compute (which term is larger) and roofline_fraction = roofline_ms / median."""
+
+
+def bench_parser(doc, impl_flag, impl_choices, impl_default):
+    """The flags both Qwen3-MoE benchmarks share."""
+    p = cli.ArgumentParser(description=doc)
+    p.add_argument("--model_path", help="Qwen3-MoE checkpoint directory (default: the kit's embedded tiny one)")
+    devices.add_device_args(p)
+    p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 | float16 (default bfloat16)")
+    p.add_argument("--layer", type=int, default=0, help="which layer's weights to benchmark (default 0)")
+    p.add_argument("--warmups", type=int, default=10, help="untimed calls before timing (default 10)")
+    p.add_argument("--runs", type=int, default=100, help="timed calls (default 100)")
+    p.add_argument("--engine", default="hf", help="hf | compile | package.module:Class | file.py:Class")
+    p.add_argument(impl_flag, default=impl_default, choices=impl_choices,
+                   help=f"transformers implementation (default {impl_default})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice); recorded")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH (atomically)")
+    p.add_argument("--peer", default="hf", choices=["hf", "none"],
+                   help="hf (default): verdicts calibrated by HF's eager block in --dtype on the device; none: table")
+    p.add_argument("--cold", action="store_true",
+                   help="also time every case cold: the caches evicted before each timed call (a write of twice "
+                        "the last-level cache, untimed), reported beside the warm figures")
+    p.add_argument("--sweep", action="store_true", help="run the script's shape sweep instead of its cases")
+    p.epilog = (ROOFLINE_HELP + "\n\n" + (p.epilog or "")).strip()
+    return p
+
+
+@dataclass
+class Bench:
+    """One Qwen3-MoE benchmark: device, dtype, checkpoint, its one-layer config, the results and the
+    device's ceilings; the peer rule and the metric lines of every timed case."""
+
+    args: object
+    device: devices.Device
+    dtype: torch.dtype
+    checkpoint: checkpoints.Checkpoint
+    config: object
+    results: Results
+    ceilings: object
+    cases: dict
+
+    @classmethod
+    def open(cls, args, script, impl):
+        from .qwen3_moe import load_config
+        from .timing import check_counts
+
+        check_counts(args.warmups, args.runs)
+        engines.quiet_transformers()
+        labels = {"device": None, "dtype": args.dtype, "engine": args.engine, "impl": impl, "layer": args.layer}
+        device, dtype, checkpoint, results = start(args, script, labels, args.model_path, "qwen3_moe")
+        results.labels["device"] = str(device)
+        config = load_config(checkpoint, args.layer)
+        env = results.env
+        print(f"{script}: engine={args.engine} impl={impl} device={env['device_name']} dtype={args.dtype} "
+              f"layer={args.layer} seed={args.seed} threads={env['threads']}")
+        print(f"  checkpoint {checkpoint.path} (hash {env['checkpoint_hash']}); torch {env['torch']}, "
+              f"transformers {env['transformers']}; reference: the same module in float32 on the CPU")
+        ceilings = roofline.ceilings_for(device, [args.dtype])
+        print(f"  {ceilings.describe(args.dtype)}")
+        env["ceilings"] = {"bandwidth_bytes_per_s": ceilings.bandwidth_bytes_per_s,
+                           "flops_per_s": ceilings.flops_per_s[args.dtype], **ceilings.measured}
+        return cls(args, device, dtype, checkpoint, config, results, ceilings, {})
+
+    def peer(self, impl, build_eager, what):
+        """The correct peer: HF's block with its eager implementation in the candidate dtype on the device
+        (`build_eager()` builds it), or None: --peer none, or the hf engine with `impl` "eager", which is that
+        peer itself. Says which on one line."""
+        kind = decide_peer(self.args.peer, self.args.engine == "hf" and impl == "eager")
+        if kind != OWN_PEER:
+            print("  peer: " + ("none (--peer none)" if kind == NO_PEER else "the candidate is HF's block itself")
+                  + ": verdicts from the static table")
+            return None
+        print(f"  peer: HF's block ({what}) in {self.args.dtype} on {self.device}: verdicts calibrated by its error "
+              f"(k={judges.PEER_K:g})")
+        return build_eager()
+
+    def report(self, case, m, tokens, flops, bytes_moved, peak_bytes, **labels):
+        """A Measurement as metric lines: latency statistics, tok/s, GFLOP/s, GB/s, peak memory, and its
+        distance to the device's limit (kitcore.roofline). Returns the roofline Bound."""
+        results = self.results
+        for key, value in m.summary().items():
+            unit = "ms" if key.endswith("_ms") else ("bool" if key == "spread_warning" else "count")
+            results.add(case, key, value, unit=unit, **labels)
+        seconds = m.median_ms / 1e3
+        results.add(case, "tokens_per_s", tokens / seconds, unit="tok/s", **labels)
+        results.add(case, "gflops", flops / seconds / 1e9, unit="GFLOP/s", **labels)
+        results.add(case, "gbytes_per_s", bytes_moved / seconds / 1e9, unit="GB/s", **labels)
+        if peak_bytes is not None:
+            results.add(case, "peak_memory", peak_bytes, unit="bytes", **labels)
+        roof = roofline.bound(flops, bytes_moved, self.ceilings, results.labels["dtype"], m.median_ms)
+        results.add(case, "roofline_ms", roof.ms, unit="ms", bound=roof.kind, **labels)
+        results.add(case, "roofline_fraction", roof.fraction, unit="fraction", bound=roof.kind, **labels)
+        return roof
+
+    def finish(self, passed):
+        """The correctness verdict line, the device's cache released, the JSON written; the exit code."""
+        self.results.extra["cases"] = self.cases
+        print(f"\ncorrectness verdict: {'PASS' if passed else 'FAIL'}")
+        self.device.empty_cache()
+        return self.results.finish(passed, self.args.json)

@@ -29,18 +29,18 @@ evicted before each call, beside the warm figures.
 """
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 
-from kitcore import cli, judges  # noqa: E402
+from kitcore import cli, judges, session  # noqa: E402
 from kitcore.compare import OWN_TOLERANCES  # noqa: E402
 from kitcore.devices import Device  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
-from kitcore.qwen3_moe import (HFModules, attention_mask, bench_finish, bench_parser, bench_setup,  # noqa: E402
-                               build_peer, first_output, layer_weights, module_engine, report_measurement)
+from kitcore.qwen3_moe import HFModules, attention_mask, first_output, layer_weights, module_engine  # noqa: E402
 from kitcore.roofline import CacheFlush  # noqa: E402
 from kitcore.timing import benchmark, time_requests, timer_note  # noqa: E402
 
@@ -172,170 +172,215 @@ def sweep_points(max_pos):
             "batch": [(b, min(256, max_pos - 1)) for b in SWEEP_BATCH]}
 
 
-def sweep(args, config, run_phase, run_batched, reference_output):
+CPU = Device("cpu", "cpu")
+
+
+@dataclass
+class Modules:
+    """The candidate's attention, the float32 CPU reference and the peer (or None); what every case needs."""
+
+    bench: session.Bench
+    module: object
+    reference: object
+    peer: object
+    judge: judges.Judge
+    rotary: object  # on the device
+    ref_rotary: object  # on the CPU
+    own_streams: bool
+    flush: object  # a CacheFlush with --cold, else None
+    generator: torch.Generator
+
+    @classmethod
+    def open(cls, bench):
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRotaryEmbedding
+
+        args, config, device, dtype = bench.args, bench.config, bench.device, bench.dtype
+        weights = layer_weights(bench.checkpoint, args.layer, "self_attn")
+        module = module_engine(args.engine, ("build_attention",)).build_attention(config, weights, device, dtype,
+                                                                                  args.attn)
+        reference = HFModules().build_attention(config, weights, CPU, torch.float32, "eager")
+        peer = bench.peer(args.attn, lambda: HFModules().build_attention(config, weights, device, dtype, "eager"),
+                          "eager attention")
+        judge = judges.Judge(dtype, OWN_TOLERANCES[dtype], calibrated=peer is not None)
+        own_streams = bool(getattr(module, "own_streams", False))
+        bench.results.env["timer"] = timer_note(device, own_streams)
+        print(f"  {bench.results.env['timer']}")
+        return cls(bench, module, reference, peer, judge, Qwen3MoeRotaryEmbedding(config).to(device.torch_device),
+                   Qwen3MoeRotaryEmbedding(config), own_streams, CacheFlush(device) if args.cold else None,
+                   torch.Generator().manual_seed(args.seed))
+
+    def reference_output(self, r):
+        ref_call, _, _ = r.prepare(self.reference, self.ref_rotary, CPU, torch.float32, "eager")
+        return ref_call()
+
+
+def first_outputs(m, requests, prepared):
+    """Each request's first output (the first call may compile: not the one measured), its peak memory,
+    and the reference's and the peer's outputs."""
+    device, outputs, peaks = m.bench.device, [], []
+    for r, (call, reset, _) in zip(requests, prepared):
+        outputs.append(call().detach().cpu())
+        reset()
+        device.reset_peak_memory()
+        call()
+        peaks.append(device.peak_memory_bytes())
+        reset()
+        r.reference = m.reference_output(r)
+        if m.peer is not None:
+            peer_call, _, _ = r.prepare(m.peer, m.rotary, device, m.bench.dtype, "eager")
+            r.peer = peer_call().detach().cpu()
+    return outputs, peaks
+
+
+def run_phase(m, phase, cases, labels=None):
+    """Time and check the requests `cases` [(seq, past)]; `labels(i, request)` adds a sweep's labels.
+    Returns the requests, their Measurements, the batch-relative latencies and whether every one passed."""
+    bench, args = m.bench, m.bench.args
+    device, dtype, config = bench.device, bench.dtype, bench.config
+    requests = [Request(config, s, p, m.generator) for s, p in cases]
+    prepared = [r.prepare(m.module, m.rotary, device, dtype, args.attn) for r in requests]
+    outputs, peaks = first_outputs(m, requests, prepared)
+    latencies, batch_relative = time_requests([c for c, _, _ in prepared], device, args.warmups, args.runs,
+                                              lambda: [reset() for _, reset, _ in prepared], phase, m.own_streams)
+    passed = True
+    for i, (r, out, timed, peak) in enumerate(zip(requests, outputs, latencies, peaks)):
+        case = f"{phase}{i}_seq{r.seq}_past{r.past}"
+        extra = labels(i, r) if labels else {}
+        c = judges.judge_tensor(out, r.reference, m.judge, r.peer if m.peer is not None else None, case)
+        passed &= c.passed
+        flops, moved = flops_and_bytes(config, r.seq, r.past, dtype)
+        roof = bench.report(case, timed, r.seq, flops, moved, peak, phase=phase, **extra)
+        bench.results.add_comparison(case, c, phase=phase, **extra)
+        cold = None
+        if m.flush is not None:
+            call, reset, _ = prepared[i]
+            cold = benchmark(call, device, args.warmups, args.runs, f"{case} cold",
+                             setup=lambda reset=reset: (reset(), m.flush()), own_streams=m.own_streams)
+            bench.report(case, cold, r.seq, flops, moved, None, phase=phase, cache="cold", **extra)
+        bench.cases.setdefault(phase, []).append(
+            {"case": case, "seqlen": r.seq, "pastlen": r.past, **timed.summary(), "roofline_ms": roof.ms,
+             "roofline_fraction": roof.fraction, "bound": roof.kind, "comparison": c.as_dict(),
+             **({"cold": cold.summary()} if cold else {}), **extra})
+        print(f"  {case:<26} median {timed.median_ms:8.3f} ms  IQR {timed.iqr_ms:7.3f}  "
+              f"{r.seq / timed.median_ms * 1e3:10.1f} tok/s  {flops / timed.median_ms / 1e6:8.2f} GFLOP/s  "
+              f"{moved / timed.median_ms / 1e6:7.2f} GB/s  {roof.fraction:6.1%} of {roof.kind} roofline"
+              + (f"  cold {cold.median_ms:.3f} ms" if cold else "")
+              + f" | max abs {c.max_abs:.2e} cos {c.cosine:.6f} nmse {c.nmse:.2e} {'ok' if c.passed else 'FAIL'}"
+              + ("  [spread warning]" if timed.spread_warning else ""))
+        if not c.passed:
+            print(f"    {c.reason}")
+    return requests, latencies, batch_relative, passed
+
+
+def run_batched(m, requests, case, labels):
+    """The decode requests as one left-padded batch, as a serving engine runs them: timed and checked."""
+    bench, args = m.bench, m.bench.args
+    device, dtype = bench.device, bench.dtype
+    call, reset = batched_decode(requests, m.module, m.rotary, device, dtype, args.attn)
+    out = call().detach().cpu()  # the first call may compile: not the one measured
+    reset()
+    peer_out = None
+    if m.peer is not None:
+        peer_call, peer_reset = batched_decode(requests, m.peer, m.rotary, device, dtype, "eager")
+        peer_out = peer_call().detach().cpu()
+        peer_reset()
+    c = judges.judge_tensor(out, torch.cat([r.reference for r in requests]), m.judge, peer_out, case)
+    device.reset_peak_memory()
+    (timed,), _ = time_requests([call], device, args.warmups, args.runs, reset, case, m.own_streams)
+    flops, moved = batch_flops_and_bytes(bench.config, [r.past for r in requests], dtype)
+    roof = bench.report(case, timed, len(requests), flops, moved, device.peak_memory_bytes(), phase="decode", **labels)
+    bench.results.add_comparison(case, c, phase="decode", **labels)
+    bench.cases.setdefault("decode_batched", []).append(
+        {"case": case, "requests": len(requests), **timed.summary(), "roofline_ms": roof.ms,
+         "roofline_fraction": roof.fraction, "bound": roof.kind, "comparison": c.as_dict(), **labels})
+    print(f"  {case}: {len(requests)} requests, left-padded to past {max(r.past for r in requests)}: "
+          f"median {timed.median_ms:.3f} ms, {len(requests) / timed.median_ms * 1e3:.1f} tok/s, {roof.fraction:.1%} "
+          f"of {roof.kind} roofline | max abs {c.max_abs:.2e} nmse {c.nmse:.2e} "
+          f"{'ok' if c.passed else 'FAIL: ' + c.reason}")
+    return c.passed
+
+
+def sweep(m):
     """--sweep: every point timed and checked like a case, labelled sweep=<family> size=<n>."""
-    g = torch.Generator().manual_seed(args.seed + 1)
+    g, config, passed = torch.Generator().manual_seed(m.bench.args.seed + 1), m.bench.config, True
     for family, points in sweep_points(config.max_position_embeddings).items():
         print(f"\nsweep {family}: " + ", ".join(f"{s}:{p}" for s, p in points))
         if family == "batch":  # b decode requests of one token at the same past, as one batch
             for b, past in points:
                 requests = [Request(config, 1, past, g) for _ in range(b)]
                 for r in requests:
-                    r.reference = reference_output(r)
-                run_batched(requests, f"batch{b}_past{past}", {"sweep": "batch", "size": b})
+                    r.reference = m.reference_output(r)
+                passed &= run_batched(m, requests, f"batch{b}_past{past}", {"sweep": "batch", "size": b})
         else:
-            run_phase(family, points, lambda i, r, family=family: {
-                "sweep": family, "size": r.seq if family == "prefill_length" else r.past})
+            passed &= run_phase(m, family, points, lambda i, r, family=family: {
+                "sweep": family, "size": r.seq if family == "prefill_length" else r.past})[3]
+    return passed
 
 
-def main(argv=None):
-    parser = bench_parser(__doc__, "--attn", ["eager", "sdpa"], "sdpa")
-    parser.add_argument("--prefill_cases", default=PREFILL_CASES, help=f"seqlen:pastlen,... (default {PREFILL_CASES})")
-    parser.add_argument("--decode_cases", default=None, help="1:pastlen,... (default 16 requests, pasts 50x4 ... 400x4)")
-    parser.add_argument("--batched", action="store_true", help="also run the decode requests as one padded batch")
-    args = parser.parse_args(argv)
-    device, dtype, checkpoint, config, results, ceilings = bench_setup(args, SCRIPT, args.attn)
-    max_pos = config.max_position_embeddings
-    prefill = parse_cases(args.prefill_cases, "--prefill_cases", max_pos)
-    decode = parse_cases(args.decode_cases or DECODE_CASES, "--decode_cases", max_pos, decode=True)
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRotaryEmbedding
-
-    weights = layer_weights(checkpoint, args.layer, "self_attn")
-    engine = module_engine(args.engine, ("build_attention",))
-    module = engine.build_attention(config, weights, device, dtype, args.attn)
-    cpu = Device("cpu", "cpu")
-    reference = HFModules().build_attention(config, weights, cpu, torch.float32, "eager")
-    peer = build_peer(args, args.attn, lambda: HFModules().build_attention(config, weights, device, dtype, "eager"),
-                      device, "eager attention")
-    judge = judges.Judge(dtype, OWN_TOLERANCES[dtype], calibrated=peer is not None)
-    own_streams = bool(getattr(module, "own_streams", False))
-    results.env["timer"] = timer_note(device, own_streams)
-    print(f"  {results.env['timer']}")
-    rotary = Qwen3MoeRotaryEmbedding(config).to(device.torch_device)
-    ref_rotary = Qwen3MoeRotaryEmbedding(config)
-    g = torch.Generator().manual_seed(args.seed)
-    all_passed = True
-    summary = {}
-
-    flush = CacheFlush(device) if args.cold else None
-
-    def reference_output(r):
-        ref_call, _, _ = r.prepare(reference, ref_rotary, cpu, torch.float32, "eager")
-        return ref_call()
-
-    def run_phase(phase, cases, labels=None):
-        """Time and check the requests `cases` [(seq, past)]; `labels(i, request)` adds a sweep's labels."""
-        nonlocal all_passed
-        requests = [Request(config, s, p, g) for s, p in cases]
-        prepared = [r.prepare(module, rotary, device, dtype, args.attn) for r in requests]
-        outputs, peaks = [], []
-        for r, (call, reset, _) in zip(requests, prepared):
-            outputs.append(call().detach().cpu())  # the first call may compile: not the one measured
-            reset()
-            device.reset_peak_memory()
-            call()
-            peaks.append(device.peak_memory_bytes())
-            reset()
-            r.reference = reference_output(r)
-            if peer is not None:
-                peer_call, _, _ = r.prepare(peer, rotary, device, dtype, "eager")
-                r.peer = peer_call().detach().cpu()
-        latencies, batch_relative = time_requests([c for c, _, _ in prepared], device, args.warmups, args.runs,
-                                                  lambda: [reset() for _, reset, _ in prepared], phase, own_streams)
-        for i, (r, out, m, peak) in enumerate(zip(requests, outputs, latencies, peaks)):
-            case = f"{phase}{i}_seq{r.seq}_past{r.past}"
-            extra = labels(i, r) if labels else {}
-            c = judges.judge_tensor(out, r.reference, judge, r.peer if peer is not None else None, case)
-            all_passed &= c.passed
-            flops, moved = flops_and_bytes(config, r.seq, r.past, dtype)
-            roof = report_measurement(results, case, m, r.seq, flops, moved, peak, ceilings, phase=phase, **extra)
-            results.add_comparison(case, c, phase=phase, **extra)
-            cold = None
-            if flush is not None:
-                call, reset, _ = prepared[i]
-                cold = benchmark(call, device, args.warmups, args.runs, f"{case} cold",
-                                 setup=lambda reset=reset: (reset(), flush()), own_streams=own_streams)
-                report_measurement(results, case, cold, r.seq, flops, moved, None, ceilings, phase=phase,
-                                   cache="cold", **extra)
-            summary.setdefault(phase, []).append({"case": case, "seqlen": r.seq, "pastlen": r.past, **m.summary(),
-                                   "roofline_ms": roof.ms, "roofline_fraction": roof.fraction, "bound": roof.kind,
-                                   "comparison": c.as_dict(), **({"cold": cold.summary()} if cold else {}), **extra})
-            print(f"  {case:<26} median {m.median_ms:8.3f} ms  IQR {m.iqr_ms:7.3f}  {r.seq / m.median_ms * 1e3:10.1f} tok/s"
-                  f"  {flops / m.median_ms / 1e6:8.2f} GFLOP/s  {moved / m.median_ms / 1e6:7.2f} GB/s  "
-                  f"{roof.fraction:6.1%} of {roof.kind} roofline"
-                  + (f"  cold {cold.median_ms:.3f} ms" if cold else "")
-                  + f" | max abs {c.max_abs:.2e} cos {c.cosine:.6f} nmse {c.nmse:.2e} {'ok' if c.passed else 'FAIL'}"
-                  + ("  [spread warning]" if m.spread_warning else ""))
-            if not c.passed:
-                print(f"    {c.reason}")
-        return requests, latencies, batch_relative
-
-    def run_batched(requests, case, labels):
-        """The decode requests as one left-padded batch, as a serving engine runs them: timed and checked."""
-        nonlocal all_passed
-        call, reset = batched_decode(requests, module, rotary, device, dtype, args.attn)
-        out = call().detach().cpu()  # the first call may compile: not the one measured
-        reset()
-        peer_out = None
-        if peer is not None:
-            peer_call, peer_reset = batched_decode(requests, peer, rotary, device, dtype, "eager")
-            peer_out = peer_call().detach().cpu()
-            peer_reset()
-        c = judges.judge_tensor(out, torch.cat([r.reference for r in requests]), judge, peer_out, case)
-        all_passed &= c.passed
-        device.reset_peak_memory()
-        (m,), _ = time_requests([call], device, args.warmups, args.runs, reset, case, own_streams)
-        flops, moved = batch_flops_and_bytes(config, [r.past for r in requests], dtype)
-        roof = report_measurement(results, case, m, len(requests), flops, moved, device.peak_memory_bytes(),
-                                  ceilings, phase="decode", **labels)
-        results.add_comparison(case, c, phase="decode", **labels)
-        summary.setdefault("decode_batched", []).append({"case": case, "requests": len(requests), **m.summary(),
-                                                         "roofline_ms": roof.ms, "roofline_fraction": roof.fraction,
-                                                         "bound": roof.kind, "comparison": c.as_dict(), **labels})
-        print(f"  {case}: {len(requests)} requests, left-padded to past {max(r.past for r in requests)}: "
-              f"median {m.median_ms:.3f} ms, {len(requests) / m.median_ms * 1e3:.1f} tok/s, {roof.fraction:.1%} of "
-              f"{roof.kind} roofline | max abs {c.max_abs:.2e} nmse {c.nmse:.2e} {'ok' if c.passed else 'FAIL: ' + c.reason}")
-
-    if args.sweep:
-        sweep(args, config, run_phase, run_batched, reference_output)
-        return bench_finish(results, device, summary, all_passed, args.json)
-
+def prefill_phase(m, cases):
+    """The prefill cases, with the originals' TTFT line beside the per-request median."""
+    args, results = m.bench.args, m.bench.results
     print("\n" + "*" * 130)
     print("Test Qwen3attention ")
     print("*" * 130)
-    print(f"Test Case PREFILL_TESTCASES : {{'seqlens': {[s for s, _ in prefill]}, 'pastlens': {[p for _, p in prefill]}}}")
-    _, latencies, batch_relative = run_phase("prefill", prefill)
-    original_ttft = sum(sum(r) for r in batch_relative) / (args.runs * len(prefill))
-    per_request = sum(m.median_ms for m in latencies) / len(latencies)
+    print(f"Test Case PREFILL_TESTCASES : {{'seqlens': {[s for s, _ in cases]}, 'pastlens': {[p for _, p in cases]}}}")
+    _, latencies, batch_relative, passed = run_phase(m, "prefill", cases)
+    original_ttft = sum(sum(r) for r in batch_relative) / (args.runs * len(cases))
+    per_request = sum(t.median_ms for t in latencies) / len(latencies)
     results.add("prefill", "ttft_per_request_median_ms", per_request, unit="ms")
     results.add("prefill", "ttft_batch_relative_mean_ms", original_ttft, unit="ms")
     print(f"  TTFT per request (median, averaged over requests): {per_request:.3f} ms")
     print(f"  TTFT as the originals measured it (mean time from the batch start to each request's end): "
           f"{original_ttft:.3f} ms")
     print(f"\t WARMUPS={args.warmups} RUNS={args.runs}, Attention Torch, average TTFT: {round(original_ttft, 2)} ms\n")
+    return passed
+
+
+def decode_phase(m, cases):
+    """The decode requests one at a time (tok/s per past and overall, with the originals' formula), then
+    with --batched as one padded batch."""
+    args, results = m.bench.args, m.bench.results
     print("\n")
     print("-" * 130)
-    print(f"\nTest DECODE_TESTCASES: {{'seqlens': {[s for s, _ in decode]}, 'pastlens': {[p for _, p in decode]}}}")
-    requests, latencies, _ = run_phase("decode", decode)
+    print(f"\nTest DECODE_TESTCASES: {{'seqlens': {[s for s, _ in cases]}, 'pastlens': {[p for _, p in cases]}}}")
+    requests, latencies, _, passed = run_phase(m, "decode", cases)
     groups = {}
-    for r, m in zip(requests, latencies):
-        groups.setdefault(r.past, []).append(m.median_ms)
+    for r, t in zip(requests, latencies):
+        groups.setdefault(r.past, []).append(t.median_ms)
     for past, medians in groups.items():
         tps = len(medians) / (sum(medians) / 1e3)
         results.add(f"decode_past{past}", "tokens_per_s", tps, unit="tok/s", phase="decode")
         print(f"  past {past:>5}: {tps:10.1f} tok/s (bs=1, one token per step, median step latency "
               f"{sum(medians) / len(medians):.3f} ms)")
-    overall = len(latencies) / (sum(m.median_ms for m in latencies) / 1e3)
-    original_tps = args.runs * len(latencies) / (sum(sum(m.samples_ms) for m in latencies) / 1e3)
+    overall = len(latencies) / (sum(t.median_ms for t in latencies) / 1e3)
+    original_tps = args.runs * len(latencies) / (sum(sum(t.samples_ms) for t in latencies) / 1e3)
     results.add("decode", "tokens_per_s_median", overall, unit="tok/s", phase="decode")
     results.add("decode", "tokens_per_s_original_formula", original_tps, unit="tok/s", phase="decode")
     print(f"  overall: {overall:.1f} tok/s from median step latencies; originals' formula (tokens / total time): "
           f"{original_tps:.1f} tok/s")
-    print(f"\t WARMUPS={args.warmups} RUNS={args.runs}, Attention Torch, average throughput: {round(original_tps, 2)} tok/s \n")
-
+    print(f"\t WARMUPS={args.warmups} RUNS={args.runs}, Attention Torch, average throughput: "
+          f"{round(original_tps, 2)} tok/s \n")
     if args.batched:
-        run_batched(requests, "decode_batched", {})
-    return bench_finish(results, device, summary, all_passed, args.json)
+        passed &= run_batched(m, requests, "decode_batched", {})
+    return passed
+
+
+def main(argv=None):
+    parser = session.bench_parser(__doc__, "--attn", ["eager", "sdpa"], "sdpa")
+    parser.add_argument("--prefill_cases", default=PREFILL_CASES, help=f"seqlen:pastlen,... (default {PREFILL_CASES})")
+    parser.add_argument("--decode_cases", default=None, help="1:pastlen,... (default 16 requests, pasts 50x4 ... 400x4)")
+    parser.add_argument("--batched", action="store_true", help="also run the decode requests as one padded batch")
+    args = parser.parse_args(argv)
+    bench = session.Bench.open(args, SCRIPT, args.attn)
+    max_pos = bench.config.max_position_embeddings
+    prefill = parse_cases(args.prefill_cases, "--prefill_cases", max_pos)
+    decode = parse_cases(args.decode_cases or DECODE_CASES, "--decode_cases", max_pos, decode=True)
+    m = Modules.open(bench)
+    if args.sweep:
+        return bench.finish(sweep(m))
+    passed = prefill_phase(m, prefill)
+    passed &= decode_phase(m, decode)
+    return bench.finish(passed)
 
 
 if __name__ == "__main__":

@@ -30,17 +30,17 @@ bytes = (E H (router) + U x 3 H I (the used experts' weights, read once) + 2 T H
 
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 
-from kitcore import cli, inputs, judges  # noqa: E402
+from kitcore import cli, inputs, judges, session  # noqa: E402
 from kitcore.devices import Device  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
-from kitcore.qwen3_moe import (HFModules, bench_finish, bench_parser, bench_setup, check_moe_block,  # noqa: E402
-                               build_peer, first_output, module_engine, moe_weights, report_measurement)
+from kitcore.qwen3_moe import HFModules, check_moe_block, first_output, module_engine, moe_weights  # noqa: E402
 from kitcore.roofline import CacheFlush  # noqa: E402
 from kitcore.timing import benchmark, timer_note  # noqa: E402
 
@@ -107,130 +107,179 @@ def flops_and_bytes(config, tokens, experts_used, dtype):
     return flops, moved
 
 
-def main(argv=None):
+@dataclass
+class Blocks:
+    """The candidate's block, the float32 CPU reference and the peer (or None), with the layer's weights."""
+
+    module: object
+    reference: object
+    peer: object
+    weights: dict
+    judge: judges.Judge
+    own_streams: bool
+
+
+def parse_args(argv):
     # transformers 4.57 has only the eager experts loop: the default names what runs
     import transformers
 
     default_experts = "grouped_mm" if int(transformers.__version__.split(".")[0]) >= 5 else "eager"
-    parser = bench_parser(__doc__, "--experts", ["eager", "grouped_mm", "batched_mm"], default_experts)
+    parser = session.bench_parser(__doc__, "--experts", ["eager", "grouped_mm", "batched_mm"], default_experts)
     parser.add_argument("--inputs", default="text", choices=["text", "random"], help="hidden states (default text)")
     parser.add_argument("--prefill_tokens", type=int, default=704, help="tokens of the prefill call (default 704)")
     parser.add_argument("--decode_tokens", type=int, default=16, help="tokens of the decode call (default 16)")
     args = parser.parse_args(argv)
     if args.prefill_tokens < 1 or args.decode_tokens < 1:
         raise UsageError("--prefill_tokens and --decode_tokens must be at least 1")
-    device, dtype, checkpoint, config, results, ceilings = bench_setup(args, SCRIPT, args.experts)
-    weights = moe_weights(checkpoint, args.layer)
-    engine = module_engine(args.engine, ("build_moe",))
-    module = engine.build_moe(config, weights, device, dtype, args.experts)
-    cpu = Device("cpu", "cpu")
-    reference = HFModules().build_moe(config, weights, cpu, torch.float32, "eager")
-    peer = build_peer(args, args.experts, lambda: HFModules().build_moe(config, weights, device, dtype, "eager"),
-                      device, "eager experts")
+    return args
+
+
+def open_blocks(bench):
+    args, config, device, dtype = bench.args, bench.config, bench.device, bench.dtype
+    weights = moe_weights(bench.checkpoint, args.layer)
+    module = module_engine(args.engine, ("build_moe",)).build_moe(config, weights, device, dtype, args.experts)
+    reference = HFModules().build_moe(config, weights, Device("cpu", "cpu"), torch.float32, "eager")
+    peer = bench.peer(args.experts, lambda: HFModules().build_moe(config, weights, device, dtype, "eager"),
+                      "eager experts")
     judge = judges.Judge(dtype, judges.TOLERANCES[dtype], calibrated=peer is not None)
     own_streams = bool(getattr(module, "own_streams", False))
-    results.env["timer"] = timer_note(device, own_streams)
-    print(f"  {results.env['timer']}")
+    bench.results.env["timer"] = timer_note(device, own_streams)
+    print(f"  {bench.results.env['timer']}")
+    return Blocks(module, reference, peer, weights, judge, own_streams)
+
+
+def print_case_header(case, tokens, inputs_kind):
+    if case == "prefill":
+        print(f"Test Case PREFILL_TESTCASES : {{'tokens': {tokens}, 'inputs': {inputs_kind!r}}}")
+    elif case == "decode":
+        print("\n")
+        print("-" * 130)
+        print(f"\nTest DECODE_TESTCASES: {{'tokens': {tokens}, 'inputs': {inputs_kind!r}}}")
+    else:
+        print(f"\nsweep point: {tokens} tokens")
+
+
+def check_case(bench, blocks, x):
+    """The block on x [1, T, H]: its output (the first call, which may compile), peak memory, routing and
+    verdict (kitcore.qwen3_moe.check_moe_block)."""
+    device, config = bench.device, bench.config
+    x_dev = x.to(device.torch_device, bench.dtype)
+    with torch.no_grad():
+        out = first_output(blocks.module(x_dev)).detach().cpu()
+        device.reset_peak_memory()
+        blocks.module(x_dev)
+    peak = device.peak_memory_bytes()
+    with torch.no_grad():
+        ref = first_output(blocks.reference(x))
+        peer_out = first_output(blocks.peer(x_dev)).detach().cpu() if blocks.peer is not None else None
+    routing, ref_logits = routing_analysis(blocks.reference.gate, x, config.num_experts, config.num_experts_per_tok)
+    gate = getattr(blocks.module, "gate", None)
+    check = check_moe_block(out, ref, x, blocks.weights, config, ref_logits, blocks.judge, peer_out,
+                            router_logits(blocks.peer.gate, x_dev) if blocks.peer is not None else None,
+                            router_logits(gate, x_dev) if gate is not None else None)
+    return x_dev, peak, routing, check
+
+
+def time_case(bench, blocks, case, tokens, x_dev, peak, routing, flush, **labels):
+    """Warm (and with --cold, cold) timings of the block on x_dev, as metric lines."""
+    args = bench.args
+
+    def call():
+        with torch.no_grad():
+            blocks.module(x_dev)
+
+    m = benchmark(call, bench.device, args.warmups, args.runs, f"MoE {case} {tokens} tokens",
+                  own_streams=blocks.own_streams)
+    used = sum(1 for n in routing["tokens_per_expert"] if n)
+    flops, moved = flops_and_bytes(bench.config, tokens, used, bench.dtype)
+    roof = bench.report(case, m, tokens, flops, moved, peak, **labels)
+    cold = None
+    if flush is not None:
+        cold = benchmark(call, bench.device, args.warmups, args.runs, f"MoE {case} {tokens} tokens, cold",
+                         setup=flush, own_streams=blocks.own_streams)
+        bench.report(case, cold, tokens, flops, moved, None, cache="cold", **labels)
+    return m, cold, roof, flops, moved
+
+
+def record_case(bench, case, check, routing, **labels):
+    results = bench.results
+    results.add_comparison(case, check.output, **labels)
+    for key in ("load_imbalance", "unused_fraction", "router_entropy"):
+        results.add(case, key, routing[key], **labels)
+    for expert, count in enumerate(routing["tokens_per_expert"]):
+        results.add(case, "expert_tokens", count, unit="count", expert=expert, **labels)
+    results.add(case, "near_tie_tokens", check.near_ties, unit="count", **labels)
+    results.add(case, "rerouted_near_tie_tokens", check.rerouted, unit="count", **labels)
+    if check.router_logits is not None:
+        results.add(case, "router_topk_match", check.match_all, unit="fraction", **labels)
+        results.add(case, "router_set_mismatches", check.set_mismatches, unit="count", **labels)
+        results.add(case, "router_logits_nmse", check.router_logits.nmse, **labels)
+    results.add(case, "passed", check.passed, unit="bool", **labels)
+
+
+def print_case(bench, tokens, m, cold, roof, flops, moved, routing, check):
+    c, k = check.output, bench.config.num_experts_per_tok
+    print(f"  {m.describe()}")
+    if cold:
+        print(f"  {cold.describe()}; cold / warm median {cold.median_ms / m.median_ms:.2f}")
+    print(f"  {tokens / m.median_ms * 1e3:.1f} tok/s, {flops / m.median_ms / 1e6:.2f} GFLOP/s, "
+          f"{moved / m.median_ms / 1e6:.2f} GB/s at the median; roofline {roof.ms:.3f} ms ({roof.kind}-bound): "
+          f"{roof.fraction:.1%} of the device's limit")
+    print(f"  routing: tokens per expert {routing['tokens_per_expert']}; imbalance (max/mean) "
+          f"{routing['load_imbalance']:.2f}; unused experts {routing['unused_fraction']:.0%}; router entropy "
+          f"{routing['router_entropy']:.3f} nats ({routing['router_entropy_normalised']:.0%} of uniform)")
+    peer_note = f", the peer {check.peer_rerouted}" if check.peer_rerouted is not None else ""
+    print(f"  correctness vs float32 eager, every token ({check.near_ties} near-tie tokens matched against "
+          f"their admissible expert sets; {check.rerouted} took another admissible set{peer_note}): "
+          f"max abs {c.max_abs:.3e}, cosine {c.cosine:.6f}, nmse {c.nmse:.3e}"
+          + (f" (allowed {c.limit_nmse:.2e} from the peer's {c.peer_nmse:.2e})" if c.judge == "calibrated" else "")
+          + f" -> {'ok' if c.passed else 'FAIL: ' + c.reason}")
+    if check.router_logits is not None:
+        r = check.router_logits
+        print(f"  router: logits nmse {r.nmse:.2e} {'ok' if r.passed else 'FAIL: ' + r.reason}; top-{k} expert set "
+              f"matches the reference on {check.match_all:.1%} of tokens; {check.set_mismatches} token(s) "
+              f"with a set that is not admissible{'' if check.set_mismatches == 0 else ' -> FAIL'}")
+    else:
+        print("  router: the module has no .gate; its routing is judged through the output of every token")
+    if not bench.args.sweep:
+        print(f"\t WARMUPS={bench.args.warmups} RUNS={bench.args.runs}, MoE Torch average latency: "
+              f"{round(m.mean_ms, 2)} ms   throughput: {round(tokens / (m.mean_ms / 1e3), 2)} tok/s")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    bench = session.Bench.open(args, SCRIPT, args.experts)
+    blocks = open_blocks(bench)
     if args.sweep:
         cases = {f"sweep_tokens{n}": (n, {"sweep": "tokens", "size": n}) for n in SWEEP_TOKENS}
     else:
         cases = {"prefill": (args.prefill_tokens, {}), "decode": (args.decode_tokens, {})}
     total = sum(n for n, _ in cases.values()) if not args.sweep else max(SWEEP_TOKENS)
-    hidden = input_hidden_states(args, checkpoint, config, total)
-    flush = CacheFlush(device) if args.cold else None
+    hidden = input_hidden_states(args, bench.checkpoint, bench.config, total)
+    flush = CacheFlush(bench.device) if args.cold else None
 
     print("*" * 130)
     print("Test Qwen3 MoE" + (f" sweep: tokens per call {', '.join(map(str, SWEEP_TOKENS))}" if args.sweep else ""))
     print("*" * 130)
-    all_passed, summary, start = True, {}, 0
+    all_passed, start = True, 0
     for case, (tokens, labels) in cases.items():
         x = hidden[:, :tokens] if args.sweep else hidden[:, start:start + tokens]
         start += tokens
-        if case == "prefill":
-            print(f"Test Case PREFILL_TESTCASES : {{'tokens': {tokens}, 'inputs': {args.inputs!r}}}")
-        elif case == "decode":
-            print("\n")
-            print("-" * 130)
-            print(f"\nTest DECODE_TESTCASES: {{'tokens': {tokens}, 'inputs': {args.inputs!r}}}")
-        else:
-            print(f"\nsweep point: {tokens} tokens")
+        print_case_header(case, tokens, args.inputs)
         phase = labels.get("sweep", case)
-        x_dev = x.to(device.torch_device, dtype)
-        with torch.no_grad():
-            out = first_output(module(x_dev)).detach().cpu()  # the first call may compile: not the one measured
-            device.reset_peak_memory()
-            module(x_dev)
-        peak = device.peak_memory_bytes()
-        with torch.no_grad():
-            ref = first_output(reference(x))
-            peer_out = first_output(peer(x_dev)).detach().cpu() if peer is not None else None
-        routing, ref_logits = routing_analysis(reference.gate, x, config.num_experts, config.num_experts_per_tok)
-        gate = getattr(module, "gate", None)
-        check = check_moe_block(out, ref, x, weights, config, ref_logits, judge, peer_out,
-                                router_logits(peer.gate, x_dev) if peer is not None else None,
-                                router_logits(gate, x_dev) if gate is not None else None)
-        c = check["output"]
-        passed = check["passed"]
-        all_passed &= passed
-
-        def call(x_dev=x_dev):
-            with torch.no_grad():
-                module(x_dev)
-
-        m = benchmark(call, device, args.warmups, args.runs, f"MoE {case} {tokens} tokens", own_streams=own_streams)
-        used = sum(1 for n in routing["tokens_per_expert"] if n)
-        flops, moved = flops_and_bytes(config, tokens, used, dtype)
-        roof = report_measurement(results, case, m, tokens, flops, moved, peak, ceilings, phase=phase, **labels)
-        cold = None
-        if flush is not None:
-            cold = benchmark(call, device, args.warmups, args.runs, f"MoE {case} {tokens} tokens, cold", setup=flush,
-                             own_streams=own_streams)
-            report_measurement(results, case, cold, tokens, flops, moved, None, ceilings, phase=phase, cache="cold",
-                               **labels)
-        results.add_comparison(case, c, phase=phase, **labels)
-        for key in ("load_imbalance", "unused_fraction", "router_entropy"):
-            results.add(case, key, routing[key], phase=phase, **labels)
-        for expert, count in enumerate(routing["tokens_per_expert"]):
-            results.add(case, "expert_tokens", count, unit="count", phase=phase, expert=expert, **labels)
-        results.add(case, "near_tie_tokens", check["near_ties"], unit="count", phase=phase, **labels)
-        results.add(case, "rerouted_near_tie_tokens", check["rerouted"], unit="count", phase=phase, **labels)
-        if check["router_logits"] is not None:
-            results.add(case, "router_topk_match", check["match_all"], unit="fraction", phase=phase, **labels)
-            results.add(case, "router_set_mismatches", check["set_mismatches"], unit="count", phase=phase, **labels)
-            results.add(case, "router_logits_nmse", check["router_logits"].nmse, phase=phase, **labels)
-        results.add(case, "passed", passed, unit="bool", phase=phase, **labels)
-        summary[case] = {"tokens": tokens, **m.summary(), "roofline_ms": roof.ms, "roofline_fraction": roof.fraction,
-                         "bound": roof.kind, "routing": routing, "near_tie_tokens": check["near_ties"],
-                         "rerouted_near_tie_tokens": check["rerouted"], "router_topk_match": check["match_all"],
-                         "router_set_mismatches": check["set_mismatches"], "comparison": c.as_dict(),
-                         **({"cold": cold.summary()} if cold else {}), **labels}
-        print(f"  {m.describe()}")
-        if cold:
-            print(f"  {cold.describe()}; cold / warm median {cold.median_ms / m.median_ms:.2f}")
-        print(f"  {tokens / m.median_ms * 1e3:.1f} tok/s, {flops / m.median_ms / 1e6:.2f} GFLOP/s, "
-              f"{moved / m.median_ms / 1e6:.2f} GB/s at the median; roofline {roof.ms:.3f} ms ({roof.kind}-bound): "
-              f"{roof.fraction:.1%} of the device's limit")
-        print(f"  routing: tokens per expert {routing['tokens_per_expert']}; imbalance (max/mean) "
-              f"{routing['load_imbalance']:.2f}; unused experts {routing['unused_fraction']:.0%}; router entropy "
-              f"{routing['router_entropy']:.3f} nats ({routing['router_entropy_normalised']:.0%} of uniform)")
-        k = config.num_experts_per_tok
-        peer_note = f", the peer {check['peer_rerouted']}" if check["peer_rerouted"] is not None else ""
-        print(f"  correctness vs float32 eager, every token ({check['near_ties']} near-tie tokens matched against "
-              f"their admissible expert sets; {check['rerouted']} took another admissible set{peer_note}): "
-              f"max abs {c.max_abs:.3e}, cosine {c.cosine:.6f}, nmse {c.nmse:.3e}"
-              + (f" (allowed {c.limit_nmse:.2e} from the peer's {c.peer_nmse:.2e})" if c.judge == "calibrated" else "")
-              + f" -> {'ok' if c.passed else 'FAIL: ' + c.reason}")
-        if check["router_logits"] is not None:
-            r = check["router_logits"]
-            print(f"  router: logits nmse {r.nmse:.2e} {'ok' if r.passed else 'FAIL: ' + r.reason}; top-{k} expert set "
-                  f"matches the reference on {check['match_all']:.1%} of tokens; {check['set_mismatches']} token(s) "
-                  f"with a set that is not admissible{'' if check['set_mismatches'] == 0 else ' -> FAIL'}")
-        else:
-            print("  router: the module has no .gate; its routing is judged through the output of every token")
-        if not args.sweep:
-            print(f"\t WARMUPS={args.warmups} RUNS={args.runs}, MoE Torch average latency: {round(m.mean_ms, 2)} ms   "
-                  f"throughput: {round(tokens / (m.mean_ms / 1e3), 2)} tok/s")
-    return bench_finish(results, device, summary, all_passed, args.json)
+        x_dev, peak, routing, check = check_case(bench, blocks, x)
+        all_passed &= check.passed
+        m, cold, roof, flops, moved = time_case(bench, blocks, case, tokens, x_dev, peak, routing, flush, phase=phase,
+                                                **labels)
+        record_case(bench, case, check, routing, phase=phase, **labels)
+        bench.cases[case] = {"tokens": tokens, **m.summary(), "roofline_ms": roof.ms,
+                             "roofline_fraction": roof.fraction, "bound": roof.kind, "routing": routing,
+                             "near_tie_tokens": check.near_ties, "rerouted_near_tie_tokens": check.rerouted,
+                             "router_topk_match": check.match_all, "router_set_mismatches": check.set_mismatches,
+                             "comparison": check.output.as_dict(), **({"cold": cold.summary()} if cold else {}),
+                             **labels}
+        print_case(bench, tokens, m, cold, roof, flops, moved, routing, check)
+    return bench.finish(all_passed)
 
 
 if __name__ == "__main__":
