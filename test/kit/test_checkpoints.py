@@ -18,17 +18,22 @@ def sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_llama_generation_is_byte_identical(llama_checkpoint, tmp_path):
-    tiny.write_checkpoint("llama", tmp_path / "again", seed=0, log=lambda m: None)
+SHORT = 40  # training steps of the determinism tests: the recipe's code path, not its 400-600 steps
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_generation_is_byte_identical_and_seed_dependent(family, tmp_path):
+    for name, seed in (("a", 0), ("b", 0), ("other", 1)):
+        tiny.write_checkpoint(family, tmp_path / name, seed=seed, log=lambda m: None, train_steps=SHORT)
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
-        assert sha(tmp_path / "again" / name) == sha(llama_checkpoint / name), name
+        assert sha(tmp_path / "a" / name) == sha(tmp_path / "b" / name), name
+    assert sha(tmp_path / "other" / "model.safetensors") != sha(tmp_path / "a" / "model.safetensors")
 
 
-def test_qwen3_moe_generation_is_byte_identical_and_seed_dependent(moe_checkpoint, tmp_path):
-    tiny.write_checkpoint("qwen3_moe", tmp_path / "same", seed=0, log=lambda m: None)
-    tiny.write_checkpoint("qwen3_moe", tmp_path / "other", seed=1, log=lambda m: None)
-    assert sha(tmp_path / "same" / "model.safetensors") == sha(moe_checkpoint / "model.safetensors")
-    assert sha(tmp_path / "other" / "model.safetensors") != sha(moe_checkpoint / "model.safetensors")
+def test_default_checkpoint_records_the_full_recipe(llama_checkpoint, moe_checkpoint):
+    for ckpt, family in ((llama_checkpoint, "llama"), (moe_checkpoint, "qwen3_moe")):
+        meta = json.loads((ckpt / "kit_metadata.json").read_text())
+        assert meta["train_steps"] == tiny.TRAIN_STEPS[family] and meta["threads"] == tiny.GENERATION_THREADS
 
 
 def test_llama_is_trained_to_be_peaked(llama_checkpoint):

@@ -80,6 +80,8 @@ class Phases:
 
     @contextmanager
     def __call__(self, name):
+        if self.device.memory_kind == "rss":
+            settle()  # free heap pages the allocator kept would otherwise serve the phase unseen by RSS
         self.device.reset_peak_memory()  # on the CPU, the peak RSS
         if self.device.memory_kind != "rss":
             reset_peak_rss()

@@ -18,6 +18,7 @@ which is why the kit always computes its reference from the checkpoint under tes
 """
 
 import ast
+import functools
 import json
 import math
 import os
@@ -63,8 +64,10 @@ DEFAULT_PROMPT = ("Return a new list containing all items from the iterable in a
                   "A custom key function can be supplied to customize the sort order.")
 
 
+@functools.lru_cache(maxsize=1)
 def stdlib_docstrings():
-    """Docstrings (>= 40 chars) of the standard library, in a fixed order, without importing anything."""
+    """Docstrings (>= 40 chars) of the standard library, in a fixed order, without importing anything: a
+    tuple, parsed once per process (~5 s; every checkpoint generation reads the same corpus)."""
     root = sysconfig.get_paths()["stdlib"]
     skip = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
     docs = []
@@ -82,7 +85,7 @@ def stdlib_docstrings():
                     doc = ast.get_docstring(node, clean=True)
                     if doc and len(doc) >= 40:
                         docs.append(doc)
-    return docs
+    return tuple(docs)
 
 
 def train_tokenizer(docs):
@@ -109,7 +112,7 @@ def _split(docs, tok):
     """Token streams for training and held-out text (every 20th block of 50 docstrings is held out)."""
     eot = tok.token_to_id(EOT)
     train, held = [], []
-    for i, enc in enumerate(tok.encode_batch(docs)):
+    for i, enc in enumerate(tok.encode_batch(list(docs))):
         (held if (i // 50) % 20 == 7 else train).extend(enc.ids + [eot])
     return torch.tensor(train), torch.tensor(held)
 
@@ -226,8 +229,10 @@ def _write_streamed(family, size, seed, out, dtype, log):
     return sum(math.prod(s) for s in shapes.values())
 
 
-def write_checkpoint(family, out, seed=0, size="tiny", dtype=torch.float32, log=print):
-    """Write a HuggingFace checkpoint directory for `family` into `out` (created if missing)."""
+def write_checkpoint(family, out, seed=0, size="tiny", dtype=torch.float32, log=print, train_steps=None):
+    """Write a HuggingFace checkpoint directory for `family` into `out` (created if missing). `train_steps`
+    shortens the tiny recipe's training (TRAIN_STEPS): the same code path in a few seconds, for tests of
+    its determinism; the default checkpoints always take the full recipe."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if size in STREAMED_SIZES:
@@ -260,8 +265,8 @@ def write_checkpoint(family, out, seed=0, size="tiny", dtype=torch.float32, log=
         if size == "tiny":
             # the MoE trains with its load-balancing loss, as real ones do, so that routing is peaked but used
             model.config.output_router_logits = family == "qwen3_moe"
-            meta["train_steps"] = TRAIN_STEPS[family]
-            meta["final_train_loss"] = _train(model, train, seed, TRAIN_STEPS[family])
+            meta["train_steps"] = train_steps or TRAIN_STEPS[family]
+            meta["final_train_loss"] = _train(model, train, seed, meta["train_steps"])
             model.config.output_router_logits = False
         else:
             meta["train_steps"] = 0
