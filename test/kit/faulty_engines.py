@@ -63,17 +63,14 @@ class NoCaptureEngine(HFEngine):
     """A plugin with only the required methods: forward with a KV cache."""
 
     name = "forward-only"
-    capture = None
-    capture_layers = None
-    run_component = None
-    rope = None
+    capabilities = frozenset({"new_cache"})
 
 
 class ChunkedCaptureEngine(HFEngine):
     """A plugin with capture() but not capture_layers(): the kit captures it in chunks of layers."""
 
     name = "chunked-capture"
-    capture_layers = None
+    capabilities = HFEngine.capabilities - {"capture_layers"}
 
 
 class StopsAfterFirstLayerEngine(HFEngine):
@@ -256,7 +253,7 @@ class SecondChoiceAtStep2(HFEngine):
     """Decodes by itself (generate(), like a server) and takes its second choice at decode step 2."""
 
     name = "second-choice-at-step-2"
-    new_cache = None
+    capabilities = frozenset({"generate"})
 
     @torch.no_grad()
     def generate(self, input_ids, position_ids, attention_mask, steps):

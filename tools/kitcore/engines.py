@@ -35,7 +35,11 @@ Required (end-to-end and forward validation):
         the prompt and after each generated token (kitcore.decode compares the steps its tokens share with
         the reference's greedy ones).
 
-Optional capabilities (intermediate validation; an engine without them gets exit code 3 there):
+Optional capabilities (intermediate validation; an engine without them gets exit code 3 there). A class
+declares the optional methods it offers in `capabilities`, a set of their names (HFEngine: all of
+them; CompileEngine: new_cache only); a subclass that switches one off declares the smaller set. A plugin
+that declares nothing offers the optional methods it defines (engines.capabilities(), read once when the
+kit loads it):
     capture(input_ids, position_ids, layers=None) -> dict[str, Tensor]
         The intermediate tensors of one no-cache forward, keyed by the point names of kitcore.points.
         `layers` (a range, or None for all) limits them to those layers (with embed_tokens when the range
@@ -105,12 +109,26 @@ def _one_malloc_arena():
         pass
 
 
+OPTIONAL_METHODS = ("new_cache", "generate", "capture", "capture_layers", "run_component", "rope")
+
+
+def capabilities(engine):
+    """The optional methods an engine (or engine class) offers: its class's `capabilities` declaration, or,
+    for a plugin that declares none, the optional methods it defines. A declared method the class sets to
+    None (the protocol's older way of switching one off) is not offered."""
+    cls = engine if isinstance(engine, type) else type(engine)
+    declared = getattr(cls, "capabilities", None)
+    names = declared if isinstance(declared, (set, frozenset)) else OPTIONAL_METHODS
+    return frozenset(m for m in names if callable(getattr(cls, m, None)))
+
+
 class HFEngine:
     """HuggingFace Transformers, loaded from safetensors on the chosen device and dtype."""
 
     name = "hf"
     padding_sides = ("left", "right")
     OPTIONS = ("device_map",)
+    capabilities = frozenset({"new_cache", "capture", "capture_layers", "run_component", "rope"})
 
     def __init__(self, model_path, device, dtype, attn="sdpa", device_map=None):
         from transformers import AutoModelForCausalLM
@@ -358,10 +376,7 @@ class CompileEngine(HFEngine):
     Intermediates are not captured: hooks would change the compiled graph under test."""
 
     name = "compile"
-    capture = None
-    capture_layers = None
-    run_component = None
-    rope = None
+    capabilities = frozenset({"new_cache"})
 
     def __init__(self, model_path, device, dtype, attn="sdpa", device_map=None):
         super().__init__(model_path, device, dtype, attn, device_map)
@@ -500,7 +515,7 @@ def engine_class(spec):
 
         return VLLMEngine if spec == "vllm" else OpenAIEngine
     cls = resolve_class(spec, BUILTIN_ENGINES, ("forward",), "tools/kitcore/engines.py")
-    if not callable(getattr(cls, "new_cache", None)) and not callable(getattr(cls, "generate", None)):
+    if not capabilities(cls) & {"new_cache", "generate"}:
         raise UsageError(f"--engine {spec!r}: {cls.__name__} has neither new_cache() nor generate() "
                          "(see the engine protocol in tools/kitcore/engines.py)")
     return cls
@@ -518,7 +533,7 @@ def layer_captures(engine, input_ids, position_ids, num_layers, chunk):
     """One dict of captured points per layer, in order: from capture_layers() when the engine has it, else
     from capture() over `chunk` layers at a time, split by layer (the last dict also holds final_norm and
     logits, the first embed_tokens). A layer the engine did not capture comes as an empty dict."""
-    if callable(getattr(engine, "capture_layers", None)):
+    if "capture_layers" in capabilities(engine):
         yield from engine.capture_layers(input_ids, position_ids)
         return
     for start in range(0, num_layers, chunk):
@@ -532,6 +547,6 @@ def layer_captures(engine, input_ids, position_ids, num_layers, chunk):
 
 
 def require(engine, capability, spec, purpose):
-    if not callable(getattr(engine, capability, None)):
+    if capability not in capabilities(engine):
         raise Unavailable(f"engine {spec!r} does not implement {capability}(), which {purpose} needs "
                           "(see the engine protocol in tools/kitcore/engines.py)")

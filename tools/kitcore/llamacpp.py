@@ -41,9 +41,7 @@ class LlamaCppEngine:
     name = "llama.cpp"
     padding_sides = ()  # one unpadded prompt at a time
     OPTIONS = ("gguf_type", "kv_type", "n_ctx")
-    capture = None
-    run_component = None
-    rope = None
+    capabilities = frozenset({"new_cache"})
 
     def __init__(self, model_path, device, dtype, attn="sdpa", gguf_type=None, kv_type="f32", permute_qk=True,
                  n_ctx=None):

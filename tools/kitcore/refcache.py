@@ -122,11 +122,16 @@ class CachedReference:
     computed before; forwards through a KV cache run (they are part of a computation cached as a whole:
     `memo`)."""
 
+    capabilities = frozenset({"new_cache", "capture_layers"})
+
     def __init__(self, engine, cache):
         self.engine, self.cache = engine, cache
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
+
+    def new_cache(self):
+        return self.engine.new_cache()
 
     def forward(self, input_ids, position_ids, attention_mask=None, cache=None):
         if cache is not None:

@@ -61,10 +61,7 @@ class ServingEngine:
 
     returns = "logprobs"
     padding_sides = ("left", "right")  # padding is stripped: every row goes to the engine as it is
-    new_cache = None  # the KV cache is the engine's own: decode goes through generate()
-    capture = None
-    run_component = None
-    rope = None
+    capabilities = frozenset({"generate"})  # the KV cache is the engine's own: decode goes through generate()
     top_k = None  # None: the full vocabulary at every position
     hidden = ()  # token ids the engine can never return (judged as top k without them)
 

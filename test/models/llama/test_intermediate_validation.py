@@ -186,7 +186,7 @@ def validate_row(run, ids, pos, judge, peer, dual, results):
     n_layers = config["num_hidden_layers"]
     models = [m for m in (run.reference, cand, peer) if m is not None]
     chunk = layers_per_capture(config, ids.shape[1], run.args.max_capture_mb, models=len(models))
-    chunked = [m for m in models if not callable(getattr(m, "capture_layers", None))]
+    chunked = [m for m in models if "capture_layers" not in engines.capabilities(m)]
     if chunked and chunk < n_layers:
         print(f"note: {', '.join(type(m).__name__ for m in chunked)} has no capture_layers(): capturing {chunk} "
               f"layer(s) at a time to stay within --max_capture_mb {run.args.max_capture_mb}, each chunk's "
@@ -264,7 +264,7 @@ def findings_of(rows, first, batched):
 
 def validate_rope(run, cand):
     """The RoPE check's record, finding and verdict, or (None, None, True) for an engine without rope()."""
-    if not callable(getattr(cand, "rope", None)):
+    if "rope" not in engines.capabilities(cand):
         print(f"note: engine {run.args.engine!r} has no rope(): the RoPE validation is skipped")
         return None, None, True
     config = run.reference_checkpoint.config
@@ -289,7 +289,7 @@ def main(argv=None):
     run = session.Session.open(args, SCRIPT, families=("llama",))
     cand = run.candidate
     engines.require(cand, "capture", args.engine, "intermediate validation")
-    dual = callable(getattr(cand, "run_component", None))
+    dual = "run_component" in engines.capabilities(cand)
     if not dual:
         print(f"note: engine {args.engine!r} has no run_component(): the dual test (own error) is skipped")
     peer, judge = run.peer_for(cand), run.judge(cand)
