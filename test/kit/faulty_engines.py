@@ -264,3 +264,14 @@ class SecondChoiceAtStep2(HFEngine):
             tokens.append(last.topk(2).indices[:, 1 if step == 2 else 0])
             ids = torch.cat([ids, tokens[-1][:, None]], 1)
         return torch.stack(tokens[:steps], 1), torch.stack(logits, 1)
+
+
+class SegfaultEngine(HFEngine):
+    """A native engine's crash: its forward dies of SIGSEGV (reads address 0), taking its process with it."""
+
+    name = "segfault"
+
+    def forward(self, input_ids, position_ids, attention_mask=None, cache=None):
+        import ctypes
+
+        ctypes.string_at(0)

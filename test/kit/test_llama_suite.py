@@ -301,3 +301,25 @@ def test_moe_in_reduced_precision_is_judged_by_distribution(dtype, moe_checkpoin
     r = run_script(INFERENCE, "--model_path", swapped, "--reference_path", moe_checkpoint, "--prompts-file", prompts,
                    "--dtype", dtype)
     assert r.code == 1 and "KL mean" in r.out, r
+
+
+def test_an_engine_that_segfaults_leaves_the_verdict_and_the_phase(llama_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_KIT_CRASH_GUARD", "1")  # a plugin with native code: guarded like llama.cpp
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", f"{FAULTY_ENGINES}:SegfaultEngine",
+                   json_path=tmp_path / "crash.json")
+    assert r.code == 1, r
+    assert "verdict: FAIL: the engine process died of SIGSEGV in phase candidate_forward" in r.out
+    assert r.out.rstrip().splitlines()[-1].startswith("KIT script=test_llama_inference case=all metric=verdict value=1")
+    assert r.json["verdict"] == "fail" and r.json["crash"] == {"signal": "SIGSEGV", "phase": "candidate_forward"}
+    assert "reference_load" in r.out or "peer:" in r.out  # the child's own lines came through
+
+
+def test_the_guard_passes_a_guarded_run_through_and_covers_native_engines(llama_checkpoint, monkeypatch):
+    from kitcore import crashguard
+
+    assert crashguard.wanted(["--engine", "llama.cpp"]) and crashguard.wanted(["--engines=hf,infinilm"])
+    assert not crashguard.wanted(["--engine", "hf"])
+    monkeypatch.setenv("LLM_KIT_CRASH_GUARD", "1")
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--dtype", "float32")
+    assert r.code == 0, r
+    assert "verdict: PASS" in r.out

@@ -48,10 +48,42 @@ def _report_error(main, argv, code, message):
             print(f"note: could not write --json {path}: {exc.strerror}", file=sys.stderr)
 
 
+def _run_guarded(main, args):
+    """The script in a child process (kitcore.crashguard): its exit code, or, when the engine killed it, the
+    FAIL verdict with the signal and the phase, and exit 1."""
+    from . import crashguard
+    from .errors import EXIT_FAIL
+    from .results import write_json_atomic
+
+    script = inspect.getsourcefile(main)
+    code, signal_name, phase = crashguard.run_child(script, args)
+    if signal_name is None:
+        return code
+    where = f" in phase {phase}" if phase else ""
+    message = f"the engine process died of {signal_name}{where}: a crash of the engine under test"
+    print(f"\nverdict: FAIL: {message}", flush=True)
+    name = Path(script).stem
+    print(f"KIT script={name} case=all metric=verdict value={EXIT_FAIL} unit=exit_code verdict=fail "
+          f"crash={signal_name}" + (f" phase={phase}" if phase else ""), flush=True)
+    path = _json_path(args)
+    if path:
+        try:
+            write_json_atomic(path, {"script": name, "verdict": "fail", "exit_code": EXIT_FAIL, "error": message,
+                                     "crash": {"signal": signal_name, "phase": phase}, "records": []})
+        except OSError as exc:
+            print(f"note: could not write --json {path}: {exc.strerror}", file=sys.stderr)
+    return EXIT_FAIL
+
+
 def run(main, argv=None):
-    """Call `main(argv)` and turn its outcome into an exit code; KitErrors print one line."""
+    """Call `main(argv)` and turn its outcome into an exit code; KitErrors print one line. A run whose engine
+    is native goes to a child process first (kitcore.crashguard), so that a crash still leaves a verdict."""
+    from . import crashguard
+
     prog = os.path.basename(sys.argv[0])
     args = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if crashguard.wanted(args):
+        return _run_guarded(main, args)
     try:
         return main(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed

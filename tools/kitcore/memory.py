@@ -13,6 +13,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from .crashguard import mark_phase
+
 # growth per iteration above which `--repeat` calls an engine leaking: well above what the kit measured
 # for correct engines after a warm-up call (RSS: 0 to 8 KiB per iteration on the tiny and the real
 # checkpoint; the device allocator: exactly 0), below one retained prompt's logits or KV cache
@@ -80,6 +82,7 @@ class Phases:
 
     @contextmanager
     def __call__(self, name):
+        mark_phase(name)  # a guarded child's last phase, named if the engine kills it (kitcore.crashguard)
         if self.device.memory_kind == "rss":
             settle()  # free heap pages the allocator kept would otherwise serve the phase unseen by RSS
         self.device.reset_peak_memory()  # on the CPU, the peak RSS
