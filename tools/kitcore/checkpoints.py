@@ -179,3 +179,19 @@ def resolve_checkpoint(model_path, family, seed=0):
         default = family if isinstance(family, str) else family[0]
         return open_checkpoint(default_checkpoint(default, seed), family)
     return open_checkpoint(model_path, family)
+
+
+def config_view(path, changes):
+    """A view of the checkpoint directory `path` in which config.json carries `changes`: a temporary
+    directory (the caller keeps the returned TemporaryDirectory alive and cleans it up) with a symlink to
+    every other file and a rewritten config.json. For engines that read a setting only from config.json
+    (InfiniLM: its compute dtype, a top-level rope_theta): the user's files are never edited."""
+    src = Path(path).resolve()
+    view = tempfile.TemporaryDirectory(prefix="kit-view-")
+    for f in src.iterdir():
+        if f.name != "config.json":
+            os.symlink(f, Path(view.name) / f.name)
+    config = json.loads((src / "config.json").read_text())
+    config.update(changes)
+    (Path(view.name) / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return view

@@ -4,6 +4,7 @@ An engine is a class, chosen with `--engine`:
     hf                          HuggingFace Transformers on the chosen device/dtype (`--attn eager|sdpa`)
     compile                     the same model through torch.compile (inductor: C++ on the CPU)
     llama.cpp                   llama.cpp through llama-cpp-python, on a GGUF of the same checkpoint
+    infinilm                    InfiniLM's InferEngine on InfiniCore (kitcore.infinilm; make setup-infinilm)
     vllm                        vLLM in this process (kitcore.serving; run the script in .venv-vllm)
     openai:http://HOST:PORT/v1  an OpenAI-compatible completions server, black-box (kitcore.serving)
     package.module:Class        a plugin, imported from an installed module
@@ -510,6 +511,10 @@ def engine_class(spec):
         from .llamacpp import LlamaCppEngine
 
         return LlamaCppEngine
+    if spec == "infinilm":
+        from .infinilm import InfiniLMEngine
+
+        return InfiniLMEngine
     if spec == "vllm" or spec.startswith("openai:"):
         from .serving import OpenAIEngine, VLLMEngine
 
@@ -525,7 +530,10 @@ def load_engine(spec, model_path, device, dtype, attn, options=None):
     """Build the engine; `options` (e.g. gguf_type) reach only engines that list them in OPTIONS."""
     cls = engine_class(spec)
     options = dict(options or {}, url=spec.split(":", 1)[1] if spec.startswith("openai:") else None)
-    chosen = {k: v for k, v in options.items() if k in getattr(cls, "OPTIONS", ()) and v is not None}
+    accepted = getattr(cls, "OPTIONS", ())
+    if options.get("engine_args") is not None and "engine_args" not in accepted:
+        raise UsageError(f"--engine_args: engine {spec!r} takes no engine settings; drop --engine_args")
+    chosen = {k: v for k, v in options.items() if k in accepted and v is not None}
     return cls(str(model_path), device, dtype, attn, **chosen)
 
 

@@ -15,6 +15,7 @@ The Qwen3-MoE benchmarks use the same start (`start`: threads, device, dtype, se
 results and their environment, the header) and the same peer rule, with module engines.
 """
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +55,8 @@ def build_parser(doc, decode=False, batch=False):
     p = cli.ArgumentParser(description=doc)
     p.add_argument("--model_path", help="HF checkpoint directory (default: the kit's embedded tiny Llama)")
     p.add_argument("--reference_path", help="checkpoint of the reference (default: --model_path)")
-    p.add_argument("--engine", default="hf", help="hf | compile | llama.cpp | vllm | openai:http://HOST:PORT/v1 | "
-                                                  "package.module:Class | file.py:Class")
+    p.add_argument("--engine", default="hf", help="hf | compile | llama.cpp | infinilm | vllm | "
+                                                  "openai:http://HOST:PORT/v1 | package.module:Class | file.py:Class")
     p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa"], help="attention of the hf/compile engine")
     p.add_argument("--dtype", default="bfloat16", help="candidate dtype: float32 | bfloat16 | float16 (default bf16)")
     p.add_argument("--reference_dtype", default="float32", choices=["float32", "float64"],
@@ -110,6 +111,9 @@ def build_parser(doc, decode=False, batch=False):
                         "(default: the whole vocabulary; judged then by what top K can show, see the README)")
     p.add_argument("--request_timeout", type=float, default=300.0, metavar="S",
                    help="openai engine: seconds one request may take (default 300)")
+    p.add_argument("--engine_args", metavar="JSON",
+                   help="settings handed to the engine, a JSON object, e.g. '{\"max_cache_len\": 4096}' "
+                        "(the engines that take them name their keys; any other engine refuses them)")
     if decode:
         p.add_argument("--decode_steps", type=int, default=8, help="teacher-forced decode steps (default 8)")
     return p
@@ -178,8 +182,6 @@ def build_inputs(args, checkpoint, extra_positions=0):
 
 def print_plan(args, script):
     """--plan: the figures of kitcore.plan for --model_path's config.json (no weights needed)."""
-    import json
-
     if args.model_path is None:
         raise UsageError("--plan needs --model_path: a directory with the model's config.json")
     path = Path(args.model_path) / "config.json"
@@ -367,7 +369,7 @@ class Session:
                                             int(args.reference_cache_gb * 2**30))
             reference = refcache.CachedReference(reference, cache)
         # n_ctx: the positions this check uses, for engines that allocate their context up front
-        options = {"gguf_type": args.gguf_type, "kv_type": args.kv_type, "device_map": args.device_map,
+        options = {"engine_args": _engine_args(args.engine_args),"gguf_type": args.gguf_type, "kv_type": args.kv_type, "device_map": args.device_map,
                    "tensor_parallel_size": args.tensor_parallel_size, "served_model": args.served_model,
                    "top_logprobs": args.top_logprobs, "request_timeout": args.request_timeout,
                    "reference_path": str(reference_checkpoint.path),
@@ -395,6 +397,20 @@ class Session:
         results.env["peer"] = note
         return cls(args, results, device, dtype, checkpoint, reference_checkpoint, inputs, reference, loaded, peer,
                    phases)
+
+
+def _engine_args(text):
+    """--engine_args JSON -> a dict (None without the flag)."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"--engine_args {text!r}: not JSON ({exc.msg}); give an object, e.g. "
+                         "'{\"max_cache_len\": 4096}'") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"--engine_args {text!r}: expected a JSON object of settings, e.g. '{{\"key\": 1}}'")
+    return value
 
 
 def _models_in_memory(under_test, device, peer_kind, self_peer_spec):
