@@ -275,3 +275,14 @@ class SegfaultEngine(HFEngine):
         import ctypes
 
         ctypes.string_at(0)
+
+
+class OwnErrorOnlyEngine(HFEngine):
+    """An engine like InfiniLM: no per-layer activations (no capture()), its components runnable one at a time
+    (run_component()) and its final hidden states (final_hidden()): intermediate validation's dual test alone."""
+
+    name = "own-error-only"
+    capabilities = frozenset({"new_cache", "run_component", "final_hidden"})
+
+    def final_hidden(self, input_ids, position_ids):
+        return self.capture(input_ids, position_ids)["final_norm"]

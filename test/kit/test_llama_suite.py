@@ -323,3 +323,20 @@ def test_the_guard_passes_a_guarded_run_through_and_covers_native_engines(llama_
     r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--dtype", "float32")
     assert r.code == 0, r
     assert "verdict: PASS" in r.out
+
+
+@pytest.mark.parametrize("faulty_weights", [False, True])
+def test_an_engine_without_captures_gets_the_dual_test_alone(faulty_weights, llama_checkpoint, tmp_path):
+    ckpt = llama_checkpoint
+    if faulty_weights:
+        ckpt = faulty(tmp_path, llama_checkpoint, scale_weight("model.layers.1.mlp.down_proj.weight", 1.01))
+    r = run_script(INTERMEDIATE, "--model_path", ckpt, "--reference_path", llama_checkpoint, "--dtype", "float32",
+                   "--engine", f"{FAULTY_ENGINES}:OwnErrorOnlyEngine", json_path=tmp_path / "iv.json")
+    assert "hands out no per-layer activations" in r.out, r
+    assert "final_norm" in {p["point"] for p in r.json["points"] if "total" in p}  # its final hidden states
+    if faulty_weights:
+        assert r.code == 1, r
+        assert r.json["first_divergence"] == {"layer": 1, "point": "down_proj"}
+        assert r.json["largest_own_error"]["name"] == "layers.1.down_proj"
+    else:
+        assert r.code == 0, r

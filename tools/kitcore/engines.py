@@ -56,6 +56,9 @@ kit loads it):
         captured tensors, keyed by the names in kitcore.points.COMPONENT_INPUTS). Used by the dual test.
     rope(x, position_ids) -> Tensor
         Apply the engine's rotary embedding to x [B, heads, S, head_dim]. Used by the RoPE validation.
+    final_hidden(input_ids, position_ids) -> Tensor
+        For an engine without capture(): its hidden states after the final norm, [B, S, hidden]; with
+        run_component() alone, intermediate validation runs the dual test and compares these at final_norm.
 
 `HFEngine` implements all of them and exposes the loaded transformers model as `.model`; plugins can
 subclass it and override one piece (see test/kit/faulty_engines.py for examples).
@@ -110,7 +113,7 @@ def _one_malloc_arena():
         pass
 
 
-OPTIONAL_METHODS = ("new_cache", "generate", "capture", "capture_layers", "run_component", "rope")
+OPTIONAL_METHODS = ("new_cache", "generate", "capture", "capture_layers", "run_component", "rope", "final_hidden")
 
 
 def capabilities(engine):

@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from .checkpoints import config_view
+from .checkpoints import config_view, open_checkpoint
 from .errors import Unavailable, UsageError
 
 INSTALL_HINT = ("fix: build InfiniCore and InfiniLM with make setup-infinilm INFINICORE_SRC=DIR INFINILM_SRC=DIR "
@@ -68,7 +68,7 @@ class InfiniLMEngine:
     name = "infinilm"
     padding_sides = ()  # the static cache holds one unpadded sequence
     OPTIONS = ("engine_args", "n_ctx")
-    capabilities = frozenset({"new_cache"})
+    capabilities = frozenset({"new_cache", "run_component", "final_hidden"})
 
     def __init__(self, model_path, device, dtype, attn="sdpa", engine_args=None, n_ctx=None):
         infinicore, StaticKVCacheConfig, InferEngine, load_weights = _import()
@@ -95,6 +95,7 @@ class InfiniLMEngine:
                                   kv_cache_dtype=settings.get("kv_cache_dtype"))
         load_weights(self.engine, self._view.name, dtype=self.engine.dtype)
         self._holder = None  # the InfiniLMCache whose tokens the static cache holds now
+        self.components = InfiniCoreComponents(infinicore, open_checkpoint(self._view.name), dtype, device)
         self.description = (f"InfiniLM InferEngine on {target}, {name} (from the config view), static KV cache of "
                             f"{self.max_cache_len} positions, attention backend {backend}, graph compiling "
                             f"{'on' if graph else 'off'}" + (f", KV cache {settings['kv_cache_dtype']}"
@@ -113,11 +114,20 @@ class InfiniLMEngine:
         if len(past) + len(new) > self.max_cache_len:
             raise UsageError(f"engine infinilm: {len(past) + len(new)} positions exceed its static cache of "
                              f"{self.max_cache_len}; raise max_cache_len in --engine_args")
-        logits = self._run(new, position_ids[0].tolist(), len(past))
+        logits = self._run(new, position_ids[0].tolist(), len(past))["logits"]
         if cache is not None:
             cache.tokens = past + new
         self._holder = cache
         return logits
+
+    def final_hidden(self, input_ids, position_ids):
+        """The hidden states after the final norm that forward_raw returns (a no-cache forward)."""
+        self.forward(input_ids, position_ids)  # checks the input; fills the static cache from position 0
+        return self._last["hidden_states"]
+
+    def run_component(self, point, layer, inputs, position_ids):
+        """The dual test with InfiniCore's own operators on the candidate's weights (InfiniCoreComponents)."""
+        return self.components.run(point, layer, inputs, position_ids)
 
     def _run(self, tokens, positions, past):
         ic, s = self.infinicore, len(tokens)
@@ -129,8 +139,122 @@ class InfiniLMEngine:
             input_offsets=ic.from_list([0, s], dtype=ic.int32),
             cu_seqlens=ic.from_list([0, past + s], dtype=ic.int32),
             sample_all_positions=True)
-        logits = out["logits"]
-        result = torch.empty(list(logits.shape), dtype=ic.utils.to_torch_dtype(logits.dtype))
-        ic.from_torch(result).copy_(logits)
+        copied = {}
+        for key in ("logits", "hidden_states"):
+            t = out[key]
+            copied[key] = torch.empty(list(t.shape), dtype=ic.utils.to_torch_dtype(t.dtype))
+            ic.from_torch(copied[key]).copy_(t)
         ic.sync_device()
-        return result.reshape(1, s, -1)
+        self._last = {k: v.reshape(1, s, -1) for k, v in copied.items()}
+        return self._last
+
+
+class InfiniCoreComponents:
+    """Each Llama component with InfiniCore's own operators on the candidate's weights: the dual test of
+    intermediate validation for an engine that hands out no per-layer activations (as the seed's
+    `validate_infinicore_component` did). Layout changes (views, the GQA head repeat) are torch's; every
+    computation is InfiniCore's: embedding, rms_norm, linear, rope (GPT-NeoX, the half-split layout HF
+    uses), matmul + causal_softmax attention, swiglu, add."""
+
+    def __init__(self, infinicore, checkpoint, dtype, device):
+        self.ic, self.dtype, self.device = infinicore, dtype, device
+        c = checkpoint.config
+        self.config = c
+        self.heads, self.kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
+        self.head_dim = c.get("head_dim") or c["hidden_size"] // self.heads
+        self.eps = c["rms_norm_eps"]
+        theta = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        from infinicore.nn.modules.rope import create_sin_cos_table
+
+        self.sin, self.cos = create_sin_cos_table(c.get("max_position_embeddings", 2048), rotary_dim=self.head_dim,
+                                                  theta=theta, dtype=self._ic_dtype(dtype), device=self._ic_device())
+        names = list(checkpoint.tensors)
+        self.weights = {n: t.to(dtype).contiguous() for n, t in checkpoint.load_tensors(names).items()}
+        if "lm_head.weight" not in self.weights:  # tied embeddings
+            self.weights["lm_head.weight"] = self.weights["model.embed_tokens.weight"]
+
+    def _ic_dtype(self, dtype):
+        return {torch.float32: self.ic.float32, torch.bfloat16: self.ic.bfloat16, torch.float16: self.ic.float16,
+                torch.int64: self.ic.int64}[dtype]
+
+    def _ic_device(self):
+        return self.ic.device(self.device.torch_device.type, self.device.torch_device.index or 0)
+
+    def _in(self, t, keep):
+        """A torch tensor as an InfiniCore tensor on the engine's device (the torch copy kept alive in `keep`)."""
+        t = t.to(self.device.torch_device).contiguous()
+        keep.append(t)
+        return self.ic.from_torch(t)
+
+    def _out(self, x):
+        result = torch.empty(list(x.shape), dtype=self.ic.utils.to_torch_dtype(x.dtype), device=self.device.torch_device)
+        self.ic.from_torch(result).copy_(x)
+        self.ic.sync_device()
+        return result
+
+    def _w(self, name, keep):
+        return self._in(self.weights[name], keep)
+
+    def _linear(self, x, prefix, keep):
+        F = self.ic.nn.functional
+        bias = self._w(prefix + ".bias", keep) if prefix + ".bias" in self.weights else None
+        return F.linear(self._in(x, keep), self._w(prefix + ".weight", keep), bias)
+
+    def _norm(self, x, weight, keep):
+        w = self._w(weight, keep)
+        return self.ic.nn.functional.rms_norm(self._in(x, keep), [x.shape[-1]], w, self.eps)
+
+    def _rope(self, proj, position_ids, heads, keep):
+        b, s, _ = proj.shape
+        if b != 1:
+            raise Unavailable("engine infinilm: the InfiniCore dual test takes one unpadded row at a time")
+        x = self._in(proj.reshape(s, heads, self.head_dim), keep)
+        pos = self._in(position_ids.reshape(s), keep)
+        rotated = self.ic.nn.functional.rope(x, pos, self.sin, self.cos)
+        return self._out(rotated).reshape(1, s, heads, self.head_dim).transpose(1, 2)
+
+    def _attention(self, q, k, v_proj, keep):
+        _, nq, s, hd = q.shape
+        group = nq // k.shape[1]
+        key = k[0].repeat_interleave(group, 0)  # [nq, S_kv, hd]
+        value = v_proj[0].reshape(-1, k.shape[1], hd).transpose(0, 1).repeat_interleave(group, 0)
+        scores = self.ic.matmul(self._in(q[0], keep), self._in(key.transpose(1, 2), keep), alpha=hd**-0.5)
+        self.ic.nn.functional.causal_softmax(scores, out=scores)
+        out = self.ic.matmul(scores, self._in(value, keep))  # [nq, S, hd]
+        return self._out(out).transpose(0, 1).reshape(1, s, nq * hd)
+
+    @torch.no_grad()
+    def run(self, point, layer, inputs, position_ids):
+        keep, F = [], self.ic.nn.functional
+        x = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        p = f"model.layers.{layer}."
+        if point == "embed_tokens":
+            return self._out(F.embedding(self._in(x["input_ids"].to(torch.int64), keep),
+                                         self._w("model.embed_tokens.weight", keep)))
+        if point == "final_norm":
+            return self._out(self._norm(x["last_layer_output"], "model.norm.weight", keep))
+        if point == "logits":
+            return self._out(self._linear(x["final_norm"], "lm_head", keep))
+        if point in ("input_layernorm", "post_attention_layernorm"):
+            source = x["layer_input"] if point == "input_layernorm" else x["attn_residual"]
+            return self._out(self._norm(source, f"{p}{point}.weight", keep))
+        if point in ("q_proj", "k_proj", "v_proj"):
+            return self._out(self._linear(x["input_layernorm"], f"{p}self_attn.{point}", keep))
+        if point == "q_rope":
+            return self._rope(x["q_proj"], position_ids, self.heads, keep)
+        if point == "k_rope":
+            return self._rope(x["k_proj"], position_ids, self.kv_heads, keep)
+        if point == "attn_out":
+            return self._attention(x["q_rope"], x["k_rope"], x["v_proj"], keep)
+        if point == "o_proj":
+            return self._out(self._linear(x["attn_out"], f"{p}self_attn.o_proj", keep))
+        if point in ("gate_proj", "up_proj", "down_proj"):
+            source = x["act_mul"] if point == "down_proj" else x["post_attention_layernorm"]
+            return self._out(self._linear(source, f"{p}mlp.{point}", keep))
+        if point == "act_mul":
+            return self._out(F.swiglu(self._in(x["up_proj"], keep), self._in(x["gate_proj"], keep)))
+        if point in ("attn_residual", "output"):
+            other = x["o_proj"] if point == "attn_residual" else x["down_proj"]
+            base = x["layer_input"] if point == "attn_residual" else x["attn_residual"]
+            return self._out(self.ic.add(self._in(base, keep), self._in(other, keep)))
+        raise UsageError(f"unknown point {point!r}")

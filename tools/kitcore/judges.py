@@ -462,9 +462,10 @@ def judge_invariance(batched, alone, noise, judge):
 def point_status(total, own):
     """The dual test's ladder for one capture point: "ok"; "FAIL: ADDS error" when the component's own error
     (on the reference's own input) fails: it is wrong itself; "FAIL: inherits error" when only its total
-    error fails: it carries error from before it. Without an own error, the total's reason."""
+    error fails: it carries error from before it. Without an own error, the total's reason; without a total
+    (an engine that hands out no activations), the own error alone."""
     if own is not None and not own.passed:
         return "FAIL: ADDS error"
-    if not total.passed:
+    if total is not None and not total.passed:
         return "FAIL: inherits error" if own is not None else f"FAIL: {total.reason}"
     return "ok"

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 
 from kitcore import cli, engines, judges, rope, session  # noqa: E402
 from kitcore.compare import OWN_TOLERANCES, Tolerance, compare  # noqa: E402
+from kitcore.errors import Unavailable  # noqa: E402
 from kitcore.points import component_inputs, point_order  # noqa: E402
 
 SCRIPT = "test_intermediate_validation"
@@ -108,13 +109,16 @@ def layers_per_capture(config, tokens, max_capture_mb, models=2):
     return max(1, min(config["num_hidden_layers"], int(max_capture_mb * 2**20 // per_layer)))
 
 
-def check_point(name, layer, point, captures, dual_engines, judge, ids, pos, n_layers, results):
+def check_point(name, layer, point, captures, dual_engines, judge, ids, pos, n_layers, results, own_only=False):
     """Total error of one point and, with a dual-test engine, its own error (the component on the
     reference's input), each judged by `judge` (own errors by the own-error table, or calibrated by the
     peer's own error at the same component): one printed row. `captures`: reference, candidate and
-    peer (or None) tensors by point name; `dual_engines`: (candidate, peer or None), or None."""
+    peer (or None) tensors by point name; `dual_engines`: (candidate, peer or None), or None. `own_only`:
+    the candidate hands out no activations, so a point it did not capture has its own error only."""
     reference, candidate, peer = captures
     row = {"layer": layer, "point": name}
+    if own_only and name in reference and name not in candidate:
+        return check_own_only(name, layer, point, reference, peer, dual_engines, judge, ids, pos, n_layers, results)
     if name not in reference or name not in candidate:
         side = "reference" if name not in reference else "candidate"
         row.update(status="MISSING", reason=f"missing on the {side} side")
@@ -124,11 +128,7 @@ def check_point(name, layer, point, captures, dual_engines, judge, ids, pos, n_l
     row["total"] = total.as_dict()
     own = None
     if dual_engines is not None:
-        inputs = component_inputs(reference, layer, point, n_layers, ids)
-        got = dual_engines[0].run_component(point, layer, inputs, pos)
-        peer_got = dual_engines[1].run_component(point, layer, inputs, pos) if dual_engines[1] else None
-        own_judge = replace(judge, table=OWN_TOLERANCES[judge.dtype])
-        own = judges.judge_tensor(got, reference[name], own_judge, peer_got, name + " (own)")
+        own = own_error(name, layer, point, reference, dual_engines, judge, ids, pos, n_layers)
         row["own"] = own.as_dict()
     row["status"] = judges.point_status(total, own)
     if not total.passed and "shape" in total.reason:
@@ -146,6 +146,28 @@ def check_point(name, layer, point, captures, dual_engines, judge, ids, pos, n_l
         results.add(name, "own_nmse", own.nmse, layer=layer, point=point)
         if own.judge == "calibrated":
             results.add(name, "own_peer_nmse", own.peer_nmse, layer=layer, point=point)
+    return row
+
+
+def own_error(name, layer, point, reference, dual_engines, judge, ids, pos, n_layers):
+    """The component run by the candidate (and the peer) on the reference's own input, judged."""
+    inputs = component_inputs(reference, layer, point, n_layers, ids)
+    got = dual_engines[0].run_component(point, layer, inputs, pos)
+    peer_got = dual_engines[1].run_component(point, layer, inputs, pos) if dual_engines[1] else None
+    own_judge = replace(judge, table=OWN_TOLERANCES[judge.dtype])
+    return judges.judge_tensor(got, reference[name], own_judge, peer_got, name + " (own)")
+
+
+def check_own_only(name, layer, point, reference, peer, dual_engines, judge, ids, pos, n_layers, results):
+    """A point of an engine that hands out no activations: its own error only (the dual test)."""
+    own = own_error(name, layer, point, reference, dual_engines, judge, ids, pos, n_layers)
+    row = {"layer": layer, "point": name, "own": own.as_dict(), "status": judges.point_status(None, own)}
+    print(f"{name:<36} {'-':>10} {'-':>10} {'-':>9} | {own.max_abs:>10.3e} {own.nmse:>10.2e} {_ratio(own):>9}"
+          f" | {row['status']}")
+    results.add(name, "own_max_abs", own.max_abs, layer=layer, point=point)
+    results.add(name, "own_nmse", own.nmse, layer=layer, point=point)
+    if own.judge == "calibrated":
+        results.add(name, "own_peer_nmse", own.peer_nmse, layer=layer, point=point)
     return row
 
 
@@ -179,14 +201,24 @@ def _ratio(c):
     return f"{(c.nmse / c.peer_nmse) ** 0.5:.2f}" if c.peer_nmse > 0 else ("1.00" if c.nmse == 0 else "inf")
 
 
+def own_only_captures(engine, ids, pos, n_layers):
+    """An engine without capture(): nothing per layer, and at the last layer its final hidden states where
+    it hands them out (final_hidden(), e.g. InfiniLM's forward_raw)."""
+    for _ in range(n_layers - 1):
+        yield {}
+    yield {"final_norm": engine.final_hidden(ids, pos)} if "final_hidden" in engines.capabilities(engine) else {}
+
+
 def validate_row(run, ids, pos, judge, peer, dual, results):
     """Every capture point of one unpadded row [1, S], a layer of every model at a time: its printed table
     rows, the first failing point (layer, point, name, row, layout finding) or None, and whether all passed."""
     cand, config = run.candidate, run.reference_checkpoint.config
     n_layers = config["num_hidden_layers"]
+    own_only = "capture" not in engines.capabilities(cand)
     models = [m for m in (run.reference, cand, peer) if m is not None]
-    chunk = layers_per_capture(config, ids.shape[1], run.args.max_capture_mb, models=len(models))
-    chunked = [m for m in models if "capture_layers" not in engines.capabilities(m)]
+    capturing = [m for m in models if not (own_only and m is cand)]
+    chunk = layers_per_capture(config, ids.shape[1], run.args.max_capture_mb, models=len(capturing))
+    chunked = [m for m in capturing if "capture_layers" not in engines.capabilities(m)]
     if chunked and chunk < n_layers:
         print(f"note: {', '.join(type(m).__name__ for m in chunked)} has no capture_layers(): capturing {chunk} "
               f"layer(s) at a time to stay within --max_capture_mb {run.args.max_capture_mb}, each chunk's "
@@ -196,15 +228,16 @@ def validate_row(run, ids, pos, judge, peer, dual, results):
     rows, first, all_passed = [], None, True
     previous_output = {}  # the reference's output of the previous layer: this layer's input
     with contextlib.ExitStack() as stack:
-        sources = [stack.enter_context(contextlib.closing(engines.layer_captures(m, ids, pos, n_layers, chunk)))
-                   for m in models]
+        sources = [stack.enter_context(contextlib.closing(
+            own_only_captures(m, ids, pos, n_layers) if own_only and m is cand
+            else engines.layer_captures(m, ids, pos, n_layers, chunk))) for m in models]
         for i in range(n_layers):
             reference, candidate, *peer_capture = (next(s, {}) for s in sources)
             reference = {**previous_output, **reference}
             captures = (reference, candidate, peer_capture[0] if peer else None)
             for layer, point, name in point_order(n_layers, range(i, i + 1)):
                 row = check_point(name, layer, point, captures, (cand, peer) if dual else None, judge, ids, pos,
-                                  n_layers, results)
+                                  n_layers, results, own_only)
                 failed = row["status"] != "ok"
                 results.add(name, "passed", not failed, unit="bool", layer=layer, point=point)
                 if failed and first is None:
@@ -288,8 +321,16 @@ def main(argv=None):
         return session.print_plan(args, SCRIPT)
     run = session.Session.open(args, SCRIPT, families=("llama",))
     cand = run.candidate
-    engines.require(cand, "capture", args.engine, "intermediate validation")
-    dual = "run_component" in engines.capabilities(cand)
+    offered = engines.capabilities(cand)
+    if "capture" not in offered:
+        if "run_component" not in offered:
+            raise Unavailable(f"engine {args.engine!r} does not implement capture(), which intermediate validation "
+                              "needs (or run_component() alone, for the dual test; see the engine protocol in "
+                              "tools/kitcore/engines.py)")
+        print(f"note: engine {args.engine!r} hands out no per-layer activations (no capture()): each component "
+              "runs on the reference's own inputs (the dual test, own error only)"
+              + ("; its final hidden states give the total error at final_norm" if "final_hidden" in offered else ""))
+    dual = "run_component" in offered
     if not dual:
         print(f"note: engine {args.engine!r} has no run_component(): the dual test (own error) is skipped")
     peer, judge = run.peer_for(cand), run.judge(cand)
