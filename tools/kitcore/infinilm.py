@@ -95,7 +95,7 @@ class InfiniLMEngine:
                                   kv_cache_dtype=settings.get("kv_cache_dtype"))
         load_weights(self.engine, self._view.name, dtype=self.engine.dtype)
         self._holder = None  # the InfiniLMCache whose tokens the static cache holds now
-        self.components = InfiniCoreComponents(infinicore, open_checkpoint(self._view.name), dtype, device)
+        self._components = None  # InfiniCoreComponents, made for the first dual-test call
         self.description = (f"InfiniLM InferEngine on {target}, {name} (from the config view), static KV cache of "
                             f"{self.max_cache_len} positions, attention backend {backend}, graph compiling "
                             f"{'on' if graph else 'off'}" + (f", KV cache {settings['kv_cache_dtype']}"
@@ -127,7 +127,10 @@ class InfiniLMEngine:
 
     def run_component(self, point, layer, inputs, position_ids):
         """The dual test with InfiniCore's own operators on the candidate's weights (InfiniCoreComponents)."""
-        return self.components.run(point, layer, inputs, position_ids)
+        if self._components is None:
+            self._components = InfiniCoreComponents(self.infinicore, open_checkpoint(self._view.name), self.dtype,
+                                                    self.device)
+        return self._components.run(point, layer, inputs, position_ids)
 
     def _run(self, tokens, positions, past):
         ic, s = self.infinicore, len(tokens)
@@ -164,10 +167,12 @@ class InfiniCoreComponents:
         self.head_dim = c.get("head_dim") or c["hidden_size"] // self.heads
         self.eps = c["rms_norm_eps"]
         theta = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        from infinicore.nn.modules.rope import create_sin_cos_table
-
-        self.sin, self.cos = create_sin_cos_table(c.get("max_position_embeddings", 2048), rotary_dim=self.head_dim,
-                                                  theta=theta, dtype=self._ic_dtype(dtype), device=self._ic_device())
+        # InfiniCore's own table (infinicore.nn.modules.rope: float64 angles, float32 sin/cos), built in torch
+        # so that bfloat16 needs no ml_dtypes; kept alive with the tensors InfiniCore reads
+        angles = torch.outer(torch.arange(c.get("max_position_embeddings", 2048), dtype=torch.float64),
+                             1.0 / theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
+        self._tables = [angles.sin().float().to(dtype), angles.cos().float().to(dtype)]
+        self.sin, self.cos = (self._in(t, self._tables) for t in list(self._tables))
         names = list(checkpoint.tensors)
         self.weights = {n: t.to(dtype).contiguous() for n, t in checkpoint.load_tensors(names).items()}
         if "lm_head.weight" not in self.weights:  # tied embeddings

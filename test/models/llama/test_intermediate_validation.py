@@ -20,6 +20,7 @@ shape, is a failure. `--json` includes "first_divergence": null or {"layer": N, 
 """
 
 import contextlib
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -183,8 +184,9 @@ def largest_own_error(rows):
 
     def score(r):
         own = r["own"]
-        if own["judge"] == "calibrated":
-            return own["nmse"] / max(own["peer_nmse"], 1e-300), "the peer's own error there"
+        if own["judge"] == "calibrated":  # an exact peer (float32 on the CPU): any own error is infinitely more
+            ratio = own["nmse"] / own["peer_nmse"] if own["peer_nmse"] > 0 else (math.inf if own["nmse"] else 1.0)
+            return ratio, "the peer's own error there"
         values = sorted(by_kind[r["point"].split(".")[-1]])
         return own["nmse"] / max(values[len(values) // 2], 1e-300), "the median of that component across layers"
 
@@ -284,8 +286,9 @@ def findings_of(rows, first, batched):
             findings.append(finding)
     worst_own = largest_own_error(rows)
     if worst_own is not None:
-        findings.append(f"largest own error: {worst_own['name']} (nmse {worst_own['nmse']:.3e}, "
-                        f"{worst_own['ratio']:.1f}x {worst_own['baseline']})")
+        scale = ("the peer's own error there is 0" if math.isinf(worst_own["ratio"])
+                 else f"{worst_own['ratio']:.1f}x {worst_own['baseline']}")
+        findings.append(f"largest own error: {worst_own['name']} (nmse {worst_own['nmse']:.3e}, {scale})")
     adders = [r["point"] + (f" (row {r['row']})" if "row" in r else "") for r in rows if r["status"] == "FAIL: ADDS error"]
     inheritors = [r["point"] for r in rows if r["status"] == "FAIL: inherits error"]
     if adders:
