@@ -3,7 +3,7 @@
 
     python tools/metrics.py LOG... [--format json|csv|md]
 
-Original formats understood (notes: shared/notes/original-scripts.md):
+Original formats understood (the InfiniLM test/models scripts this kit descends from):
     \t WARMUPS=10 RUNS=100, Attention Torch, average TTFT: 16.15 ms
     \t WARMUPS=10 RUNS=100, Attention Torch, average throughput: 524.35 tok/s
     \t WARMUPS=10 RUNS=100, MoE Torch average latency: 21.09 ms   throughput: 33387.11 tok/s

@@ -42,7 +42,7 @@ class Tolerance:
 #   float16   total: atol_rms 1.44,   nmse 4.6e-5       own: atol_rms 0.041,  nmse 1.4e-6
 # (worst totals: SmolLM2's residual stream, where a few channels reach 22,500 and their rounding
 # dominates; worst own errors: attn_out). In reduced precision the total error deep in a real model is
-# so large that a table can say little about it; the peer can (README "Calibrated verdicts").
+# so large that a table can say little about it; the peer can (README "Verdicts").
 TOLERANCES = {
     torch.float64: Tolerance(rtol=1e-12, atol_rms=1e-10, nmse=1e-20),
     torch.float32: Tolerance(rtol=1e-6, atol_rms=4e-4, nmse=1e-9),
@@ -76,7 +76,7 @@ class Distribution:
     top5: float
 
 
-# Measured on the default checkpoints with the 7 docstring prompts of README "Tolerances" (45-190 tokens)
+# Measured on the default checkpoints with 7 standard-library docstring prompts (45-190 tokens)
 # and the default prompt; the thresholds leave a margin of 3-5x on the KL figures.
 #   q8_0 (llama.cpp, dense Llama seeds 0-2): KL mean <= 7.4e-5, p99 <= 2.9e-4, max <= 4.4e-4, top-1 1.0
 # Mixture-of-experts models in reduced precision are judged by distribution too: a router near-tie that

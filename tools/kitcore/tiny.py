@@ -1,6 +1,6 @@
 """Embedded checkpoints, generated locally: nothing is downloaded.
 
-Recipe (measured in shared notes/tiny-training.md):
+Recipe:
   * corpus: docstrings of the Python standard library, read with `ast` (no imports);
   * tokenizer: byte-level BPE, 2048 tokens, trained on that corpus with `tokenizers`;
   * Llama "tiny": 2 layers, hidden 128, 4 heads / 2 KV heads, head_dim 32, trained for a fixed number
