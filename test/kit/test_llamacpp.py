@@ -78,7 +78,10 @@ def test_llamacpp_takes_one_prompt_at_a_time(llama_checkpoint, tmp_path):
 
 
 def test_missing_llamacpp_says_how_to_install(llama_checkpoint, monkeypatch):
+    from kitcore import crashguard
+
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
+    monkeypatch.setenv(crashguard.CHILD, "1")  # in this process, where llama_cpp is hidden, not a guarded child
     r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", "llama.cpp")
     assert r.code == 3, r
     assert "llama-cpp-python is not installed; fix: make setup-llamacpp" in r.err
