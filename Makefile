@@ -26,7 +26,7 @@ $(VENV)/.llamacpp: $(VENV)/.installed tools/requirements-llamacpp.txt
 		$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tools/requirements-llamacpp.txt
 	touch $@
 
-setup-llamacpp: $(VENV)/.llamacpp  ## optional: build llama-cpp-python (~4 min) for --engine llama.cpp
+setup-llamacpp: $(VENV)/.llamacpp  ## optional: build llama-cpp-python (~7 min on 2 cores) for --engine llama.cpp
 
 # vLLM pins its own transformers: it lives in .venv-vllm. PyPI's torchvision/torchaudio/torchcodec, which pip
 # brings along, do not load beside the +cpu torch and break `import transformers`: nothing here needs them.
