@@ -20,8 +20,10 @@ Engine settings (`--engine_args`): max_cache_len (default: the positions the che
 attention_backend (default "default"), enable_graph_compiling (default false), kv_cache_dtype.
 """
 
+import contextlib
 import json
 import os
+import sys
 
 import torch
 
@@ -93,7 +95,8 @@ class InfiniLMEngine:
                                   cache_config=StaticKVCacheConfig(max_batch_size=1, max_cache_len=self.max_cache_len),
                                   enable_graph_compiling=graph, attention_backend=backend,
                                   kv_cache_dtype=settings.get("kv_cache_dtype"))
-        load_weights(self.engine, self._view.name, dtype=self.engine.dtype)
+        with contextlib.redirect_stdout(sys.stderr):  # its loader's progress lines, off the results stream
+            load_weights(self.engine, self._view.name, dtype=self.engine.dtype)
         self._holder = None  # the InfiniLMCache whose tokens the static cache holds now
         self._components = None  # InfiniCoreComponents, made for the first dual-test call
         self.description = (f"InfiniLM InferEngine on {target}, {name} (from the config view), static KV cache of "
