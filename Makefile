@@ -45,7 +45,7 @@ setup-infinilm: $(VENV)/.installed  ## optional: build InfiniCore + InfiniLM for
 		XMAKE_REPO="$(XMAKE_REPO)" INFINI_BACKEND="$(INFINI_BACKEND)" bash tools/setup_infinilm.sh
 
 test: $(VENV)/.installed  ## run the kit's own test suite
-	$(PY) -m pytest -q test
+	$(PY) -m pytest -q --durations=15 test
 
 test-serving: $(VENV)/.installed  ## the serving engines against real vLLM / llama-cpp-python servers (after setup-vllm, setup-llamacpp)
 	$(VENV)/bin/nox -s serving
