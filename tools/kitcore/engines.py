@@ -126,6 +126,17 @@ def capabilities(engine):
     return frozenset(m for m in names if callable(getattr(cls, m, None)))
 
 
+class SequenceCache:
+    """The KV cache of an engine that holds one sequence in a context of its own (llama.cpp, InfiniLM's static
+    cache): the tokens this sequence has put there, replayed when another sequence used the context since."""
+
+    def __init__(self):
+        self.tokens = []
+
+
+ONE_PROMPT = "takes one unpadded prompt at a time; drop --prompts-file"
+
+
 class HFEngine:
     """HuggingFace Transformers, loaded from safetensors on the chosen device and dtype."""
 

@@ -28,6 +28,7 @@ import sys
 import torch
 
 from .checkpoints import config_view, open_checkpoint
+from .engines import ONE_PROMPT, SequenceCache
 from .errors import Unavailable, UsageError
 
 INSTALL_HINT = ("fix: build InfiniCore and InfiniLM with make setup-infinilm INFINICORE_SRC=DIR INFINILM_SRC=DIR "
@@ -46,13 +47,6 @@ def _import():
     except ImportError as exc:
         raise Unavailable(f"engine infinilm: InfiniLM is not importable here ({exc}); {INSTALL_HINT}") from None
     return infinicore, StaticKVCacheConfig, InferEngine, load_model_state_dict_by_file
-
-
-class InfiniLMCache:
-    """The tokens one sequence has put in InfiniLM's static cache (the cache itself is the engine's)."""
-
-    def __init__(self):
-        self.tokens = []
 
 
 def _rope_top_level(config):
@@ -97,7 +91,7 @@ class InfiniLMEngine:
                                   kv_cache_dtype=settings.get("kv_cache_dtype"))
         with contextlib.redirect_stdout(sys.stderr):  # its loader's progress lines, off the results stream
             load_weights(self.engine, self._view.name, dtype=self.engine.dtype)
-        self._holder = None  # the InfiniLMCache whose tokens the static cache holds now
+        self._holder = None  # the SequenceCache whose tokens the static cache holds now
         self._components = None  # InfiniCoreComponents, made for the first dual-test call
         self.description = (f"InfiniLM InferEngine on {target}, {name} (from the config view), static KV cache of "
                             f"{self.max_cache_len} positions, attention backend {backend}, graph compiling "
@@ -105,11 +99,11 @@ class InfiniLMEngine:
                                                            if settings.get("kv_cache_dtype") else ""))
 
     def new_cache(self):
-        return InfiniLMCache()
+        return SequenceCache()
 
     def forward(self, input_ids, position_ids, attention_mask=None, cache=None):
         if input_ids.shape[0] != 1 or (attention_mask is not None and not bool(attention_mask.all())):
-            raise Unavailable("engine infinilm: its static KV cache takes one unpadded prompt at a time")
+            raise UsageError(f"engine infinilm {ONE_PROMPT}")
         new = input_ids[0].tolist()
         past = cache.tokens if cache is not None else []
         if past and self._holder is not cache:  # another sequence used the static cache since: fill it again

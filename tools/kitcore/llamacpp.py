@@ -14,6 +14,7 @@ non-CPU device flag is given).
 import torch
 
 from .checkpoints import open_checkpoint
+from .engines import ONE_PROMPT, SequenceCache
 from .errors import Unavailable, UsageError
 from .gguf_export import gguf_path
 
@@ -28,13 +29,6 @@ def _llama_cpp():
     except ImportError:
         raise Unavailable(f"engine llama.cpp: llama-cpp-python is not installed; {INSTALL_HINT}") from None
     return llama_cpp
-
-
-class LlamaCppCache:
-    """The tokens a llama.cpp context holds: the engine replays them if another sequence used the context."""
-
-    def __init__(self):
-        self.tokens = []
 
 
 class LlamaCppEngine:
@@ -68,13 +62,13 @@ class LlamaCppEngine:
         self.description = f"GGUF {self.gguf_type} ({self.path}), KV cache {kv_type}; judged by {judged}"
 
     def new_cache(self):
-        return LlamaCppCache()
+        return SequenceCache()
 
     def forward(self, input_ids, position_ids, attention_mask=None, cache=None):
         if input_ids.shape[0] != 1 or (attention_mask is not None and not bool(attention_mask.all())):
-            raise UsageError("engine llama.cpp takes one unpadded prompt at a time; drop --prompts-file")
+            raise UsageError(f"engine llama.cpp {ONE_PROMPT}")
         ids = input_ids[0].tolist()
-        cache = cache if cache is not None else LlamaCppCache()
+        cache = cache if cache is not None else SequenceCache()
         if self._active is not cache:  # the context holds another sequence: replay this one's tokens
             self.llm.reset()
             if cache.tokens:
