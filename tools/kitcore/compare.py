@@ -100,13 +100,20 @@ def tolerance_for(dtype_or_tolerance):
     return TOLERANCES[dtype_or_tolerance]
 
 
+# What kind of failure a Comparison is (`failure`; "" when it passed): figures beyond a bound, or tensors
+# that cannot be judged by figures at all (a calibration leaves those as they are).
+OUT_OF_BOUNDS, SHAPE, EMPTY, NON_FINITE = "out_of_bounds", "shape", "empty", "non_finite"
+UNJUDGEABLE = (SHAPE, EMPTY, NON_FINITE)
+
+
 @dataclass
 class Comparison:
     name: str
     passed: bool
-    reason: str
+    reason: str  # the one line that says why it failed ("" when it passed)
     shape_candidate: tuple
     shape_reference: tuple
+    failure: str = ""  # OUT_OF_BOUNDS | SHAPE | EMPTY | NON_FINITE, "" when it passed
     numel: int = 0
     max_abs: float = float("nan")
     mean_abs: float = float("nan")
@@ -187,10 +194,10 @@ def compare(candidate, reference, tolerance, name="tensor"):
     shape_c, shape_r = tuple(candidate.shape), tuple(reference.shape)
     if shape_c != shape_r:
         return Comparison(name, False, f"shape mismatch: candidate {list(shape_c)} vs reference {list(shape_r)}",
-                          shape_c, shape_r, tolerance=tolerance)
+                          shape_c, shape_r, failure=SHAPE, tolerance=tolerance)
     result = Comparison(name, False, "", shape_c, shape_r, numel=reference.numel(), tolerance=tolerance)
     if reference.numel() == 0:
-        result.reason = "empty tensors"
+        result.reason, result.failure = "empty tensors", EMPTY
         return result
     sums = dict(finite=0, diff=0.0, err_sq=0.0, ref_sq=0.0, c_sq=0.0, cr=0.0)
     result.max_abs, result.max_rel, result.max_abs_reference, worst = -1.0, 0.0, 0.0, 0
@@ -234,9 +241,10 @@ def compare(candidate, reference, tolerance, name="tensor"):
     if non_finite:
         result.reason = (f"non-finite values: candidate {result.nan_candidate} NaN / {result.inf_candidate} Inf, "
                          f"reference {result.nan_reference} NaN / {result.inf_reference} Inf")
+        result.failure = NON_FINITE
     elif not result.allclose:
-        result.reason = f"{result.mismatched} elements outside tolerance"
+        result.reason, result.failure = f"{result.mismatched} elements outside tolerance", OUT_OF_BOUNDS
     elif result.nmse > tolerance.nmse:
-        result.reason = f"nmse {result.nmse:.3e} above {tolerance.nmse:.1e}"
+        result.reason, result.failure = f"nmse {result.nmse:.3e} above {tolerance.nmse:.1e}", OUT_OF_BOUNDS
     result.passed = not result.reason
     return result

@@ -37,9 +37,26 @@ def add_device_args(parser):
 
 
 def parse_dtype(name):
+    """A dtype flag's value -> torch.dtype: the one type a dtype has from the flag to the record, where
+    dtype_name() writes it."""
+    if isinstance(name, torch.dtype):
+        return name
     if name not in DTYPES:
         raise UsageError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def candidate_dtype(name):
+    """--dtype of an engine under test: float32, bfloat16 or float16 (float64 is a reference's)."""
+    dtype = parse_dtype(name)
+    if dtype == torch.float64:
+        raise UsageError("--dtype float64 is a reference dtype; the candidate takes float32, bfloat16 or float16")
+    return dtype
+
+
+def dtype_name(dtype):
+    """How records, labels and messages write a torch.dtype: 'bfloat16'."""
+    return str(dtype).removeprefix("torch.")
 
 
 class Device:
@@ -106,7 +123,7 @@ class Device:
         except (RuntimeError, TypeError) as exc:
             first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UsageError(
-                f"dtype {str(dtype).replace('torch.', '')} is not supported on {self}: {first_line}; "
+                f"dtype {dtype_name(dtype)} is not supported on {self}: {first_line}; "
                 "choose another --dtype (float32 works everywhere)"
             ) from None
 

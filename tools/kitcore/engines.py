@@ -6,7 +6,7 @@ An engine is a class, chosen with `--engine`:
     llama.cpp                   llama.cpp through llama-cpp-python, on a GGUF of the same checkpoint
     infinilm                    InfiniLM's InferEngine on InfiniCore (kitcore.infinilm; make setup-infinilm)
     vllm                        vLLM in this process (kitcore.serving; run the script in .venv-vllm)
-    openai:http://HOST:PORT/v1  an OpenAI-compatible completions server, black-box (kitcore.serving)
+    openai:http://HOST:PORT/v1  an OpenAI-compatible completions server, black-box (kitcore.openai_server)
     package.module:Class        a plugin, imported from an installed module
     path/to/file.py:Class       a plugin, loaded from a file
 
@@ -14,8 +14,10 @@ Constructor:
     Engine(model_path: str, device: kitcore.devices.Device, dtype: torch.dtype, attn: str, **options)
     `options` are engine-specific settings the class names in an OPTIONS tuple (hf, compile: device_map;
     llama.cpp: gguf_type, kv_type, and n_ctx, the positions the check will use: prompt + decode steps).
-Attributes the kit reads: `dtype` (the precision whose tolerance judges the engine) and, optionally,
-`quantization` (e.g. "q8_0": judged by distribution metrics instead of element tolerances) and
+Attributes the kit reads: `dtype` (the torch.dtype the engine computes in: the --dtype it was given) and,
+optionally, `judged_dtype` (the precision whose tolerance judges it, where that is not `dtype`: llama.cpp's
+is the least precise of its GGUF weights and KV cache), `quantization` (e.g. "q8_0": judged by
+distribution metrics instead of element tolerances) and
 `padding_sides`, the padded batches forward() takes: ("left",) when absent, ("left", "right"), or ()
 for an engine that takes one unpadded prompt at a time (batch validation is then not available);
 `returns`: "logits" when absent, or "logprobs" (log-probabilities: compared with the reference's
@@ -529,10 +531,14 @@ def engine_class(spec):
         from .infinilm import InfiniLMEngine
 
         return InfiniLMEngine
-    if spec == "vllm" or spec.startswith("openai:"):
-        from .serving import OpenAIEngine, VLLMEngine
+    if spec == "vllm":
+        from .serving import VLLMEngine
 
-        return VLLMEngine if spec == "vllm" else OpenAIEngine
+        return VLLMEngine
+    if spec.startswith("openai:"):
+        from .openai_server import OpenAIEngine
+
+        return OpenAIEngine
     cls = resolve_class(spec, BUILTIN_ENGINES, ("forward",), "tools/kitcore/engines.py")
     if not capabilities(cls) & {"new_cache", "generate"}:
         raise UsageError(f"--engine {spec!r}: {cls.__name__} has neither new_cache() nor generate() "

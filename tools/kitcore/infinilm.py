@@ -28,13 +28,14 @@ import sys
 import torch
 
 from .checkpoints import config_view, open_checkpoint
+from .devices import dtype_name
 from .engines import ONE_PROMPT, SequenceCache
 from .errors import Unavailable, UsageError
 
 INSTALL_HINT = ("fix: build InfiniCore and InfiniLM with make setup-infinilm INFINICORE_SRC=DIR INFINILM_SRC=DIR "
                 "(README, section InfiniLM)")
 SETTINGS = ("max_cache_len", "attention_backend", "enable_graph_compiling", "kv_cache_dtype")
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _import():
@@ -72,14 +73,14 @@ class InfiniLMEngine:
         unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
             raise UsageError(f"--engine_args: infinilm takes {', '.join(SETTINGS)}; not {', '.join(unknown)}")
-        if dtype not in DTYPE_NAMES:
+        if dtype not in COMPUTE_DTYPES:
             raise UsageError(f"engine infinilm: dtype {dtype} is not one InfiniLM computes in")
         config = json.loads(open(os.path.join(model_path, "config.json")).read())
         if config.get("model_type") == "qwen3_moe" and device.type == "cpu":
             raise Unavailable("engine infinilm: InfiniCore's CPU build has no kernels for the MoE ops "
                               "(moe_topk_softmax ...): Qwen3-MoE runs only on a device build; use --nvidia etc.")
         self.infinicore, self.dtype, self.device = infinicore, dtype, device
-        name = DTYPE_NAMES[dtype]
+        name = dtype_name(dtype)
         self._view = config_view(model_path, {"torch_dtype": name, "dtype": name, **_rope_top_level(config)})
         self.max_cache_len = int(settings.get("max_cache_len") or n_ctx or config.get("max_position_embeddings", 2048))
         backend = settings.get("attention_backend", "default")

@@ -48,7 +48,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .compare import CHUNK_ELEMENTS, DISTRIBUTIONS, LOGITS_NMSE, TOLERANCES, Distribution, compare, tolerance_for
+from .compare import (CHUNK_ELEMENTS, DISTRIBUTIONS, LOGITS_NMSE, NON_FINITE, OUT_OF_BOUNDS, SHAPE, TOLERANCES,
+                      UNJUDGEABLE, Distribution, compare, tolerance_for)
+from .devices import dtype_name
 from .errors import UsageError
 
 # k, the factor a candidate's error may exceed the peer's by. Measured (tools/measure_tolerances.py,
@@ -96,27 +98,30 @@ class Judge:
             return base + (f" (widened to k^2 x the peer's where larger, k={self.k:g})" if self.calibrated else "")
         if self.calibrated:
             return (f"calibrated: k={self.k:g} (largest errors: {PEER_K_MAX:g}) x the peer's error + the "
-                    f"{_name(self.dtype)} rounding floor")
+                    f"{dtype_name(self.dtype)} rounding floor")
         t = tolerance_for(self.table)
-        return (f"table {_name(self.dtype)}: atol {t.atol_rms:.1e} x rms + rtol {t.rtol:.1e} x |ref|, "
+        return (f"table {dtype_name(self.dtype)}: atol {t.atol_rms:.1e} x rms + rtol {t.rtol:.1e} x |ref|, "
                 f"nmse <= {t.nmse:.1e}")
 
 
 def judge_for(engine, model_type, calibrated):
     """The Judge of an engine: its dtype's element tolerances, or distribution thresholds for quantised
-    weights (`engine.quantization`) and for mixture-of-experts models in reduced precision."""
+    weights (`engine.quantization`) and for mixture-of-experts models in reduced precision; the precision
+    is the engine's `judged_dtype` where it declares one (llama.cpp: the least precise of its weights and KV
+    cache), else its `dtype`."""
     moe = "moe-" if model_type == "qwen3_moe" else ""
     quantization = getattr(engine, "quantization", None)
+    dtype = getattr(engine, "judged_dtype", None) or engine.dtype
     if quantization:
         key = moe + str(quantization)
         if key not in DISTRIBUTIONS:
             known = sorted(k for k in DISTRIBUTIONS if not k.startswith("moe-"))
             raise UsageError(f"engine {type(engine).__name__}: quantization {quantization!r} has no measured "
                              f"thresholds (known: {', '.join(known)}); set quantization to one of them or None")
-        return Judge(engine.dtype, DISTRIBUTIONS[key], calibrated)
-    if moe and engine.dtype in (torch.bfloat16, torch.float16):
-        return Judge(engine.dtype, DISTRIBUTIONS[moe + _name(engine.dtype)], calibrated)
-    return Judge(engine.dtype, TOLERANCES[engine.dtype], calibrated)
+        return Judge(dtype, DISTRIBUTIONS[key], calibrated)
+    if moe and dtype in (torch.bfloat16, torch.float16):
+        return Judge(dtype, DISTRIBUTIONS[moe + dtype_name(dtype)], calibrated)
+    return Judge(dtype, TOLERANCES[dtype], calibrated)
 
 
 def looser(a, b):
@@ -129,16 +134,12 @@ def looser(a, b):
     return max((Judge(j.dtype, tolerance_for(j.table)) for j in (a, b)), key=lambda j: j.table.nmse)
 
 
-def _name(dtype):
-    return str(dtype).replace("torch.", "")
-
-
 def calibrate(cand, peer, dtype, k=PEER_K, k_max=PEER_K_MAX):
     """The Comparison `cand` (candidate vs reference) judged against `peer` (peer vs reference): a new
     Comparison whose verdict comes from the calibrated bounds instead of the table's. Shape, empty and
     non-finite failures stay what they are."""
     peer_figures = {"judge": "calibrated", "peer_nmse": peer.nmse, "peer_max_abs": peer.max_abs}
-    if cand.reason.startswith(("shape", "non-finite", "empty")):
+    if cand.failure in UNJUDGEABLE:
         return replace(cand, **peer_figures)
     f = rounding_floor(dtype)
     limit_nmse = (k * peer.nmse**0.5 + f) ** 2
@@ -150,7 +151,7 @@ def calibrate(cand, peer, dtype, k=PEER_K, k_max=PEER_K_MAX):
         reasons.append(f"max abs {cand.max_abs:.3e} above {limit_max_abs:.2e} (k={k_max:g} x peer "
                        f"{peer.max_abs:.2e})")
     return replace(cand, **peer_figures, limit_nmse=limit_nmse, limit_max_abs=limit_max_abs,
-                   reason="; ".join(reasons), passed=not reasons)
+                   reason="; ".join(reasons), passed=not reasons, failure=OUT_OF_BOUNDS if reasons else "")
 
 
 def judge_tensor(candidate, reference, judge, peer=None, name="tensor", peer_reference=None):
@@ -167,17 +168,20 @@ def judge_tensor(candidate, reference, judge, peer=None, name="tensor", peer_ref
 
 @dataclass
 class LogitsCheck:
+    """The judged figures of one logits comparison: made by check_logits alone (the figures are filled in,
+    then `passed` is decided once from reasons())."""
+
     comparison: object
-    positions: int
-    top1_agreement: float  # fraction of positions with the same argmax
-    decisive_positions: int  # positions whose reference top-1/top-2 gap exceeds twice the allowed error there
-    decisive_disagreements: int  # argmax differs where the gap is decisive: a real failure
-    top5_containment: float  # each side's top-1 inside the other's top-5, both ways
-    collapsed: bool  # the candidate predicts one token everywhere while the reference does not
-    kl_mean: float  # KL(reference || candidate) of the next-token distributions, per position
-    kl_p99: float
-    kl_max: float
     judge: Judge
+    positions: int = 0
+    top1_agreement: float = 0.0  # fraction of positions with the same argmax
+    decisive_positions: int = 0  # positions whose reference top-1/top-2 gap exceeds twice the allowed error
+    decisive_disagreements: int = 0  # argmax differs where the gap is decisive: a real failure
+    top5_containment: float = 0.0  # each side's top-1 inside the other's top-5, both ways
+    collapsed: bool = False  # the candidate predicts one token everywhere while the reference does not
+    kl_mean: float = 0.0  # KL(reference || candidate) of the next-token distributions, per position
+    kl_p99: float = 0.0
+    kl_max: float = 0.0
     aggregate: bool = True
     kl_per_position: list = field(default_factory=list)
     position_failures: int = 0  # calibrated: positions whose RMS error exceeds the peer's bound there
@@ -195,7 +199,7 @@ class LogitsCheck:
     def reasons(self):
         out = []
         c, d = self.comparison, self.distribution
-        if c.reason.startswith(("shape", "non-finite")):
+        if c.failure in (SHAPE, NON_FINITE):
             out.append(c.reason)
         elif d is None and not c.passed:
             out.append(c.reason)
@@ -301,7 +305,8 @@ def check_logits(candidate, reference, mask, judge, peer=None, name="logits", ag
     table = judge.dtype if judge.distribution else judge.table
     if candidate.shape != reference.shape:
         c = compare(candidate, reference, table, name)
-        return LogitsCheck(c, 0, 0.0, 0, 0, 0.0, False, *[float("nan")] * 3, judge, aggregate, space=space)
+        nan = float("nan")
+        return LogitsCheck(c, judge, kl_mean=nan, kl_p99=nan, kl_max=nan, aggregate=aggregate, space=space)
     # the real positions, in the tensors' own dtype: logits stay so (read in float64 chunks below);
     # log-probabilities are made in float64 (a server's are few positions)
     def real(t):  # [positions, V]: a view when every position is real, else a copy of the real ones
@@ -332,8 +337,7 @@ def check_logits(candidate, reference, mask, judge, peer=None, name="logits", ag
     rows = _per_position(cand, ref, peer)
     rms_row, top2 = rows["rms"], rows["top2"]
     gap = top2[:, 0] - top2[:, 1]
-    check = LogitsCheck(comparison, n, 0.0, 0, 0, 0.0, False, 0.0, 0.0, 0.0, judge, aggregate, space=space,
-                        skipped_positions=skipped)
+    check = LogitsCheck(comparison, judge, positions=n, aggregate=aggregate, space=space, skipped_positions=skipped)
     if calibrated:
         peer_rmse = rows["peer_rmse"]
         peer_rmse = peer_rmse.clamp_min(float(peer_rmse.quantile(0.9)))  # one lucky position of the peer is no bound
@@ -385,7 +389,7 @@ def _check_topk(cand, ref, judge, peer, name, aggregate):
     known = ~torch.isnan(cand)
     both = known & ~torch.isnan(ref)
     comparison = judge_tensor(cand[both], ref[both], judge, None if peer is None else peer[both], name)
-    check = LogitsCheck(comparison, n, 0.0, 0, 0, 0.0, False, 0.0, 0.0, 0.0, judge, aggregate, space="topk")
+    check = LogitsCheck(comparison, judge, positions=n, aggregate=aggregate, space="topk")
     if not n:
         return check
     f = rounding_floor(judge.dtype)

@@ -14,6 +14,7 @@ non-CPU device flag is given).
 import torch
 
 from .checkpoints import open_checkpoint
+from .devices import dtype_name
 from .engines import ONE_PROMPT, SequenceCache
 from .errors import Unavailable, UsageError
 from .gguf_export import gguf_path
@@ -40,7 +41,7 @@ class LlamaCppEngine:
     def __init__(self, model_path, device, dtype, attn="sdpa", gguf_type=None, kv_type="f32", permute_qk=True,
                  n_ctx=None):
         llama_cpp = _llama_cpp()
-        self.device = device
+        self.device, self.dtype = device, dtype
         self.gguf_type = gguf_type or DTYPE_TO_GGUF[dtype]
         if kv_type not in ("f32", "f16"):
             raise UsageError(f"--kv_type {kv_type!r}: choose f32 or f16")
@@ -49,7 +50,7 @@ class LlamaCppEngine:
         # the tolerance follows the least precise of weights and KV cache; q8_0 is judged by distribution
         self.quantization = "q8_0" if self.gguf_type == "q8_0" else None
         weights = GGUF_TO_DTYPE.get(self.gguf_type, torch.float32)
-        self.dtype = torch.float16 if kv_type == "f16" and weights == torch.float32 else weights
+        self.judged_dtype = torch.float16 if kv_type == "f16" and weights == torch.float32 else weights
         # the context the check needs (prompt + decode steps): a max_position_embeddings context would
         # allocate its whole KV cache (32 GiB in f32 for Llama-3.1-8B's 131,072 positions)
         self.n_ctx = n_ctx or checkpoint.config.get("max_position_embeddings", 4096)
@@ -58,7 +59,7 @@ class LlamaCppEngine:
                                    n_threads=torch.get_num_threads(), verbose=False, type_k=ggml_type,
                                    type_v=ggml_type, n_gpu_layers=0 if device.type == "cpu" else -1)
         self._active = None
-        judged = f"{self.quantization} distribution thresholds" if self.quantization else f"{self.dtype} tolerances"
+        judged = f"{self.quantization} distribution thresholds" if self.quantization else f"{dtype_name(self.judged_dtype)} tolerances"
         self.description = f"GGUF {self.gguf_type} ({self.path}), KV cache {kv_type}; judged by {judged}"
 
     def new_cache(self):

@@ -25,6 +25,7 @@ import tempfile
 
 import torch
 
+from .devices import dtype_name
 from .errors import EXIT_FAIL, EXIT_PASS
 
 _SAFE = str.maketrans({" ": "_", "=": ":", "\t": "_", "\n": "_"})
@@ -58,7 +59,7 @@ def environment(device=None, dtype=None, seed=None, checkpoint=None):
         env["device"] = str(device)
         env["device_name"] = device.name()
     if dtype is not None:
-        env["dtype"] = str(dtype).replace("torch.", "")
+        env["dtype"] = dtype_name(dtype)
     if seed is not None:
         env["seed"] = seed
     if checkpoint is not None:

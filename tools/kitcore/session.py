@@ -50,6 +50,13 @@ def decide_peer(peer_flag, candidate_is_peer):
 # ---- flags and inputs -----------------------------------------------------------------------------
 
 
+def _reference_dtype(name):
+    dtype = devices.parse_dtype(name)
+    if dtype not in (torch.float32, torch.float64):
+        raise UsageError(f"--reference_dtype {name}: the reference computes in float32 or float64")
+    return dtype
+
+
 def build_parser(doc, decode=False, batch=False):
     """The flags of the four Llama checks."""
     p = cli.ArgumentParser(description=doc)
@@ -58,9 +65,10 @@ def build_parser(doc, decode=False, batch=False):
     p.add_argument("--engine", default="hf", help="hf | compile | llama.cpp | infinilm | vllm | "
                                                   "openai:http://HOST:PORT/v1 | package.module:Class | file.py:Class")
     p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa"], help="attention of the hf/compile engine")
-    p.add_argument("--dtype", default="bfloat16", help="candidate dtype: float32 | bfloat16 | float16 (default bf16)")
-    p.add_argument("--reference_dtype", default="float32", choices=["float32", "float64"],
-                   help="dtype of the CPU reference (default float32)")
+    p.add_argument("--dtype", default="bfloat16", type=devices.candidate_dtype,
+                   help="candidate dtype: float32 | bfloat16 | float16 (default bf16)")
+    p.add_argument("--reference_dtype", default="float32", type=_reference_dtype,
+                   help="dtype of the CPU reference: float32 (default) | float64")
     p.add_argument("--reference_mode", default="auto", choices=["auto", "resident", "streamed"],
                    help="auto (default): the reference resident in memory when it fits, else streamed layer by "
                         "layer from the safetensors shards (Llama, Qwen3-MoE; the same logits bit for bit, about one "
@@ -193,14 +201,14 @@ def print_plan(args, script):
         raise UsageError(f"--plan: model_type {cfg.get('model_type')!r} is not one of {', '.join(FAMILIES)}")
     cpu = devices.Device("cpu", "cpu")
     ceilings = roofline.ceilings_for(cpu, ["float32"])
-    p = plan.make_plan(cfg, args.dtype, PLAN_TOKENS, ceilings)
+    p = plan.make_plan(cfg, devices.dtype_name(args.dtype), PLAN_TOKENS, ceilings)
     gib = 2**30
     print(f"{script} --plan: {path} ({p.model_type}, {p.parameters / 1e9:.2f}B parameters, "
           f"{p.active_parameters_per_token / 1e9:.2f}B active per token, {p.layers} layers)")
     print(f"  reference (float32): resident {p.reference_bytes_resident / gib:.1f} GiB; per layer "
           f"{p.reference_bytes_per_layer / gib:.2f} GiB; streamed (one layer + embedding + LM head) "
           f"{p.reference_bytes_streamed / gib:.2f} GiB")
-    print(f"  candidate ({args.dtype}): {p.candidate_bytes / gib:.1f} GiB")
+    print(f"  candidate ({devices.dtype_name(args.dtype)}): {p.candidate_bytes / gib:.1f} GiB")
     print(f"  reference cache per 1k tokens: logits {p.reference_cache_bytes_per_1k_tokens / 2**20:.0f} MiB, "
           f"every capture point {p.capture_cache_bytes_per_1k_tokens / gib:.2f} GiB")
     print(f"  estimated reference forward of {p.tokens} tokens on this CPU: {p.estimated_reference_seconds:.0f} s "
@@ -226,7 +234,7 @@ def start(args, script, labels, checkpoint_path, families, default_seed=0):
     checkpoint, and the Results with the environment recorded. Returns (device, dtype, checkpoint, results)."""
     devices.set_threads(args.threads)
     device = devices.resolve_device(args)
-    dtype = devices.parse_dtype(args.dtype)
+    dtype = args.dtype
     device.check_dtype(dtype)
     torch.manual_seed(args.seed)
     checkpoint = checkpoints.resolve_checkpoint(checkpoint_path, families, default_seed)
@@ -328,9 +336,8 @@ class Session:
         """Set-up of a Llama check: device, dtype, checkpoints, inputs, the reference, the engines under test
         (`specs`, default [--engine]) and the peer that calibrates their verdicts."""
         specs = specs or [args.engine]
-        if args.dtype == "float64":
-            raise UsageError("--dtype float64 is a reference dtype; the candidate takes float32, bfloat16 or float16")
-        labels = {"device": None, "dtype": args.dtype, "engine": ",".join(specs), "attn": args.attn}
+        dtype_name, reference_dtype_name = devices.dtype_name(args.dtype), devices.dtype_name(args.reference_dtype)
+        labels = {"device": None, "dtype": dtype_name, "engine": ",".join(specs), "attn": args.attn}
         if args.gguf_type:
             labels["gguf_type"] = args.gguf_type
         device, dtype, checkpoint, results = start(args, script, labels, args.model_path, families,
@@ -341,12 +348,12 @@ class Session:
         inputs = build_inputs(args, reference_checkpoint, extra_positions)
         results.env["reference"] = {"checkpoint": str(reference_checkpoint.path),
                                     "checkpoint_hash": reference_checkpoint.fingerprint,
-                                    "device": "cpu", "dtype": args.reference_dtype, "attn": "eager"}
+                                    "device": "cpu", "dtype": reference_dtype_name, "attn": "eager"}
         env = results.env
-        print(f"{script}: engine={','.join(specs)} attn={args.attn} device={env['device_name']} dtype={args.dtype} "
+        print(f"{script}: engine={','.join(specs)} attn={args.attn} device={env['device_name']} dtype={dtype_name} "
               f"seed={args.seed} threads={env['threads']}")
         print(f"  checkpoint {checkpoint.path} (hash {env['checkpoint_hash']}); reference: HF eager "
-              f"{args.reference_dtype} on cpu from {reference_checkpoint.path}")
+              f"{reference_dtype_name} on cpu from {reference_checkpoint.path}")
         print(f"  torch {env['torch']}, transformers {env['transformers']}; input: {tuple(inputs.input_ids.shape)} "
               f"tokens (batch x length)")
         same_checkpoint = checkpoint.path.resolve() == reference_checkpoint.path.resolve()
@@ -354,18 +361,18 @@ class Session:
         # plain `--engine hf` on the reference's checkpoint *is* the peer
         self_peer_spec = "hf" if "hf" in under_test and same_checkpoint else None
         peer_kind = decide_peer(args.peer, bool(under_test) and all(s == self_peer_spec for s in under_test))
-        source, why = plan.choose_reference(reference_checkpoint.config, args.dtype,
+        source, why = plan.choose_reference(reference_checkpoint.config, dtype_name,
                                             _models_in_memory(under_test, device, peer_kind, self_peer_spec),
-                                            args.reference_dtype, args.reference_mode)
+                                            reference_dtype_name, args.reference_mode)
         print(f"  reference source: {source} ({why})")
         results.env["reference_source"] = source
         phases = memory.Phases(device)
         with phases("reference_load"):
             reference_class = engines.StreamedHFEngine if source == "streamed" else engines.HFEngine
             reference = reference_class(str(reference_checkpoint.path), devices.Device("cpu", "cpu"),
-                                        devices.parse_dtype(args.reference_dtype), "eager")
+                                        args.reference_dtype, "eager")
         if not args.no_reference_cache:
-            cache = refcache.ReferenceCache(reference_checkpoint, args.reference_dtype,
+            cache = refcache.ReferenceCache(reference_checkpoint, reference_dtype_name,
                                             int(args.reference_cache_gb * 2**30))
             reference = refcache.CachedReference(reference, cache)
         # n_ctx: the positions this check uses, for engines that allocate their context up front
@@ -391,7 +398,7 @@ class Session:
             with phases("peer_load"):
                 peer = loaded[self_peer_spec] if self_peer_spec else engines.HFEngine(
                     str(reference_checkpoint.path), device, dtype, args.attn, args.device_map)
-            note = (f"HF Transformers {args.dtype} {args.attn} on {device} from the reference checkpoint: verdicts "
+            note = (f"HF Transformers {dtype_name} {args.attn} on {device} from the reference checkpoint: verdicts "
                     f"calibrated by its error (k={judges.PEER_K:g})")
         print(f"  peer: {note}")
         results.env["peer"] = note
@@ -487,7 +494,8 @@ def bench_parser(doc, impl_flag, impl_choices, impl_default):
     p = cli.ArgumentParser(description=doc)
     p.add_argument("--model_path", help="Qwen3-MoE checkpoint directory (default: the kit's embedded tiny one)")
     devices.add_device_args(p)
-    p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 | float16 (default bfloat16)")
+    p.add_argument("--dtype", default="bfloat16", type=devices.candidate_dtype,
+                   help="float32 | bfloat16 | float16 (default bfloat16)")
     p.add_argument("--layer", type=int, default=0, help="which layer's weights to benchmark (default 0)")
     p.add_argument("--warmups", type=int, default=10, help="untimed calls before timing (default 10)")
     p.add_argument("--runs", type=int, default=100, help="timed calls (default 100)")
@@ -528,19 +536,20 @@ class Bench:
 
         check_counts(args.warmups, args.runs)
         engines.quiet_transformers()
-        labels = {"device": None, "dtype": args.dtype, "engine": args.engine, "impl": impl, "layer": args.layer}
+        dtype_name = devices.dtype_name(args.dtype)
+        labels = {"device": None, "dtype": dtype_name, "engine": args.engine, "impl": impl, "layer": args.layer}
         device, dtype, checkpoint, results = start(args, script, labels, args.model_path, "qwen3_moe")
         results.labels["device"] = str(device)
         config = load_config(checkpoint, args.layer)
         env = results.env
-        print(f"{script}: engine={args.engine} impl={impl} device={env['device_name']} dtype={args.dtype} "
+        print(f"{script}: engine={args.engine} impl={impl} device={env['device_name']} dtype={dtype_name} "
               f"layer={args.layer} seed={args.seed} threads={env['threads']}")
         print(f"  checkpoint {checkpoint.path} (hash {env['checkpoint_hash']}); torch {env['torch']}, "
               f"transformers {env['transformers']}; reference: the same module in float32 on the CPU")
-        ceilings = roofline.ceilings_for(device, [args.dtype])
-        print(f"  {ceilings.describe(args.dtype)}")
+        ceilings = roofline.ceilings_for(device, [dtype_name])
+        print(f"  {ceilings.describe(dtype_name)}")
         env["ceilings"] = {"bandwidth_bytes_per_s": ceilings.bandwidth_bytes_per_s,
-                           "flops_per_s": ceilings.flops_per_s[args.dtype], **ceilings.measured}
+                           "flops_per_s": ceilings.flops_per_s[dtype_name], **ceilings.measured}
         return cls(args, device, dtype, checkpoint, config, results, ceilings, {})
 
     def peer(self, impl, build_eager, what):
@@ -552,7 +561,7 @@ class Bench:
             print("  peer: " + ("none (--peer none)" if kind == NO_PEER else "the candidate is HF's block itself")
                   + ": verdicts from the static table")
             return None
-        print(f"  peer: HF's block ({what}) in {self.args.dtype} on {self.device}: verdicts calibrated by its error "
+        print(f"  peer: HF's block ({what}) in {devices.dtype_name(self.dtype)} on {self.device}: verdicts calibrated by its error "
               f"(k={judges.PEER_K:g})")
         return build_eager()
 

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from .devices import dtype_name
+
 GENERATION_THREADS = 2
 TRAIN_STEPS = {"llama": 600, "qwen3_moe": 400}
 TRAIN_BATCH, TRAIN_WINDOW, TRAIN_LR = 8, 128, 2e-3
@@ -202,7 +204,7 @@ def _write_streamed(family, size, seed, out, dtype, log):
     if family != "llama":
         raise ValueError(f"size {size} exists for the Llama family only")
     cfg = LlamaConfig(**SIZES[family][size], tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=500000.0,
-                      bos_token_id=None, eos_token_id=0, pad_token_id=0, dtype=str(dtype).replace("torch.", ""))
+                      bos_token_id=None, eos_token_id=0, pad_token_id=0, dtype=dtype_name(dtype))
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in LlamaForCausalLM(cfg).state_dict().items()}
     pieces = [["model.embed_tokens.weight"]]
@@ -224,7 +226,7 @@ def _write_streamed(family, size, seed, out, dtype, log):
     cfg.to_json_file(str(out / "config.json"))
     saved = json.loads((out / "config.json").read_text())
     saved.pop("dtype", None)
-    saved["torch_dtype"] = str(dtype).replace("torch.", "")  # as real checkpoints say it (every release reads it)
+    saved["torch_dtype"] = dtype_name(dtype)  # as real checkpoints say it (every release reads it)
     (out / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     return sum(math.prod(s) for s in shapes.values())
 

@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 
 from kitcore import cli, session, stepwise  # noqa: E402
+from kitcore.devices import dtype_name  # noqa: E402
 from kitcore.decode import Decoded, run_engine  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
 
@@ -123,7 +124,7 @@ def main(argv=None):
 
     print(f"\nteacher tokens (reference greedy): {teacher.tolist()}")
     for label, spec, engine, column in (("A", specs[0], pair[0], "a_vs_ref"), ("B", specs[1], pair[1], "b_vs_ref")):
-        print(f"{label} = {spec} ({engine.dtype}): {table[column].judge.describe()}")
+        print(f"{label} = {spec} ({dtype_name(engine.dtype)}): {table[column].judge.describe()}")
     for label, spec, d in (("A", specs[0], decoded[0]), ("B", specs[1], decoded[1])):
         if not torch.equal(d.tokens, teacher):
             print(f"{label} = {spec} decodes by itself: its greedy tokens {d.tokens.tolist()}; a step is "

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 
 from kitcore import cli, engines, judges, rope, session  # noqa: E402
-from kitcore.compare import OWN_TOLERANCES, Tolerance, compare  # noqa: E402
+from kitcore.compare import OWN_TOLERANCES, SHAPE, Tolerance, compare  # noqa: E402
 from kitcore.errors import Unavailable  # noqa: E402
 from kitcore.points import component_inputs, point_order  # noqa: E402
 
@@ -132,7 +132,7 @@ def check_point(name, layer, point, captures, dual_engines, judge, ids, pos, n_l
         own = own_error(name, layer, point, reference, dual_engines, judge, ids, pos, n_layers)
         row["own"] = own.as_dict()
     row["status"] = judges.point_status(total, own)
-    if not total.passed and "shape" in total.reason:
+    if total.failure == SHAPE:
         row["reason"] = total.reason
     print(f"{name:<36} {total.max_abs:>10.3e} {total.nmse:>10.2e} {_ratio(total):>9} | "
           + (f"{own.max_abs:>10.3e} {own.nmse:>10.2e} {_ratio(own):>9}" if own else f"{'-':>10} {'-':>10} {'-':>9}")

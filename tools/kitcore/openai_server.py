@@ -1,0 +1,393 @@
+"""`--engine openai:http://HOST:PORT/v1`: any OpenAI-compatible completions server, black-box: token ids in,
+logprobs out, through the serving protocol of kitcore.serving.
+
+Three parts, each small:
+  Client          HTTP and JSON, every request under `--request_timeout` (the constructor's requests too)
+  check_tokenizer the server's tokenizer against the checkpoint's, where the server can tokenize
+  the dialects    how a server returns the logprobs of prompt tokens, chosen from `/v1/models` (`owned_by`):
+    VLLMDialect   `prompt_logprobs=k` (a vLLM extension) and `return_tokens_as_token_ids`: ids, exact
+    EchoDialect   `echo` + `logprobs=k` (llama-cpp-python's server): top alternatives keyed by their text,
+                  mapped back to ids with the checkpoint's tokenizer (texts shared by several ids are left
+                  out); its prompt entries are aligned by the kit (EchoDialect.align)
+k is the vocabulary unless `--top_logprobs K`. The server's dtype is what it was started with: --dtype must
+say it (it picks the peer and the tolerance).
+"""
+
+import functools
+import json
+import math
+import urllib.error
+import urllib.request
+
+from .devices import dtype_name
+from .errors import Unavailable, UsageError
+from .serving import Completion, ServingEngine
+
+DEFAULT_REQUEST_TIMEOUT_S = 300.0
+
+
+class Refused(UsageError):
+    """The server answered with an HTTP error; `detail` is the start of its body."""
+
+    def __init__(self, message, detail):
+        super().__init__(message)
+        self.detail = detail
+
+
+def _first_difference(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+# ---- HTTP -----------------------------------------------------------------------------------------
+
+
+class Client:
+    """JSON requests to one server's `/v1` address (or, `root=True`, its root), each under `timeout` seconds."""
+
+    def __init__(self, url, timeout):
+        if not url or not url.startswith(("http://", "https://")):
+            raise UsageError(f"--engine openai:{url}: expected openai:http://HOST:PORT/v1")
+        self.url, self.timeout = url.rstrip("/"), timeout
+
+    def request(self, method, path, body=None, root=False):
+        url = (self.url.rsplit("/v1", 1)[0] if root else self.url) + path
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return json.loads(resp.read() or b"{}")
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:300]
+            if exc.code == 404:
+                raise Refused(f"{url}: not found (404); is {self.url} the server's /v1 address?", detail) from None
+            raise Refused(f"{url}: the server refused the request (HTTP {exc.code}): {detail}", detail) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise Unavailable(f"no answer from {url} within {self.timeout:g} s ({reason}); start the server or fix "
+                              "the address") from None
+        except ValueError:
+            raise UsageError(f"{url}: the answer is not JSON; is this an OpenAI-compatible server?") from None
+
+    def optional(self, path, body, root=False):
+        """A request to an endpoint the server may not have: its answer, or None when it is refused."""
+        try:
+            return self.request("POST", path, body, root=root)
+        except Refused:
+            return None
+
+    def served_model(self, name=None):
+        """(model name, owner) of the model to test: `name`, or the server's only one."""
+        models = self.request("GET", "/models").get("data") or []
+        names = [m.get("id") for m in models]
+        if name is None and len(names) != 1:
+            raise UsageError(f"{self.url} serves {len(names)} models ({', '.join(map(str, names))}); "
+                             "name one with --served_model")
+        name = name or names[0]
+        if name not in names:
+            raise UsageError(f"--served_model {name!r}: {self.url} serves {', '.join(map(str, names))}")
+        return name, next((m.get("owned_by") for m in models if m.get("id") == name), None)
+
+    def tokenize(self, text, model=None):
+        """The server's token ids for `text` (vLLM /tokenize, llama-cpp-python /extras/tokenize), or None."""
+        answer = self.optional("/tokenize", {"model": model, "prompt": text, "add_special_tokens": False}, root=True)
+        got = (answer or {}).get("tokens")
+        if got is None:
+            got = (self.optional("/extras/tokenize", {"input": text}, root=True) or {}).get("tokens")
+        return None if got is None else [int(t) for t in got]
+
+
+# ---- the tokenizer check --------------------------------------------------------------------------
+
+
+def check_tokenizer(client, model, checkpoint):
+    """The server's tokenizer against the checkpoint's, on the kit's default prompt: True when they agree,
+    False when the server cannot tokenize, None when the checkpoint has no tokenizer. A disagreement is a
+    different model being served: a UsageError naming the first differing token."""
+    from .inputs import has_tokenizer, tokenizer
+    from .tiny import DEFAULT_PROMPT
+
+    if not has_tokenizer(checkpoint.path):
+        return None
+    expected = tokenizer(checkpoint.path)(DEFAULT_PROMPT)
+    got = client.tokenize(DEFAULT_PROMPT, model)
+    if got is None:
+        return False
+    if got != expected:
+        first = _first_difference(got, expected)
+        raise UsageError(f"{client.url} tokenizes differently from {checkpoint.path}: first difference at "
+                         f"token {first} (server {got[first:first + 3]}, checkpoint {expected[first:first + 3]}); "
+                         "a different model is being served")
+    return True
+
+
+def check_count(url, dist, position, want, distinct):
+    """`dist` as returned holds at least the `want` logprobs asked for (`distinct`: how many keys exist)."""
+    if dist is not None and len(dist) < min(want, distinct):
+        raise UsageError(
+            f"{url} returned {len(dist)} logprobs at position {position} where {want} were asked: the server "
+            "caps them; restart it allowing all (vLLM: --max-logprobs -1) or judge its top k only with "
+            f"--top_logprobs {len(dist)}")
+
+
+# ---- the dialects ---------------------------------------------------------------------------------
+
+
+class VLLMDialect:
+    """vLLM's server: prompt logprobs keyed by token id, the prompt ids echoed back."""
+
+    name, describes = "vllm", "prompt_logprobs"
+
+    def __init__(self, client, vocab_size, top_k):
+        self.client, self.vocab_size, self.top_k = client, vocab_size, top_k
+        self.hidden = ()
+
+    def asked(self):
+        return self.top_k or -1
+
+    def before(self, row):
+        pass
+
+    def body(self, prompt_logprobs):
+        body = {"return_tokens_as_token_ids": True, "return_token_ids": True, "ignore_eos": True}
+        if prompt_logprobs:
+            body["prompt_logprobs"] = self.asked()
+        return body
+
+    def parse(self, choice, row, prompt_logprobs):
+        url, want = self.client.url, self.top_k or self.vocab_size
+        prompt = [None] * (len(row) - 1)
+        if prompt_logprobs:
+            entries = choice.get("prompt_logprobs")
+            if not entries:
+                raise UsageError(f"{url} returned no prompt_logprobs; it must be a vLLM server that allows them "
+                                 "(start it with --max-logprobs -1)")
+            echoed = choice.get("prompt_token_ids")
+            if echoed is not None and list(echoed) != list(row):
+                raise UsageError(f"{url} echoed other prompt ids than it was sent, first at position "
+                                 f"{_first_difference(list(echoed), list(row))}")
+            prompt = [{int(i): float(v["logprob"]) for i, v in d.items()} for d in entries[1:]]
+            for p, dist in enumerate(prompt):
+                check_count(url, dist, p, want, self.vocab_size)
+        logprobs = choice.get("logprobs") or {}
+        top = logprobs.get("top_logprobs")
+        if not top:
+            raise UsageError(f"{url} returned no logprobs for the generated tokens; allow them (--max-logprobs)")
+        generated = [{_token_id(t): float(v) for t, v in d.items()} for d in top]
+        for p, dist in enumerate(generated):
+            check_count(url, dist, len(row) - 1 + p, want, self.vocab_size)
+        tokens = choice.get("token_ids") or [_token_id(t) for t in logprobs.get("tokens", [])]
+        return Completion(prompt + generated, [int(t) for t in tokens])
+
+
+class EchoDialect:
+    """OpenAI's `echo` + `logprobs` (llama-cpp-python's server): alternatives keyed by their text."""
+
+    name, describes = "echo", "echo + logprobs"
+
+    def __init__(self, client, model, vocab_size, top_k, tokenizer):
+        self.client, self.model, self.vocab_size, self.top_k = client, model, vocab_size, top_k
+        self.texts, self.distinct, self.hidden = _token_texts(tokenizer, vocab_size, client.url)
+        self.offset = None  # how its prompt entries are aligned, measured on the first request (align)
+
+    def asked(self):
+        return self.top_k or self.vocab_size
+
+    def before(self, row):
+        """llama-cpp-python's server reuses the longest prefix its context shares with the last request, scores
+        included: a prefill right after a decode of the same tokens would return the decode's numbers, and the
+        cache check would compare them with themselves. One token of another text first leaves no prefix."""
+        other = next(t for t, i in self.texts.items() if t.strip() and i != row[0])
+        self.client.request("POST", "/completions", {"model": self.model, "prompt": other, "max_tokens": 1,
+                                                     "temperature": 0.0})
+
+    def body(self, prompt_logprobs):
+        return {"echo": bool(prompt_logprobs)}
+
+    def parse(self, choice, row, prompt_logprobs):
+        url = self.client.url
+        logprobs = choice.get("logprobs") or {}
+        top = logprobs.get("top_logprobs")
+        if not top:
+            raise UsageError(f"{url} returned no logprobs; start it so that it computes them for every "
+                             "position (llama-cpp-python: --logits_all true)")
+        for p, d in enumerate(top):  # keyed by text: at most as many keys as different token texts
+            check_count(url, d, p, self.asked(), self.distinct)
+        dists = [None if d is None else {self.texts[t]: float(v) for t, v in d.items() if t in self.texts}
+                 for d in top]
+        n_prompt = len(row) if prompt_logprobs else 0
+        if prompt_logprobs and len(dists) < len(row):
+            raise UsageError(f"{url} returned logprobs for {len(dists)} tokens where the prompt has {len(row)}: "
+                             "it does not echo the prompt's logprobs")
+        prompt_part, generated = dists[:n_prompt], dists[n_prompt:]
+        if prompt_logprobs:
+            prompt_part = self.align(prompt_part, row)
+            if self.offset:
+                generated = generated[:-1]  # the entry after the last generated token: never evaluated
+        else:
+            prompt_part = [None] * (len(row) - 1)
+        tokens = [self.texts.get(t, -1) for t in logprobs.get("tokens", [])[n_prompt:]]
+        return Completion(prompt_part + generated, tokens)
+
+    def align(self, entries, row):
+        """OpenAI's echo puts at entry p the distribution that predicted prompt token p (entry 0 empty).
+        llama-cpp-python's server puts there the distribution *after* token p (without a leading BOS): the
+        entry's own prompt token then usually has a low rank. Measured once on the first prompt of at least
+        four tokens: the alignment whose entries rank the prompt's own tokens higher (a model predicts the
+        text it is shown better than chance) - reported, never used to judge."""
+        if self.offset is None and len(row) >= 4:
+            def mean_rank(shift):
+                ranks = []
+                for p in range(1, len(row)):
+                    d = entries[p - shift] if p - shift >= 0 else None
+                    if d and row[p] in d:
+                        ranks.append(sum(v > d[row[p]] for v in d.values()))
+                return sum(ranks) / len(ranks) if ranks else math.inf
+            self.offset = 1 if mean_rank(1) < mean_rank(0) else 0
+            if self.offset:
+                print(f"  note: {self.client.url} echoes the distribution after each prompt token at that token's "
+                      "entry (one later than OpenAI's layout); the kit reads it shifted", flush=True)
+        if self.offset:  # entry p = the distribution at position p (entry 0, position 0, is left empty)
+            return list(entries)
+        return list(entries[1:])  # entry p predicted token p: position p - 1
+
+
+# ---- the engine -----------------------------------------------------------------------------------
+
+
+class OpenAIEngine(ServingEngine):
+    """An OpenAI-compatible `/v1/completions` server (module docstring): the client, the tokenizer check and
+    the server's dialect, put together."""
+
+    name = "openai"
+    OPTIONS = ("url", "served_model", "top_logprobs", "request_timeout", "reference_path")
+
+    def __init__(self, model_path, device, dtype, attn="sdpa", url=None, served_model=None, top_logprobs=None,
+                 request_timeout=None, reference_path=None):
+        from .checkpoints import open_checkpoint
+
+        self.client = Client(url, request_timeout or DEFAULT_REQUEST_TIMEOUT_S)
+        self.url = self.client.url
+        self.checkpoint = open_checkpoint(reference_path or model_path)
+        super().__init__(self.checkpoint.config["vocab_size"], dtype)
+        if top_logprobs is not None and not 1 <= top_logprobs <= self.vocab_size:
+            raise UsageError(f"--top_logprobs {top_logprobs}: between 1 and the vocabulary ({self.vocab_size})")
+        self.top_k = top_logprobs if top_logprobs and top_logprobs < self.vocab_size else None
+        self.model, owner = self.client.served_model(served_model)
+        self.tokenizer_checked = check_tokenizer(self.client, self.model, self.checkpoint)
+        if owner == "vllm":
+            self.dialect = VLLMDialect(self.client, self.vocab_size, self.top_k)
+        else:
+            self.dialect = EchoDialect(self.client, self.model, self.vocab_size, self.top_k, self._tokenizer_or_none)
+        self.hidden = self.dialect.hidden
+        self.accepts_ids = True  # token-id prompts, until the server refuses one
+        k = f"top {self.top_k}" if self.top_k else "all"
+        if self.hidden:
+            k += f" ({len(self.hidden)} token ids share their text with another and cannot be told apart: left out)"
+        self.description = (f"OpenAI-compatible server {self.url} model {self.model!r} ({owner or 'unknown'}; "
+                            f"{self.dialect.describes}), {k} logprobs per position; judged as {dtype_name(dtype)} "
+                            "(--dtype: the dtype it serves in)"
+                            + {True: "; its tokenizer matches the checkpoint's",
+                               False: "; its tokenizer is not checked (no /tokenize endpoint)", None: ""}
+                            [self.tokenizer_checked])
+
+    @functools.cached_property
+    def _tokenizer_or_none(self):
+        """The checkpoint's tokenizer, loaded once, or None when it has none."""
+        from transformers import AutoTokenizer
+
+        from .inputs import has_tokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.checkpoint.path)) if has_tokenizer(self.checkpoint.path) \
+            else None
+
+    def complete(self, rows, max_tokens, prompt_logprobs):
+        return [self._complete_row(row, max_tokens, prompt_logprobs) for row in rows]
+
+    def _prompt(self, row):
+        """The ids themselves where the server takes them; else their text, once the server's own tokenizer
+        is shown to give back exactly these ids (it must tokenize: /extras/tokenize)."""
+        if self.accepts_ids:
+            return row
+        if self._tokenizer_or_none is None:
+            raise UsageError(f"{self.url} takes text prompts only and the checkpoint has no tokenizer to write them")
+        text = self._tokenizer_or_none.decode(row, clean_up_tokenization_spaces=False)
+        answer = self.client.optional("/extras/tokenize", {"input": text}, root=True)
+        if answer is None:
+            raise UsageError(f"{self.url} takes text prompts only and cannot tokenize them for the kit to check "
+                             "(/extras/tokenize); the ids it computes on cannot be verified")
+        got = [int(t) for t in answer.get("tokens", [])]
+        if got != row:
+            first = _first_difference(got, row)
+            raise UsageError(f"{self.url} tokenizes the prompt's text into other ids than the kit's, first at position "
+                             f"{first} (server {got[first:first + 3]}, kit {row[first:first + 3]}); use prompts of "
+                             "text (not --inputs random) and serve the checkpoint's own tokenizer")
+        return text
+
+    def _complete_row(self, row, max_tokens, prompt_logprobs):
+        self.dialect.before(row)
+        body = {"model": self.model, "prompt": self._prompt(row), "max_tokens": max_tokens, "temperature": 0.0,
+                "logprobs": self.dialect.asked(), "stream": False, **self.dialect.body(prompt_logprobs)}
+        try:
+            answer = self.client.request("POST", "/completions", body)
+        except Refused as exc:
+            if "logprob" in exc.detail.lower():
+                asked = "all" if self.dialect.asked() == -1 else self.dialect.asked()
+                raise UsageError(f"{self.url} refuses {asked} logprobs per position ({exc.detail[:160]}); "
+                                 "start it allowing all (vLLM: --max-logprobs -1) or judge its top k only with "
+                                 "--top_logprobs K") from None
+            if not (self.accepts_ids and "string" in exc.detail):
+                raise
+            self.accepts_ids = False  # e.g. llama-cpp-python's server: text prompts only
+            return self._complete_row(row, max_tokens, prompt_logprobs)
+        choices = answer.get("choices") or []
+        if not choices:
+            raise UsageError(f"{self.url}/completions: no choices in the answer; is this a completions server?")
+        return self.dialect.parse(choices[0], row, prompt_logprobs)
+
+
+def _token_texts(tokenizer, vocab_size, url):
+    """(text -> id, how many different texts, the ids left out) for the echo dialect's keys: each id's own
+    text (invalid UTF-8 bytes dropped, as llama-cpp-python does); a text shared by several ids is ambiguous
+    and left out."""
+    if tokenizer is None:
+        raise UsageError(f"{url} keys its logprobs by token text; the checkpoint has no tokenizer to map them "
+                         "back to ids")
+    seen, special = {}, set(tokenizer.all_special_ids)
+    for i, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(vocab_size)))):
+        raw = b"" if i in special else _byte_level_bytes(token)  # special tokens print as nothing
+        text = (raw.decode("utf-8", errors="ignore") if raw is not None
+                else tokenizer.decode([i], clean_up_tokenization_spaces=False).replace("\ufffd", ""))
+        seen.setdefault(text, []).append(i)
+    texts = {t: ids[0] for t, ids in seen.items() if len(ids) == 1}
+    return texts, len(seen), tuple(i for ids in seen.values() if len(ids) > 1 for i in ids)
+
+
+def _byte_level_unicode():
+    """GPT-2's byte-level alphabet: printable stand-ins for the 256 byte values (unicode char -> byte)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+BYTE_LEVEL = _byte_level_unicode()
+
+
+def _byte_level_bytes(token):
+    """A byte-level BPE token's bytes, or None when it is not written in that alphabet."""
+    if token is None or not all(c in BYTE_LEVEL for c in token):
+        return None
+    return bytes(BYTE_LEVEL[c] for c in token)
+
+
+def _token_id(key):
+    """vLLM's `return_tokens_as_token_ids` keys: 'token_id:123'."""
+    if isinstance(key, str) and key.startswith("token_id:"):
+        return int(key.split(":", 1)[1])
+    raise UsageError(f"logprob key {key!r} is not a token id; the server ignored return_tokens_as_token_ids")
