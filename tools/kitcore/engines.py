@@ -408,6 +408,8 @@ class StreamedHFEngine(HFEngine):
     memory is about one layer plus the embedding or LM head. Every forward reads the weights again (from
     the page cache when they fit there). Llama and Qwen3-MoE checkpoints."""
 
+    capabilities = frozenset({"new_cache", "capture", "capture_layers", "rope"})  # no weights to run a component
+
     def __init__(self, model_path, device, dtype, attn="eager"):
         from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -48,8 +48,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .compare import (CHUNK_ELEMENTS, DISTRIBUTIONS, LOGITS_NMSE, NON_FINITE, OUT_OF_BOUNDS, SHAPE, TOLERANCES,
-                      UNJUDGEABLE, Distribution, compare, tolerance_for)
+from .compare import (CHUNK_ELEMENTS, DISTRIBUTIONS, LOGITS_NMSE, NON_FINITE, OUT_OF_BOUNDS, OWN_TOLERANCES, SHAPE,
+                      TOLERANCES, UNJUDGEABLE, Distribution, compare, tolerance_for)
 from .devices import dtype_name
 from .errors import UsageError
 
@@ -134,11 +134,12 @@ def looser(a, b):
     return max((Judge(j.dtype, tolerance_for(j.table)) for j in (a, b)), key=lambda j: j.table.nmse)
 
 
-def calibrate(cand, peer, dtype, k=PEER_K, k_max=PEER_K_MAX):
+def calibrate(cand, peer, dtype, k=PEER_K, k_max=PEER_K_MAX, by="calibrated"):
     """The Comparison `cand` (candidate vs reference) judged against `peer` (peer vs reference): a new
     Comparison whose verdict comes from the calibrated bounds instead of the table's. Shape, empty and
-    non-finite failures stay what they are."""
-    peer_figures = {"judge": "calibrated", "peer_nmse": peer.nmse, "peer_max_abs": peer.max_abs}
+    non-finite failures stay what they are. `by` names what the peer is ("calibrated": a correct engine;
+    "input_rounding": the reference on inputs rounded to the candidate dtype, judge_own)."""
+    peer_figures = {"judge": by, "peer_nmse": peer.nmse, "peer_max_abs": peer.max_abs}
     if cand.failure in UNJUDGEABLE:
         return replace(cand, **peer_figures)
     f = rounding_floor(dtype)
@@ -164,6 +165,27 @@ def judge_tensor(candidate, reference, judge, peer=None, name="tensor", peer_ref
         peer_reference = reference if peer_reference is None else peer_reference
         return calibrate(c, compare(peer, peer_reference, table, name), judge.dtype, judge.k)
     return c
+
+
+def judge_own(got, reference, judge, peer_got=None, rounded=None, name="tensor"):
+    """The dual test's own error of one component (its output on the reference's own input): calibrated by
+    the peer's own error where there is a peer; else the own-error table, and, where that fails, the
+    component's input-rounding floor: `rounded()` computes the reference's component on its inputs rounded to
+    the candidate dtype (asked only then). A component that is ill-conditioned there (Qwen2.5's layer-0 attention: q/k biases make
+    scores so large that rounding q and k to bfloat16 alone gives an NMSE of 5.8e-3, 20x the table) cannot be
+    computed closer in that dtype by any engine; an own error within k x that floor is the dtype's, not the
+    engine's. The floor comes from the reference alone, never from the candidate."""
+    own_judge = replace(judge, table=OWN_TOLERANCES[judge.dtype])
+    c = judge_tensor(got, reference, own_judge, peer_got, name)
+    if c.passed or c.failure != OUT_OF_BOUNDS or c.judge == "calibrated" or rounded is None:
+        return c
+    return calibrate(c, compare(rounded(), reference, OWN_TOLERANCES[judge.dtype], name), judge.dtype, judge.k,
+                     by="input_rounding")
+
+
+def rounded_inputs(inputs, dtype):
+    """A component's inputs as the candidate dtype holds them, back in the reference's dtype (judge_own)."""
+    return {k: v.to(dtype).to(v.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
 
 
 @dataclass

@@ -263,6 +263,13 @@ class Session:
     def candidate(self):
         return next(iter(self.engines.values()))
 
+    @property
+    def reference_components(self):
+        """The reference engine, where it can run single components (the dual test's input-rounding floor,
+        kitcore.judges.judge_own); None for a streamed reference, which holds no weights between forwards."""
+        engine = self.reference.engine if isinstance(self.reference, refcache.CachedReference) else self.reference
+        return engine if "run_component" in engines.capabilities(engine) else None
+
     def peer_for(self, engine):
         """The peer that calibrates `engine`'s verdict: None when there is none, or when it is the peer."""
         return None if self.peer is None or engine is self.peer or engine is self.reference else self.peer

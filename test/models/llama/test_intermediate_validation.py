@@ -22,7 +22,6 @@ shape, is a failure. `--json` includes "first_divergence": null or {"layer": N, 
 import contextlib
 import math
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -151,12 +150,15 @@ def check_point(name, layer, point, captures, dual_engines, judge, ids, pos, n_l
 
 
 def own_error(name, layer, point, reference, dual_engines, judge, ids, pos, n_layers):
-    """The component run by the candidate (and the peer) on the reference's own input, judged."""
+    """The component run by the candidate (and the peer) on the reference's own input, judged
+    (kitcore.judges.judge_own; without a peer, the reference engine gives the input-rounding floor)."""
+    cand, peer, reference_engine = dual_engines
     inputs = component_inputs(reference, layer, point, n_layers, ids)
-    got = dual_engines[0].run_component(point, layer, inputs, pos)
-    peer_got = dual_engines[1].run_component(point, layer, inputs, pos) if dual_engines[1] else None
-    own_judge = replace(judge, table=OWN_TOLERANCES[judge.dtype])
-    return judges.judge_tensor(got, reference[name], own_judge, peer_got, name + " (own)")
+    got = cand.run_component(point, layer, inputs, pos)
+    peer_got = peer.run_component(point, layer, inputs, pos) if peer else None
+    rounded = None if peer is not None or reference_engine is None else (
+        lambda: reference_engine.run_component(point, layer, judges.rounded_inputs(inputs, judge.dtype), pos))
+    return judges.judge_own(got, reference[name], judge, peer_got, rounded, name + " (own)")
 
 
 def check_own_only(name, layer, point, reference, peer, dual_engines, judge, ids, pos, n_layers, results):
@@ -197,10 +199,12 @@ def largest_own_error(rows):
 
 
 def _ratio(c):
-    """RMS error over the peer's (the figure k bounds), or '-' without a peer."""
-    if c.judge != "calibrated":
+    """RMS error over the peer's (the figure k bounds), or over the input-rounding floor's (marked ~), or '-'
+    for the table."""
+    if c.judge not in ("calibrated", "input_rounding"):
         return "-"
-    return f"{(c.nmse / c.peer_nmse) ** 0.5:.2f}" if c.peer_nmse > 0 else ("1.00" if c.nmse == 0 else "inf")
+    mark = "~" if c.judge == "input_rounding" else ""
+    return (f"{(c.nmse / c.peer_nmse) ** 0.5:.2f}" if c.peer_nmse > 0 else ("1.00" if c.nmse == 0 else "inf")) + mark
 
 
 def own_only_captures(engine, ids, pos, n_layers):
@@ -238,7 +242,7 @@ def validate_row(run, ids, pos, judge, peer, dual, results):
             reference = {**previous_output, **reference}
             captures = (reference, candidate, peer_capture[0] if peer else None)
             for layer, point, name in point_order(n_layers, range(i, i + 1)):
-                row = check_point(name, layer, point, captures, (cand, peer) if dual else None, judge, ids, pos,
+                row = check_point(name, layer, point, captures, (cand, peer, run.reference_components) if dual else None, judge, ids, pos,
                                   n_layers, results, own_only)
                 failed = row["status"] != "ok"
                 results.add(name, "passed", not failed, unit="bool", layer=layer, point=point)
@@ -295,6 +299,11 @@ def findings_of(rows, first, batched):
         findings.append(f"components that add error: {', '.join(adders)}")
     if inheritors:
         findings.append(f"{len(inheritors)} later point(s) only inherit error")
+    floored = [r["point"] for r in rows if (r.get("own") or {}).get("judge") == "input_rounding"]
+    if floored:
+        findings.append(f"judged by their input-rounding floor (~: outside the own-error table, but as close as "
+                        f"the inputs rounded to the dtype allow; an own error below k x that floor is not seen "
+                        f"there): {', '.join(floored)}")
     return findings, worst_own
 
 
