@@ -286,3 +286,22 @@ class OwnErrorOnlyEngine(HFEngine):
 
     def final_hidden(self, input_ids, position_ids):
         return self.capture(input_ids, position_ids)["final_norm"]
+
+
+class PositiveMaxRouterModules(HFModules):
+    """A top-k whose running maximum starts at 0 (the bug class of vllm-project/vllm #37605): a token whose
+    router logits are all negative gets experts 0..k-1 with equal weights. Its router logits are right."""
+
+    def build_moe(self, config, weights, device, dtype, experts):
+        block = super().build_moe(config, weights, device, dtype, experts)
+        gate, route = block.gate, block.gate.forward
+
+        def forward(hidden_states):
+            logits, scores, indices = route(hidden_states)
+            lost = (logits.max(-1).values <= 0)[:, None]
+            first = torch.arange(indices.shape[-1], device=indices.device).expand_as(indices)
+            return (logits, torch.where(lost, torch.full_like(scores, 1.0 / indices.shape[-1]), scores),
+                    torch.where(lost, first, indices))
+
+        gate.forward = forward
+        return block

@@ -105,6 +105,20 @@ def test_routing_faults_fail_on_the_output(plugin, router_visible, moe_checkpoin
         assert prefill["router_set_mismatches"] is None and "has no .gate" in r.out
 
 
+def test_a_top_k_that_assumes_a_positive_maximum_fails_only_on_the_negative_router(moe_checkpoint, tmp_path):
+    """Every router logit below zero (the router shifted, each token's ranking unchanged): a correct block
+    passes; one whose top-k starts its running maximum at 0 passes the ordinary cases and fails this one."""
+    r = run_script(MOE, "--model_path", moe_checkpoint, *QUICK, json_path=tmp_path / "ok.json")
+    assert r.code == 0 and r.json["cases"]["negative_router"]["comparison"]["passed"], r
+    assert r.json["cases"]["negative_router"]["tokens"] >= 704 // 2
+    r = run_script(MOE, "--model_path", moe_checkpoint, "--engine", f"{FAULTY_ENGINES}:PositiveMaxRouterModules",
+                   *QUICK, json_path=tmp_path / "fault.json")
+    assert r.code == 1, r
+    cases = r.json["cases"]
+    assert cases["prefill"]["comparison"]["passed"] and cases["decode"]["comparison"]["passed"], r
+    assert not cases["negative_router"]["comparison"]["passed"], r
+
+
 def test_weights_come_from_every_shard(moe_checkpoint, tmp_path):
     from transformers import AutoModelForCausalLM
 

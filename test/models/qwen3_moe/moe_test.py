@@ -24,6 +24,10 @@ FLOPs and bytes of one call of T tokens (the roofline's inputs, also behind GFLO
 hidden, I moe_intermediate_size, E experts, k experts per token, U experts used by the call, s bytes
 per element: FLOPs = 2 T H E (router) + 2 x 3 H I k T (gate, up, down of k experts per token);
 bytes = (E H (router) + U x 3 H I (the used experts' weights, read once) + 2 T H (input, output)) x s.
+Case `negative_router` (correctness only, on half of the prefill's tokens): the router's rows shifted by one
+vector so that every router logit of those tokens is negative while each token's ranking and softmax stay what
+they were (the same amount is subtracted from every expert's logit of a token); a top-k that assumes a
+positive maximum (a public MoE kernel chose wrong experts only then, vllm-project/vllm #37605) fails here.
 `--sweep`: tokens per call 1, 4, 16, 64, 256, 1024, 4096, each point timed and checked like a case.
 `--cold`: every case also timed with the caches evicted before each call, beside the warm figures.
 """
@@ -134,9 +138,26 @@ def parse_args(argv):
     return args
 
 
-def open_blocks(bench):
+def negative_router(weights, x):
+    """(weights, tokens): the weights with the router's rows shifted by m (W' = W - 1 m^T) so that every
+    logit of the chosen tokens is below zero, and those tokens [1, N, H]: m lies along the mean hidden
+    state, scaled past the largest logit; the tokens are the half of x with the largest component along
+    that mean (a token with little of it would need a shift so large that its rounding, not the kernel,
+    would be tested)."""
+    w, tokens = weights["gate.weight"].double(), x.reshape(-1, x.shape[-1]).double()
+    mean = tokens.mean(0)
+    along = tokens @ mean / mean.dot(mean)  # each token's component along the mean
+    chosen = along >= along.median()
+    if not bool((along[chosen] > 0).all()):
+        return None, None
+    largest = (tokens[chosen] @ w.T).max(-1).values
+    m = float(((largest.clamp_min(0) + 1.0) / along[chosen]).max()) * mean / mean.dot(mean)
+    return {**weights, "gate.weight": (w - m[None]).to(weights["gate.weight"].dtype)}, x[:, chosen]
+
+
+def open_blocks(bench, weights=None):
     args, config, device, dtype = bench.args, bench.config, bench.device, bench.dtype
-    weights = moe_weights(bench.checkpoint, args.layer)
+    weights = weights if weights is not None else moe_weights(bench.checkpoint, args.layer)
     module = module_engine(args.engine, ("build_moe",)).build_moe(config, weights, device, dtype, args.experts)
     reference = HFModules().build_moe(config, weights, Device("cpu", "cpu"), torch.float32, "eager")
     peer = bench.peer(args.experts, lambda: HFModules().build_moe(config, weights, device, dtype, "eager"),
@@ -144,7 +165,6 @@ def open_blocks(bench):
     judge = judges.Judge(dtype, judges.TOLERANCES[dtype], calibrated=peer is not None)
     own_streams = bool(getattr(module, "own_streams", False))
     bench.results.env["timer"] = timer_note(device, own_streams)
-    print(f"  {bench.results.env['timer']}")
     return Blocks(module, reference, peer, weights, judge, own_streams)
 
 
@@ -250,6 +270,7 @@ def main(argv=None):
     args = parse_args(argv)
     bench = session.Bench.open(args, SCRIPT, args.experts)
     blocks = open_blocks(bench)
+    print(f"  {bench.results.env['timer']}")
     if args.sweep:
         cases = {f"sweep_tokens{n}": (n, {"sweep": "tokens", "size": n}) for n in SWEEP_TOKENS}
     else:
@@ -279,7 +300,27 @@ def main(argv=None):
                              "comparison": check.output.as_dict(), **({"cold": cold.summary()} if cold else {}),
                              **labels}
         print_case(bench, tokens, m, cold, roof, flops, moved, routing, check)
+    if not args.sweep:
+        all_passed &= check_negative_router(bench, blocks, hidden[:, :args.prefill_tokens])
     return bench.finish(all_passed)
+
+
+def check_negative_router(bench, blocks, x):
+    """The `negative_router` case: correctness only (module docstring)."""
+    shifted, x = negative_router(blocks.weights, x)
+    if shifted is None:
+        print("\nrouter shifted negative: skipped (the hidden states have no common direction to shift along)")
+        return True
+    print(f"\nrouter shifted negative: {x.shape[1]} tokens, every router logit below zero")
+    _, _, routing, check = check_case(bench, open_blocks(bench, shifted), x)
+    c = check.output
+    bench.results.add_comparison("negative_router", c, phase="negative_router")
+    bench.results.add("negative_router", "passed", check.passed, unit="bool", phase="negative_router")
+    bench.cases["negative_router"] = {"tokens": x.shape[1], "routing": routing, "comparison": c.as_dict(),
+                                      "near_tie_tokens": check.near_ties, "router_set_mismatches": check.set_mismatches}
+    print(f"  correctness vs float32 eager ({check.near_ties} near-tie tokens): max abs {c.max_abs:.3e}, nmse "
+          f"{c.nmse:.3e} -> {'ok' if check.passed else 'FAIL: ' + (c.reason or 'expert sets not admissible')}")
+    return check.passed
 
 
 if __name__ == "__main__":
