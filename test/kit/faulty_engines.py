@@ -305,3 +305,12 @@ class PositiveMaxRouterModules(HFModules):
 
         gate.forward = forward
         return block
+
+
+class ScaledExpertModules(HFModules):
+    """One expert's (expert 3's) down projection 5% too large: a per-expert scale applied twice or missed."""
+
+    def build_moe(self, config, weights, device, dtype, experts):
+        scaled = dict(weights)
+        scaled["experts.3.down_proj.weight"] = weights["experts.3.down_proj.weight"] * 1.05
+        return super().build_moe(config, scaled, device, dtype, experts)

@@ -80,9 +80,9 @@ def test_text_inputs_route_realistically(moe_checkpoint, tmp_path):
     assert routing["router_entropy_normalised"] < 0.9  # peaked, unlike a random router (~1.0)
 
 
-def test_permuted_expert_fails(moe_checkpoint):
-    r = run_script(MOE, "--model_path", moe_checkpoint, "--engine", f"{FAULTY_ENGINES}:PermutedExpertModules",
-                   "--dtype", "float32", *QUICK)
+@pytest.mark.parametrize("plugin", ["PermutedExpertModules", "ScaledExpertModules"])
+def test_expert_weight_faults_fail(plugin, moe_checkpoint):
+    r = run_script(MOE, "--model_path", moe_checkpoint, "--engine", f"{FAULTY_ENGINES}:{plugin}", *QUICK)
     assert r.code == 1 and "FAIL" in r.out, r
 
 
