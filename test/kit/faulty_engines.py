@@ -314,3 +314,11 @@ class ScaledExpertModules(HFModules):
         scaled = dict(weights)
         scaled["experts.3.down_proj.weight"] = weights["experts.3.down_proj.weight"] * 1.05
         return super().build_moe(config, scaled, device, dtype, experts)
+
+
+class SilentEagerEngine(HFEngine):
+    """Asked for sdpa, it quietly runs eager attention (a fallback that must not pass under sdpa's name)."""
+
+    def __init__(self, model_path, device, dtype, attn="sdpa", device_map=None):
+        super().__init__(model_path, device, dtype, attn, device_map)
+        self.model.config._attn_implementation = "eager"

@@ -134,6 +134,22 @@ def test_an_ill_conditioned_component_is_judged_by_its_input_rounding_floor(llam
     assert {p["point"]: p["status"] for p in r.json["points"]}["layers.0.attn_out"] == "FAIL: ADDS error"
 
 
+def test_require_checks_what_the_engine_attests_it_ran(llama_checkpoint, tmp_path):
+    """--require KEY=VALUE against what the engine reads back after loading: met (PASS, printed as 'ran:'),
+    a silent fallback (FAIL, exit 1, one line naming it), a key the engine cannot attest (exit 3)."""
+    common = ["--model_path", llama_checkpoint, "--dtype", "float32"]
+    r = run_script(INFERENCE, *common, "--require", "attn_implementation=sdpa", json_path=tmp_path / "ok.json")
+    assert r.code == 0 and "hf ran: engine=hf, attn_implementation=sdpa" in r.out, r
+    assert r.json["env"]["attested"]["hf"]["attn_implementation"] == "sdpa"
+    r = run_script(INFERENCE, *common, "--engine", f"{FAULTY_ENGINES}:SilentEagerEngine", "--require",
+                   "attn_implementation=sdpa", json_path=tmp_path / "fallback.json")
+    assert r.code == 1 and r.json["verdict"] == "fail", r
+    assert "verdict: FAIL: --require attn_implementation=sdpa: engine" in r.out and "ran attn_implementation=eager" in r.out
+    r = run_script(INFERENCE, *common, "--require", "enable_prefix_caching=true")
+    assert r.code == 3 and "does not attest 'enable_prefix_caching'" in r.err, r
+    assert run_script(INFERENCE, *common, "--require", "sdpa").code == 2
+
+
 def test_kv_cache_dropping_oldest_entry_fails_decode_only(llama_checkpoint, tmp_path):
     engine = f"{FAULTY_ENGINES}:DropOldestCacheEngine"
     common = ["--model_path", llama_checkpoint, "--engine", engine, "--dtype", "float32"]

