@@ -150,6 +150,23 @@ def test_require_checks_what_the_engine_attests_it_ran(llama_checkpoint, tmp_pat
     assert run_script(INFERENCE, *common, "--require", "sdpa").code == 2
 
 
+def test_controls_say_what_the_check_could_have_caught(llama_checkpoint, tmp_path):
+    """--controls: the peer with one planted bug at a time, judged like the candidate. In float32 every
+    control is caught, down to the 0.3% weight rung; in bfloat16 against the static table (plain hf) none
+    is, and the verdict says so without failing the correct candidate."""
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--dtype", "float32", "--controls",
+                   json_path=tmp_path / "fp32.json")
+    assert r.code == 0, r
+    table = r.json["controls"]["table"]
+    assert len(table) == 10 and all(c["caught"] for c in table), table
+    assert "sensitivity: this check would have caught a single-layer weight error of 0.3% or more and 6 of 6" in r.out
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--dtype", "bfloat16", "--controls",
+                   json_path=tmp_path / "bf16.json")
+    assert r.code == 0 and r.json["verdict"] == "pass", r
+    assert not any(c["caught"] for c in r.json["controls"]["table"])
+    assert "could not see: single-layer weight errors of 0.3%, 1.0%, 3.0%, 10.0%, swapped KV heads" in r.out, r
+
+
 def test_kv_cache_dropping_oldest_entry_fails_decode_only(llama_checkpoint, tmp_path):
     engine = f"{FAULTY_ENGINES}:DropOldestCacheEngine"
     common = ["--model_path", llama_checkpoint, "--engine", engine, "--dtype", "float32"]

@@ -130,6 +130,13 @@ def build_parser(doc, decode=False, batch=False):
     return p
 
 
+def add_controls_arg(parser):
+    parser.add_argument("--controls", action="store_true",
+                        help="also run the negative controls (kitcore/controls.py): one more copy of the peer with one "
+                             "planted bug at a time, judged like the candidate; a table of what this check catches "
+                             "here and a sensitivity line (costs one more model and one more call per control)")
+
+
 def add_repeat_arg(parser, what):
     parser.add_argument("--repeat", type=int, default=0, metavar="N",
                         help=f"after the check, run the candidate's {what} N more times and report how its live "
@@ -323,6 +330,25 @@ class Session:
         results.extra["repeat"] = {"calls": repeat, "samples_bytes": growth.samples,
                                    "growth_per_call_bytes": growth.per_iteration, "leaking": leaking, "memory": kind}
         return not leaking
+
+    def controls(self, call, judge_output):
+        """The negative controls (kitcore.controls) on a copy of the peer: the table, the sensitivity line and
+        their records. Never part of the verdict: a control that is not caught is what this check cannot see."""
+        from . import controls
+
+        with self.phases("controls_load"):
+            engine = engines.HFEngine(str(self.reference_checkpoint.path), self.device, self.dtype, self.args.attn,
+                                      self.args.device_map)
+        with self.phases("controls"):
+            found = controls.run_controls(engine, call, judge_output)
+        del engine
+        print(f"\nnegative controls (the peer with one planted bug each, judged like the candidate):")
+        for r in found:
+            print(f"  {r.name:<44} {'caught' if r.caught else 'NOT caught':<11} {r.figure}")
+            self.results.add("controls", "caught", r.caught, unit="bool", control=r.name)
+        line = controls.sensitivity(found)
+        self.results.extra["controls"] = {"table": [vars(r) for r in found], "sensitivity": line}
+        return line
 
     def finish(self, passed):
         """The verdict: the reference cache's figures into the environment, the exit code."""

@@ -27,6 +27,7 @@ def main(argv=None):
     started = time.perf_counter()
     parser = session.build_parser(__doc__)
     session.add_repeat_arg(parser, "forward")
+    session.add_controls_arg(parser)
     args = parser.parse_args(argv)
     if args.plan:
         return session.print_plan(args, SCRIPT)
@@ -37,7 +38,8 @@ def main(argv=None):
         return engine.forward(inp.input_ids, inp.position_ids, inp.mask_or_none)
 
     reference, candidate, peer = run.run_all("forward", forward)
-    check = judges.check_logits(candidate, reference, inp.attention_mask, run.judge(run.candidate), peer,
+    judge = run.judge(run.candidate)
+    check = judges.check_logits(candidate, reference, inp.attention_mask, judge, peer,
                                 space=judges.output_space(run.candidate))
     session.print_logits_check(check, reference.shape[-1])
     wall = session.print_timings(run.phases, started)
@@ -45,11 +47,16 @@ def main(argv=None):
     run.phases.report(run.results)
     run.results.add("timing", "check_wall", wall, unit="s")
     passed = check.passed
+    if args.controls:
+        def judged(logits):  # a control is judged exactly as the candidate was
+            c = judges.check_logits(logits, reference, inp.attention_mask, judge, peer)
+            return c.passed, c.reasons() or f"within bounds (nmse {c.comparison.nmse:.2e})"
+        sensitivity = run.controls(forward, judged)
     if args.repeat:
         del candidate
         passed &= run.check_growth(lambda: forward(run.candidate), "forward")
     verdict = "PASS" if passed else f"FAIL: {check.reasons() if not check.passed else 'memory grows with every call'}"
-    print(f"\nverdict: {verdict}")
+    print(f"\nverdict: {verdict}" + (f"\n{sensitivity}" if args.controls else ""))
     return run.finish(passed)
 
 

@@ -1,0 +1,150 @@
+"""Negative controls at run time (`--controls`): what this check could have caught, here.
+
+A PASS says that no gate tripped, not that a gate could have. The controls answer that on the run's own
+model, dtype, device and inputs: the kit loads one more copy of the peer (HF Transformers in the
+candidate's dtype on its device, from the reference checkpoint), plants one bug of a known shape in it
+(in memory, undone after: never written to a checkpoint), runs it through the same call and judges it
+with the same judge as the candidate (calibrated by the same peer, or the same static table). A control
+that the judge passes is a bug this check cannot see here; it is reported, never held against the
+candidate.
+
+The bug shapes (`CONTROLS`), each in the middle layer unless it says otherwise:
+  weight x (1 + e)     mlp.down_proj's weight scaled, e = 0.3%, 1%, 3%, 10% (a ladder: the smallest caught
+                       is the check's resolution for a single-layer weight error)
+  swapped KV heads     KV heads 0 and 1 exchanged in k_proj and v_proj (a head-mapping mistake)
+  RoPE layout          q and k rows of every head reordered from half-split to interleaved pairs
+  rms_norm_eps         every RMSNorm's epsilon x 100
+  rope_theta           the rotary base of every layer halved
+  attention scale      every layer's softmax scale x 1.03
+  final-norm scale     the final RMSNorm's weight x 1.02
+Cost: one more model in memory and one more run of the check's call per control (11 controls).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+WEIGHT_LADDER = (0.003, 0.01, 0.03, 0.1)
+
+
+@dataclass
+class ControlResult:
+    name: str
+    shape: str  # the bug shape; the weight ladder's rungs share "weight"
+    size: float  # the rung's e for the ladder, else 0
+    caught: bool
+    figure: str  # the figure that decided, one line
+
+
+def _middle(model):
+    return model.model.layers[len(model.model.layers) // 2]
+
+
+def _scale(tensor, factor):
+    original = tensor.detach().clone()
+    tensor.data.mul_(factor)
+    return lambda: tensor.data.copy_(original)
+
+
+def _weight(e):
+    return lambda model: _scale(_middle(model).mlp.down_proj.weight, 1 + e)
+
+
+def _swap_kv_heads(model):
+    attn, head_dim = _middle(model).self_attn, model.config.head_dim
+    if model.config.num_key_value_heads < 2:
+        return None
+    saved = []
+    for proj in (attn.k_proj, attn.v_proj):
+        for p in [proj.weight] + ([proj.bias] if proj.bias is not None else []):
+            original = p.detach().clone()
+            p.data[:head_dim], p.data[head_dim:2 * head_dim] = original[head_dim:2 * head_dim], original[:head_dim]
+            saved.append((p, original))
+    return lambda: [p.data.copy_(o) for p, o in saved]
+
+
+def _rope_layout(model):
+    attn, head_dim = _middle(model).self_attn, model.config.head_dim
+    half = head_dim // 2
+    # half-split rows [0..half, half..d] read as interleaved pairs: row 2i <- i, row 2i+1 <- half + i
+    order = torch.stack([torch.arange(half), torch.arange(half) + half], 1).flatten()
+    saved = []
+    for proj in (attn.q_proj, attn.k_proj):
+        for p in [proj.weight] + ([proj.bias] if proj.bias is not None else []):
+            original = p.detach().clone()
+            heads = original.reshape(-1, head_dim, *original.shape[1:])
+            p.data.copy_(heads[:, order].reshape(original.shape))
+            saved.append((p, original))
+    return lambda: [p.data.copy_(o) for p, o in saved]
+
+
+def _norm_eps(model):
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    saved = [(m, m.variance_epsilon) for m in norms]
+    for m in norms:
+        m.variance_epsilon *= 100
+    return lambda: [setattr(m, "variance_epsilon", eps) for m, eps in saved]
+
+
+def _rope_theta(model):
+    rotary = model.model.rotary_emb
+    original = rotary.inv_freq.detach().clone()
+    head_dim = original.numel() * 2
+    # inv_freq_i = base^(-2i/d): halving the base multiplies it by 2^(2i/d)
+    rotary.inv_freq.data.mul_(2.0 ** (torch.arange(0, head_dim, 2, dtype=original.dtype,
+                                                   device=original.device) / head_dim))
+    return lambda: rotary.inv_freq.data.copy_(original)
+
+
+def _attention_scale(model):
+    layers = [layer.self_attn for layer in model.model.layers]
+    saved = [(a, a.scaling) for a in layers]
+    for a in layers:
+        a.scaling *= 1.03
+    return lambda: [setattr(a, "scaling", s) for a, s in saved]
+
+
+def _final_norm(model):
+    return _scale(model.model.norm.weight, 1.02)
+
+
+CONTROLS = ([(f"weight x{1 + e:g} (layer middle, down_proj)", "weight", e, _weight(e)) for e in WEIGHT_LADDER]
+            + [("swapped KV heads (middle layer)", "swapped KV heads", 0.0, _swap_kv_heads),
+               ("RoPE layout interleaved (middle layer)", "RoPE layout", 0.0, _rope_layout),
+               ("rms_norm_eps x100", "rms_norm_eps", 0.0, _norm_eps),
+               ("rope_theta halved", "rope_theta", 0.0, _rope_theta),
+               ("attention scale x1.03 (every layer)", "attention scale", 0.0, _attention_scale),
+               ("final-norm weight x1.02", "final-norm scale", 0.0, _final_norm)])
+
+
+@torch.no_grad()
+def run_controls(engine, call, judge_output):
+    """Every control on `engine` (an HFEngine, the peer's copy): `call(engine)` with the bug planted, then
+    undone; `judge_output(output)` -> (passed, one-line figure). Returns [ControlResult]."""
+    results = []
+    for name, shape, size, plant in CONTROLS:
+        undo = plant(engine.model)
+        if undo is None:  # the model has no place for this bug (one KV head)
+            continue
+        try:
+            passed, figure = judge_output(call(engine))
+        finally:
+            undo()
+        results.append(ControlResult(name, shape, size, not passed, figure))
+    return results
+
+
+def sensitivity(results):
+    """The one line under the verdict: the smallest caught rung of the weight ladder, the shapes caught, and
+    what this check could not see."""
+    ladder = [r for r in results if r.shape == "weight"]
+    caught_rungs = [r.size for r in ladder if r.caught]
+    shapes = [r for r in results if r.shape != "weight"]
+    missed_rungs = [r.size for r in ladder if not r.caught]
+    missed = ([f"single-layer weight errors of {', '.join(f'{e:.1%}' for e in missed_rungs)}"] if missed_rungs else [])
+    missed += [r.shape for r in shapes if not r.caught]
+    weight = (f"a single-layer weight error of {min(caught_rungs):.1%} or more" if caught_rungs
+              else f"no single-layer weight error up to {max(r.size for r in ladder):.0%}")
+    line = (f"sensitivity: this check would have caught {weight} and {sum(r.caught for r in shapes)} of "
+            f"{len(shapes)} bug shapes")
+    return line + (f"; it could not see: {', '.join(missed)}" if missed else "")
