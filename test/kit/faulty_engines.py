@@ -322,3 +322,14 @@ class SilentEagerEngine(HFEngine):
     def __init__(self, model_path, device, dtype, attn="sdpa", device_map=None):
         super().__init__(model_path, device, dtype, attn, device_map)
         self.model.config._attn_implementation = "eager"
+
+
+class DuplicateBOSEngine(HFEngine):
+    """Renders the chat template to text and tokenises that text as a plain prompt, adding a BOS in front of
+    the one the template already wrote (vLLM #16853)."""
+
+    def tokenize(self, text=None, messages=None):
+        if messages is None:
+            return super().tokenize(text=text)
+        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return [self.tokenizer.bos_token_id] + list(self.tokenizer(rendered).input_ids)

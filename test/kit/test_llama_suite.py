@@ -167,6 +167,17 @@ def test_controls_say_what_the_check_could_have_caught(llama_checkpoint, tmp_pat
     assert "could not see: single-layer weight errors of 0.3%, 1.0%, 3.0%, 10.0%, swapped KV heads" in r.out, r
 
 
+def test_tokenization_needs_text_and_an_engine_that_tokenises(llama_checkpoint, tmp_path):
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--tokenization", json_path=tmp_path / "t.json")
+    assert r.code == 0 and "ok   text: the engine's 32 ids are the checkpoint's" in r.out, r
+    assert "skipped chat: the checkpoint has no chat template" in r.out, r
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--tokenization", "--input_ids", "1,2,3")
+    assert r.code == 2 and "--tokenization checks how the engine tokenises text" in r.err, r
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--tokenization", "--engine",
+                   f"{FAULTY_ENGINES}:NoCaptureEngine")
+    assert r.code == 3 and "does not tokenise text itself" in r.err, r  # it declares new_cache alone
+
+
 def test_kv_cache_dropping_oldest_entry_fails_decode_only(llama_checkpoint, tmp_path):
     engine = f"{FAULTY_ENGINES}:DropOldestCacheEngine"
     common = ["--model_path", llama_checkpoint, "--engine", engine, "--dtype", "float32"]

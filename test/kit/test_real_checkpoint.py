@@ -41,6 +41,21 @@ def test_one_percent_weight_error_in_layer_17_is_located_in_bfloat16(real_checkp
     assert [p["point"] for p in r.json["points"] if p["status"] != "ok"] == ["layers.17.down_proj"], r
 
 
+def test_the_engines_own_tokenisation_and_a_duplicate_bos(real_checkpoint, tmp_path):
+    """--tokenization on SmolLM2 (a chat template, BOS <|im_start|>): hf's ids for the prompt as text and as a
+    chat message are the checkpoint's and it stops at generation_config's EOS; an engine that tokenises the
+    rendered template as plain text with a BOS in front fails, the line naming the duplicate BOS."""
+    from kit_helpers import FAULTY_ENGINES
+
+    common = ["--model_path", real_checkpoint, "--dtype", "float32", "--tokenization"]
+    r = run_script(INFERENCE, *common, json_path=tmp_path / "ok.json")
+    assert r.code == 0, r
+    assert [c["kind"] for c in r.json["tokenization"]["checks"]] == ["text", "chat", "stop tokens"], r
+    r = run_script(INFERENCE, *common, "--engine", f"{FAULTY_ENGINES}:DuplicateBOSEngine", json_path=tmp_path / "f.json")
+    assert r.code == 1 and "FAIL chat: the engine's ids differ from the checkpoint's at position 1" in r.out, r
+    assert "a duplicate BOS" in r.out and "verdict: FAIL: the engine's own tokenisation differs" in r.out, r
+
+
 def _with_requirement(monkeypatch, real, requirement):
     from dataclasses import replace
 

@@ -61,6 +61,11 @@ kit loads it):
     final_hidden(input_ids, position_ids) -> Tensor
         For an engine without capture(): its hidden states after the final norm, [B, S, hidden]; with
         run_component() alone, intermediate validation runs the dual test and compares these at final_norm.
+    tokenize(text=None, messages=None) -> list[int] | None
+        The ids the engine itself computes from `text` (special tokens as it adds them by default), or from
+        chat `messages` ([{"role", "content"}], its own chat template, generation prompt added); None for
+        an input it cannot take. stop_tokens() -> set[int]: the ids it stops generating at. Used by
+        `--tokenization` (kitcore.tokenization).
     attest() -> dict[str, str]
         What actually ran, read back from the engine after loading (not the settings it was asked for):
         e.g. hf's attention and experts implementations, llama.cpp's KV-cache types, vLLM's prefix cache and
@@ -73,6 +78,7 @@ subclass it and override one piece (see test/kit/faulty_engines.py for examples)
 """
 
 import ctypes
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -122,7 +128,7 @@ def _one_malloc_arena():
 
 
 OPTIONAL_METHODS = ("new_cache", "generate", "capture", "capture_layers", "run_component", "rope", "final_hidden",
-                    "attest")
+                    "attest", "tokenize", "stop_tokens")
 
 
 def capabilities(engine):
@@ -160,13 +166,14 @@ class HFEngine:
     name = "hf"
     padding_sides = ("left", "right")
     OPTIONS = ("device_map",)
-    capabilities = frozenset({"new_cache", "capture", "capture_layers", "run_component", "rope", "attest"})
+    capabilities = frozenset({"new_cache", "capture", "capture_layers", "run_component", "rope", "attest", "tokenize",
+                              "stop_tokens"})
 
     def __init__(self, model_path, device, dtype, attn="sdpa", device_map=None):
         from transformers import AutoModelForCausalLM
 
         quiet_transformers()
-        self.device, self.dtype, self.attn = device, dtype, attn
+        self.device, self.dtype, self.attn, self.model_path = device, dtype, attn, model_path
         # an accelerator's copy goes straight onto it, shard by shard: no whole copy in CPU memory first;
         # `--device_map auto` spreads it over every visible device and CPU memory (both through accelerate)
         placement = device_map or (None if device.type == "cpu" else device.torch_device)
@@ -184,6 +191,24 @@ class HFEngine:
     @property
     def layers(self):
         return self.model.model.layers
+
+    @functools.cached_property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.model_path))
+
+    def tokenize(self, text=None, messages=None):
+        if messages is None:
+            return list(self.tokenizer(text).input_ids)
+        if not self.tokenizer.chat_template:
+            return None
+        encoded = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+    def stop_tokens(self):
+        eos = self.model.generation_config.eos_token_id
+        return set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
 
     def attest(self):
         weight = next(self.model.parameters())
@@ -416,7 +441,7 @@ class CompileEngine(HFEngine):
     Intermediates are not captured: hooks would change the compiled graph under test."""
 
     name = "compile"
-    capabilities = frozenset({"new_cache", "attest"})
+    capabilities = frozenset({"new_cache", "attest", "tokenize", "stop_tokens"})
 
     def __init__(self, model_path, device, dtype, attn="sdpa", device_map=None):
         super().__init__(model_path, device, dtype, attn, device_map)

@@ -26,7 +26,7 @@ from .rope import half_to_interleaved_rows
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 ARCH = {"llama": "llama", "qwen3_moe": "qwen3moe"}
 # bump when the export changes, so that cached files are rewritten
-EXPORT_VERSION = 5  # the file's contents; streaming changed none of them
+EXPORT_VERSION = 6  # the file's contents (6: BOS/EOS from the checkpoint's config, not its first special token)
 
 
 def _gguf():
@@ -139,7 +139,7 @@ def write_gguf(checkpoint, path, gguf_type, permute_qk=True):
         w.add_expert_used_count(cfg["num_experts_per_tok"])
         w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
         w.add_expert_weights_norm(bool(cfg.get("norm_topk_prob", False)))
-    if not _bpe_vocab(w, gguf, checkpoint.path, cfg["vocab_size"]):
+    if not _bpe_vocab(w, gguf, checkpoint.path, cfg["vocab_size"], cfg):
         _placeholder_vocab(w, gguf, cfg["vocab_size"])
     qtypes = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
               "q8_0": gguf.GGMLQuantizationType.Q8_0}
@@ -160,7 +160,21 @@ def write_gguf(checkpoint, path, gguf_type, permute_qk=True):
     _verify(gguf, path, expected)
 
 
-def _bpe_vocab(w, gguf, path, vocab):
+def _special_ids(path, cfg, special):
+    """(BOS, EOS) as the checkpoint says them: config.json's bos_token_id; generation_config.json's
+    eos_token_id (the first, when a list), else config.json's; else the tokenizer's first special token."""
+    import json
+
+    generation = Path(path) / "generation_config.json"
+    eos = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
+    eos = eos if eos is not None else cfg.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    bos = cfg.get("bos_token_id")
+    first = special[0] if special else None
+    return (first if bos is None else bos), (first if eos is None else eos)
+
+
+def _bpe_vocab(w, gguf, path, vocab, cfg):
     """The checkpoint's byte-level BPE tokenizer (tokenizer.json) as llama.cpp's "gpt2" tokenizer; False when
     it has none of that kind."""
     import json
@@ -185,10 +199,11 @@ def _bpe_vocab(w, gguf, path, vocab):
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
-    special = [a["id"] for a in spec.get("added_tokens", []) if a.get("special")]
-    if special:
-        w.add_bos_token_id(special[0])
-        w.add_eos_token_id(special[0])
+    bos, eos = _special_ids(path, cfg, [a["id"] for a in spec.get("added_tokens", []) if a.get("special")])
+    if bos is not None:
+        w.add_bos_token_id(bos)
+    if eos is not None:
+        w.add_eos_token_id(eos)
     w.add_add_bos_token(False)
     return True
 

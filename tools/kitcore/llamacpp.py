@@ -41,7 +41,7 @@ class LlamaCppEngine:
     name = "llama.cpp"
     padding_sides = ()  # one unpadded prompt at a time
     OPTIONS = ("gguf_type", "kv_type", "n_ctx", "engine_args")
-    capabilities = frozenset({"new_cache", "attest"})
+    capabilities = frozenset({"new_cache", "attest", "tokenize", "stop_tokens"})
 
     def __init__(self, model_path, device, dtype, attn="sdpa", gguf_type=None, kv_type="f32", permute_qk=True,
                  n_ctx=None, engine_args=None):
@@ -87,6 +87,15 @@ class LlamaCppEngine:
                 "n_ubatch": p.n_ubatch, "type_k": types.get(p.type_k, p.type_k), "type_v": types.get(p.type_v, p.type_v),
                 "flash_attn": flash.get(getattr(p, "flash_attn_type", None), getattr(p, "flash_attn", None)),
                 "n_gpu_layers": self.llm.model_params.n_gpu_layers}
+
+    def tokenize(self, text=None, messages=None):
+        if messages is not None:
+            return None  # llama-cpp-python's chat path renders templates of its own; not read back here
+        # as its completion path tokenises a prompt: BOS where the GGUF asks for one, special tokens parsed
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+
+    def stop_tokens(self):
+        return {self.llm.token_eos()}
 
     def new_cache(self):
         return SequenceCache()

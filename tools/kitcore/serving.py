@@ -109,7 +109,7 @@ class VLLMEngine(ServingEngine):
     OPTIONS = ("n_ctx", "tensor_parallel_size", "engine_args")
     SETTINGS = ("enable_prefix_caching", "enable_chunked_prefill", "max_num_batched_tokens", "max_num_seqs",
                 "kv_cache_dtype", "block_size", "enforce_eager")
-    capabilities = frozenset({"generate", "attest"})
+    capabilities = frozenset({"generate", "attest", "tokenize"})
 
     def __init__(self, model_path, device, dtype, attn="sdpa", n_ctx=None, tensor_parallel_size=1, engine_args=None):
         settings = {"enforce_eager": True, "enable_prefix_caching": False, **(engine_args or {})}
@@ -151,6 +151,13 @@ class VLLMEngine(ServingEngine):
                 "enable_chunked_prefill": scheduler.enable_chunked_prefill,
                 "max_num_batched_tokens": scheduler.max_num_batched_tokens,
                 "attention_backend": getattr(getattr(config, "attention_config", None), "backend", None) or "auto"}
+
+    def tokenize(self, text=None, messages=None):
+        """The prompt ids vLLM itself used for `text` (generate) or `messages` (chat, its template)."""
+        params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0)
+        outs = (self.llm.chat(messages, params, use_tqdm=False) if messages is not None
+                else self.llm.generate([text], params, use_tqdm=False))
+        return list(outs[0].prompt_token_ids)
 
     def complete(self, rows, max_tokens, prompt_logprobs):
         params = self._vllm.SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=-1, ignore_eos=True,

@@ -137,6 +137,20 @@ def add_controls_arg(parser):
                              "here and a sensitivity line (costs one more model and one more call per control)")
 
 
+def add_tokenization_arg(parser):
+    parser.add_argument("--tokenization", action="store_true",
+                        help="also check the engine's own input path (kitcore/tokenization.py): the ids it computes "
+                             "from the prompt as text and as a chat message, and its stop tokens, against the "
+                             "checkpoint's tokenizer and generation_config.json")
+
+
+def check_tokenization_args(args):
+    """--tokenization needs a text prompt: refused before anything loads when the inputs are ids."""
+    if args.tokenization and (args.input_ids or args.edge or args.prompts_file or args.inputs == "random"):
+        raise UsageError("--tokenization checks how the engine tokenises text: give --prompt TEXT (or the default "
+                         "prompt), not --input_ids / --edge / --prompts-file / --inputs random")
+
+
 def add_repeat_arg(parser, what):
     parser.add_argument("--repeat", type=int, default=0, metavar="N",
                         help=f"after the check, run the candidate's {what} N more times and report how its live "
@@ -330,6 +344,25 @@ class Session:
         results.extra["repeat"] = {"calls": repeat, "samples_bytes": growth.samples,
                                    "growth_per_call_bytes": growth.per_iteration, "leaking": leaking, "memory": kind}
         return not leaking
+
+    def check_tokenization(self):
+        """The engine's own input path (kitcore.tokenization) for the prompt: printed, recorded; passed."""
+        from . import tokenization
+
+        engine = self.candidate
+        if "tokenize" not in engines.capabilities(engine):
+            raise Unavailable(f"--tokenization: engine {self.args.engine} does not tokenise text itself (no "
+                              "tokenize(); see the engine protocol in tools/kitcore/engines.py)")
+        prompt = DEFAULT_PROMPT if self.args.prompt is None else self.args.prompt
+        checks, skipped = tokenization.check_engine(engine, self.reference_checkpoint.path, prompt)
+        print("\nthe engine's own input path (text in, the ids it used):")
+        for c in checks:
+            print(f"  {'ok  ' if c.passed else 'FAIL'} {c.message}")
+            self.results.add("tokenization", c.kind.replace(" ", "_"), c.passed, unit="bool")
+        for line in skipped:
+            print(f"  skipped {line}")
+        self.results.extra["tokenization"] = {"checks": [vars(c) for c in checks], "skipped": skipped}
+        return all(c.passed for c in checks)
 
     def controls(self, call, judge_output):
         """The negative controls (kitcore.controls) on a copy of the peer: the table, the sensitivity line and

@@ -28,7 +28,9 @@ def main(argv=None):
     parser = session.build_parser(__doc__)
     session.add_repeat_arg(parser, "forward")
     session.add_controls_arg(parser)
+    session.add_tokenization_arg(parser)
     args = parser.parse_args(argv)
+    session.check_tokenization_args(args)
     if args.plan:
         return session.print_plan(args, SCRIPT)
     run = session.Session.open(args, SCRIPT)
@@ -46,7 +48,8 @@ def main(argv=None):
     session.record_logits_check(run.results, "logits", check)
     run.phases.report(run.results)
     run.results.add("timing", "check_wall", wall, unit="s")
-    passed = check.passed
+    tokens_ok = run.check_tokenization() if args.tokenization else True
+    passed = check.passed and tokens_ok
     if args.controls:
         def judged(logits):  # a control is judged exactly as the candidate was
             c = judges.check_logits(logits, reference, inp.attention_mask, judge, peer)
@@ -55,7 +58,9 @@ def main(argv=None):
     if args.repeat:
         del candidate
         passed &= run.check_growth(lambda: forward(run.candidate), "forward")
-    verdict = "PASS" if passed else f"FAIL: {check.reasons() if not check.passed else 'memory grows with every call'}"
+    failure = (check.reasons() if not check.passed else "the engine's own tokenisation differs (above)"
+               if not tokens_ok else "memory grows with every call")
+    verdict = "PASS" if passed else f"FAIL: {failure}"
     print(f"\nverdict: {verdict}" + (f"\n{sensitivity}" if args.controls else ""))
     return run.finish(passed)
 
