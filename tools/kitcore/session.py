@@ -375,7 +375,7 @@ class Session:
         with self.phases("controls"):
             found = controls.run_controls(engine, call, judge_output)
         del engine
-        print(f"\nnegative controls (the peer with one planted bug each, judged like the candidate):")
+        print("\nnegative controls (the peer with one planted bug each, judged like the candidate):")
         for r in found:
             print(f"  {r.name:<44} {'caught' if r.caught else 'NOT caught':<11} {r.figure}")
             self.results.add("controls", "caught", r.caught, unit="bool", control=r.name)
