@@ -28,7 +28,7 @@ from kitcore import checkpoints, cli, devices  # noqa: E402
 from kitcore.compare import LOGITS_NMSE, OWN_TOLERANCES, TOLERANCES  # noqa: E402
 from kitcore.devices import Device  # noqa: E402
 from kitcore.engines import CompileEngine, HFEngine  # noqa: E402
-from kitcore.judges import DECISIVE_SIGMAS, PEER_K, PEER_K_MAX, rounding_floor  # noqa: E402
+from kitcore.judges import DECISIVE_SIGMAS, PEER_K, PEER_K_ELEMENT, PEER_K_MAX, rounding_floor  # noqa: E402
 from kitcore.points import component_inputs, point_order  # noqa: E402
 from kitcore.tiny import DEFAULT_PROMPT, stdlib_docstrings  # noqa: E402
 
@@ -153,8 +153,9 @@ def main(argv=None):
                  getattr((TOLERANCES if kind == "total" else OWN_TOLERANCES)[dtype], fig))
         print(f"{str(dtype)[6:]:<9} {kind:<6} {fig:<9} {value:>10.3e} {limit:>9.1e} "
               f"{limit / max(value, 1e-300):>7.1f}   {where}")
-    print(f"\nk needed by the calibrated bounds (kitcore.judges: PEER_K {PEER_K:g} for rms, PEER_K_MAX {PEER_K_MAX:g} "
-          f"for max; a correct engine's flips must span fewer than DECISIVE_SIGMAS {DECISIVE_SIGMAS:g})")
+    print(f"\nk needed by the calibrated bounds (kitcore.judges: PEER_K {PEER_K:g} for rms, PEER_K_ELEMENT "
+          f"{PEER_K_ELEMENT:g} for a tensor's max, PEER_K_MAX {PEER_K_MAX:g} per position; a correct engine's flips "
+          f"must span fewer than DECISIVE_SIGMAS {DECISIVE_SIGMAS:g})")
     for (dtype, fig), (value, where) in sorted(ks.values.items(), key=lambda kv: str(kv[0])):
         print(f"{str(dtype)[6:]:<9} {fig:<13} {value:>7.3f}   {where}")
     return 0

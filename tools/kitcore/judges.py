@@ -7,8 +7,8 @@ How far from the reference may a correct candidate be? Two answers:
   reference's checkpoint, runs on the same inputs in the same run, and every figure the verdict
   uses must stay within k times the peer's same figure plus a rounding floor f:
       RMS error       rmse_cand <= k * rmse_peer + f * rms(ref)              (per tensor)
-      largest error   max_cand  <= k_max * max_peer + 2f * max|ref|          (per tensor)
-      RMS error       rmse_cand <= k_max * rmse_peer + f * rms(ref)          (per logits position)
+      largest error   max_cand  <= k_el * max_peer + 2f * max|ref|           (per tensor, k_el = 12)
+      RMS error       rmse_cand <= k_max * rmse_peer + f * rms(ref)          (per logits position, k_max = 6)
       KL              kl_cand   <= k^2 * kl_peer + f^2                       (KL grows with the squared error)
   where f is the rounding floor of D (ROUNDING_FLOOR). Per logits position the peer's RMS error is
   taken no lower than its 90th percentile over the positions: the error at one position moves with that
@@ -57,7 +57,10 @@ from .errors import UsageError
 # README "Verdicts") on correct engines against a peer of another implementation: hf eager vs
 # hf sdpa, compile vs hf, on the tiny Llamas and SmolLM2-135M, fp32/bf16/fp16, prompts up to 512 tokens.
 PEER_K = 3.0  # RMS errors and KL (as k^2)
-PEER_K_MAX = 6.0  # the largest element error: an extreme value, noisier than the RMS
+PEER_K_MAX = 6.0  # the RMS error at one logits position, and a near-tie's router margin: noisier than the whole
+# the largest element error of a tensor: an extreme value. Measured need: 3.2 (SmolLM2, the tiny Llamas),
+# 10.9 on Qwen2.5-0.5B in bfloat16 (hf eager against an sdpa peer, 128 tokens, layers.22.post_attention_layernorm)
+PEER_K_ELEMENT = 12.0
 # the KL p99 is gated from this many positions on: below, it is the maximum, which kl_max gates
 P99_MIN_POSITIONS = 100
 # a position is decisive when the top-1/top-2 gap exceeds 2 x this many x the RMS error allowed there
@@ -97,8 +100,8 @@ class Judge:
                     f"{d.kl_max:.2g}, top-1 >= {d.top1}, top-5 >= {d.top5}")
             return base + (f" (widened to k^2 x the peer's where larger, k={self.k:g})" if self.calibrated else "")
         if self.calibrated:
-            return (f"calibrated: k={self.k:g} (largest errors: {PEER_K_MAX:g}) x the peer's error + the "
-                    f"{dtype_name(self.dtype)} rounding floor")
+            return (f"calibrated: k={self.k:g} (largest element: {PEER_K_ELEMENT:g}, per position: {PEER_K_MAX:g}) x "
+                    f"the peer's error + the {dtype_name(self.dtype)} rounding floor")
         t = tolerance_for(self.table)
         return (f"table {dtype_name(self.dtype)}: atol {t.atol_rms:.1e} x rms + rtol {t.rtol:.1e} x |ref|, "
                 f"nmse <= {t.nmse:.1e}")
@@ -134,7 +137,7 @@ def looser(a, b):
     return max((Judge(j.dtype, tolerance_for(j.table)) for j in (a, b)), key=lambda j: j.table.nmse)
 
 
-def calibrate(cand, peer, dtype, k=PEER_K, k_max=PEER_K_MAX, by="calibrated"):
+def calibrate(cand, peer, dtype, k=PEER_K, k_max=PEER_K_ELEMENT, by="calibrated"):
     """The Comparison `cand` (candidate vs reference) judged against `peer` (peer vs reference): a new
     Comparison whose verdict comes from the calibrated bounds instead of the table's. Shape, empty and
     non-finite failures stay what they are. `by` names what the peer is ("calibrated": a correct engine;
@@ -181,6 +184,16 @@ def judge_own(got, reference, judge, peer_got=None, rounded=None, name="tensor")
         return c
     return calibrate(c, compare(rounded(), reference, OWN_TOLERANCES[judge.dtype], name), judge.dtype, judge.k,
                      by="input_rounding")
+
+
+def total_by_floor(total, own, judge):
+    """A table-judged total error that fails where the component's own error passed by its input-rounding
+    floor (judge_own): judged by the same floor, since what that component adds in this dtype is at least
+    the floor, whatever came before it. Anything else stays as it is."""
+    if total.passed or total.failure != OUT_OF_BOUNDS or total.judge != "table" or own.judge != "input_rounding":
+        return total
+    floor = replace(own, nmse=own.peer_nmse, max_abs=own.peer_max_abs)
+    return calibrate(total, floor, judge.dtype, judge.k, by="input_rounding")
 
 
 def rounded_inputs(inputs, dtype):

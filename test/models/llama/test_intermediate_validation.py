@@ -125,11 +125,12 @@ def check_point(name, layer, point, captures, dual_engines, judge, ids, pos, n_l
         print(f"{name:<36} {'-':>10} {'-':>10} {'-':>9} | {'-':>10} {'-':>10} {'-':>9} | FAIL: missing on the {side} side")
         return row
     total = judges.judge_tensor(candidate[name], reference[name], judge, peer and peer.get(name), name)
-    row["total"] = total.as_dict()
     own = None
     if dual_engines is not None:
         own = own_error(name, layer, point, reference, dual_engines, judge, ids, pos, n_layers)
         row["own"] = own.as_dict()
+        total = judges.total_by_floor(total, own, judge)
+    row["total"] = total.as_dict()
     row["status"] = judges.point_status(total, own)
     if total.failure == SHAPE:
         row["reason"] = total.reason
