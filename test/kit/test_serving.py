@@ -148,12 +148,14 @@ def test_vllm_in_process(model, dtype, script, code, llama_checkpoint, moe_check
 
 @needs_vllm
 def test_vllm_settings_reach_it_and_what_ran_is_attested(llama_checkpoint):
-    """Prefix caching on and chunked prefill in chunks of 16 (the 32-token prompt in two), read back from vLLM."""
+    """Prefix caching on and chunked prefill in chunks of 16 (the 32-token prompt in two), read back from vLLM;
+    and vLLM's own tokenisation of the prompt's text."""
     argv = [servers.VLLM_PYTHON, ROOT / INFERENCE, "--model_path", llama_checkpoint, "--engine", "vllm", "--dtype",
             "float32", "--engine_args", '{"enable_prefix_caching": true, "max_num_batched_tokens": 16}',
-            "--require", "enable_prefix_caching=true", "--require", "max_num_batched_tokens=16"]
+            "--require", "enable_prefix_caching=true", "--require", "max_num_batched_tokens=16", "--tokenization"]
     proc = subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and "enable_chunked_prefill=true" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ok   text: the engine's 32 ids are the checkpoint's" in proc.stdout  # the ids vLLM itself used
 
 
 @needs_llamacpp_server

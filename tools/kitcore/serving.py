@@ -134,7 +134,9 @@ class VLLMEngine(ServingEngine):
         config = open_checkpoint(model_path).config
         super().__init__(config["vocab_size"], dtype)
         self._vllm = vllm
-        max_len = max(16, n_ctx or 0) + 1  # the free-running decode asks for one token past the check's positions
+        # the free-running decode asks for one token past the check's positions; --tokenization's chat prompt
+        # is longer than the check's: room for 512 positions where the model has them
+        max_len = min(max(512, (n_ctx or 0) + 1), config.get("max_position_embeddings") or 512)
         self.llm = vllm.LLM(model=model_path, dtype=dtype_name(dtype), max_model_len=max_len, max_logprobs=-1, seed=0,
                             tensor_parallel_size=tensor_parallel_size, **settings)
         platform = getattr(vllm.platforms.current_platform, "device_type", "?")
