@@ -9,7 +9,9 @@ errors, overall and per position, may be up to k times the peer's. Without a pee
 when the candidate is that peer) the static table judges (README, "Tolerances"). A top-1 flip fails
 where the reference's top-1/top-2 gap is decisive, i.e. larger than twice what a correct engine's
 error may be there (from the peer or the table, never from the candidate). NaN/Inf and collapse
-(one token predicted everywhere) fail.
+(one token predicted everywhere) fail. `--tokenization` also checks the engine's own ids for the prompt as
+text and as a chat message (kitcore/tokenization.py); `--controls` runs the peer with planted bugs, judged
+the same way, and says what this check could have caught here (kitcore/controls.py).
 """
 
 import sys
