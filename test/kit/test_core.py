@@ -186,6 +186,26 @@ def test_calibrated_bound_follows_the_peer():
     assert compare(noisy(ref, 5e-2, 2), ref, torch.bfloat16).passed
 
 
+def test_the_input_rounding_floor_judges_only_what_the_table_fails():
+    """judge_own: without a peer, an own error outside the table passes within k x the floor the reference
+    gives on rounded inputs, and fails beyond it; total_by_floor carries that floor to the point's total
+    error, only where the own error was judged by it."""
+    ref = torch.randn(16, 512, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    table = judges.Judge(torch.bfloat16, TOLERANCES[torch.bfloat16])
+    floor = noisy(ref, 0.1, 1)  # an ill-conditioned component: rounding its inputs alone moves it this much
+    assert not compare(noisy(ref, 0.1, 2), ref, OWN_TOLERANCES[torch.bfloat16]).passed
+    own = judges.judge_own(noisy(ref, 0.1, 2), ref, table, rounded=lambda: floor)
+    assert own.passed and own.judge == "input_rounding", own
+    assert not judges.judge_own(noisy(ref, 0.5, 2), ref, table, rounded=lambda: floor).passed
+    small = judges.judge_own(noisy(ref, 1e-3, 2), ref, table, rounded=lambda: 1 / 0)  # within the table: never asked
+    assert small.passed and small.judge == "table"
+    total = compare(noisy(ref, 0.2, 3), ref, torch.bfloat16)
+    assert not total.passed  # beyond the total-error table...
+    assert judges.total_by_floor(total, own, table).passed  # ...but 2x the floor's RMS error: within k = 3
+    assert not judges.total_by_floor(compare(noisy(ref, 0.5, 3), ref, torch.bfloat16), own, table).passed
+    assert not judges.total_by_floor(total, small, table).passed  # the table judged the own error: unchanged
+
+
 def test_calibrated_float32_floor_allows_reordered_sums_when_the_peer_is_exact():
     ref = torch.randn(16, 512, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     judge = judges.Judge(torch.float32, TOLERANCES[torch.float32], calibrated=True)
