@@ -165,6 +165,8 @@ def test_controls_say_what_the_check_could_have_caught(llama_checkpoint, tmp_pat
     assert r.code == 0 and r.json["verdict"] == "pass", r
     assert not any(c["caught"] for c in r.json["controls"]["table"])
     assert "could not see: single-layer weight errors of 0.3%, 1.0%, 3.0%, 10.0%, swapped KV heads" in r.out, r
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--dtype", "bfloat16")  # no controls: said anyway
+    assert r.code == 0 and "note: judged by the static bfloat16 table" in r.out and "does not rule out" in r.out, r
 
 
 def test_tokenization_needs_text_and_an_engine_that_tokenises(llama_checkpoint, tmp_path):

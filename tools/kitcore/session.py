@@ -137,6 +137,17 @@ def add_controls_arg(parser):
                              "here and a sensitivity line (costs one more model and one more call per control)")
 
 
+def blind_spot(judge, controls):
+    """The line under an end-to-end PASS judged by a reduced-precision static table, when --controls did not
+    measure what it sees: measured on the tiny Llama in bfloat16, that table caught none of the controls."""
+    if controls or judge.calibrated or judge.distribution or judge.dtype == torch.float32:
+        return None
+    return (f"note: judged by the static {devices.dtype_name(judge.dtype)} table, which on the tiny Llama caught none "
+            "of the planted bugs of --controls: this PASS does not rule out swapped KV heads, a RoPE layout mix-up or "
+            "a 10% weight error in one layer; --controls measures what it sees here, intermediate validation "
+            "locates single-layer faults")
+
+
 def add_tokenization_arg(parser):
     parser.add_argument("--tokenization", action="store_true",
                         help="also check the engine's own input path (kitcore/tokenization.py): the ids it computes "
