@@ -123,8 +123,9 @@ def test_an_engine_that_decodes_by_itself_may_leave_the_teacher_at_a_near_tie(ll
 @needs_vllm
 def test_vllm_served_passes_all_and_top_20(llama_checkpoint, tmp_path):
     with servers.vllm_server(llama_checkpoint, log=tmp_path / "vllm.log") as url:
-        r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", openai(url), "--dtype", "float32")
-        assert r.code == 0, r
+        r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", openai(url), "--dtype", "float32",
+                       "--tokenization")
+        assert r.code == 0 and "ok   text: the engine's 32 ids are the checkpoint's" in r.out, r  # its /tokenize
         r = run_script(FORWARD, "--model_path", llama_checkpoint, "--engine", openai(url), "--dtype", "float32",
                        "--decode_steps", 4)
         assert r.code == 0, r
@@ -166,8 +167,10 @@ def test_llamacpp_server_passes_and_a_served_fault_fails(llama_checkpoint, fault
     python = shutil.which("python", path=str(ROOT / ".venv" / "bin")) or "python3"
     with servers.llamacpp_server(gguf_path(open_checkpoint(llama_checkpoint), "f32"), python,
                                  log=tmp_path / "llamacpp.log") as url:
-        r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", openai(url), "--dtype", "float32")
+        r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", openai(url), "--dtype", "float32",
+                       "--tokenization")
         assert r.code == 0 and "share their text" in r.out and "left out" in r.out, r
+        assert "ok   text: the engine's 32 ids are the checkpoint's" in r.out, r  # its /extras/tokenize
         r = run_script(FORWARD, "--model_path", llama_checkpoint, "--engine", openai(url), "--dtype", "float32",
                        "--decode_steps", 4)
         assert r.code == 0, r

@@ -87,9 +87,10 @@ class Client:
             raise UsageError(f"--served_model {name!r}: {self.url} serves {', '.join(map(str, names))}")
         return name, next((m.get("owned_by") for m in models if m.get("id") == name), None)
 
-    def tokenize(self, text, model=None):
+    def tokenize(self, text, model=None, add_special_tokens=False):
         """The server's token ids for `text` (vLLM /tokenize, llama-cpp-python /extras/tokenize), or None."""
-        answer = self.optional("/tokenize", {"model": model, "prompt": text, "add_special_tokens": False}, root=True)
+        answer = self.optional("/tokenize", {"model": model, "prompt": text, "add_special_tokens": add_special_tokens},
+                               root=True)
         got = (answer or {}).get("tokens")
         if got is None:
             got = (self.optional("/extras/tokenize", {"input": text}, root=True) or {}).get("tokens")
@@ -260,6 +261,7 @@ class OpenAIEngine(ServingEngine):
 
     name = "openai"
     OPTIONS = ("url", "served_model", "top_logprobs", "request_timeout", "reference_path")
+    capabilities = frozenset({"generate", "tokenize"})
 
     def __init__(self, model_path, device, dtype, attn="sdpa", url=None, served_model=None, top_logprobs=None,
                  request_timeout=None, reference_path=None):
@@ -299,6 +301,17 @@ class OpenAIEngine(ServingEngine):
 
         return AutoTokenizer.from_pretrained(str(self.checkpoint.path)) if has_tokenizer(self.checkpoint.path) \
             else None
+
+    def tokenize(self, text=None, messages=None):
+        """The ids the server computes for a prompt's text (special tokens as it adds them by default), or for
+        chat messages through its own template (vLLM's /tokenize with messages); None where it cannot say."""
+        if messages is None:
+            return self.client.tokenize(text, self.model, add_special_tokens=True)
+        if self.dialect.name != "vllm":
+            return None
+        answer = self.client.optional("/tokenize", {"model": self.model, "messages": messages,
+                                                    "add_generation_prompt": True}, root=True)
+        return None if answer is None or answer.get("tokens") is None else [int(t) for t in answer["tokens"]]
 
     def complete(self, rows, max_tokens, prompt_logprobs):
         return [self._complete_row(row, max_tokens, prompt_logprobs) for row in rows]
