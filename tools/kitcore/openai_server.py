@@ -38,6 +38,12 @@ def _first_difference(a, b):
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def _where_ids_differ(server, expected, whose):
+    """'at position N (server [...], <whose> [...])': where the server's ids leave the expected ones."""
+    first = _first_difference(server, expected)
+    return f"at position {first} (server {server[first:first + 3]}, {whose} {expected[first:first + 3]})"
+
+
 # ---- HTTP -----------------------------------------------------------------------------------------
 
 
@@ -114,10 +120,8 @@ def check_tokenizer(client, model, checkpoint):
     if got is None:
         return False
     if got != expected:
-        first = _first_difference(got, expected)
-        raise UsageError(f"{client.url} tokenizes differently from {checkpoint.path}: first difference at "
-                         f"token {first} (server {got[first:first + 3]}, checkpoint {expected[first:first + 3]}); "
-                         "a different model is being served")
+        raise UsageError(f"{client.url} tokenizes differently from {checkpoint.path}: first difference "
+                         f"{_where_ids_differ(got, expected, 'checkpoint')}; a different model is being served")
     return True
 
 
@@ -330,10 +334,9 @@ class OpenAIEngine(ServingEngine):
                              "(/extras/tokenize); the ids it computes on cannot be verified")
         got = [int(t) for t in answer.get("tokens", [])]
         if got != row:
-            first = _first_difference(got, row)
-            raise UsageError(f"{self.url} tokenizes the prompt's text into other ids than the kit's, first at position "
-                             f"{first} (server {got[first:first + 3]}, kit {row[first:first + 3]}); use prompts of "
-                             "text (not --inputs random) and serve the checkpoint's own tokenizer")
+            raise UsageError(f"{self.url} tokenizes the prompt's text into other ids than the kit's, first "
+                             f"{_where_ids_differ(got, row, 'kit')}; use prompts of text (not --inputs random) and "
+                             "serve the checkpoint's own tokenizer")
         return text
 
     def _complete_row(self, row, max_tokens, prompt_logprobs):
