@@ -9,7 +9,7 @@ MODEL ?= smollm2-135m
 LLAMA := test/models/llama
 QWEN := test/models/qwen3_moe
 
-.PHONY: help setup setup-llamacpp setup-vllm setup-infinilm test test-serving validate-llama validate-real bench-qwen3-moe bench-timer sweep matrix report clean
+.PHONY: help setup setup-llamacpp setup-vllm setup-infinilm test test-serving validate-llama validate-real kv-decode bench-qwen3-moe bench-timer sweep matrix report clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -60,6 +60,9 @@ validate-real: $(VENV)/.installed  ## the four Llama checks on a real checkpoint
 	$(PY) $(LLAMA)/test_llama_inference.py --model_path $$ckpt --device $(DEVICE) --dtype $(DTYPE) --controls || status=1; \
 	for script in test_forward_validation test_intermediate_validation test_batch_validation; do \
 		$(PY) $(LLAMA)/$$script.py --model_path $$ckpt --device $(DEVICE) --dtype $(DTYPE) || status=1; done; exit $$status
+
+kv-decode: $(VENV)/.llamacpp  ## llama.cpp's q8_0 / q4_0 KV caches over 256 decode steps on a real checkpoint (MODEL), into results/; then make report
+	$(VENV)/bin/nox -s kv-decode -- $(MODEL)
 
 bench-qwen3-moe: $(VENV)/.installed  ## Qwen3-MoE attention and MoE block benchmarks with correctness (DEVICE, DTYPE)
 	@status=0; for script in attention_test moe_test; do \

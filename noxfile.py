@@ -74,8 +74,9 @@ def device_flag(device):
     return DEVICES[device].lstrip("-")
 
 
-def run_scripts(session, scripts, device, dtype, extra=()):
-    """Run each script; log, parse, store. Returns [(script, exit code)]."""
+def run_scripts(session, scripts, device, dtype, extra=(), tag=""):
+    """Run each script; log (under `tag` too, where one script runs in several modes), parse, store.
+    Returns [(script, exit code)]."""
     run_id = f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
     log_dir = ROOT / "logs" / session.name.replace("(", "_").replace(")", "").replace("'", "").replace("=", "-")
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +90,7 @@ def run_scripts(session, scripts, device, dtype, extra=()):
             session.log(" ".join(cmd[1:]))
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             env = json.loads(json_path.read_text())["env"] if json_path.exists() else {}
-        log = log_dir / f"{name}-{dtype}.log"
+        log = log_dir / f"{name}-{dtype}{'-' + tag if tag else ''}.log"
         log.write_text(proc.stdout + ("\n--- stderr\n" + proc.stderr if proc.stderr else ""))
         records = metrics.parse_lines(proc.stdout.splitlines(), str(log.relative_to(ROOT)))
         for r in records:
@@ -148,6 +149,28 @@ def matrix(session):
                 session.log(f"skip {device} {dtype}: {reason}")
                 continue
             outcomes += run_scripts(session, LLAMA + BENCH, device, dtype)
+    summarise(session, outcomes)
+
+
+@nox.session(name="kv-decode", python=False)
+def kv_decode(session):
+    """llama.cpp's quantised KV caches (q8_0, q4_0) over 256 decode steps on a real checkpoint, each against the
+    same GGUF with an f32 cache and against HF, for the report's error-by-step curves (after make setup-llamacpp;
+    posargs: a model of tools/real_checkpoint.py, default smollm2-135m)"""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        session.skip("llama-cpp-python is not installed: make setup-llamacpp")
+    model = session.posargs[0] if session.posargs else "smollm2-135m"
+    fetched = subprocess.run([sys.executable, str(ROOT / "tools" / "real_checkpoint.py"), "--model", model],
+                             capture_output=True, text=True, cwd=ROOT)
+    if fetched.returncode != 0:
+        session.skip(f"{model}: {fetched.stderr.strip().splitlines()[-1:] or fetched.returncode}")
+    checkpoint = fetched.stdout.strip().splitlines()[-1]
+    outcomes = []
+    for kv_type in ("q8_0", "q4_0"):
+        outcomes += run_scripts(session, [LLAMA[1]], "cpu", "float32", ["--engine", "llama.cpp", "--model_path",
+                                checkpoint, "--kv_type", kv_type, "--decode_steps", "256"], tag=kv_type)
     summarise(session, outcomes)
 
 

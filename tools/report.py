@@ -3,7 +3,8 @@
 
     python tools/report.py results/results.jsonl -o report.html
 
-Sections: verdicts; Llama per-layer error growth (chart); the layer x component error heatmap;
+Sections: verdicts; Llama per-layer error growth (chart); the layer x component error heatmap; forward
+validation's KL by decode step (how a KV cache's error moves with length);
 latency per case with p10-p90 spread bars; scaling sweeps (latency and fraction of the roofline against
 size); the MoE routing histogram. Each chart is an <svg> with
 class "kit-chart" and a data-chart name. For each script/device/dtype/engine the latest run is shown.
@@ -34,7 +35,8 @@ def esc(x):
 
 
 def group_key(r):
-    return (r.get("script", ""), r.get("device", ""), r.get("dtype", ""), r.get("engine", ""))
+    engine = r.get("engine", "") + "".join(f" {k}={r[k]}" for k in ("gguf_type", "kv_type") if r.get(k))
+    return (r.get("script", ""), r.get("device", ""), r.get("dtype", ""), engine)
 
 
 def latest_runs(records):
@@ -100,6 +102,51 @@ def error_growth(records):
     body.append(f'<text x="{left}" y="{h - 10}" font-size="11">capture points in execution order '
                 f'(embed_tokens ... logits)</text>')
     return svg("error-growth", w, h, "".join(body), "Llama: NMSE against the reference at every capture point")
+
+
+DECODE_COLUMNS = ("a_vs_ref", "b_vs_ref", "a_vs_b")  # forward validation's comparisons with a curve worth drawing
+
+
+def decode_curves(records):
+    """Forward validation's KL by decode step (one chart per run of 8 steps or more): how a KV cache's error
+    moves with decode length; each line's slope (from the trend records) in its legend."""
+    curves, slopes = {}, {}
+    for r in records:
+        if r.get("script") != "test_forward_validation":
+            continue
+        metric, case = r.get("metric", ""), r.get("case", "")
+        if case.startswith("step") and metric.removesuffix("_kl") in DECODE_COLUMNS and metric.endswith("_kl"):
+            curves.setdefault(group_key(r)[1:], {}).setdefault(metric[:-3], []).append((int(case[4:]), float(r["value"])))
+        elif case == "trend" and metric.endswith("_slope"):
+            slopes[group_key(r)[1:] + (metric[:-6],)] = float(r["value"])
+    out = []
+    for label, columns in sorted(curves.items()):
+        if max(len(points) for points in columns.values()) < 8:
+            continue
+        w, h, left, bottom = 900, 320, 60, 40
+        values = [v for points in columns.values() for _, v in points if v > 0]
+        lo, hi = math.floor(min(map(log10, values))), math.ceil(max(map(log10, values)))
+        hi = hi if hi > lo else lo + 1
+        n = max(s for points in columns.values() for s, _ in points)
+        x = lambda s: left + s * (w - left - 20) / max(n, 1)  # noqa: E731
+        y = lambda v: h - bottom - (log10(v) - lo) / (hi - lo) * (h - bottom - 20)  # noqa: E731
+        body = [f'<line x1="{left}" y1="{h - bottom}" x2="{w - 20}" y2="{h - bottom}" stroke="#888"/>']
+        for e in range(lo, hi + 1):
+            yy = y(10.0**e)
+            body.append(f'<text x="5" y="{yy + 4:.1f}" font-size="11">1e{e}</text>'
+                        f'<line x1="{left}" y1="{yy:.1f}" x2="{w - 20}" y2="{yy:.1f}" stroke="#eee"/>')
+        for k, (column, points) in enumerate(sorted(columns.items())):
+            color, points = COLORS[k % len(COLORS)], sorted(points)
+            path = " ".join(f"{'M' if i == 0 else 'L'}{x(s):.1f},{y(max(v, 10.0**lo)):.1f}"
+                            for i, (s, v) in enumerate(points))
+            body.append(f'<path d="{path}" fill="none" stroke="{color}" stroke-width="1.2"/>')
+            slope = slopes.get(label + (column,))
+            legend = column + ("" if slope is None else f": slope {slope:+.2e} nats per 100 steps")
+            body.append(f'<text x="{left + 10}" y="{14 + 14 * k}" font-size="12" fill="{color}">{esc(legend)}</text>')
+        body.append(f'<text x="{left}" y="{h - 10}" font-size="11">decode step (0: the prefill\'s last position); '
+                    f'KL(reference || engine) per step, log scale</text>')
+        out.append(svg("decode-error", w, h, "".join(body), f"Forward validation: KL by decode step ({' / '.join(label)})"))
+    return "\n".join(out) or "<p>No forward validation of 8 decode steps or more.</p>"
 
 
 def heatmap(records):
@@ -265,7 +312,7 @@ figure{margin:1em 0} figcaption{font-weight:bold;margin-bottom:4px}"""
 def build(records, source):
     latest = latest_runs(records)
     sections = [("Verdicts", verdict_table(latest)), ("Per-layer error growth", error_growth(latest)),
-                ("Layer x component errors", heatmap(latest)), ("Latency and spread", latency(latest)),
+                ("Layer x component errors", heatmap(latest)), ("Error by decode step", decode_curves(latest)), ("Latency and spread", latency(latest)),
                 ("Scaling sweeps", sweep_charts(latest)), ("MoE routing", routing(latest))]
     body = "\n".join(f"<h2>{esc(title)}</h2>\n{content}" for title, content in sections)
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Kit report</title><style>{STYLE}</style>"

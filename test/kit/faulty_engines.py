@@ -333,3 +333,45 @@ class DuplicateBOSEngine(HFEngine):
             return super().tokenize(text=text)
         rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return [self.tokenizer.bos_token_id] + list(self.tokenizer(rendered).input_ids)
+
+
+class _NoisyCacheEngine(HFEngine):
+    """A stand-in for a quantised KV cache (judged as llama.cpp's q8_0 cache is): every K/V entry the cache
+    stores gets a deterministic relative error `noise(position)`; its no-cache forward stays exact."""
+
+    quantization = "kv-q8_0"
+
+    def noise(self, position):
+        raise NotImplementedError
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        engine = self
+
+        class NoisyCache(DynamicCache):
+            def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+                start = self.get_seq_length(layer_idx)
+                scale = torch.tensor([engine.noise(start + i) for i in range(key_states.shape[-2])],
+                                     dtype=key_states.dtype, device=key_states.device)[:, None]
+                g = torch.Generator().manual_seed(1000 * layer_idx + start)
+                jitter = torch.randn(key_states.shape, generator=g).to(key_states.device, key_states.dtype)
+                return super().update(key_states * (1 + scale * jitter), value_states * (1 + scale * jitter),
+                                      layer_idx, *args, **kwargs)
+
+        return NoisyCache(config=self.config)
+
+
+class FlatCacheErrorEngine(_NoisyCacheEngine):
+    """The same small rounding error at every cache position: a quantised cache that holds up with length."""
+
+    def noise(self, position):
+        return 0.01
+
+
+class GrowingCacheErrorEngine(_NoisyCacheEngine):
+    """A cache whose error grows with its length past 64 entries, to 9% from entry 79 on (an FP8 cache whose
+    scale stops fitting as the decode goes on, NVIDIA/TensorRT-LLM #16916): exact at first."""
+
+    def noise(self, position):
+        return min(0.09, 0.006 * max(0, position - 64))

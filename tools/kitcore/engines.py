@@ -72,6 +72,10 @@ kit loads it):
         chunked prefill. Printed and recorded with every result (`env.attested`); `--require KEY=VALUE`
         fails the run when the engine attests another value (a silent fallback never passes under the
         target's name) and exits 3 when it does not attest KEY at all.
+    baseline() -> engine | None
+        The same engine in its safest mode (llama.cpp: an f32 KV cache and the whole prompt in one batch),
+        or None when it already runs so. Forward validation's default engine B for an engine that has one:
+        a quantised cache or a chunked prefill is compared step by step with the same weights run plainly.
 
 `HFEngine` implements all of them and exposes the loaded transformers model as `.model`; plugins can
 subclass it and override one piece (see test/kit/faulty_engines.py for examples).
@@ -128,7 +132,7 @@ def _one_malloc_arena():
 
 
 OPTIONAL_METHODS = ("new_cache", "generate", "capture", "capture_layers", "run_component", "rope", "final_hidden",
-                    "attest", "tokenize", "stop_tokens")
+                    "attest", "tokenize", "stop_tokens", "baseline")
 
 
 def capabilities(engine):

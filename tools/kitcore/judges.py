@@ -382,6 +382,8 @@ def check_logits(candidate, reference, mask, judge, peer=None, name="logits", ag
         sigma = judge.k * peer_rmse + f * rms_row  # typical, not the extreme the RMS gate allows
     else:
         sigma = LOGITS_NMSE[judge.dtype] ** 0.5 * rms_row
+    if judge.distribution is not None and judge.distribution.nmse is not None:  # a quantised cache's own error
+        sigma = torch.maximum(sigma, judge.distribution.nmse ** 0.5 * rms_row)
     # the error a correct engine may have at one logit of a position, typical rather than extreme
     allowed = DECISIVE_SIGMAS * sigma + 2 * f * top2[:, 0].abs()
     decisive = gap > 2 * allowed
@@ -440,6 +442,8 @@ def _check_topk(cand, ref, judge, peer, name, aggregate):
         sigma = judge.k * peer_rmse + f * rms_row
     else:
         sigma = LOGITS_NMSE[judge.dtype] ** 0.5 * rms_row
+    if judge.distribution is not None and judge.distribution.nmse is not None:  # a quantised cache's own error
+        sigma = torch.maximum(sigma, judge.distribution.nmse ** 0.5 * rms_row)
     decisive = gap > 2 * (DECISIVE_SIGMAS * sigma + 2 * f * top2[:, 0].abs())
     _fill_agreement(check, _per_position(cand_f, ref_f, kl=False), decisive, _kl_lower_bound(ref_f, cand_f, both))
     if peer is not None:

@@ -2,12 +2,16 @@
 
 Options (flags of test_llama_inference.py and test_forward_validation.py):
     --gguf_type f32|f16|bf16|q8_0   weight type of the GGUF (default: from --dtype)
-    --kv_type f32|f16               KV-cache type (default f32: llama.cpp's default f16 cache costs ~2e-4)
+    --kv_type f32|f16|q8_0|q4_0     KV-cache type (default f32: llama.cpp's default f16 cache costs ~2e-4);
+                                    a quantised cache runs with flash attention (llama.cpp needs it for a
+                                    quantised V cache) and is judged by its distribution thresholds
     --engine_args '{"n_batch": 16, "n_ubatch": 16, "flash_attn": true}'
                                     prefill in chunks of n_batch tokens (default: the whole prompt in one),
                                     n_ubatch the physical micro-batch, flash attention on or off
-The engine's tolerance follows the least precise of the two; q8_0 is judged with distribution metrics
-(KL divergence, top-1 and top-5 agreement), not element tolerances. What ran (batch sizes, KV-cache types,
+The engine's tolerance follows the least precise of the two; q8_0 weights and a quantised KV cache are
+judged with distribution metrics (KL divergence, top-1 and top-5 agreement), not element tolerances.
+`baseline()` is the same GGUF in llama.cpp's safest mode (an f32 cache, the whole prompt in one batch):
+forward validation compares a chunked prefill or a quantised cache with it step by step. What ran (batch sizes, KV-cache types,
 flash attention) is read back from llama.cpp's context parameters (attest()).
 
 One prompt at a time (llama-cpp-python's high-level API keeps one sequence); the KV cache is
@@ -27,6 +31,7 @@ INSTALL_HINT = "fix: make setup-llamacpp (builds llama-cpp-python with CMAKE_ARG
 DTYPE_TO_GGUF = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 GGUF_TO_DTYPE = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 SETTINGS = ("n_batch", "n_ubatch", "flash_attn")
+KV_TYPES = ("f32", "f16", "q8_0", "q4_0")
 
 
 def _llama_cpp():
@@ -41,7 +46,7 @@ class LlamaCppEngine:
     name = "llama.cpp"
     padding_sides = ()  # one unpadded prompt at a time
     OPTIONS = ("gguf_type", "kv_type", "n_ctx", "engine_args")
-    capabilities = frozenset({"new_cache", "attest", "tokenize", "stop_tokens"})
+    capabilities = frozenset({"new_cache", "attest", "tokenize", "stop_tokens", "baseline"})
 
     def __init__(self, model_path, device, dtype, attn="sdpa", gguf_type=None, kv_type="f32", permute_qk=True,
                  n_ctx=None, engine_args=None):
@@ -55,24 +60,43 @@ class LlamaCppEngine:
                 raise UsageError(f"--engine_args {key}={settings[key]!r}: a positive integer")
         self.device, self.dtype = device, dtype
         self.gguf_type = gguf_type or DTYPE_TO_GGUF[dtype]
-        if kv_type not in ("f32", "f16"):
-            raise UsageError(f"--kv_type {kv_type!r}: choose f32 or f16")
+        if kv_type not in KV_TYPES:
+            raise UsageError(f"--kv_type {kv_type!r}: choose one of {', '.join(KV_TYPES)}")
+        quantised_kv = kv_type not in ("f32", "f16")
+        if quantised_kv and self.gguf_type == "q8_0":
+            raise UsageError(f"--gguf_type q8_0 with --kv_type {kv_type}: the kit has thresholds for quantised "
+                             "weights or a quantised KV cache, not both at once; quantise one of them")
+        if quantised_kv and settings.get("flash_attn") is False:
+            raise UsageError(f"--kv_type {kv_type} with flash_attn false: llama.cpp quantises the V cache only "
+                             "with flash attention; drop flash_attn from --engine_args")
+        if quantised_kv:
+            settings["flash_attn"] = True
+        self._args = (model_path, device, dtype, attn, gguf_type, permute_qk, n_ctx)
+        self.settings, self.kv_type = settings, kv_type
         checkpoint = open_checkpoint(model_path)
         self.path = gguf_path(checkpoint, self.gguf_type, permute_qk=permute_qk)
-        # the tolerance follows the least precise of weights and KV cache; q8_0 is judged by distribution
-        self.quantization = "q8_0" if self.gguf_type == "q8_0" else None
+        # the tolerance follows the least precise of weights and KV cache; quantised ones by distribution
+        self.quantization = "q8_0" if self.gguf_type == "q8_0" else f"kv-{kv_type}" if quantised_kv else None
         weights = GGUF_TO_DTYPE.get(self.gguf_type, torch.float32)
         self.judged_dtype = torch.float16 if kv_type == "f16" and weights == torch.float32 else weights
         # the context the check needs (prompt + decode steps): a max_position_embeddings context would
         # allocate its whole KV cache (32 GiB in f32 for Llama-3.1-8B's 131,072 positions)
         self.n_ctx = n_ctx or checkpoint.config.get("max_position_embeddings", 4096)
-        ggml_type = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[kv_type]
+        ggml_type = getattr(llama_cpp, f"GGML_TYPE_{kv_type.upper()}")
         n_batch = settings.get("n_batch", self.n_ctx)
         extra = {"flash_attn": bool(settings["flash_attn"])} if "flash_attn" in settings else {}
-        self.llm = llama_cpp.Llama(model_path=str(self.path), logits_all=True, n_ctx=self.n_ctx, n_batch=n_batch,
-                                   n_ubatch=settings.get("n_ubatch", min(n_batch, 512)),
-                                   n_threads=torch.get_num_threads(), verbose=False, type_k=ggml_type,
-                                   type_v=ggml_type, n_gpu_layers=0 if device.type == "cpu" else -1, **extra)
+        try:
+            self.llm = llama_cpp.Llama(model_path=str(self.path), logits_all=True, n_ctx=self.n_ctx, n_batch=n_batch,
+                                       n_ubatch=settings.get("n_ubatch", min(n_batch, 512)),
+                                       n_threads=torch.get_num_threads(), verbose=False, type_k=ggml_type,
+                                       type_v=ggml_type, n_gpu_layers=0 if device.type == "cpu" else -1, **extra)
+        except ValueError as exc:  # llama-cpp-python's one word for every refused setting
+            raise Unavailable(f"engine llama.cpp: {exc} with KV cache {kv_type} and settings {settings or 'default'}"
+                              " (this build refuses the combination)") from None
+        if self.attest()["flash_attn"] == "enabled" and self.judged_dtype == torch.float32:
+            # with flash attention llama.cpp casts an f32 K/V cache to f16 before attending (llama-graph.cpp,
+            # build_attn_mha): an f16 cache in effect (measured: logits nmse 6.7e-9 on the tiny Llama)
+            self.judged_dtype = torch.float16
         self._active = None
         judged = f"{self.quantization} distribution thresholds" if self.quantization else f"{dtype_name(self.judged_dtype)} tolerances"
         self.description = f"GGUF {self.gguf_type} ({self.path}), KV cache {kv_type}; judged by {judged}"
@@ -83,10 +107,23 @@ class LlamaCppEngine:
                  if n.startswith("GGML_TYPE_")}
         flash = {getattr(llama_cpp, n, None): n.removeprefix("LLAMA_FLASH_ATTN_TYPE_").lower()
                  for n in ("LLAMA_FLASH_ATTN_TYPE_AUTO", "LLAMA_FLASH_ATTN_TYPE_DISABLED", "LLAMA_FLASH_ATTN_TYPE_ENABLED")}
-        return {"engine": "llama.cpp", "gguf_type": self.gguf_type, "n_ctx": p.n_ctx, "n_batch": p.n_batch,
+        ran = {"engine": "llama.cpp", "gguf_type": self.gguf_type, "n_ctx": p.n_ctx, "n_batch": p.n_batch,
                 "n_ubatch": p.n_ubatch, "type_k": types.get(p.type_k, p.type_k), "type_v": types.get(p.type_v, p.type_v),
                 "flash_attn": flash.get(getattr(p, "flash_attn_type", None), getattr(p, "flash_attn", None)),
                 "n_gpu_layers": self.llm.model_params.n_gpu_layers}
+        if ran["flash_attn"] == "enabled":  # flash attention reads an f32 cache as f16 (see __init__)
+            ran["attended_kv"] = "/".join("f16" if ran[t] == "f32" else ran[t] for t in ("type_k", "type_v"))
+        return ran
+
+    def baseline(self):
+        """The same GGUF with an f32 KV cache and the whole prompt in one batch (flash attention as asked), or
+        None when this engine runs so already: what a chunked prefill or a quantised cache is compared with."""
+        chunked = any(key in self.settings for key in ("n_batch", "n_ubatch"))
+        if self.kv_type == "f32" and not chunked:
+            return None
+        kept = {k: v for k, v in self.settings.items() if k == "flash_attn"}
+        return LlamaCppEngine(*self._args[:4], gguf_type=self._args[4], kv_type="f32", permute_qk=self._args[5],
+                              n_ctx=self._args[6], engine_args=kept)
 
     def tokenize(self, text=None, messages=None):
         if messages is not None:

@@ -106,7 +106,8 @@ def build_parser(doc, decode=False, batch=False):
                         "cache per 1k tokens, an estimated reference time), from config.json alone, and exit")
     p.add_argument("--gguf_type", choices=["f32", "f16", "bf16", "q8_0"],
                    help="llama.cpp engine: GGUF weight type (default: from --dtype)")
-    p.add_argument("--kv_type", default="f32", choices=["f32", "f16"], help="llama.cpp engine: KV-cache type (default f32)")
+    p.add_argument("--kv_type", default="f32", choices=["f32", "f16", "q8_0", "q4_0"],
+                   help="llama.cpp engine: KV-cache type (default f32)")
     p.add_argument("--device_map", choices=["auto", "balanced", "balanced_low_0", "sequential"],
                    help="hf/compile engines: 'auto' spreads a model that does not fit one device over every visible "
                         "device and CPU memory (accelerate; the others are its other strategies); default: all of "
@@ -310,10 +311,34 @@ class Session:
         return None if self.peer is None or engine is self.peer or engine is self.reference else self.peer
 
     def judge(self, engine):
-        """How `engine` is judged: calibrated by the peer, unless it is the peer itself or there is none."""
+        """How `engine` is judged: calibrated by the peer, unless it is the peer itself or there is none, or
+        the engine computes in a precision below the peer's (llama.cpp's f16 cache beside f32 weights: the
+        peer rounds less than it and cannot calibrate it; its precision's table judges)."""
         if engine is self.reference:
             return judges.Judge(engine.dtype, judges.TOLERANCES[engine.dtype])
-        return judges.judge_for(engine, self.checkpoint.model_type, calibrated=self.peer_for(engine) is not None)
+        peer = self.peer_for(engine)
+        judged = getattr(engine, "judged_dtype", None) or engine.dtype
+        return judges.judge_for(engine, self.checkpoint.model_type,
+                                calibrated=peer is not None and judged == peer.dtype)
+
+    def baseline(self, spec):
+        """Engine `spec` in its safest mode (engines protocol: baseline()), loaded, described and attested like
+        the engines under test: (its label, the engine), or None when the engine has none or already runs so."""
+        engine = self.engines[spec]
+        if "baseline" not in engines.capabilities(engine):
+            return None
+        with self.phases("baseline_load"):
+            plain = engine.baseline()
+        if plain is None:
+            return None
+        label = f"{spec} baseline"
+        ran = engines.attested(plain)
+        print(f"  {label}: {getattr(plain, 'description', type(plain).__name__)}")
+        if ran:
+            print(f"  {label} ran: {', '.join(f'{k}={v}' for k, v in ran.items())}")
+        self.results.env.setdefault("engines", {})[label] = getattr(plain, "description", type(plain).__name__)
+        self.results.env["attested"][label] = ran
+        return label, plain
 
     def run_all(self, what, call):
         """`call(engine)` on the reference, the candidate and its peer (when it has one), each in a phase of
@@ -420,6 +445,8 @@ class Session:
         labels = {"device": None, "dtype": dtype_name, "engine": ",".join(specs), "attn": args.attn}
         if args.gguf_type:
             labels["gguf_type"] = args.gguf_type
+        if args.kv_type != "f32":
+            labels["kv_type"] = args.kv_type
         device, dtype, checkpoint, results = start(args, script, labels, args.model_path, families,
                                                    args.seed if args.model_path is None else 0)
         results.labels["device"] = str(device)

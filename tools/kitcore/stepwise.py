@@ -8,6 +8,8 @@ difference is a KV-cache bug, not rounding). A step is CLOSE when every gate of 
 at that one position; the statistics that need many positions (KL mean/p99, agreement rates) are
 judged over every step together. An engine that decodes by itself and leaves the teacher's tokens is
 judged at that step: a flip at a decisive position fails, one at a near-tie is a benign divergence.
+Over a long decode each comparison's error by position is a Trend: its curve and slope are recorded, and
+under a distribution judge (a quantised cache) the last quarter of the steps is gated by itself too.
 """
 
 from dataclasses import dataclass, replace
@@ -86,6 +88,76 @@ def divergences(decoded, teacher, comparand):
         found.append(Divergence(row, s, int(decoded.tokens[row, s]), int(teacher[row, s]),
                                 flip.decisive_positions > 0))
     return found
+
+
+LENGTH_MIN_STEPS = 64  # decode steps below which a quarter of them is too few positions for a KL mean
+
+
+@dataclass(frozen=True)
+class Trend:
+    """One comparison's error by decode position: `curve`, the KL mean of every step (None where nothing was
+    compared), its least-squares slope over the decode steps, the KL mean of their first and last quarters,
+    and the length gate: under a distribution judge, with LENGTH_MIN_STEPS decode steps or more, the last
+    quarter's KL mean must stay within the judge's KL-mean bound too, so that an error which grows with
+    length cannot hide behind the early steps in the mean over all of them."""
+
+    curve: list
+    slope: float  # nats per 100 decode steps
+    first_quarter: float
+    last_quarter: float
+    limit: float  # the KL-mean bound of the last quarter, or None: not gated (see above)
+    last_steps: tuple  # (first, last) step of the last quarter
+
+    @property
+    def first_above(self):
+        """The first decode step whose KL mean is above the bound (None: none, or not gated)."""
+        if self.limit is None:
+            return None
+        return next((s for s, kl in enumerate(self.curve) if s > 0 and kl is not None and kl > self.limit), None)
+
+    @property
+    def grows(self):
+        return self.last_quarter > 2 * self.first_quarter and self.slope > 0
+
+    @property
+    def passed(self):
+        return self.limit is None or self.last_quarter <= self.limit
+
+    def reason(self):
+        if self.passed:
+            return ""
+        return (f"KL mean over the last quarter of the decode (steps {self.last_steps[0]}-{self.last_steps[1]}) "
+                f"{self.last_quarter:.2e} above {self.limit:.2g}, the first quarter's {self.first_quarter:.2e}"
+                + (": the error grows with decode length" if self.grows else "")
+                + (f"; the first step above it: {self.first_above}" if self.first_above is not None else ""))
+
+    def describe(self):
+        shape = ("grows with decode length" if self.grows else
+                 "shrinks with decode length" if self.first_quarter > 2 * self.last_quarter else "flat")
+        return (f"KL by decode step: first quarter {self.first_quarter:.2e}, last quarter {self.last_quarter:.2e}, "
+                f"slope {self.slope:+.2e} nats per 100 steps: {shape}")
+
+    def as_dict(self):
+        return {"curve": self.curve, "slope_per_100_steps": self.slope, "kl_first_quarter": self.first_quarter,
+                "kl_last_quarter": self.last_quarter, "limit": self.limit, "grows": self.grows,
+                "passed": self.passed}
+
+
+def trend(step_checks_by_step, name, overall):
+    """The Trend of comparison `name` from the per-step checks (step_checks of every step) and its check over
+    every step together (`overall`, whose limits bound the last quarter); None with fewer than 4 decode steps
+    compared."""
+    curve = [checks[name].kl_mean if name in checks else None for checks in step_checks_by_step]
+    decode = [(s, kl) for s, kl in enumerate(curve) if s > 0 and kl is not None]
+    if len(decode) < 4:
+        return None
+    xs, ys = torch.tensor([s for s, _ in decode], dtype=torch.float64), torch.tensor([k for _, k in decode],
+                                                                                       dtype=torch.float64)
+    slope = float(((xs - xs.mean()) * (ys - ys.mean())).sum() / (xs - xs.mean()).pow(2).sum()) * 100
+    quarter = len(decode) // 4
+    gated = overall.distribution is not None and len(decode) >= LENGTH_MIN_STEPS
+    return Trend(curve, slope, float(ys[:quarter].mean()), float(ys[-quarter:].mean()),
+                 overall.limits.get("kl_mean") if gated else None, (decode[-quarter][0], decode[-1][0]))
 
 
 def cache_bug_steps(steps, column):

@@ -2,8 +2,9 @@
 """Prefill, then decode with a KV cache: two engines compared step by step, and each against HF.
 
 Engines A and B (`--engines A,B`, default: the `--engine` candidate and `reference`, which is HF eager
-on the CPU in the reference dtype) each run a prefill and `--decode_steps` decode steps with their
-own KV cache. Decode is teacher-forced: both are fed the reference's greedy token, so one flipped
+on the CPU in the reference dtype; for a candidate in a mode of its own, a quantised KV cache or a
+chunked prefill, B is the same engine in its safest mode, its `baseline`) each run a prefill and
+`--decode_steps` decode steps with their own KV cache. Decode is teacher-forced: both are fed the reference's greedy token, so one flipped
 token cannot cascade. For every step:
   * A vs reference and B vs reference: logits against the reference's no-cache forward at the same
     position;
@@ -14,7 +15,10 @@ A vs reference and B vs reference are calibrated by a correct peer (HF in the ca
 device, run through the same prefill and decode; tools/kitcore/judges.py); A vs B and the cache checks
 are judged by the table. A step is CLOSE when its gates pass (element tolerances, KL max, a top-1 flip
 at a decisive position); the statistics that need several positions (KL mean and p99, top-1/top-5
-rates) are judged over every step together. The exit code follows the verdict.
+rates) are judged over every step together, and over a long decode (64 steps or more) under a distribution
+judge, the last quarter of the steps by itself as well: an error that grows with decode length fails there,
+named so; every comparison's error by position (its curve and slope) is in the JSON and the report.
+The exit code follows the verdict.
 With `--engines hf,llama.cpp` this is the Python-vs-C++ comparison of the original InfiniLM script.
 Engines that keep their KV cache to themselves (vLLM, a server: kitcore.serving) are not teacher-forced:
 they decode greedily by themselves, and a step is compared with the reference while their tokens so far
@@ -115,6 +119,9 @@ def main(argv=None):
         return session.print_plan(args, SCRIPT)
     run = session.Session.open(args, SCRIPT, extra_positions=args.decode_steps, specs=specs)
     results, pair = run.results, [run.engines[s] for s in specs]
+    baseline = run.baseline(specs[0]) if args.engines is None else None
+    if baseline is not None:
+        specs[1], pair[1] = baseline
     with run.phases("reference_decode"):
         teacher, ref_steps, ref_cached = run.reference_greedy(run.inputs, args.decode_steps)
     outputs = decode_all(run, pair, teacher, ref_steps, ref_cached)
@@ -132,7 +139,8 @@ def main(argv=None):
     print("cells: max abs diff / this step's gates (element tolerances, KL max, decisive top-1); "
           "'--': not compared (the engine's tokens left the teacher's)")
     print(HEADER + "\n" + "-" * len(HEADER))
-    steps = [print_step(results, step, stepwise.step_checks(table, step)) for step in range(args.decode_steps + 1)]
+    by_step = [stepwise.step_checks(table, step) for step in range(args.decode_steps + 1)]
+    steps = [print_step(results, step, checks) for step, checks in enumerate(by_step)]
     all_close = all(s["close"] for s in steps)
     for label, spec, d, column in (("A", specs[0], decoded[0], "a_vs_ref"), ("B", specs[1], decoded[1], "b_vs_ref")):
         for divergence in stepwise.divergences(d, teacher, table[column]):
@@ -144,6 +152,20 @@ def main(argv=None):
     overall = {name: c.check() for name, c in table.items()}
     results.extra["all_steps"] = {name: print_overall(results, name, check) for name, check in overall.items()}
     all_close &= all(check.passed for check in overall.values())
+    trends = {name: stepwise.trend(by_step, name, check) for name, check in overall.items()}
+    trends = {name: t for name, t in trends.items() if t is not None}
+    if trends:
+        print("\nerror by decode position:")
+    for name, t in trends.items():
+        print(f"  {name:<8} {t.describe()}" + (f" -> FAIL: {t.reason()}" if not t.passed else
+                                              " (last quarter gated)" if t.limit is not None else ""))
+        results.add("trend", f"{name}_slope", t.slope, unit="nats/100 steps")
+        results.add("trend", f"{name}_kl_first_quarter", t.first_quarter, unit="nats")
+        results.add("trend", f"{name}_kl_last_quarter", t.last_quarter, unit="nats")
+        results.add("trend", f"{name}_passed", t.passed, unit="bool")
+    grows = [name for name, t in trends.items() if not t.passed]
+    all_close &= not grows
+    results.extra["trends"] = {name: t.as_dict() for name, t in trends.items()}
     for label, spec, column in (("A", specs[0], "a_cache"), ("B", specs[1], "b_cache")):
         bad = stepwise.cache_bug_steps(steps, column)
         if bad:
@@ -155,8 +177,10 @@ def main(argv=None):
     if args.repeat:
         del outputs, decoded, table
         passed &= run.check_growth(lambda: run_engine(pair[0], run.inputs, teacher), "prefill + decode")
-    verdict = ("PASS: every step CLOSE" if passed else "FAIL: see the NOT_CLOSE steps and FAIL lines" if not all_close
-               else "FAIL: memory grows with every call")
+    verdict = ("PASS: every step CLOSE" if passed else
+               f"FAIL: the error of {', '.join(grows)} grows with decode length (see 'error by decode position')"
+               if grows and all(s["close"] for s in steps) else
+               "FAIL: see the NOT_CLOSE steps and FAIL lines" if not all_close else "FAIL: memory grows with every call")
     print(f"\nverdict: {verdict}")
     return run.finish(passed)
 
