@@ -194,6 +194,23 @@ def test_kv_cache_dropping_oldest_entry_fails_decode_only(llama_checkpoint, tmp_
     assert run_script(INFERENCE, *common).code == 0
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_kv_cache_whose_error_grows_with_length_fails_the_length_gate_only(dtype, llama_checkpoint, tmp_path):
+    """Two stand-ins for a quantised cache (judged as llama.cpp's q8_0): the same 1% error at every position
+    passes; exact for 64 entries, then up to 9% off, fails where the last quarter of a 64-step decode is
+    judged by itself, with every step CLOSE and every all-steps gate passing."""
+    argv = ("--model_path", llama_checkpoint, "--dtype", dtype, "--decode_steps", 64)
+    flat = run_script(FORWARD, *argv, "--engine", f"{FAULTY_ENGINES}:FlatCacheErrorEngine")
+    assert flat.code == 0, flat
+    grows = run_script(FORWARD, *argv, "--engine", f"{FAULTY_ENGINES}:GrowingCacheErrorEngine",
+                       json_path=tmp_path / "grows.json")
+    assert grows.code == 1 and "verdict: FAIL: the error of a_vs_ref" in grows.out, grows
+    assert all(s["close"] for s in grows.json["steps"]) and all(c["passed"] for c in grows.json["all_steps"].values())
+    trend = grows.json["trends"]["a_vs_ref"]
+    assert not trend["passed"] and trend["grows"] and trend["slope_per_100_steps"] > 0 and len(trend["curve"]) == 65
+    assert "the error grows with decode length; the first step above it: " in grows.out
+
+
 def test_nan_logits_fail(llama_checkpoint):
     r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", f"{FAULTY_ENGINES}:NaNEngine")
     assert r.code == 1, r

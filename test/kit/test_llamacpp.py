@@ -55,6 +55,37 @@ def test_chunked_prefill_reaches_llamacpp_and_is_attested(llama_checkpoint, tmp_
 
 
 @needs_llamacpp
+@pytest.mark.parametrize("kv_type", ["q8_0", "q4_0"])
+def test_quantised_kv_cache_over_a_long_decode(kv_type, llama_checkpoint, tmp_path):
+    """A quantised cache runs with flash attention, against the same GGUF on an f32 cache (B, its baseline) and
+    HF, judged by its distribution thresholds; its error by decode step is recorded with its slope."""
+    r = run_script(FORWARD, "--model_path", llama_checkpoint, "--engine", "llama.cpp", "--dtype", "float32",
+                   "--kv_type", kv_type, "--decode_steps", 64, "--require", f"type_k={kv_type}",
+                   json_path=tmp_path / "kv.json")
+    assert r.code == 0, r
+    assert "B = llama.cpp baseline" in r.out and "flash_attn=enabled" in r.out and f"distribution kv-{kv_type}" in r.out
+    trend = r.json["trends"]["a_vs_b"]
+    assert trend["limit"] is not None and len(trend["curve"]) == 65 and trend["passed"]
+    assert r.json["env"]["attested"]["llama.cpp baseline"]["type_k"] == "f32"
+
+
+@needs_llamacpp
+def test_flash_attention_reads_an_f32_cache_as_f16(llama_checkpoint):
+    r = run_script(FORWARD, "--model_path", llama_checkpoint, "--engine", "llama.cpp", "--dtype", "float32",
+                   "--engine_args", '{"flash_attn": true}', "--decode_steps", 4)
+    assert r.code == 0 and "attended_kv=f16/f16" in r.out and "distribution kv-f16" in r.out, r
+
+
+@needs_llamacpp
+@pytest.mark.parametrize("argv, message", [
+    (("--kv_type", "q4_0", "--engine_args", '{"flash_attn": false}'), "quantises the V cache only with flash"),
+    (("--kv_type", "q8_0", "--gguf_type", "q8_0"), "not both at once")])
+def test_quantised_kv_cache_refusals(argv, message, llama_checkpoint):
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", "llama.cpp", *argv)
+    assert r.code == 2 and message in r.err and len(r.err.strip().splitlines()) == 1, r
+
+
+@needs_llamacpp
 def test_gguf_without_the_qk_permutation_fails(llama_checkpoint):
     r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", f"{FAULTY_ENGINES}:UnpermutedLlamaCpp",
                    "--dtype", "float32")

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from kit_helpers import ROOT, run_script
+from kit_helpers import FAULTY_ENGINES, ROOT, run_script
 
 import metrics
 from kitcore import store
@@ -163,7 +163,10 @@ def results_file(tmp_path_factory, llama_checkpoint, moe_checkpoint):
             ("test/models/qwen3_moe/moe_test.py", ["--model_path", moe_checkpoint, "--warmups", 1, "--runs", 3]),
             ("test/models/qwen3_moe/attention_test.py", ["--model_path", moe_checkpoint, "--warmups", 1, "--runs", 3]),
             ("test/models/qwen3_moe/moe_test.py", ["--model_path", moe_checkpoint, "--sweep", "--cold", "--engine",
-                                                   "compile", "--warmups", 1, "--runs", 3])]
+                                                   "compile", "--warmups", 1, "--runs", 3]),
+            ("test/models/llama/test_forward_validation.py", ["--model_path", llama_checkpoint, "--engine",
+                                                              f"{FAULTY_ENGINES}:GrowingCacheErrorEngine",
+                                                              "--decode_steps", 64, "--dtype", "float32"])]
     for i, (script, argv) in enumerate(runs):
         out = run_script(script, *argv).out
         records = metrics.parse_lines(out.splitlines(), script)
@@ -175,8 +178,9 @@ def test_report_has_every_section(results_file, tmp_path):
     out = tmp_path / "report.html"
     assert run_script("tools/report.py", results_file, "-o", out).code == 0
     text = out.read_text()
-    for chart in ("error-growth", "heatmap", "latency", "routing", "sweep"):
+    for chart in ("error-growth", "heatmap", "latency", "routing", "sweep", "decode-error"):
         assert f'data-chart="{chart}"' in text, chart
+    assert "a_vs_ref: slope +" in text  # the growing cache's curve, its slope in the legend
     assert "Sweep tokens of moe_test" in text and text.count('data-chart="sweep"') == 1
     assert "<script" not in text and "http" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "")
 
@@ -189,7 +193,7 @@ def test_report_renders_in_headless_chromium(results_file, tmp_path):
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run(["chromium", *flags, "--dump-dom", out.as_uri()], capture_output=True, text=True, timeout=120)
-    for chart in ("error-growth", "heatmap", "latency", "routing", "sweep"):
+    for chart in ("error-growth", "heatmap", "latency", "routing", "sweep", "decode-error"):
         assert f'data-chart="{chart}"' in dom.stdout, (chart, dom.stderr[-500:])
     assert dom.stdout.count("<rect") > 50 and "<path" in dom.stdout
     png = tmp_path / "report.png"

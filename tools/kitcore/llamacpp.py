@@ -78,7 +78,7 @@ class LlamaCppEngine:
         # the tolerance follows the least precise of weights and KV cache; quantised ones by distribution
         self.quantization = "q8_0" if self.gguf_type == "q8_0" else f"kv-{kv_type}" if quantised_kv else None
         weights = GGUF_TO_DTYPE.get(self.gguf_type, torch.float32)
-        self.judged_dtype = torch.float16 if kv_type == "f16" and weights == torch.float32 else weights
+        self.judged_dtype = weights
         # the context the check needs (prompt + decode steps): a max_position_embeddings context would
         # allocate its whole KV cache (32 GiB in f32 for Llama-3.1-8B's 131,072 positions)
         self.n_ctx = n_ctx or checkpoint.config.get("max_position_embeddings", 4096)
@@ -93,10 +93,12 @@ class LlamaCppEngine:
         except ValueError as exc:  # llama-cpp-python's one word for every refused setting
             raise Unavailable(f"engine llama.cpp: {exc} with KV cache {kv_type} and settings {settings or 'default'}"
                               " (this build refuses the combination)") from None
-        if self.attest()["flash_attn"] == "enabled" and self.judged_dtype == torch.float32:
-            # with flash attention llama.cpp casts an f32 K/V cache to f16 before attending (llama-graph.cpp,
-            # build_attn_mha): an f16 cache in effect (measured: logits nmse 6.7e-9 on the tiny Llama)
-            self.judged_dtype = torch.float16
+        # with flash attention llama.cpp casts an f32 K/V cache to f16 before attending (llama-graph.cpp,
+        # build_attn_mha): an f16 cache in effect. Beside f32 weights an f16 cache is judged by the next-token
+        # distribution: its error grows with the cache (SmolLM2, 256 steps: one step's logits nmse 1.5e-4)
+        f16_cache = kv_type == "f16" or self.attest()["flash_attn"] == "enabled"
+        if f16_cache and weights == torch.float32 and self.quantization is None:
+            self.quantization, self.judged_dtype = "kv-f16", torch.float16
         self._active = None
         judged = f"{self.quantization} distribution thresholds" if self.quantization else f"{dtype_name(self.judged_dtype)} tolerances"
         self.description = f"GGUF {self.gguf_type} ({self.path}), KV cache {kv_type}; judged by {judged}"
