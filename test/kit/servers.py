@@ -80,7 +80,10 @@ def llamacpp_server(gguf, python, log=None):
 class StandIn:
     """A vLLM-dialect completions server computing from a HF model in float32. `mode`:
     ok, cap20 (at most 20 logprobs, whatever is asked), no_prompt_logprobs, other_vocab (ids past the vocabulary),
-    other_tokenizer (/tokenize answers other ids), hang (answers completions after `hang_s`)."""
+    other_tokenizer (/tokenize answers other ids), hang (answers completions after `hang_s`), traffic (a request
+    that overlaps another gets token 0's logprob raised by 0.05 everywhere: logits that change with other
+    requests' traffic, NVIDIA-NeMo/Megatron-Bridge #4635; each request waits 50 ms first, so that a batch's
+    concurrent requests overlap)."""
 
     def __init__(self, checkpoint, mode="ok", hang_s=5.0):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -88,6 +91,7 @@ class StandIn:
         self.model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.mode, self.hang_s = mode, hang_s
+        self.in_flight, self.lock = 0, threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
@@ -107,11 +111,13 @@ class StandIn:
         return {int(i) + shift: float(v) for v, i in zip(top.values, top.indices)}
 
     @torch.no_grad()
-    def complete(self, body):
+    def complete(self, body, crowded=False):
         ids, k = list(body["prompt"]), int(body["logprobs"])
         generated, dists = [], []
         for _ in range(int(body["max_tokens"])):
             logprobs = self.model(torch.tensor([ids + generated])).logits[0].double().log_softmax(-1)
+            if crowded and self.mode == "traffic":
+                logprobs[:, 0] += 0.05
             dists.append(self._dist(logprobs[-1], k))
             generated.append(int(logprobs[-1].argmax()))
         choice = {"text": "", "token_ids": generated,
@@ -150,7 +156,16 @@ class StandIn:
                 elif self.path == "/v1/completions":
                     if stand_in.mode == "hang":
                         time.sleep(stand_in.hang_s)
-                    self._answer(stand_in.complete(body))
+                    with stand_in.lock:
+                        stand_in.in_flight += 1
+                    try:
+                        if stand_in.mode == "traffic":
+                            time.sleep(0.05)
+                        crowded = stand_in.in_flight > 1
+                        self._answer(stand_in.complete(body, crowded))
+                    finally:
+                        with stand_in.lock:
+                            stand_in.in_flight -= 1
                 else:
                     self.send_error(404)
 

@@ -87,10 +87,17 @@ def test_every_request_has_a_timeout(llama_checkpoint):
     assert r.code == 3 and "within 1 s" in r.err, r
 
 
-def test_batch_validation_needs_the_kits_cache(llama_checkpoint):
+def test_batch_validation_sends_a_batch_as_concurrent_requests(llama_checkpoint):
+    """A served engine gets each batch as concurrent requests: a correct server is bitwise invariant; one whose
+    logprobs move when requests overlap fails, naming the batch and row (prefill) and the concurrent row (decode)."""
+    argv = ("--model_path", llama_checkpoint, "--dtype", "float32", "--lengths", "8,16,24,40", "--batch_sizes", "2,4")
     with servers.StandIn(llama_checkpoint) as server:
-        r = run_script(BATCH, "--model_path", llama_checkpoint, "--engine", openai(server.url), "--dtype", "float32")
-    assert r.code == 3 and "new_cache()" in r.err, r
+        r = run_script(BATCH, *argv, "--engine", openai(server.url))
+    assert r.code == 0 and "4 requests decoded at the same time" in r.out and "concurrent row 3" in r.out, r
+    with servers.StandIn(llama_checkpoint, mode="traffic") as server:
+        r = run_script(BATCH, *argv, "--engine", openai(server.url))
+    assert r.code == 1, r
+    assert "batch 2 left #0 row" in r.out and " NOT " in r.out and "concurrent row" in r.out, r
 
 
 def test_vllm_missing_says_what_to_run(llama_checkpoint, monkeypatch):

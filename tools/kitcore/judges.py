@@ -487,15 +487,18 @@ class Invariance:
     passed: bool
 
 
-def judge_invariance(batched, alone, noise, judge):
+def judge_invariance(batched, alone, noise, judge, space=Space()):
     """Invariance of logits [S, V] of one prompt: bitwise equal, within rounding (the batch moves them by
     no more than k x a correct engine's rounding `noise` [S, V], per position and overall, as every
-    calibrated bound), or NOT. Without a correct engine to measure (`noise` None), the dtype's table."""
-    if torch.equal(batched, alone.to(batched.dtype)):
+    calibrated bound), or NOT. Without a correct engine to measure (`noise` None), the dtype's table.
+    `space`: what the engine returns (output_space; a server's positions without logprobs are NaN on both)."""
+    alone = alone.to(batched.dtype)
+    if bool(((batched == alone) | (batched.isnan() & alone.isnan())).all()):
         return Invariance("bitwise", 0.0, True)
     shifted = None if noise is None else (alone.double() + noise)[None]
     judge = replace(judge, calibrated=shifted is not None)
-    check = check_logits(batched[None], alone[None], torch.ones(1, len(alone)), judge, shifted, aggregate=False)
+    check = check_logits(batched[None], alone[None], torch.ones(1, len(alone)), judge, shifted, aggregate=False,
+                         space=space)
     return Invariance("within rounding" if check.passed else "NOT", check.comparison.max_abs, check.passed)
 
 

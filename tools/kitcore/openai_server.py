@@ -13,6 +13,7 @@ k is the vocabulary unless `--top_logprobs K`. The server's dtype is what it was
 say it (it picks the peer and the tolerance).
 """
 
+import concurrent.futures
 import functools
 import json
 import math
@@ -22,6 +23,8 @@ import urllib.request
 from .devices import dtype_name
 from .errors import Unavailable, UsageError
 from .serving import Completion, ServingEngine
+
+MAX_IN_FLIGHT = 8  # concurrent requests of one batch, on the loopback
 
 DEFAULT_REQUEST_TIMEOUT_S = 300.0
 
@@ -141,6 +144,7 @@ class VLLMDialect:
     """vLLM's server: prompt logprobs keyed by token id, the prompt ids echoed back."""
 
     name, describes = "vllm", "prompt_logprobs"
+    concurrent = True  # stateless per request: a batch's rows go out at the same time
 
     def __init__(self, client, vocab_size, top_k):
         self.client, self.vocab_size, self.top_k = client, vocab_size, top_k
@@ -188,6 +192,7 @@ class EchoDialect:
     """OpenAI's `echo` + `logprobs` (llama-cpp-python's server): alternatives keyed by their text."""
 
     name, describes = "echo", "echo + logprobs"
+    concurrent = False  # its alignment is measured on the first request, and its cache evicted per row
 
     def __init__(self, client, model, vocab_size, top_k, tokenizer):
         self.client, self.model, self.vocab_size, self.top_k = client, model, vocab_size, top_k
@@ -318,7 +323,12 @@ class OpenAIEngine(ServingEngine):
         return None if answer is None or answer.get("tokens") is None else [int(t) for t in answer["tokens"]]
 
     def complete(self, rows, max_tokens, prompt_logprobs):
-        return [self._complete_row(row, max_tokens, prompt_logprobs) for row in rows]
+        """One request per row; a batch's rows at the same time (at most MAX_IN_FLIGHT) where the dialect
+        allows: the server schedules them together, as it does concurrent users' traffic."""
+        if len(rows) == 1 or not self.dialect.concurrent:
+            return [self._complete_row(row, max_tokens, prompt_logprobs) for row in rows]
+        with concurrent.futures.ThreadPoolExecutor(min(len(rows), MAX_IN_FLIGHT)) as pool:
+            return list(pool.map(lambda row: self._complete_row(row, max_tokens, prompt_logprobs), rows))
 
     def _prompt(self, row):
         """The ids themselves where the server takes them; else their text, once the server's own tokenizer

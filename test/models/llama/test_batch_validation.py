@@ -14,6 +14,10 @@ Then a batched prefill and a teacher-forced greedy decode (`--decode_steps`) of 
 ragged caches, in which rows finish early (row j decodes steps - j mod 3 tokens; a finished row is fed
 a masked-out padding token): each row's every step against that row's reference. Last, a shared-prefix
 batch (one prompt, and that prompt continued two ways): each row against itself alone and the reference.
+An engine that keeps its KV cache to itself (vLLM, a server: generate()) gets the batch as concurrent
+requests instead (a server's at most 8 at a time, on the loopback): every row's greedy decode alongside the
+others against the same request alone (invariance, for the steps whose tokens agree) and against the
+reference while its tokens follow the reference's greedy ones.
 A failure names the batch, the row and the step. Exit 1 on any failure.
 """
 
@@ -24,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 
-from kitcore import cli, engines, inputs, judges, session  # noqa: E402
+from kitcore import cli, decode, engines, inputs, judges, session  # noqa: E402
 from kitcore.decode import ragged_decode  # noqa: E402
 from kitcore.errors import Unavailable, UsageError  # noqa: E402
 
@@ -66,12 +70,15 @@ def check_batch(run, peer, alone, rows, side, label, judge, results):
     batch = inputs.pad([alone.prompts[i] for i in rows], side)
     cand = run.candidate.forward(batch.input_ids, batch.position_ids, batch.attention_mask).cpu()
     peer_out = peer.forward(batch.input_ids, batch.position_ids, batch.attention_mask).cpu() if peer else None
+    space = judges.output_space(run.candidate)
     passed = True
     for j, i in enumerate(rows):
         got = batch.real(j, cand)
-        same = judges.judge_invariance(got, alone.candidate[i], None if alone.noise is None else alone.noise[i], judge)
+        same = judges.judge_invariance(got, alone.candidate[i], None if alone.noise is None else alone.noise[i], judge,
+                                       space)
         vs_ref = judges.check_logits(got[None], alone.reference[i][None], torch.ones(1, len(got)), judge,
-                                     None if peer_out is None else batch.real(j, peer_out)[None], aggregate=False)
+                                     None if peer_out is None else batch.real(j, peer_out)[None], aggregate=False,
+                                     space=space)
         ok = same.passed and vs_ref.passed
         passed &= ok
         where = f"{label} row {j} (prompt {i}, {len(got)} tokens)"
@@ -83,7 +90,7 @@ def check_batch(run, peer, alone, rows, side, label, judge, results):
         results.add(case, "kl_max", vs_ref.kl_max, unit="nats")
         results.add(case, "passed", ok, unit="bool")
     together = judges.check_logits(cand, _aligned(batch, rows, alone.reference), batch.attention_mask, judge,
-                                   peer_out)
+                                   peer_out, space=space)
     if not together.passed:
         print(f"  {label} all rows together: FAIL: {together.reasons()}")
     results.add(label.replace(" ", "_"), "kl_mean", together.kl_mean, unit="nats")
@@ -141,6 +148,37 @@ def check_decode(run, peer, alone, rows, steps, judge, results):
     return passed and together.passed
 
 
+def check_concurrent_decode(run, peer, alone, rows, steps, judge, results):
+    """For an engine that decodes by itself: the prompts `rows` decoded greedily at the same time (one
+    generate() call: concurrent requests) and each alone. Per row: invariance for the steps whose tokens agree
+    with the row alone; against the reference (calibrated by the peer, teacher-forced on the reference's greedy
+    tokens) for the steps whose tokens follow the reference's, the step where they part included (a flip at a
+    decisive position fails)."""
+    batch = inputs.pad([alone.prompts[i] for i in rows])
+    tokens, got = run.candidate.generate(batch.input_ids, batch.position_ids, batch.attention_mask, steps)
+    space, passed = judges.output_space(run.candidate), True
+    for j, i in enumerate(rows):
+        row = inputs.pad([alone.prompts[i]])
+        teacher, reference, _ = run.reference_greedy(row, steps)
+        alone_tokens, alone_got = run.candidate.generate(row.input_ids, row.position_ids, None, steps)
+        agree = 1 + int((tokens[j] == alone_tokens[0]).long().cumprod(0).sum())
+        follows = 1 + int((tokens[j] == teacher[0]).long().cumprod(0).sum())
+        follows = min(follows, steps + 1)
+        same = judges.judge_invariance(got[j, :agree], alone_got[0, :agree], None, judge, space)
+        peer_steps = None if peer is None else decode.no_cache_steps(peer, row, teacher)[:, :follows]
+        vs_ref = judges.check_logits(got[j:j + 1, :follows], reference[:, :follows], torch.ones(1, follows), judge,
+                                     peer_steps, aggregate=False, space=space)
+        ok = same.passed and vs_ref.passed
+        passed &= ok
+        where = f"concurrent row {j} (prompt {i}, {len(alone.prompts[i])} tokens + {steps} steps)"
+        parted = "" if agree > steps else f"; its tokens leave the row alone's at step {agree}"
+        print(f"  {where:<56} {same.kind:<16} {same.max_abs:>10.3e}{parted} | vs reference ({follows} steps) "
+              + ("ok" if vs_ref.passed else f"FAIL: {vs_ref.reasons()}"))
+        results.add(f"concurrent_row{j}", "invariant_max_abs", same.max_abs, invariance=same.kind.replace(" ", "_"))
+        results.add(f"concurrent_row{j}", "passed", ok, unit="bool")
+    return passed
+
+
 def parse_args(argv):
     parser = session.build_parser(__doc__, decode=True, batch=True)
     parser.set_defaults(decode_steps=4)
@@ -160,12 +198,14 @@ def parse_args(argv):
 
 
 def padding_sides(run, spec):
-    """The padded batches the candidate takes; batch validation needs left padding and a cache."""
+    """The padded batches the candidate takes; batch validation needs left padding, and a cache (the ragged
+    decode) or generate() (the concurrent decode)."""
     declared = getattr(run.candidate, "padding_sides", ("left",))
     if "left" not in declared:
         raise Unavailable(f"engine {spec!r} takes one prompt at a time (padding_sides {declared!r}): batch "
                           "validation needs left padding")
-    engines.require(run.candidate, "new_cache", spec, "batch validation's ragged teacher-forced decode")
+    if "generate" not in engines.capabilities(run.candidate):
+        engines.require(run.candidate, "new_cache", spec, "batch validation's ragged teacher-forced decode")
     return [s for s in ("left", "right") if s in declared]
 
 
@@ -212,9 +252,15 @@ def main(argv=None):
                     label = f"batch {size} {side} #{start // size}"
                     passed &= check_batch(run, peer, alone, order[start:start + size], side, label, judge, results)
 
-    print(f"\nbatched prefill + ragged greedy decode ({args.decode_steps} steps, rows finish early):")
-    with run.phases("decode"):
-        passed &= check_decode(run, peer, alone, order[:max(sizes)], args.decode_steps, judge, results)
+    if "new_cache" in engines.capabilities(run.candidate):
+        print(f"\nbatched prefill + ragged greedy decode ({args.decode_steps} steps, rows finish early):")
+        with run.phases("decode"):
+            passed &= check_decode(run, peer, alone, order[:max(sizes)], args.decode_steps, judge, results)
+    else:
+        print(f"\n{max(sizes)} requests decoded at the same time ({args.decode_steps} steps each) against each alone "
+              "(invariance) and the reference:")
+        with run.phases("decode"):
+            passed &= check_concurrent_decode(run, peer, alone, order[:max(sizes)], args.decode_steps, judge, results)
     passed &= check_shared_prefix(run, peer, prompts, judge, results)
 
     print("\n" + run.phases.summary())
