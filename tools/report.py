@@ -107,29 +107,40 @@ def error_growth(records):
 DECODE_COLUMNS = ("a_vs_ref", "b_vs_ref", "a_vs_b")  # forward validation's comparisons with a curve worth drawing
 
 
+def running_mean(points, window=16):
+    """(step, value) points averaged over the last `window` steps: the trend under one step's noise."""
+    out, values = [], []
+    for step, value in points:
+        values = (values + [value])[-window:]
+        out.append((step, sum(values) / len(values)))
+    return out
+
+
 def decode_curves(records):
     """Forward validation's KL by decode step (one chart per run of 8 steps or more): how a KV cache's error
-    moves with decode length; each line's slope (from the trend records) in its legend."""
-    curves, slopes = {}, {}
+    moves with decode length. Each step faint, its 16-step running mean solid, the length gate's bound
+    dashed where one applies; each line's slope (from the trend records) in the legend."""
+    curves, trends = {}, {}
     for r in records:
         if r.get("script") != "test_forward_validation":
             continue
         metric, case = r.get("metric", ""), r.get("case", "")
-        if case.startswith("step") and metric.removesuffix("_kl") in DECODE_COLUMNS and metric.endswith("_kl"):
+        if case.startswith("step") and metric.endswith("_kl") and metric[:-3] in DECODE_COLUMNS:
             curves.setdefault(group_key(r)[1:], {}).setdefault(metric[:-3], []).append((int(case[4:]), float(r["value"])))
-        elif case == "trend" and metric.endswith("_slope"):
-            slopes[group_key(r)[1:] + (metric[:-6],)] = float(r["value"])
+        elif case == "trend" and metric.endswith(("_slope", "_limit")):
+            trends[group_key(r)[1:] + (metric[:-6], metric[-5:])] = float(r["value"])
     out = []
     for label, columns in sorted(curves.items()):
         if max(len(points) for points in columns.values()) < 8:
             continue
-        w, h, left, bottom = 900, 320, 60, 40
-        values = [v for points in columns.values() for _, v in points if v > 0]
+        w, h, left, top, bottom = 900, 360, 60, 20 + 14 * len(columns), 40
+        limits = {c: trends.get(label + (c, "limit")) for c in columns}
+        values = [v for points in columns.values() for _, v in points if v > 0] + [v for v in limits.values() if v]
         lo, hi = math.floor(min(map(log10, values))), math.ceil(max(map(log10, values)))
         hi = hi if hi > lo else lo + 1
         n = max(s for points in columns.values() for s, _ in points)
         x = lambda s: left + s * (w - left - 20) / max(n, 1)  # noqa: E731
-        y = lambda v: h - bottom - (log10(v) - lo) / (hi - lo) * (h - bottom - 20)  # noqa: E731
+        y = lambda v: h - bottom - (log10(max(v, 10.0**lo)) - lo) / (hi - lo) * (h - bottom - top)  # noqa: E731
         body = [f'<line x1="{left}" y1="{h - bottom}" x2="{w - 20}" y2="{h - bottom}" stroke="#888"/>']
         for e in range(lo, hi + 1):
             yy = y(10.0**e)
@@ -137,14 +148,21 @@ def decode_curves(records):
                         f'<line x1="{left}" y1="{yy:.1f}" x2="{w - 20}" y2="{yy:.1f}" stroke="#eee"/>')
         for k, (column, points) in enumerate(sorted(columns.items())):
             color, points = COLORS[k % len(COLORS)], sorted(points)
-            path = " ".join(f"{'M' if i == 0 else 'L'}{x(s):.1f},{y(max(v, 10.0**lo)):.1f}"
-                            for i, (s, v) in enumerate(points))
-            body.append(f'<path d="{path}" fill="none" stroke="{color}" stroke-width="1.2"/>')
-            slope = slopes.get(label + (column,))
-            legend = column + ("" if slope is None else f": slope {slope:+.2e} nats per 100 steps")
+            for line, style in ((points, 'stroke-width="0.8" opacity="0.35"'),
+                                (running_mean(points), 'stroke-width="2"')):
+                path = " ".join(f"{'M' if i == 0 else 'L'}{x(s):.1f},{y(v):.1f}" for i, (s, v) in enumerate(line))
+                body.append(f'<path d="{path}" fill="none" stroke="{color}" {style}/>')
+            if limits[column]:
+                yy = y(limits[column])
+                body.append(f'<line x1="{left}" y1="{yy:.1f}" x2="{w - 20}" y2="{yy:.1f}" stroke="{color}" '
+                            f'stroke-dasharray="6,4"><title>{esc(column)}: KL-mean bound of the last quarter '
+                            f'{limits[column]:.2g}</title></line>')
+            slope = trends.get(label + (column, "slope"))
+            legend = column + ("" if slope is None else f": slope {slope:+.2e} nats per 100 steps") + (
+                f", last quarter gated at {limits[column]:.2g} (dashed)" if limits[column] else "")
             body.append(f'<text x="{left + 10}" y="{14 + 14 * k}" font-size="12" fill="{color}">{esc(legend)}</text>')
         body.append(f'<text x="{left}" y="{h - 10}" font-size="11">decode step (0: the prefill\'s last position); '
-                    f'KL(reference || engine) per step, log scale</text>')
+                    f'KL(reference || engine) per step (faint) and its 16-step running mean, log scale</text>')
         out.append(svg("decode-error", w, h, "".join(body), f"Forward validation: KL by decode step ({' / '.join(label)})"))
     return "\n".join(out) or "<p>No forward validation of 8 decode steps or more.</p>"
 

@@ -122,6 +122,7 @@ def main(argv=None):
     baseline = run.baseline(specs[0]) if args.engines is None else None
     if baseline is not None:
         specs[1], pair[1] = baseline
+        results.labels["engine"] = ",".join(specs)
     with run.phases("reference_decode"):
         teacher, ref_steps, ref_cached = run.reference_greedy(run.inputs, args.decode_steps)
     outputs = decode_all(run, pair, teacher, ref_steps, ref_cached)
@@ -163,6 +164,8 @@ def main(argv=None):
         results.add("trend", f"{name}_kl_first_quarter", t.first_quarter, unit="nats")
         results.add("trend", f"{name}_kl_last_quarter", t.last_quarter, unit="nats")
         results.add("trend", f"{name}_passed", t.passed, unit="bool")
+        if t.limit is not None:
+            results.add("trend", f"{name}_limit", t.limit, unit="nats")
     grows = [name for name, t in trends.items() if not t.passed]
     all_close &= not grows
     results.extra["trends"] = {name: t.as_dict() for name, t in trends.items()}
