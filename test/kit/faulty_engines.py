@@ -375,3 +375,38 @@ class GrowingCacheErrorEngine(_NoisyCacheEngine):
 
     def noise(self, position):
         return min(0.09, 0.006 * max(0, position - 64))
+
+
+class ChunkedPrefillEngine(HFEngine):
+    """Prefills through its cache in chunks of 8 tokens (the last one short), as a serving engine's chunked
+    prefill does; its baseline is the plain engine, which prefills the whole prompt at once."""
+
+    CHUNK = 8
+    capabilities = HFEngine.capabilities | {"baseline"}
+
+    def forward(self, input_ids, position_ids, attention_mask=None, cache=None):
+        if cache is None or input_ids.shape[1] <= self.CHUNK:
+            return super().forward(input_ids, position_ids, attention_mask, cache)
+        past, out = cache.get_seq_length(), []
+        for start in range(0, input_ids.shape[1], self.CHUNK):
+            end = min(start + self.CHUNK, input_ids.shape[1])
+            self.boundary(cache, start)
+            mask = None if attention_mask is None else attention_mask[:, :past + end]
+            out.append(super().forward(input_ids[:, start:end], position_ids[:, start:end], mask, cache))
+        return torch.cat(out, 1)
+
+    def boundary(self, cache, start):
+        """Between two chunks (start > 0): nothing to do for a correct chunked prefill."""
+
+    def baseline(self):
+        return HFEngine(self.model_path, self.device, self.dtype, self.attn)
+
+
+class ChunkBoundaryOffByOneEngine(ChunkedPrefillEngine):
+    """A chunked prefill whose next chunk does not see the previous chunk's last token: the cache loses its
+    newest entry at every chunk boundary (the positions go on), an off-by-one in the chunk's KV range."""
+
+    def boundary(self, cache, start):
+        if start > 0:
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, :-1], layer.values[:, :, :-1]

@@ -211,6 +211,19 @@ def test_kv_cache_whose_error_grows_with_length_fails_the_length_gate_only(dtype
     assert "the error grows with decode length; the first step above it: " in grows.out
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunked_prefill_is_compared_with_its_baseline(dtype, llama_checkpoint):
+    """An engine with a baseline() gets it as B: a correct prefill in chunks of 8 passes; one whose next chunk
+    misses the previous chunk's last token fails, the line naming its baseline and the first step."""
+    argv = ("--model_path", llama_checkpoint, "--dtype", dtype, "--decode_steps", 4)
+    r = run_script(FORWARD, *argv, "--engine", f"{FAULTY_ENGINES}:ChunkedPrefillEngine")
+    assert r.code == 0 and "ChunkedPrefillEngine baseline" in r.out, r
+    r = run_script(FORWARD, *argv, "--engine", f"{FAULTY_ENGINES}:ChunkBoundaryOffByOneEngine")
+    assert r.code == 1, r
+    if dtype == "float32":
+        assert "differs from its baseline, the same engine in its safest mode, from step 0 on" in r.out, r
+
+
 def test_nan_logits_fail(llama_checkpoint):
     r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", f"{FAULTY_ENGINES}:NaNEngine")
     assert r.code == 1, r

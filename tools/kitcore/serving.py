@@ -109,10 +109,13 @@ class VLLMEngine(ServingEngine):
     OPTIONS = ("n_ctx", "tensor_parallel_size", "engine_args")
     SETTINGS = ("enable_prefix_caching", "enable_chunked_prefill", "max_num_batched_tokens", "max_num_seqs",
                 "kv_cache_dtype", "block_size", "enforce_eager")
-    capabilities = frozenset({"generate", "attest", "tokenize"})
+    capabilities = frozenset({"generate", "attest", "tokenize", "baseline"})
+    DEFAULTS = {"enforce_eager": True, "enable_prefix_caching": False}
 
     def __init__(self, model_path, device, dtype, attn="sdpa", n_ctx=None, tensor_parallel_size=1, engine_args=None):
-        settings = {"enforce_eager": True, "enable_prefix_caching": False, **(engine_args or {})}
+        self._args = (model_path, device, dtype, attn, n_ctx, tensor_parallel_size)
+        settings = {**self.DEFAULTS, **(engine_args or {})}
+        self.settings = settings
         unknown = sorted(set(settings) - set(self.SETTINGS))
         if unknown:
             raise UsageError(f"--engine_args: vllm takes {', '.join(self.SETTINGS)}; not {', '.join(unknown)}")
@@ -153,6 +156,13 @@ class VLLMEngine(ServingEngine):
                 "enable_chunked_prefill": scheduler.enable_chunked_prefill,
                 "max_num_batched_tokens": scheduler.max_num_batched_tokens,
                 "attention_backend": getattr(getattr(config, "attention_config", None), "backend", None) or "auto"}
+
+    def baseline(self):
+        """vLLM with the kit's defaults (eager, no prefix cache, the KV cache in the model's dtype, the whole
+        prompt in one batch), or None when this engine runs so already: what a mode is compared with."""
+        if self.settings == self.DEFAULTS:
+            return None
+        return VLLMEngine(*self._args)
 
     def tokenize(self, text=None, messages=None):
         """The prompt ids vLLM itself used for `text` (generate) or `messages` (chat, its template)."""

@@ -174,6 +174,14 @@ def main(argv=None):
         if bad:
             print(f"engine {label} ({spec}): its cached logits differ from its own no-cache forward from step "
                   f"{bad[0]} on: a KV-cache bug, not kernel rounding")
+    if baseline is not None:
+        bad = stepwise.cache_bug_steps(steps, "a_vs_b")
+        ran = results.env["attested"]
+        mode = ", ".join(f"{k}={v}" for k, v in ran.get(specs[0], {}).items() if ran[specs[1]].get(k) != v)
+        if bad or not overall["a_vs_b"].passed:
+            print(f"engine A ({specs[0]}) differs from its baseline, the same engine in its safest mode, "
+                  + (f"from step {bad[0]} on" if bad else "over all steps together")
+                  + f": its mode ({mode or 'the settings it was given'}) changes the result beyond what A vs B allows")
     print("\n" + run.phases.summary())
     run.phases.report(results)
     passed = all_close
