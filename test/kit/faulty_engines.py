@@ -410,3 +410,72 @@ class ChunkBoundaryOffByOneEngine(ChunkedPrefillEngine):
         if start > 0:
             for layer in cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, :-1], layer.values[:, :, :-1]
+
+
+class PrefixCachingEngine(HFEngine):
+    """Decodes by itself (generate()) through a prefix cache of 16-token blocks, as vLLM does: a request reuses
+    the KV of the longest run of full blocks it shares with an earlier request's prompt, and reports its hits
+    (`cached_tokens`); reset_prefix_cache() empties it."""
+
+    BLOCK = 16
+    capabilities = frozenset({"generate", "reset_prefix_cache", "attest"})
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stored, self.cached_tokens = [], []
+
+    def attest(self):
+        return {**super().attest(), "block_size": str(self.BLOCK), "enable_prefix_caching": "true"}
+
+    def reset_prefix_cache(self):
+        self.stored = []
+
+    @staticmethod
+    def common(ids, stored_ids):
+        return next((i for i, (a, b) in enumerate(zip(ids, stored_ids)) if a != b), min(len(ids), len(stored_ids)))
+
+    def reuse(self, ids, stored_ids):
+        """How many of `ids`' first tokens the cache left by `stored_ids` serves: their common full blocks."""
+        return min(self.common(ids, stored_ids), len(ids) - 1) // self.BLOCK * self.BLOCK
+
+    @torch.no_grad()
+    def generate(self, input_ids, position_ids, attention_mask, steps):
+        all_tokens, all_logits = [], []
+        for row in input_ids.tolist():
+            hit, cache = 0, self.new_cache()
+            for stored_ids, stored_cache in self.stored:
+                n = self.reuse(row, stored_ids)
+                if n > hit:
+                    hit, cache = n, copy.deepcopy(stored_cache)
+                    for layer in cache.layers:
+                        layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
+            self.cached_tokens.append(hit)
+            logits = [self.forward(torch.tensor([row[hit:]]), torch.arange(hit, len(row))[None], None, cache)[:, -1]]
+            self.stored.append((row, copy.deepcopy(cache)))
+            tokens = []
+            for k in range(steps):
+                tokens.append(int(logits[-1].argmax()))
+                logits.append(self.forward(torch.tensor([[tokens[-1]]]), torch.tensor([[len(row) + k]]), None,
+                                           cache)[:, -1])
+            all_tokens.append(tokens)
+            all_logits.append(torch.cat(logits).float().cpu())
+        return torch.tensor(all_tokens), torch.stack(all_logits)
+
+
+class PartialBlockHitEngine(PrefixCachingEngine):
+    """A prefix cache that, when the shared tokens end 1-3 tokens past a block boundary, serves that next block
+    too, as if all of it were shared (a block matched on its first tokens; cf. vllm-project/vllm #55766, a hit
+    a few tokens past a block boundary): the request attends to the other prompt's tokens there."""
+
+    def reuse(self, ids, stored_ids):
+        n = super().reuse(ids, stored_ids)
+        if 1 <= self.common(ids, stored_ids) - n <= 3 and min(len(ids) - 1, len(stored_ids)) >= n + self.BLOCK:
+            return n + self.BLOCK
+        return n
+
+
+class PrefixCacheOffEngine(PrefixCachingEngine):
+    """Reports a prefix cache but never reuses anything (asked for one, it runs without)."""
+
+    def reuse(self, ids, stored_ids):
+        return 0

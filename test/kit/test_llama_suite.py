@@ -224,6 +224,28 @@ def test_chunked_prefill_is_compared_with_its_baseline(dtype, llama_checkpoint):
         assert "differs from its baseline, the same engine in its safest mode, from step 0 on" in r.out, r
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cache_pairs_judge_hot_requests_against_their_cold_runs(dtype, llama_checkpoint, tmp_path):
+    """--cache_pairs on stand-ins with a 16-token block cache: a correct one passes at every shared length; one that
+    reuses the next block when the shared tokens end 1-3 past a boundary fails exactly there."""
+    argv = ("--model_path", llama_checkpoint, "--dtype", dtype, "--decode_steps", 4, "--cache_pairs")
+    r = run_script(FORWARD, *argv, "--engine", f"{FAULTY_ENGINES}:PrefixCachingEngine", json_path=tmp_path / "ok.json")
+    assert r.code == 0 and "PASS: 26 hot requests (24 with prefix-cache hits)" in r.out, r
+    assert all(p["hits_hot"] == p["full_blocks"] and p["hits_cold"] == 0 for p in r.json["cache_pairs"])
+    r = run_script(FORWARD, *argv, "--engine", f"{FAULTY_ENGINES}:PartialBlockHitEngine", json_path=tmp_path / "bad.json")
+    assert r.code == 1, r
+    assert sorted(p["shared"] for p in r.json["cache_pairs"] if not p["passed"]) == [17, 18, 19, 33, 34, 35]
+    assert "cache pair, shared 17 tokens: the hot request took 32 tokens from the cache, more than the 16" in r.out
+
+
+def test_cache_pairs_need_a_cache_that_is_hit(llama_checkpoint):
+    argv = ("--model_path", llama_checkpoint, "--dtype", "float32", "--decode_steps", 2, "--cache_pairs")
+    r = run_script(FORWARD, *argv, "--engine", f"{FAULTY_ENGINES}:PrefixCacheOffEngine")
+    assert r.code == 3 and "no hot request hit" in r.err, r
+    r = run_script(FORWARD, *argv)
+    assert r.code == 3 and "reset_prefix_cache" in r.err, r
+
+
 def test_nan_logits_fail(llama_checkpoint):
     r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", f"{FAULTY_ENGINES}:NaNEngine")
     assert r.code == 1, r

@@ -72,6 +72,10 @@ kit loads it):
         chunked prefill. Printed and recorded with every result (`env.attested`); `--require KEY=VALUE`
         fails the run when the engine attests another value (a silent fallback never passes under the
         target's name) and exits 3 when it does not attest KEY at all.
+    reset_prefix_cache()
+        Empty the engine's own prefix cache (an engine that decodes by itself, e.g. vLLM), which reports the
+        prompt tokens each request took from it in the list `cached_tokens`. Used by forward validation's
+        `--cache_pairs` (kitcore.prefix_pairs).
     baseline() -> engine | None
         The same engine in its safest mode (llama.cpp: an f32 KV cache and the whole prompt in one batch),
         or None when it already runs so. Forward validation's default engine B for an engine that has one:
@@ -132,7 +136,7 @@ def _one_malloc_arena():
 
 
 OPTIONAL_METHODS = ("new_cache", "generate", "capture", "capture_layers", "run_component", "rope", "final_hidden",
-                    "attest", "tokenize", "stop_tokens", "baseline")
+                    "attest", "tokenize", "stop_tokens", "baseline", "reset_prefix_cache")
 
 
 def capabilities(engine):

@@ -109,7 +109,7 @@ class VLLMEngine(ServingEngine):
     OPTIONS = ("n_ctx", "tensor_parallel_size", "engine_args")
     SETTINGS = ("enable_prefix_caching", "enable_chunked_prefill", "max_num_batched_tokens", "max_num_seqs",
                 "kv_cache_dtype", "block_size", "enforce_eager")
-    capabilities = frozenset({"generate", "attest", "tokenize", "baseline"})
+    capabilities = frozenset({"generate", "attest", "tokenize", "baseline", "reset_prefix_cache"})
     DEFAULTS = {"enforce_eager": True, "enable_prefix_caching": False}
 
     def __init__(self, model_path, device, dtype, attn="sdpa", n_ctx=None, tensor_parallel_size=1, engine_args=None):
@@ -140,6 +140,7 @@ class VLLMEngine(ServingEngine):
         # the free-running decode asks for one token past the check's positions; --tokenization's chat prompt
         # is longer than the check's: room for 512 positions where the model has them
         max_len = min(max(512, (n_ctx or 0) + 1), config.get("max_position_embeddings") or 512)
+        self.max_model_len = max_len
         self.llm = vllm.LLM(model=model_path, dtype=dtype_name(dtype), max_model_len=max_len, max_logprobs=-1, seed=0,
                             tensor_parallel_size=tensor_parallel_size, **settings)
         platform = getattr(vllm.platforms.current_platform, "device_type", "?")
@@ -156,6 +157,9 @@ class VLLMEngine(ServingEngine):
                 "enable_chunked_prefill": scheduler.enable_chunked_prefill,
                 "max_num_batched_tokens": scheduler.max_num_batched_tokens,
                 "attention_backend": getattr(getattr(config, "attention_config", None), "backend", None) or "auto"}
+
+    def reset_prefix_cache(self):
+        self.llm.reset_prefix_cache()
 
     def baseline(self):
         """vLLM with the kit's defaults (eager, no prefix cache, the KV cache in the model's dtype, the whole

@@ -25,6 +25,9 @@ they decode greedily by themselves, and a step is compared with the reference wh
 are the teacher's. Where one leaves the teacher, the step is judged (a flip at a decisive position fails;
 at a near-tie it is a benign divergence, said so) and the row's later steps are not compared. Their cache
 check compares their decode with their own prefill of the same tokens.
+`--cache_pairs` checks an engine's prefix cache instead (kitcore/prefix_pairs.py): the same request cold and
+after another request that shares its first L tokens, L swept across the cache's block boundaries; each hot
+request against its cold run and the reference, with the hits the engine reports.
 """
 
 import sys
@@ -34,10 +37,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 
-from kitcore import cli, session, stepwise  # noqa: E402
+from kitcore import cli, engines, prefix_pairs, session, stepwise  # noqa: E402
 from kitcore.devices import dtype_name  # noqa: E402
 from kitcore.decode import Decoded, run_engine  # noqa: E402
-from kitcore.errors import UsageError  # noqa: E402
+from kitcore.errors import Unavailable, UsageError  # noqa: E402
 
 SCRIPT = "test_forward_validation"
 HEADER = (f"{'step':>5} {'kind':>8} | {'A vs ref':>19} | {'B vs ref':>19} | {'A vs B':>19} | "
@@ -48,6 +51,9 @@ def parse_args(argv):
     parser = session.build_parser(__doc__, decode=True)
     parser.add_argument("--engines", help="A,B: two engines to compare (default: <--engine>,reference)")
     session.add_repeat_arg(parser, "prefill + decode (engine A)")
+    parser.add_argument("--cache_pairs", action="store_true",
+                        help="prefix cache, cold then hot (kitcore/prefix_pairs.py), for an engine with its prefix "
+                             "cache on, e.g. --engine vllm --engine_args '{\"enable_prefix_caching\": true}'")
     args = parser.parse_args(argv)
     if args.plan:
         return args, None
@@ -113,11 +119,73 @@ def print_overall(results, name, check):
             "nmse": check.comparison.nmse, "decisive_disagreements": check.decisive_disagreements, "peer": check.peer}
 
 
+def check_cache_pairs(run, spec, steps):
+    """--cache_pairs: one row per shared length, the verdict; exit 3 when no hot request hit the cache."""
+    engine, results = run.engines[spec], run.results
+    engines.require(engine, "reset_prefix_cache", spec, "--cache_pairs (a prefix cache the kit can empty)")
+    block = int(engines.attested(engine).get("block_size") or 16)
+    max_positions = min(run.checkpoint.config.get("max_position_embeddings") or 4096,
+                        getattr(engine, "max_model_len", None) or 1 << 30)
+    lengths = prefix_pairs.shared_lengths(block, steps, max_positions)
+    if not lengths:
+        raise UsageError(f"--cache_pairs: block size {block} leaves no shared length within {max_positions} "
+                         f"positions; fewer --decode_steps or a smaller block_size")
+    tail = prefix_pairs.tail_length(block)
+    prefix, *tails = prefix_pairs.base_text(run.checkpoint, max(lengths), tail, run.args.seed)
+    judge = run.judge(engine)
+    print(f"\nprefix cache, cold then hot (block size {block}; {steps} decode steps; tails of {tail} tokens): "
+          f"{judge.describe()}")
+    pairs = []
+    with run.phases("cache_pairs"):
+        for shared in lengths:
+            pair = prefix_pairs.run_pair(run, engine, prefix[:shared], tails, steps, block, judge)
+            pairs.append(pair)
+            inv, ref = pair.invariance, pair.vs_ref
+            parted = "" if pair.agree > steps else f"; hot tokens leave the cold ones at step {pair.agree}"
+            print(f"  shared {shared:>4} tokens: hits cold {pair.hits_cold:>4}, hot {pair.hits_hot:>4} (full blocks "
+                  f"{pair.expected:>4}) | hot vs cold {inv.kind:<15} {inv.max_abs:.3e}{parted} | vs reference "
+                  f"({pair.follows} steps) " + ("ok" if ref.passed else f"FAIL: {ref.reasons()}"))
+            case = f"shared{shared}"
+            results.add(case, "hits_cold", pair.hits_cold, unit="tokens")
+            results.add(case, "hits_hot", pair.hits_hot, unit="tokens")
+            results.add(case, "invariant_max_abs", inv.max_abs, invariance=inv.kind.replace(" ", "_"))
+            results.add(case, "passed", pair.passed, unit="bool")
+    results.extra["cache_pairs"] = [{"shared": p.shared, "hits_cold": p.hits_cold, "hits_hot": p.hits_hot,
+                                     "full_blocks": p.expected, "invariance": p.invariance.kind,
+                                     "invariant_max_abs": p.invariance.max_abs, "vs_reference": p.vs_ref.passed,
+                                     "passed": p.passed} for p in pairs]
+    if not any(p.hits_hot for p in pairs):
+        raise Unavailable(f"--cache_pairs: no hot request hit {spec}'s prefix cache (0 cached tokens at every shared "
+                          "length): the check saw no cache; turn it on (vllm: --engine_args "
+                          "'{\"enable_prefix_caching\": true}')")
+    not_cold = [p.shared for p in pairs if p.hits_cold]
+    if not_cold:
+        print(f"note: the cold request hit the cache at shared lengths {not_cold}: the reset did not empty it, "
+              "so those pairs compare two hot runs")
+    failed = [p for p in pairs if not p.passed]
+    for p in failed:
+        why = [w for w, bad in ((f"took {p.hits_hot} tokens from the cache, more than the {p.expected} it shares in "
+                                  "full blocks", p.overreach),
+                                 ("differs from its cold run beyond rounding", not p.invariance.passed),
+                                 ("differs from the reference", not p.vs_ref.passed)) if bad]
+        print(f"cache pair, shared {p.shared} tokens: the hot request {'; '.join(why)} (first step differing from "
+              f"the cold run: {p.first_difference})")
+    print("\n" + run.phases.summary())
+    run.phases.report(results)
+    hit = sum(1 for p in pairs if p.hits_hot)
+    verdict = (f"PASS: {len(pairs)} hot requests ({hit} with prefix-cache hits) match their cold runs and the reference"
+               if not failed else f"FAIL: {len(failed)} of {len(pairs)} hot requests (see the cache pair lines)")
+    print(f"\nverdict: {verdict}")
+    return run.finish(not failed)
+
+
 def main(argv=None):
     args, specs = parse_args(argv)
     if args.plan:
         return session.print_plan(args, SCRIPT)
     run = session.Session.open(args, SCRIPT, extra_positions=args.decode_steps, specs=specs)
+    if args.cache_pairs:
+        return check_cache_pairs(run, specs[0], args.decode_steps)
     results, pair = run.results, [run.engines[s] for s in specs]
     baseline = run.baseline(specs[0]) if args.engines is None else None
     if baseline is not None:

@@ -1,0 +1,103 @@
+"""Prefix cache, cold then hot (`test_forward_validation.py --cache_pairs`): does a request that hits an engine's
+prefix cache get what it gets cold?
+
+For each shared length L swept across the cache's block boundaries (block size B: L = kB - 2 .. kB + 10 for
+k = 1, 2), two requests share the first L tokens of a text and continue differently (B + 8 tokens each, so
+that each continues past the next block boundary: a block the two share only in part must not be reused):
+  cold  the engine's prefix cache is reset, then Q = prefix + tail B is decoded greedily (`steps` tokens);
+  seed  the cache is reset again, then P = prefix + tail A, which leaves the prefix (and P's last partial
+        block) in the cache;
+  hot   Q again: it should hit the cache for the full blocks of the prefix.
+The hot Q is judged against the cold Q (invariance: bitwise / within rounding / NOT, for the steps whose tokens
+agree) and against the reference (calibrated by the peer, teacher-forced on the reference's greedy tokens,
+while the hot tokens follow them). The hits each request reports (`cached_tokens`, vLLM's num_cached_tokens)
+are recorded: a hot request that takes more than its shared full blocks was served tokens that are not its
+own and fails; a cold request that hits, or a sweep in which no hot request hits, cannot say anything about
+the cache, and is said so (exit 3 when nothing hit). Generated tokens' logprobs only: vLLM skips its prefix
+cache for requests that ask for prompt logprobs.
+
+Engines: those that decode by themselves (generate()) and offer reset_prefix_cache() and `cached_tokens`
+(kitcore.engines; vLLM in-process).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from . import decode, inputs, judges
+
+BLOCKS, OFFSETS, TAIL_PAST_BLOCK = (1, 2), range(-2, 11), 8
+
+
+@dataclass
+class Pair:
+    """One shared length's cold and hot runs of the same request, judged."""
+
+    shared: int
+    hits_cold: int
+    hits_hot: int
+    expected: int  # the full blocks of the shared prefix: what a block-granular cache can reuse
+    invariance: judges.Invariance
+    vs_ref: judges.LogitsCheck
+    agree: int  # steps (prefill's last position included) whose tokens agree hot and cold
+    follows: int  # steps compared with the reference
+    first_difference: int  # the first step (0: the prefill's last position) where hot and cold differ at all
+
+    @property
+    def overreach(self):
+        """More tokens taken from the cache than the request shares in full blocks: served what is not its own."""
+        return self.hits_hot > self.expected
+
+    @property
+    def passed(self):
+        return self.invariance.passed and self.vs_ref.passed and not self.overreach
+
+
+def tail_length(block):
+    return block + TAIL_PAST_BLOCK
+
+
+def shared_lengths(block, steps, max_positions):
+    """The swept shared lengths that fit the context with their tail and decode."""
+    return [k * block + o for k in BLOCKS for o in OFFSETS
+            if k * block + o > 0 and k * block + o + tail_length(block) + steps + 1 <= max_positions]
+
+
+def base_text(checkpoint, tokens, tail, seed):
+    """`tokens` ids of real text (random ids where the checkpoint has no tokenizer) and two tails of `tail` ids."""
+    vocab = checkpoint.config["vocab_size"]
+    if inputs.has_tokenizer(checkpoint.path):
+        ids = inputs.text_stream(inputs.tokenizer(checkpoint.path), tokens + 2 * tail)
+        return ids[:tokens], ids[tokens:tokens + tail], ids[tokens + tail:]
+    rows = inputs.random_rows([tokens, tail, tail], vocab, seed)
+    return rows[0], rows[1], rows[2]
+
+
+def _generate(engine, ids, steps):
+    row = inputs.pad([ids])
+    tokens, logprobs = engine.generate(row.input_ids, row.position_ids, None, steps)
+    return tokens[0], logprobs[0], engine.cached_tokens[-1]
+
+
+def run_pair(run, engine, prefix, tails, steps, block, judge):
+    """Cold Q, seed P, hot Q for one shared prefix (module docstring): the Pair."""
+    q, p = prefix + tails[1], prefix + tails[0]
+    engine.reset_prefix_cache()
+    cold_tokens, cold, hits_cold = _generate(engine, q, steps)
+    engine.reset_prefix_cache()  # the cold Q must not serve the hot one
+    _generate(engine, p, steps)
+    hot_tokens, hot, hits_hot = _generate(engine, q, steps)
+    space = judges.output_space(engine)
+    agree = 1 + int((hot_tokens == cold_tokens).long().cumprod(0).sum())
+    row = inputs.pad([q])
+    teacher, reference, _ = run.reference_greedy(row, steps)
+    follows = min(1 + int((hot_tokens == teacher[0]).long().cumprod(0).sum()), steps + 1)
+    peer = run.peer_for(engine)
+    peer_steps = None if peer is None else decode.no_cache_steps(peer, row, teacher)[:, :follows]
+    differs = ((hot[:agree] != cold[:agree]) & ~(hot[:agree].isnan() & cold[:agree].isnan())).any(-1)
+    first_difference = int(differs.nonzero()[0]) if bool(differs.any()) else agree
+    invariance = judges.judge_invariance(hot[:agree], cold[:agree], None, judge, space)
+    vs_ref = judges.check_logits(hot[None, :follows], reference[:, :follows], torch.ones(1, follows), judge,
+                                 peer_steps, aggregate=False, space=space)
+    return Pair(len(prefix), hits_cold, hits_hot, len(prefix) // block * block, invariance, vs_ref, agree, follows,
+                first_difference)
