@@ -300,3 +300,11 @@ def test_logits_check_reads_long_prompts_in_chunks_with_the_same_figures(monkeyp
     for key in ("kl_mean", "kl_max", "top1_agreement", "decisive_positions", "position_failures", "passed"):
         assert getattr(sliced, key) == pytest.approx(getattr(whole, key), rel=1e-9), key
     assert sliced.positions == 73
+
+
+def test_failed_steps_skip_steps_a_comparison_did_not_reach():
+    """A vs B is not compared once an engine that decodes by itself leaves the teacher (no key at that step)."""
+    from kitcore.stepwise import failed_steps
+
+    steps = [{"step": 0, "a_vs_b": {"passed": True}}, {"step": 1, "a_vs_b": {"passed": False}}, {"step": 2}]
+    assert failed_steps(steps, "a_vs_b") == [1]

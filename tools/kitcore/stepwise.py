@@ -160,6 +160,7 @@ def trend(step_checks_by_step, name, overall):
                  overall.limits.get("kl_mean") if gated else None, (decode[-quarter][0], decode[-1][0]))
 
 
-def cache_bug_steps(steps, column):
-    """The steps whose `column` cache check failed (a KV-cache bug from the first one on)."""
-    return [s["step"] for s in steps if not s[column]["passed"]]
+def failed_steps(steps, column):
+    """The steps whose `column` check failed (where it was compared): for the cache columns, a KV-cache bug
+    from the first one on."""
+    return [s["step"] for s in steps if column in s and not s[column]["passed"]]

@@ -238,12 +238,12 @@ def main(argv=None):
     all_close &= not grows
     results.extra["trends"] = {name: t.as_dict() for name, t in trends.items()}
     for label, spec, column in (("A", specs[0], "a_cache"), ("B", specs[1], "b_cache")):
-        bad = stepwise.cache_bug_steps(steps, column)
+        bad = stepwise.failed_steps(steps, column)
         if bad:
             print(f"engine {label} ({spec}): its cached logits differ from its own no-cache forward from step "
                   f"{bad[0]} on: a KV-cache bug, not kernel rounding")
     if baseline is not None:
-        bad = stepwise.cache_bug_steps(steps, "a_vs_b")
+        bad = stepwise.failed_steps(steps, "a_vs_b")
         ran = results.env["attested"]
         mode = ", ".join(f"{k}={v}" for k, v in ran.get(specs[0], {}).items() if ran[specs[1]].get(k) != v)
         if bad or not overall["a_vs_b"].passed:
