@@ -80,7 +80,9 @@ def llamacpp_server(gguf, python, log=None):
 class StandIn:
     """A vLLM-dialect completions server computing from a HF model in float32. `mode`:
     ok, cap20 (at most 20 logprobs, whatever is asked), no_prompt_logprobs, other_vocab (ids past the vocabulary),
-    other_tokenizer (/tokenize answers other ids), hang (answers completions after `hang_s`), traffic (a request
+    other_tokenizer (/tokenize answers other ids), hang (answers completions after `hang_s`), no_usage (no
+    cached-token counts in its answers; by default they are a 16-token block cache's over the prompts served
+    since the last /reset_prefix_cache, while every answer is computed in full), traffic (a request
     that overlaps another gets token 0's logprob raised by 0.05 everywhere: logits that change with other
     requests' traffic, NVIDIA-NeMo/Megatron-Bridge #4635; each request waits 50 ms first, so that a batch's
     concurrent requests overlap)."""
@@ -92,6 +94,7 @@ class StandIn:
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.mode, self.hang_s = mode, hang_s
         self.in_flight, self.lock = 0, threading.Lock()
+        self.served = []  # prompts since the last /reset_prefix_cache: what a 16-token block cache would hold
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
@@ -110,9 +113,18 @@ class StandIn:
         shift = logprobs.numel() if self.mode == "other_vocab" else 0
         return {int(i) + shift: float(v) for v, i in zip(top.values, top.indices)}
 
+    def cached(self, ids):
+        """The full 16-token blocks `ids` shares with a prompt served before (and remembers `ids`)."""
+        with self.lock:
+            common = max((next((i for i, (a, b) in enumerate(zip(ids, old)) if a != b), min(len(ids), len(old)))
+                          for old in self.served), default=0)
+            self.served.append(ids)
+        return min(common, len(ids) - 1) // 16 * 16
+
     @torch.no_grad()
     def complete(self, body, crowded=False):
         ids, k = list(body["prompt"]), int(body["logprobs"])
+        usage = {} if self.mode == "no_usage" else {"prompt_tokens_details": {"cached_tokens": self.cached(ids)}}
         generated, dists = [], []
         for _ in range(int(body["max_tokens"])):
             logprobs = self.model(torch.tensor([ids + generated])).logits[0].double().log_softmax(-1)
@@ -128,7 +140,7 @@ class StandIn:
             choice["prompt_logprobs"] = [None] + [
                 {str(i): {"logprob": v} for i, v in self._dist(row, body["prompt_logprobs"]).items()}
                 for row in logprobs[:len(ids) - 1]]
-        return {"choices": [choice]}
+        return {"choices": [choice], "usage": usage}
 
     def _handler(self):
         stand_in = self
@@ -149,8 +161,12 @@ class StandIn:
                 self._answer({"data": [{"id": "stand-in", "owned_by": "vllm"}]})
 
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if self.path == "/tokenize":
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else {}
+                if self.path == "/reset_prefix_cache":
+                    stand_in.served = []
+                    self._answer({})
+                elif self.path == "/tokenize":
                     ids = stand_in.tokenizer(body["prompt"], add_special_tokens=False)["input_ids"]
                     self._answer({"tokens": ids[::-1] if stand_in.mode == "other_tokenizer" else ids})
                 elif self.path == "/v1/completions":

@@ -100,6 +100,18 @@ def test_batch_validation_sends_a_batch_as_concurrent_requests(llama_checkpoint)
     assert "batch 2 left #0 row" in r.out and " NOT " in r.out and "concurrent row" in r.out, r
 
 
+def test_cache_pairs_through_a_server(llama_checkpoint):
+    """--cache_pairs through the OpenAI client: the server's prefix cache reset between runs, its hits read from each
+    answer's usage; a server that does not report them cannot be checked (exit 3)."""
+    argv = ("--model_path", llama_checkpoint, "--dtype", "float32", "--decode_steps", 2, "--cache_pairs")
+    with servers.StandIn(llama_checkpoint) as server:
+        r = run_script(FORWARD, *argv, "--engine", openai(server.url), "--engine_args", '{"block_size": 16}')
+    assert r.code == 0 and "PASS: 26 hot requests (24 with prefix-cache hits)" in r.out, r
+    with servers.StandIn(llama_checkpoint, mode="no_usage") as server:
+        r = run_script(FORWARD, *argv, "--engine", openai(server.url))
+    assert r.code == 3 and "--enable-prompt-tokens-details" in r.err, r
+
+
 def test_vllm_missing_says_what_to_run(llama_checkpoint, monkeypatch):
     import builtins
 

@@ -269,12 +269,19 @@ class OpenAIEngine(ServingEngine):
     the server's dialect, put together."""
 
     name = "openai"
-    OPTIONS = ("url", "served_model", "top_logprobs", "request_timeout", "reference_path")
-    capabilities = frozenset({"generate", "tokenize"})
+    OPTIONS = ("url", "served_model", "top_logprobs", "request_timeout", "reference_path", "engine_args")
+    capabilities = frozenset({"generate", "tokenize", "reset_prefix_cache", "attest"})
 
     def __init__(self, model_path, device, dtype, attn="sdpa", url=None, served_model=None, top_logprobs=None,
-                 request_timeout=None, reference_path=None):
+                 request_timeout=None, reference_path=None, engine_args=None):
         from .checkpoints import open_checkpoint
+
+        settings = dict(engine_args or {})
+        if set(settings) - {"block_size"} or not isinstance(settings.get("block_size", 1), int):
+            raise UsageError(f"--engine_args {settings}: a server takes only block_size (an integer: the block size "
+                             "of its prefix cache, which it does not report, for --cache_pairs)")
+        self.block_size = settings.get("block_size")
+        self.cached_tokens = []  # per request, from the answer's usage.prompt_tokens_details (None: not said)
 
         self.client = Client(url, request_timeout or DEFAULT_REQUEST_TIMEOUT_S)
         self.url = self.client.url
@@ -300,6 +307,16 @@ class OpenAIEngine(ServingEngine):
                             + {True: "; its tokenizer matches the checkpoint's",
                                False: "; its tokenizer is not checked (no /tokenize endpoint)", None: ""}
                             [self.tokenizer_checked])
+
+    def attest(self):
+        return {"engine": "openai", "url": self.url, "dialect": self.dialect.name, "block_size": self.block_size}
+
+    def reset_prefix_cache(self):
+        try:
+            self.client.request("POST", "/reset_prefix_cache", root=True)
+        except Refused as exc:
+            raise Unavailable(f"{self.url}: the server cannot reset its prefix cache ({exc}); vLLM's server offers "
+                              "/reset_prefix_cache when started with VLLM_SERVER_DEV_MODE=1") from None
 
     @functools.cached_property
     def _tokenizer_or_none(self):
@@ -365,6 +382,8 @@ class OpenAIEngine(ServingEngine):
                 raise
             self.accepts_ids = False  # e.g. llama-cpp-python's server: text prompts only
             return self._complete_row(row, max_tokens, prompt_logprobs)
+        details = (answer.get("usage") or {}).get("prompt_tokens_details") or {}
+        self.cached_tokens.append(details.get("cached_tokens"))
         choices = answer.get("choices") or []
         if not choices:
             raise UsageError(f"{self.url}/completions: no choices in the answer; is this a completions server?")

@@ -17,7 +17,9 @@ the cache, and is said so (exit 3 when nothing hit). Generated tokens' logprobs 
 cache for requests that ask for prompt logprobs.
 
 Engines: those that decode by themselves (generate()) and offer reset_prefix_cache() and `cached_tokens`
-(kitcore.engines; vLLM in-process).
+(kitcore.engines): vLLM in-process, and vLLM's server started with VLLM_SERVER_DEV_MODE=1 (its
+/reset_prefix_cache) and --enable-prompt-tokens-details (the hits in each answer's usage); a server does not
+report its block size: give it with --engine_args '{"block_size": N}' (default 16).
 """
 
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from . import decode, inputs, judges
+from .errors import Unavailable
 
 BLOCKS, OFFSETS, TAIL_PAST_BLOCK = (1, 2), range(-2, 11), 8
 
@@ -76,7 +79,12 @@ def base_text(checkpoint, tokens, tail, seed):
 def _generate(engine, ids, steps):
     row = inputs.pad([ids])
     tokens, logprobs = engine.generate(row.input_ids, row.position_ids, None, steps)
-    return tokens[0], logprobs[0], engine.cached_tokens[-1]
+    hits = engine.cached_tokens[-1]
+    if hits is None:
+        raise Unavailable(f"engine {getattr(engine, 'name', type(engine).__name__)} does not say how many prompt "
+                          "tokens a request took from its prefix cache, so a hit cannot be told from a miss (vLLM's "
+                          "server: --enable-prompt-tokens-details)")
+    return tokens[0], logprobs[0], hits
 
 
 def run_pair(run, engine, prefix, tails, steps, block, judge):
