@@ -169,6 +169,18 @@ def test_controls_say_what_the_check_could_have_caught(llama_checkpoint, tmp_pat
     assert r.code == 0 and "note: judged by the static bfloat16 table" in r.out and "does not rule out" in r.out, r
 
 
+def test_forward_validation_controls(llama_checkpoint, tmp_path):
+    """--controls in forward validation: each control's prefill + decode judged as engine A's, step by step; the
+    calibrated bfloat16 run (compile) sees a 3% single-layer weight error over 9 steps, not 1%."""
+    r = run_script(FORWARD, "--model_path", llama_checkpoint, "--engine", "compile", "--dtype", "bfloat16",
+                   "--decode_steps", 8, "--controls", json_path=tmp_path / "fwd.json")
+    assert r.code == 0, r
+    caught = {c["name"]: c["caught"] for c in r.json["controls"]["table"]}
+    assert caught["weight x1.03 (layer middle, down_proj)"] and not caught["weight x1.01 (layer middle, down_proj)"]
+    assert caught["swapped KV heads (middle layer)"] and caught["RoPE layout interleaved (middle layer)"]
+    assert "sensitivity: this check would have caught a single-layer weight error of 3.0% or more" in r.out, r
+
+
 def test_tokenization_needs_text_and_an_engine_that_tokenises(llama_checkpoint, tmp_path):
     r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--tokenization", json_path=tmp_path / "t.json")
     assert r.code == 0 and "ok   text: the engine's 32 ids are the checkpoint's" in r.out, r

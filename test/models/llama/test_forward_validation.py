@@ -51,6 +51,7 @@ def parse_args(argv):
     parser = session.build_parser(__doc__, decode=True)
     parser.add_argument("--engines", help="A,B: two engines to compare (default: <--engine>,reference)")
     session.add_repeat_arg(parser, "prefill + decode (engine A)")
+    session.add_controls_arg(parser)
     parser.add_argument("--cache_pairs", action="store_true",
                         help="prefix cache, cold then hot (kitcore/prefix_pairs.py), for an engine with its prefix "
                              "cache on, e.g. --engine vllm --engine_args '{\"enable_prefix_caching\": true}'")
@@ -250,6 +251,8 @@ def main(argv=None):
             print(f"engine A ({specs[0]}) differs from its baseline, the same engine in its safest mode, "
                   + (f"from step {bad[0]} on" if bad else "over all steps together")
                   + f": its mode ({mode or 'the settings it was given'}) changes the result beyond what A vs B allows")
+    sensitivity = run.controls(lambda engine: run_engine(engine, run.inputs, teacher),
+                               control_judge(table["a_vs_ref"], ref_steps, peer_steps)) if args.controls else None
     print("\n" + run.phases.summary())
     run.phases.report(results)
     passed = all_close
@@ -260,8 +263,23 @@ def main(argv=None):
                f"FAIL: the error of {', '.join(grows)} grows with decode length (see 'error by decode position')"
                if grows and all(s["close"] for s in steps) else
                "FAIL: see the NOT_CLOSE steps and FAIL lines" if not all_close else "FAIL: memory grows with every call")
-    print(f"\nverdict: {verdict}")
+    print(f"\nverdict: {verdict}" + (f"\n{sensitivity}" if sensitivity else ""))
     return run.finish(passed)
+
+
+def control_judge(a_vs_ref, ref_steps, peer_steps):
+    """--controls: a control's prefill + decode judged as engine A's was against the reference, every step and
+    all steps together -> (passed, the deciding figure)."""
+    def judged(decoded):
+        c = stepwise.Comparand(decoded.cached, ref_steps, a_vs_ref.judge, peer_steps, decoded.comparable,
+                               a_vs_ref.space)
+        for step in range(ref_steps.shape[1]):
+            at_step = c.check(slice(step, step + 1), aggregate=False)
+            if not at_step.passed:
+                return False, f"step {step}: {at_step.reasons()}"
+        overall = c.check()
+        return overall.passed, overall.reasons() or f"within bounds (KL mean {overall.kl_mean:.2e})"
+    return judged
 
 
 if __name__ == "__main__":
