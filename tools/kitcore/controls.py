@@ -17,7 +17,9 @@ The bug shapes (`CONTROLS`), each in the middle layer unless it says otherwise:
   rope_theta           the rotary base of every layer halved
   attention scale      every layer's softmax scale x 1.03
   final-norm scale     the final RMSNorm's weight x 1.02
-Cost: one more model in memory and one more run of the check's call per control (11 controls).
+Cost: one more model in memory and one more run of the check's call per control (10 controls).
+Intermediate validation also says whether each caught control was located: its first divergence in the
+layer of the bug (WHERE: the middle layer, layer 0 for a bug of every layer, the final norm).
 """
 
 from dataclasses import dataclass
@@ -34,6 +36,19 @@ class ControlResult:
     size: float  # the rung's e for the ladder, else 0
     caught: bool
     figure: str  # the figure that decided, one line
+    located: bool = None  # intermediate validation: its first divergence in the layer of the bug (None: n/a)
+
+
+# Where each shape's bug is (intermediate validation's first divergence should be there): the middle layer,
+# layer 0 (a bug of every layer shows in the first) or the final norm.
+WHERE = {"weight": "middle", "swapped KV heads": "middle", "RoPE layout": "middle", "rms_norm_eps": 0,
+         "rope_theta": 0, "attention scale": 0, "final-norm scale": "final_norm"}
+
+
+def expected_layer(shape, n_layers):
+    """The layer index (or "final_norm") at which a control of `shape` should first diverge."""
+    where = WHERE[shape]
+    return n_layers // 2 if where == "middle" else where
 
 
 def _middle(model):
@@ -120,17 +135,17 @@ CONTROLS = ([(f"weight x{1 + e:g} (layer middle, down_proj)", "weight", e, _weig
 @torch.no_grad()
 def run_controls(engine, call, judge_output):
     """Every control on `engine` (an HFEngine, the peer's copy): `call(engine)` with the bug planted, then
-    undone; `judge_output(output)` -> (passed, one-line figure). Returns [ControlResult]."""
+    undone; `judge_output(output, shape)` -> (passed, one-line figure[, located]). Returns [ControlResult]."""
     results = []
     for name, shape, size, plant in CONTROLS:
         undo = plant(engine.model)
         if undo is None:  # the model has no place for this bug (one KV head)
             continue
         try:
-            passed, figure = judge_output(call(engine))
+            passed, figure, *located = judge_output(call(engine), shape)
         finally:
             undo()
-        results.append(ControlResult(name, shape, size, not passed, figure))
+        results.append(ControlResult(name, shape, size, not passed, figure, *located))
     return results
 
 
@@ -147,4 +162,9 @@ def sensitivity(results):
               else f"no single-layer weight error up to {max(r.size for r in ladder):.0%}")
     line = (f"sensitivity: this check would have caught {weight} and {sum(r.caught for r in shapes)} of "
             f"{len(shapes)} bug shapes")
+    located = [r for r in results if r.caught and r.located is not None]
+    if located:
+        misplaced = [r.name for r in located if not r.located]
+        line += (f"; located {len(located) - len(misplaced)} of the {len(located)} caught at their layer"
+                 + (f" (not: {', '.join(misplaced)})" if misplaced else ""))
     return line + (f"; it could not see: {', '.join(missed)}" if missed else "")

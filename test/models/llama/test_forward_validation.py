@@ -270,7 +270,7 @@ def main(argv=None):
 def control_judge(a_vs_ref, ref_steps, peer_steps):
     """--controls: a control's prefill + decode judged as engine A's was against the reference, every step and
     all steps together -> (passed, the deciding figure)."""
-    def judged(decoded):
+    def judged(decoded, shape):
         c = stepwise.Comparand(decoded.cached, ref_steps, a_vs_ref.judge, peer_steps, decoded.comparable,
                                a_vs_ref.space)
         for step in range(ref_steps.shape[1]):

@@ -20,6 +20,7 @@ shape, is a failure. `--json` includes "first_divergence": null or {"layer": N, 
 """
 
 import contextlib
+import io
 import math
 import sys
 from pathlib import Path
@@ -28,10 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 
-from kitcore import cli, engines, judges, rope, session  # noqa: E402
+from kitcore import cli, controls, engines, judges, rope, session  # noqa: E402
 from kitcore.compare import OWN_TOLERANCES, SHAPE, Tolerance, compare  # noqa: E402
 from kitcore.errors import Unavailable  # noqa: E402
 from kitcore.points import component_inputs, point_order  # noqa: E402
+from kitcore.results import Results  # noqa: E402
 
 SCRIPT = "test_intermediate_validation"
 ROPE_POSITIONS = 16
@@ -216,10 +218,11 @@ def own_only_captures(engine, ids, pos, n_layers):
     yield {"final_norm": engine.final_hidden(ids, pos)} if "final_hidden" in engines.capabilities(engine) else {}
 
 
-def validate_row(run, ids, pos, judge, peer, dual, results):
-    """Every capture point of one unpadded row [1, S], a layer of every model at a time: its printed table
-    rows, the first failing point (layer, point, name, row, layout finding) or None, and whether all passed."""
-    cand, config = run.candidate, run.reference_checkpoint.config
+def validate_row(run, cand, ids, pos, judge, peer, dual, results):
+    """Every capture point of one unpadded row [1, S] of engine `cand`, a layer of every model at a time: its
+    printed table rows, the first failing point (layer, point, name, row, layout finding) or None, and whether
+    all passed."""
+    config = run.reference_checkpoint.config
     n_layers = config["num_hidden_layers"]
     own_only = "capture" not in engines.capabilities(cand)
     models = [m for m in (run.reference, cand, peer) if m is not None]
@@ -261,17 +264,18 @@ def validate_row(run, ids, pos, judge, peer, dual, results):
     return rows, first, all_passed
 
 
-def validate_rows(run, judge, peer, dual):
-    """Every row of the batch, without its padding: its points, and the first failing one (row first)."""
-    results, inp = run.results, run.inputs
+def validate_rows(run, judge, peer, dual, cand=None, results=None):
+    """Every row of the batch, without its padding, of `cand` (default: the candidate): its points, and the first
+    failing one (row first)."""
+    cand, results, inp = cand or run.candidate, results or run.results, run.inputs
     batch = inp.input_ids.shape[0]
     rows, first, all_passed = [], None, True
     for r in range(batch):
         row = inp.row(r)
         if batch > 1:
             print(f"\n== row {r} of {batch} ({row.input_ids.shape[1]} tokens)")
-        row_points, row_first, row_passed = validate_row(run, row.input_ids, row.position_ids, judge, peer, dual,
-                                                         results if batch == 1 else results.labelled(row=r))
+        row_points, row_first, row_passed = validate_row(run, cand, row.input_ids, row.position_ids, judge, peer,
+                                                         dual, results if batch == 1 else results.labelled(row=r))
         all_passed &= row_passed
         rows += [{**p, "row": r} for p in row_points] if batch > 1 else row_points
         if row_first is not None and first is None:
@@ -329,6 +333,7 @@ def main(argv=None):
     parser.add_argument("--max_capture_mb", type=float, default=1024,
                         help="for engines without capture_layers(): memory for captured activations of every "
                              "model; their layers are captured in chunks that fit (default 1024)")
+    session.add_controls_arg(parser)
     args = parser.parse_args(argv)
     if args.plan:
         return session.print_plan(args, SCRIPT)
@@ -362,8 +367,34 @@ def main(argv=None):
         first_divergence=None if first is None else {"layer": first[1], "point": first[2],
                                                       **({"row": first[0]} if batched else {})},
         largest_own_error=worst_own, points=rows, rope=rope_record, findings=findings)
-    print(f"\nverdict: {'PASS' if all_passed else 'FAIL'}")
+    sensitivity = run.controls(control_call(run, judge, peer, dual), control_judge(run)) if args.controls else None
+    print(f"\nverdict: {'PASS' if all_passed else 'FAIL'}" + (f"\n{sensitivity}" if sensitivity else ""))
     return run.finish(all_passed)
+
+
+def control_call(run, judge, peer, dual):
+    """--controls: a control validated as the candidate was (its table not printed, its records dropped)."""
+    def call(engine):
+        with contextlib.redirect_stdout(io.StringIO()):
+            _, first, passed = validate_rows(run, judge, peer, dual, cand=engine, results=Results(SCRIPT))
+        return first, passed
+    return call
+
+
+def control_judge(run):
+    """(caught?, the first divergence, located at the control's layer?) of one control's validation."""
+    n_layers = run.reference_checkpoint.config["num_hidden_layers"]
+
+    def judged(outcome, shape):
+        first, passed = outcome
+        if first is None:
+            return passed, "no point out of bounds", None
+        _, layer, point, name, row, _ = first
+        where = controls.expected_layer(shape, n_layers)
+        located = name == "final_norm" if where == "final_norm" else layer == where
+        return passed, f"first divergence {name} ({row['status']}); its bug is at " + (
+            "the final norm" if where == "final_norm" else f"layer {where}"), located
+    return judged
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def main(argv=None):
     tokens_ok = run.check_tokenization() if args.tokenization else True
     passed = check.passed and tokens_ok
     if args.controls:
-        def judged(logits):  # a control is judged exactly as the candidate was
+        def judged(logits, shape):  # a control is judged exactly as the candidate was
             c = judges.check_logits(logits, reference, inp.attention_mask, judge, peer)
             return c.passed, c.reasons() or f"within bounds (nmse {c.comparison.nmse:.2e})"
         sensitivity = run.controls(forward, judged)
