@@ -181,6 +181,19 @@ def test_forward_validation_controls(llama_checkpoint, tmp_path):
     assert "sensitivity: this check would have caught a single-layer weight error of 3.0% or more" in r.out, r
 
 
+def test_intermediate_validation_controls_are_caught_and_located(llama_checkpoint, tmp_path):
+    """--controls in intermediate validation: in float32 every control is caught and its first divergence is in
+    the layer of its bug (the middle layer's down_proj, k_proj, q_proj; layer 0 for a bug of every layer; the
+    final norm)."""
+    r = run_script(INTERMEDIATE, "--model_path", llama_checkpoint, "--dtype", "float32", "--controls",
+                   json_path=tmp_path / "iv.json")
+    assert r.code == 0, r
+    table = r.json["controls"]["table"]
+    assert len(table) == 10 and all(c["caught"] and c["located"] for c in table), table
+    assert "first divergence layers.1.down_proj (FAIL: ADDS error); its bug is at layer 1" in r.out
+    assert "located 10 of the 10 caught at their layer" in r.out, r
+
+
 def test_tokenization_needs_text_and_an_engine_that_tokenises(llama_checkpoint, tmp_path):
     r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--tokenization", json_path=tmp_path / "t.json")
     assert r.code == 0 and "ok   text: the engine's 32 ids are the checkpoint's" in r.out, r
