@@ -141,8 +141,12 @@ class VLLMEngine(ServingEngine):
         # is longer than the check's: room for 512 positions where the model has them
         max_len = min(max(512, (n_ctx or 0) + 1), config.get("max_position_embeddings") or 512)
         self.max_model_len = max_len
-        self.llm = vllm.LLM(model=model_path, dtype=dtype_name(dtype), max_model_len=max_len, max_logprobs=-1, seed=0,
-                            tensor_parallel_size=tensor_parallel_size, **settings)
+        try:
+            self.llm = vllm.LLM(model=model_path, dtype=dtype_name(dtype), max_model_len=max_len, max_logprobs=-1,
+                                seed=0, tensor_parallel_size=tensor_parallel_size, **settings)
+        except (ValueError, TypeError) as exc:  # its config checks: the settings asked for, not the kit
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+            raise UsageError(f"engine vllm refuses --engine_args {engine_args or {}}: {reason}") from None
         platform = getattr(vllm.platforms.current_platform, "device_type", "?")
         self.description = (f"vLLM {vllm.__version__} in-process on {platform}, {dtype_name(dtype)}"
                             + (f", tensor parallel over {tensor_parallel_size}" if tensor_parallel_size > 1 else ""))
