@@ -169,6 +169,18 @@ def test_controls_say_what_the_check_could_have_caught(llama_checkpoint, tmp_pat
     assert r.code == 0 and "note: judged by the static bfloat16 table" in r.out and "does not rule out" in r.out, r
 
 
+def test_moe_controls(moe_checkpoint, tmp_path):
+    """--controls on the tiny Qwen3-MoE: the weight ladder scales the middle layer's experts, and three MoE bugs
+    join (routing weights not renormalised, one expert scaled, top-k one short); in float32 all 13 are caught."""
+    r = run_script(INFERENCE, "--model_path", moe_checkpoint, "--engine", "compile", "--dtype", "float32",
+                   "--controls", json_path=tmp_path / "moe.json")
+    assert r.code == 0, r
+    table = {c["shape"]: c["caught"] for c in r.json["controls"]["table"]}
+    assert len(r.json["controls"]["table"]) == 13 and all(table.values()), table
+    assert {"routing not renormalised", "expert scaled", "top-k off by one"} <= set(table)
+    assert "and 9 of 9 bug shapes" in r.out, r
+
+
 def test_forward_validation_controls(llama_checkpoint, tmp_path):
     """--controls in forward validation: each control's prefill + decode judged as engine A's, step by step; the
     calibrated bfloat16 run (compile) sees a 3% single-layer weight error over 9 steps, not 1%."""

@@ -17,7 +17,12 @@ The bug shapes (`CONTROLS`), each in the middle layer unless it says otherwise:
   rope_theta           the rotary base of every layer halved
   attention scale      every layer's softmax scale x 1.03
   final-norm scale     the final RMSNorm's weight x 1.02
-Cost: one more model in memory and one more run of the check's call per control (10 controls).
+and, for a mixture-of-experts model (where the weight ladder scales the experts' down projections):
+  routing not renormalised   the top-k routing weights left unnormalised (norm_topk_prob off)
+  expert scaled              one expert's down projection x 1.05
+  top-k off by one           each token routed to one expert fewer
+Cost: one more model in memory and one more run of the check's call per control (10 controls; 13 for a
+mixture-of-experts model).
 Intermediate validation also says whether each caught control was located: its first divergence in the
 layer of the bug (WHERE: the middle layer, layer 0 for a bug of every layer, the final norm).
 """
@@ -42,7 +47,8 @@ class ControlResult:
 # Where each shape's bug is (intermediate validation's first divergence should be there): the middle layer,
 # layer 0 (a bug of every layer shows in the first) or the final norm.
 WHERE = {"weight": "middle", "swapped KV heads": "middle", "RoPE layout": "middle", "rms_norm_eps": 0,
-         "rope_theta": 0, "attention scale": 0, "final-norm scale": "final_norm"}
+         "rope_theta": 0, "attention scale": 0, "final-norm scale": "final_norm", "routing not renormalised": "middle",
+         "expert scaled": "middle", "top-k off by one": "middle"}
 
 
 def expected_layer(shape, n_layers):
@@ -61,8 +67,44 @@ def _scale(tensor, factor):
     return lambda: tensor.data.copy_(original)
 
 
+def _down_proj(mlp):
+    """The MLP's down projection: a dense MLP's weight, or a mixture-of-experts block's stacked experts'."""
+    return mlp.down_proj.weight if hasattr(mlp, "down_proj") else mlp.experts.down_proj
+
+
 def _weight(e):
-    return lambda model: _scale(_middle(model).mlp.down_proj.weight, 1 + e)
+    return lambda model: _scale(_down_proj(_middle(model).mlp), 1 + e)
+
+
+def _router(model):
+    """The middle layer's top-k router (a mixture-of-experts model), or None."""
+    gate = getattr(_middle(model).mlp, "gate", None)
+    return gate if hasattr(gate, "top_k") else None
+
+
+def _not_renormalised(model):
+    gate = _router(model)
+    if gate is None or not gate.norm_topk_prob:
+        return None
+    gate.norm_topk_prob = False
+    return lambda: setattr(gate, "norm_topk_prob", True)
+
+
+def _expert_scaled(model):
+    if _router(model) is None:
+        return None
+    experts = _middle(model).mlp.experts.down_proj
+    original = experts.detach().clone()
+    experts.data[experts.shape[0] // 2].mul_(1.05)
+    return lambda: experts.data.copy_(original)
+
+
+def _top_k_off_by_one(model):
+    gate = _router(model)
+    if gate is None or gate.top_k < 2:
+        return None
+    gate.top_k -= 1
+    return lambda: setattr(gate, "top_k", gate.top_k + 1)
 
 
 def _swap_kv_heads(model):
@@ -129,7 +171,11 @@ CONTROLS = ([(f"weight x{1 + e:g} (layer middle, down_proj)", "weight", e, _weig
                ("rms_norm_eps x100", "rms_norm_eps", 0.0, _norm_eps),
                ("rope_theta halved", "rope_theta", 0.0, _rope_theta),
                ("attention scale x1.03 (every layer)", "attention scale", 0.0, _attention_scale),
-               ("final-norm weight x1.02", "final-norm scale", 0.0, _final_norm)])
+               ("final-norm weight x1.02", "final-norm scale", 0.0, _final_norm),
+               ("routing weights not renormalised (middle layer)", "routing not renormalised", 0.0,
+                _not_renormalised),
+               ("one expert's down_proj x1.05 (middle layer)", "expert scaled", 0.0, _expert_scaled),
+               ("top-k one expert short (middle layer)", "top-k off by one", 0.0, _top_k_off_by_one)])
 
 
 @torch.no_grad()

@@ -413,7 +413,7 @@ class Session:
         del engine
         print("\nnegative controls (the peer with one planted bug each, judged like the candidate):")
         for r in found:
-            print(f"  {r.name:<44} {'caught' if r.caught else 'NOT caught':<11} {r.figure}")
+            print(f"  {r.name:<50} {'caught' if r.caught else 'NOT caught':<11} {r.figure}")
             self.results.add("controls", "caught", r.caught, unit="bool", control=r.name)
         line = controls.sensitivity(found)
         self.results.extra["controls"] = {"table": [vars(r) for r in found], "sensitivity": line}
