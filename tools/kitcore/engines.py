@@ -16,8 +16,8 @@ Constructor:
     llama.cpp: gguf_type, kv_type, and n_ctx, the positions the check will use: prompt + decode steps).
 Attributes the kit reads: `dtype` (the torch.dtype the engine computes in: the --dtype it was given) and,
 optionally, `judged_dtype` (the precision whose tolerance judges it, where that is not `dtype`: llama.cpp's
-is the least precise of its GGUF weights and KV cache), `quantization` (e.g. "q8_0": judged by
-distribution metrics instead of element tolerances) and
+is the least precise of its GGUF weights and KV cache), `quantization` (e.g. "q8_0" for quantised
+weights, "kv-q8_0" for a quantised KV cache: judged by distribution metrics instead of element tolerances) and
 `padding_sides`, the padded batches forward() takes: ("left",) when absent, ("left", "right"), or ()
 for an engine that takes one unpadded prompt at a time (batch validation is then not available);
 `returns`: "logits" when absent, or "logprobs" (log-probabilities: compared with the reference's
