@@ -4,8 +4,8 @@ prefix cache get what it gets cold?
 For each shared length L swept across the cache's block boundaries (block size B: L = kB - 2 .. kB + 10 for
 k = 1, 2), two requests share the first L tokens of a text and continue differently (B + 8 tokens each, so
 that each continues past the next block boundary: a block the two share only in part must not be reused):
-  cold  the engine's prefix cache is reset, then Q = prefix + tail B is decoded greedily (`steps` tokens);
-  seed  the cache is reset again, then P = prefix + tail A, which leaves the prefix (and P's last partial
+  cold  the engine's prefix cache is reset, then Q = prefix + one tail is decoded greedily (`steps` tokens);
+  seed  the cache is reset again, then P = prefix + the other tail, which leaves the prefix (and P's last partial
         block) in the cache;
   hot   Q again: it should hit the cache for the full blocks of the prefix.
 The hot Q is judged against the cold Q (invariance: bitwise / within rounding / NOT, for the steps whose tokens
