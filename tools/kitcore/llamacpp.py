@@ -11,8 +11,8 @@ Options (flags of test_llama_inference.py and test_forward_validation.py):
 The engine's tolerance follows the least precise of the two; q8_0 weights and a quantised KV cache are
 judged with distribution metrics (KL divergence, top-1 and top-5 agreement), not element tolerances.
 `baseline()` is the same GGUF in llama.cpp's safest mode (an f32 cache, the whole prompt in one batch):
-forward validation compares a chunked prefill or a quantised cache with it step by step. What ran (batch sizes, KV-cache types,
-flash attention) is read back from llama.cpp's context parameters (attest()).
+forward validation compares a chunked prefill or a quantised cache with it step by step. What ran (batch
+sizes, KV-cache types, flash attention) is read back from llama.cpp's context parameters (attest()).
 
 One prompt at a time (llama-cpp-python's high-level API keeps one sequence); the KV cache is
 llama.cpp's own. Device: llama.cpp decides from its build (a CUDA build offloads every layer when a
@@ -100,7 +100,8 @@ class LlamaCppEngine:
         if f16_cache and weights == torch.float32 and self.quantization is None:
             self.quantization, self.judged_dtype = "kv-f16", torch.float16
         self._active = None
-        judged = f"{self.quantization} distribution thresholds" if self.quantization else f"{dtype_name(self.judged_dtype)} tolerances"
+        judged = (f"{self.quantization} distribution thresholds" if self.quantization
+                  else f"{dtype_name(self.judged_dtype)} tolerances")
         self.description = f"GGUF {self.gguf_type} ({self.path}), KV cache {kv_type}; judged by {judged}"
 
     def attest(self):
@@ -110,9 +111,9 @@ class LlamaCppEngine:
         flash = {getattr(llama_cpp, n, None): n.removeprefix("LLAMA_FLASH_ATTN_TYPE_").lower()
                  for n in ("LLAMA_FLASH_ATTN_TYPE_AUTO", "LLAMA_FLASH_ATTN_TYPE_DISABLED", "LLAMA_FLASH_ATTN_TYPE_ENABLED")}
         ran = {"engine": "llama.cpp", "gguf_type": self.gguf_type, "n_ctx": p.n_ctx, "n_batch": p.n_batch,
-                "n_ubatch": p.n_ubatch, "type_k": types.get(p.type_k, p.type_k), "type_v": types.get(p.type_v, p.type_v),
-                "flash_attn": flash.get(getattr(p, "flash_attn_type", None), getattr(p, "flash_attn", None)),
-                "n_gpu_layers": self.llm.model_params.n_gpu_layers}
+               "n_ubatch": p.n_ubatch, "type_k": types.get(p.type_k, p.type_k), "type_v": types.get(p.type_v, p.type_v),
+               "flash_attn": flash.get(getattr(p, "flash_attn_type", None), getattr(p, "flash_attn", None)),
+               "n_gpu_layers": self.llm.model_params.n_gpu_layers}
         if ran["flash_attn"] == "enabled":  # flash attention reads an f32 cache as f16 (see __init__)
             ran["attended_kv"] = "/".join("f16" if ran[t] == "f32" else ran[t] for t in ("type_k", "type_v"))
         return ran
