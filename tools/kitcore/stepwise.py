@@ -116,8 +116,17 @@ class Trend:
         return next((s for s, kl in enumerate(self.curve) if s > 0 and kl is not None and kl > self.limit), None)
 
     @property
+    def steps(self):
+        return sum(1 for s, kl in enumerate(self.curve) if s > 0 and kl is not None)
+
+    @property
+    def long_enough(self):
+        """Enough decode steps for a quarter's KL mean to say how the error moves (else: the figures only)."""
+        return self.steps >= LENGTH_MIN_STEPS
+
+    @property
     def grows(self):
-        return self.last_quarter > 2 * self.first_quarter and self.slope > 0
+        return self.long_enough and self.last_quarter > 2 * self.first_quarter and self.slope > 0
 
     @property
     def passed(self):
@@ -132,8 +141,9 @@ class Trend:
                 + (f"; the first step above it: {self.first_above}" if self.first_above is not None else ""))
 
     def describe(self):
-        shape = ("grows with decode length" if self.grows else
-                 "shrinks with decode length" if self.first_quarter > 2 * self.last_quarter else "flat")
+        shape = (f"{self.steps} steps, too few to call a trend (from {LENGTH_MIN_STEPS})" if not self.long_enough
+                 else "grows with decode length" if self.grows
+                 else "shrinks with decode length" if self.first_quarter > 2 * self.last_quarter else "flat")
         return (f"KL by decode step: first quarter {self.first_quarter:.2e}, last quarter {self.last_quarter:.2e}, "
                 f"slope {self.slope:+.2e} nats per 100 steps: {shape}")
 
