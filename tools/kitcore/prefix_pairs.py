@@ -24,27 +24,22 @@ report its block size: give it with --engine_args '{"block_size": N}' (default 1
 
 from dataclasses import dataclass
 
-import torch
-
-from . import decode, inputs, judges
+from . import inputs
 from .errors import Unavailable
+from .session import FreeRunCheck
 
 BLOCKS, OFFSETS, TAIL_PAST_BLOCK = (1, 2), range(-2, 11), 8
 
 
 @dataclass
 class Pair:
-    """One shared length's cold and hot runs of the same request, judged."""
+    """One shared length's cold and hot runs of the same request, judged (hot against cold and the reference)."""
 
     shared: int
     hits_cold: int
     hits_hot: int
     expected: int  # the full blocks of the shared prefix: what a block-granular cache can reuse
-    invariance: judges.Invariance
-    vs_ref: judges.LogitsCheck
-    agree: int  # steps (prefill's last position included) whose tokens agree hot and cold
-    follows: int  # steps compared with the reference
-    first_difference: int  # the first step (0: the prefill's last position) where hot and cold differ at all
+    check: FreeRunCheck
 
     @property
     def overreach(self):
@@ -53,7 +48,7 @@ class Pair:
 
     @property
     def passed(self):
-        return self.invariance.passed and self.vs_ref.passed and not self.overreach
+        return self.check.passed and not self.overreach
 
 
 def tail_length(block):
@@ -95,17 +90,5 @@ def run_pair(run, engine, prefix, tails, steps, block, judge):
     engine.reset_prefix_cache()  # the cold Q must not serve the hot one
     _generate(engine, p, steps)
     hot_tokens, hot, hits_hot = _generate(engine, q, steps)
-    space = judges.output_space(engine)
-    agree = 1 + int((hot_tokens == cold_tokens).long().cumprod(0).sum())
-    row = inputs.pad([q])
-    teacher, reference, _ = run.reference_greedy(row, steps)
-    follows = min(1 + int((hot_tokens == teacher[0]).long().cumprod(0).sum()), steps + 1)
-    peer = run.peer_for(engine)
-    peer_steps = None if peer is None else decode.no_cache_steps(peer, row, teacher)[:, :follows]
-    differs = ((hot[:agree] != cold[:agree]) & ~(hot[:agree].isnan() & cold[:agree].isnan())).any(-1)
-    first_difference = int(differs.nonzero()[0]) if bool(differs.any()) else agree
-    invariance = judges.judge_invariance(hot[:agree], cold[:agree], None, judge, space)
-    vs_ref = judges.check_logits(hot[None, :follows], reference[:, :follows], torch.ones(1, follows), judge,
-                                 peer_steps, aggregate=False, space=space)
-    return Pair(len(prefix), hits_cold, hits_hot, len(prefix) // block * block, invariance, vs_ref, agree, follows,
-                first_difference)
+    check = run.judge_free_run(engine, q, (hot_tokens, hot), (cold_tokens, cold), judge)
+    return Pair(len(prefix), hits_cold, hits_hot, len(prefix) // block * block, check)

@@ -280,6 +280,23 @@ def start(args, script, labels, checkpoint_path, families, default_seed=0):
 
 
 @dataclass
+class FreeRunCheck:
+    """A free-running decode judged against another free run of the same prompt and the reference
+    (Session.judge_free_run)."""
+
+    invariance: judges.Invariance
+    vs_ref: judges.LogitsCheck
+    steps: int
+    agree: int  # steps (the prefill's last position included) whose tokens agree with the other run's
+    follows: int  # steps compared with the reference
+    first_difference: int  # the first step (0: the prefill's last position) where the two runs differ at all
+
+    @property
+    def passed(self):
+        return self.invariance.passed and self.vs_ref.passed
+
+
+@dataclass
 class Session:
     """One Llama check's reference, engines under test and peer, and how each is judged."""
 
@@ -362,6 +379,29 @@ class Session:
         out = memo(f"greedy{steps}-cached", (inp.input_ids, inp.position_ids, inp.attention_mask), compute) \
             if memo else compute()
         return tuple(out[n] for n in names)
+
+    def judge_free_run(self, engine, ids, run, other, judge):
+        """One prompt `ids` decoded greedily by `engine` by itself (generate(): `run` = (tokens [steps],
+        logprobs [steps + 1, V])) against another free run of the same prompt on the same engine (`other`:
+        alone, or cold) and against the reference. Invariance for the steps whose tokens agree with the
+        other run's; the reference (calibrated by the peer, teacher-forced on the reference's greedy tokens)
+        for the steps whose tokens follow the reference's, the step where they part included (a flip at a
+        decisive position fails)."""
+        (tokens, got), (other_tokens, other_got) = run, other
+        steps, space = len(tokens), judges.output_space(engine)
+        agree = 1 + int((tokens == other_tokens).long().cumprod(0).sum())
+        row = kitinputs.pad([ids])
+        teacher, reference, _ = self.reference_greedy(row, steps)
+        follows = min(1 + int((tokens == teacher[0]).long().cumprod(0).sum()), steps + 1)
+        peer = self.peer_for(engine)
+        peer_steps = None if peer is None else decode.no_cache_steps(peer, row, teacher)[:, :follows]
+        differs = ((got[:agree] != other_got[:agree]) & ~(got[:agree].isnan() & other_got[:agree].isnan())).any(-1)
+        return FreeRunCheck(
+            invariance=judges.judge_invariance(got[:agree], other_got[:agree], None, judge, space),
+            vs_ref=judges.check_logits(got[None, :follows], reference[:, :follows], torch.ones(1, follows), judge,
+                                       peer_steps, aggregate=False, space=space),
+            steps=steps, agree=agree, follows=follows,
+            first_difference=int(differs.nonzero()[0]) if bool(differs.any()) else agree)
 
     def check_growth(self, call, what):
         """`--repeat N`: run `call` N times, report live memory per call; False when it grows like a leak."""

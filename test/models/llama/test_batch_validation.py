@@ -148,34 +148,26 @@ def check_decode(run, peer, alone, rows, steps, judge, results):
     return passed and together.passed
 
 
-def check_concurrent_decode(run, peer, alone, rows, steps, judge, results):
+def check_concurrent_decode(run, alone, rows, steps, judge, results):
     """For an engine that decodes by itself: the prompts `rows` decoded greedily at the same time (one
-    generate() call: concurrent requests) and each alone. Per row: invariance for the steps whose tokens agree
-    with the row alone; against the reference (calibrated by the peer, teacher-forced on the reference's greedy
-    tokens) for the steps whose tokens follow the reference's, the step where they part included (a flip at a
-    decisive position fails)."""
+    generate() call: concurrent requests) and each alone; each row judged against itself alone and the
+    reference (Session.judge_free_run)."""
     batch = inputs.pad([alone.prompts[i] for i in rows])
     tokens, got = run.candidate.generate(batch.input_ids, batch.position_ids, batch.attention_mask, steps)
-    space, passed = judges.output_space(run.candidate), True
+    passed = True
     for j, i in enumerate(rows):
         row = inputs.pad([alone.prompts[i]])
-        teacher, reference, _ = run.reference_greedy(row, steps)
         alone_tokens, alone_got = run.candidate.generate(row.input_ids, row.position_ids, None, steps)
-        agree = 1 + int((tokens[j] == alone_tokens[0]).long().cumprod(0).sum())
-        follows = 1 + int((tokens[j] == teacher[0]).long().cumprod(0).sum())
-        follows = min(follows, steps + 1)
-        same = judges.judge_invariance(got[j, :agree], alone_got[0, :agree], None, judge, space)
-        peer_steps = None if peer is None else decode.no_cache_steps(peer, row, teacher)[:, :follows]
-        vs_ref = judges.check_logits(got[j:j + 1, :follows], reference[:, :follows], torch.ones(1, follows), judge,
-                                     peer_steps, aggregate=False, space=space)
-        ok = same.passed and vs_ref.passed
-        passed &= ok
+        check = run.judge_free_run(run.candidate, alone.prompts[i], (tokens[j], got[j]),
+                                   (alone_tokens[0], alone_got[0]), judge)
+        passed &= check.passed
         where = f"concurrent row {j} (prompt {i}, {len(alone.prompts[i])} tokens + {steps} steps)"
-        parted = "" if agree > steps else f"; its tokens leave the row alone's at step {agree}"
-        print(f"  {where:<56} {same.kind:<16} {same.max_abs:>10.3e}{parted} | vs reference ({follows} steps) "
-              + ("ok" if vs_ref.passed else f"FAIL: {vs_ref.reasons()}"))
-        results.add(f"concurrent_row{j}", "invariant_max_abs", same.max_abs, invariance=same.kind.replace(" ", "_"))
-        results.add(f"concurrent_row{j}", "passed", ok, unit="bool")
+        parted = "" if check.agree > steps else f"; its tokens leave the row alone's at step {check.agree}"
+        print(f"  {where:<56} {check.invariance.kind:<16} {check.invariance.max_abs:>10.3e}{parted} | vs reference "
+              f"({check.follows} steps) " + ("ok" if check.vs_ref.passed else f"FAIL: {check.vs_ref.reasons()}"))
+        results.add(f"concurrent_row{j}", "invariant_max_abs", check.invariance.max_abs,
+                    invariance=check.invariance.kind.replace(" ", "_"))
+        results.add(f"concurrent_row{j}", "passed", check.passed, unit="bool")
     return passed
 
 
@@ -260,7 +252,7 @@ def main(argv=None):
         print(f"\n{max(sizes)} requests decoded at the same time ({args.decode_steps} steps each) against each alone "
               "(invariance) and the reference:")
         with run.phases("decode"):
-            passed &= check_concurrent_decode(run, peer, alone, order[:max(sizes)], args.decode_steps, judge, results)
+            passed &= check_concurrent_decode(run, alone, order[:max(sizes)], args.decode_steps, judge, results)
     passed &= check_shared_prefix(run, peer, prompts, judge, results)
 
     print("\n" + run.phases.summary())

@@ -141,19 +141,20 @@ def check_cache_pairs(run, spec, steps):
         for shared in lengths:
             pair = prefix_pairs.run_pair(run, engine, prefix[:shared], tails, steps, block, judge)
             pairs.append(pair)
-            inv, ref = pair.invariance, pair.vs_ref
-            parted = "" if pair.agree > steps else f"; hot tokens leave the cold ones at step {pair.agree}"
+            inv, ref = pair.check.invariance, pair.check.vs_ref
+            parted = "" if pair.check.agree > steps else f"; hot tokens leave the cold ones at step {pair.check.agree}"
             print(f"  shared {shared:>4} tokens: hits cold {pair.hits_cold:>4}, hot {pair.hits_hot:>4} (full blocks "
                   f"{pair.expected:>4}) | hot vs cold {inv.kind:<15} {inv.max_abs:.3e}{parted} | vs reference "
-                  f"({pair.follows} steps) " + ("ok" if ref.passed else f"FAIL: {ref.reasons()}"))
+                  f"({pair.check.follows} steps) " + ("ok" if ref.passed else f"FAIL: {ref.reasons()}"))
             case = f"shared{shared}"
             results.add(case, "hits_cold", pair.hits_cold, unit="tokens")
             results.add(case, "hits_hot", pair.hits_hot, unit="tokens")
             results.add(case, "invariant_max_abs", inv.max_abs, invariance=inv.kind.replace(" ", "_"))
             results.add(case, "passed", pair.passed, unit="bool")
     results.extra["cache_pairs"] = [{"shared": p.shared, "hits_cold": p.hits_cold, "hits_hot": p.hits_hot,
-                                     "full_blocks": p.expected, "invariance": p.invariance.kind,
-                                     "invariant_max_abs": p.invariance.max_abs, "vs_reference": p.vs_ref.passed,
+                                     "full_blocks": p.expected, "invariance": p.check.invariance.kind,
+                                     "invariant_max_abs": p.check.invariance.max_abs,
+                                     "vs_reference": p.check.vs_ref.passed,
                                      "passed": p.passed} for p in pairs]
     if not any(p.hits_hot for p in pairs):
         raise Unavailable(f"--cache_pairs: no hot request hit {spec}'s prefix cache (0 cached tokens at every shared "
@@ -167,10 +168,10 @@ def check_cache_pairs(run, spec, steps):
     for p in failed:
         why = [w for w, bad in ((f"took {p.hits_hot} tokens from the cache, more than the {p.expected} it shares in "
                                   "full blocks", p.overreach),
-                                 ("differs from its cold run beyond rounding", not p.invariance.passed),
-                                 ("differs from the reference", not p.vs_ref.passed)) if bad]
+                                 ("differs from its cold run beyond rounding", not p.check.invariance.passed),
+                                 ("differs from the reference", not p.check.vs_ref.passed)) if bad]
         print(f"cache pair, shared {p.shared} tokens: the hot request {'; '.join(why)} (first step differing from "
-              f"the cold run: {p.first_difference})")
+              f"the cold run: {p.check.first_difference})")
     print("\n" + run.phases.summary())
     run.phases.report(results)
     hit = sum(1 for p in pairs if p.hits_hot)
