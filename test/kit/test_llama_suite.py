@@ -169,6 +169,21 @@ def test_controls_say_what_the_check_could_have_caught(llama_checkpoint, tmp_pat
     assert r.code == 0 and "note: judged by the static bfloat16 table" in r.out and "does not rule out" in r.out, r
 
 
+def test_also_float32_sees_a_one_percent_weight_error(llama_checkpoint, tmp_path):
+    """--also_float32: a 1% weight error in one layer that the bfloat16 check passes (calibrated by the peer)
+    fails the float32 check, and the verdict says which; a correct engine passes both (float16 here)."""
+    ckpt = faulty(tmp_path, llama_checkpoint, scale_weight("model.layers.1.mlp.down_proj.weight", 1.01))
+    common = ["--model_path", ckpt, "--reference_path", llama_checkpoint, "--dtype", "bfloat16"]
+    r = run_script(INFERENCE, *common)
+    assert r.code == 0 and "calibrated by the peer" in r.out and "--also_float32 adds a float32 check" in r.out, r
+    r = run_script(INFERENCE, *common, "--also_float32", json_path=tmp_path / "bug32.json")
+    cases = {(m["case"], m["metric"]): m["value"] for m in r.json["records"]}
+    assert r.code == 1 and "verdict: FAIL: in float32:" in r.out, r
+    assert cases[("logits", "passed")] and not cases[("logits_float32", "passed")], cases
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--dtype", "float16", "--also_float32")
+    assert r.code == 0 and "the float32 check above passed too" in r.out, r
+
+
 def test_moe_controls(moe_checkpoint, tmp_path):
     """--controls on the tiny Qwen3-MoE: the weight ladder scales the middle layer's experts, and three MoE bugs
     join (routing weights not renormalised, one expert scaled, top-k one short); in float32 all 13 are caught."""

@@ -178,19 +178,26 @@ CONTROLS = ([(f"weight x{1 + e:g} (layer middle, down_proj)", "weight", e, _weig
                ("top-k one expert short (middle layer)", "top-k off by one", 0.0, _top_k_off_by_one)])
 
 
+def each_control(model):
+    """Yield (name, shape, size) of every control with its bug planted in `model`, undone after; a control
+    the model has no place for (swapped KV heads with one KV head) is left out."""
+    for name, shape, size, plant in CONTROLS:
+        undo = plant(model)
+        if undo is None:
+            continue
+        try:
+            yield name, shape, size
+        finally:
+            undo()
+
+
 @torch.no_grad()
 def run_controls(engine, call, judge_output):
     """Every control on `engine` (an HFEngine, the peer's copy): `call(engine)` with the bug planted, then
     undone; `judge_output(output, shape)` -> (passed, one-line figure[, located]). Returns [ControlResult]."""
     results = []
-    for name, shape, size, plant in CONTROLS:
-        undo = plant(engine.model)
-        if undo is None:  # the model has no place for this bug (one KV head)
-            continue
-        try:
-            passed, figure, *located = judge_output(call(engine), shape)
-        finally:
-            undo()
+    for name, shape, size in each_control(engine.model):
+        passed, figure, *located = judge_output(call(engine), shape)
         results.append(ControlResult(name, shape, size, not passed, figure, *located))
     return results
 

@@ -17,7 +17,7 @@ results and their environment, the header) and the same peer rule, with module e
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -138,15 +138,25 @@ def add_controls_arg(parser):
                              "here and a sensitivity line (costs one more model and one more call per control)")
 
 
-def blind_spot(judge, controls):
-    """The line under an end-to-end PASS judged by a reduced-precision static table, when --controls did not
-    measure what it sees: measured on the tiny Llama in bfloat16, that table caught none of the controls."""
-    if controls or judge.calibrated or judge.distribution or judge.dtype == torch.float32:
+def blind_spot(judge, controls, also_float32):
+    """The line under an end-to-end PASS in reduced precision when --controls did not measure what it sees:
+    what the controls measured for that judge (README, "What a PASS cannot see")."""
+    if controls or judge.distribution or judge.dtype == torch.float32:
         return None
-    return (f"note: judged by the static {devices.dtype_name(judge.dtype)} table, which on the tiny Llama caught none "
-            "of the planted bugs of --controls: this PASS does not rule out swapped KV heads, a RoPE layout mix-up or "
-            "a 10% weight error in one layer; --controls measures what it sees here, intermediate validation "
-            "locates single-layer faults")
+    name = devices.dtype_name(judge.dtype)
+    if judge.calibrated:
+        seen = (f"note: a {name} end-to-end PASS, calibrated by the peer: on SmolLM2 in bfloat16 this check caught "
+                "no single-layer weight error up to 10% and of the bug shapes only swapped KV heads")
+    else:
+        seen = (f"note: judged by the static {name} table, which on the tiny Llama caught none of the planted bugs "
+                "of --controls: this PASS does not rule out swapped KV heads, a RoPE layout mix-up or a 10% weight "
+                "error in one layer")
+    float32 = "every control from 0.3% on the tiny Llama and SmolLM2"
+    further = (f"the float32 check above passed too, and in float32 this check caught {float32}: the model's logic "
+               f"is right to that size, what it cannot see is a bug only in the {name} kernels" if also_float32
+               else f"--also_float32 adds a float32 check, which caught {float32}")
+    return f"{seen}; --controls measures what it sees here; {further}; intermediate validation locates " \
+           "single-layer faults"
 
 
 def add_tokenization_arg(parser):
@@ -311,6 +321,7 @@ class Session:
     engines: dict  # spec -> engine, for every engine under test
     peer: object  # the correct peer (HF in the candidate dtype on the device), or None: table verdicts
     phases: memory.Phases  # wall time and peak memory of each phase
+    options: dict  # what engines.load_engine was given for the engines under test
 
     @property
     def candidate(self):
@@ -440,9 +451,32 @@ class Session:
         self.results.extra["tokenization"] = {"checks": [vars(c) for c in checks], "skipped": skipped}
         return all(c.passed for c in checks)
 
-    def controls(self, call, judge_output):
+    def in_dtype(self, dtype):
+        """This session with its engines under test and its peer loaded again in `dtype` (`--also_float32`):
+        the same reference, inputs, results and phases; the peer rule as before (the candidate that was the
+        peer is the peer again). In `dtype` throughout: llama.cpp's weights and KV cache too (--gguf_type and
+        --kv_type do not carry over)."""
+        name = devices.dtype_name(dtype)
+        options = dict(self.options, gguf_type=None, kv_type="f32")
+        with self.phases(f"{name}_load"):
+            loaded = {spec: engine if engine is self.reference else engines.load_engine(
+                spec, self.checkpoint.path, self.device, dtype, self.args.attn, options)
+                for spec, engine in self.engines.items()}
+            self_peer = [spec for spec, engine in self.engines.items() if engine is self.peer]
+            peer = (None if self.peer is None else loaded[self_peer[0]] if self_peer
+                    else engines.HFEngine(str(self.reference_checkpoint.path), self.device, dtype, self.args.attn,
+                                          self.args.device_map))
+        self.results.env.setdefault("engines", {}).update(
+            {f"{spec} {name}": engine.description for spec, engine in loaded.items()
+             if getattr(engine, "description", None)})
+        self.results.env["attested"].update({f"{spec} {name}": engines.attested(engine)
+                                             for spec, engine in loaded.items() if engine is not self.reference})
+        return replace(self, dtype=dtype, engines=loaded, peer=peer)
+
+    def controls(self, call, judge_output, case="controls"):
         """The negative controls (kitcore.controls) on a copy of the peer: the table, the sensitivity line and
-        their records. Never part of the verdict: a control that is not caught is what this check cannot see."""
+        their records (under `case`). Never part of the verdict: a control that is not caught is what this
+        check cannot see."""
         from . import controls
 
         with self.phases("controls_load"):
@@ -451,12 +485,13 @@ class Session:
         with self.phases("controls"):
             found = controls.run_controls(engine, call, judge_output)
         del engine
-        print("\nnegative controls (the peer with one planted bug each, judged like the candidate):")
+        print(f"\nnegative controls (the peer in {devices.dtype_name(self.dtype)} with one planted bug each, judged "
+              "like the candidate):")
         for r in found:
             print(f"  {r.name:<50} {'caught' if r.caught else 'NOT caught':<11} {r.figure}")
-            self.results.add("controls", "caught", r.caught, unit="bool", control=r.name)
+            self.results.add(case, "caught", r.caught, unit="bool", control=r.name)
         line = controls.sensitivity(found)
-        self.results.extra["controls"] = {"table": [vars(r) for r in found], "sensitivity": line}
+        self.results.extra[case] = {"table": [vars(r) for r in found], "sensitivity": line}
         return line
 
     def finish(self, passed):
@@ -523,8 +558,8 @@ class Session:
                                             int(args.reference_cache_gb * 2**30))
             reference = refcache.CachedReference(reference, cache)
         # n_ctx: the positions this check uses, for engines that allocate their context up front
-        options = {"engine_args": _engine_args(args.engine_args),"gguf_type": args.gguf_type, "kv_type": args.kv_type, "device_map": args.device_map,
-                   "tensor_parallel_size": args.tensor_parallel_size, "served_model": args.served_model,
+        options = {"engine_args": _engine_args(args.engine_args), "gguf_type": args.gguf_type, "kv_type": args.kv_type,
+                   "device_map": args.device_map, "tensor_parallel_size": args.tensor_parallel_size, "served_model": args.served_model,
                    "top_logprobs": args.top_logprobs, "request_timeout": args.request_timeout,
                    "reference_path": str(reference_checkpoint.path),
                    "n_ctx": inputs.input_ids.shape[1] + extra_positions}
@@ -556,7 +591,7 @@ class Session:
         print(f"  peer: {note}")
         results.env["peer"] = note
         return cls(args, results, device, dtype, checkpoint, reference_checkpoint, inputs, reference, loaded, peer,
-                   phases)
+                   phases, options)
 
 
 def check_requirements(requirements, attested):
