@@ -72,9 +72,9 @@ RULES = ["kit, calibrated", "kit, table", "vLLM top-5", *ANCHORS]
 
 
 def greedy(engine, row):
-    """32 greedy tokens with the engine's own cache, and the logits each was chosen from [32, V]."""
-    tokens, _, cached = decode.greedy_reference(engine, row, GREEDY_TOKENS)
-    return tokens[0], cached[0, :GREEDY_TOKENS].double()
+    """32 greedy tokens through the engine's own cache, and the logits each was chosen from [32, V]."""
+    _, logits = decode.greedy(engine, row, GREEDY_TOKENS - 1)  # the last step's logits choose token 32
+    return logits[0].argmax(-1), logits[0].double()
 
 
 def prompt_rows(path, prompts, tokens, vocab, seed):
@@ -210,6 +210,8 @@ def main(argv=None):
             before = set(tally.runs)
             measure(Path(path), dtype, args, tally, cpu)
             labels += list(dict.fromkeys(k[:3] for k in tally.runs if k not in before))
+            print_tables(tally, labels)  # so far: a long run shows what it has
+    print("\nall checkpoints:")
     print_tables(tally, labels)
     if args.json:
         Path(args.json).write_text(json.dumps({

@@ -31,18 +31,24 @@ def greedy_reference(reference, inp, steps):
     position and every decode step come from one full forward of prompt + teacher tokens; the cached ones
     are the decode's own, one step past the last teacher token, so that they are also what a teacher-forced
     run of the reference through its cache gives (forward validation's B = reference)."""
-    cache = reference.new_cache()
+    teacher, cached = greedy(reference, inp, steps)
+    return teacher, no_cache_steps(reference, inp, teacher), cached
+
+
+def greedy(engine, inp, steps):
+    """Greedy decode of `steps` tokens through the engine's KV cache: (tokens [B, steps], the logits at the
+    prefill's last position and every step [B, steps + 1, V])."""
+    cache = engine.new_cache()
     pos, mask = inp.position_ids, inp.attention_mask
-    logits = reference.forward(inp.input_ids, pos, _mask(inp, mask), cache)[:, -1]
+    logits = engine.forward(inp.input_ids, pos, _mask(inp, mask), cache)[:, -1]
     tokens, cached = [], [logits.cpu()]
     for _ in range(steps):
         tokens.append(logits.argmax(-1, keepdim=True).cpu())
         pos = pos[:, -1:] + 1
         mask = torch.cat([mask, torch.ones_like(tokens[-1])], 1)
-        logits = reference.forward(tokens[-1], pos, _mask(inp, mask), cache)[:, -1]
+        logits = engine.forward(tokens[-1], pos, _mask(inp, mask), cache)[:, -1]
         cached.append(logits.cpu())
-    teacher = torch.cat(tokens, 1)
-    return teacher, no_cache_steps(reference, inp, teacher), torch.stack(cached, 1)
+    return torch.cat(tokens, 1), torch.stack(cached, 1)
 
 
 def no_cache_steps(engine, inp, teacher):
