@@ -9,7 +9,7 @@ MODEL ?= smollm2-135m
 LLAMA := test/models/llama
 QWEN := test/models/qwen3_moe
 
-.PHONY: help setup setup-llamacpp setup-vllm setup-infinilm test test-serving validate-llama validate-real kv-decode bench-qwen3-moe bench-timer sweep matrix report clean
+.PHONY: help setup setup-llamacpp setup-vllm setup-infinilm test test-extended test-serving validate-llama validate-real kv-decode bench-qwen3-moe bench-timer sweep matrix report clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -45,8 +45,11 @@ setup-infinilm: $(VENV)/.installed  ## optional: build InfiniCore + InfiniLM for
 	INFINICORE_SRC="$(INFINICORE_SRC)" INFINILM_SRC="$(INFINILM_SRC)" SPDLOG_SRC="$(SPDLOG_SRC)" JSON_SRC="$(JSON_SRC)" \
 		XMAKE_REPO="$(XMAKE_REPO)" INFINI_BACKEND="$(INFINI_BACKEND)" bash tools/setup_infinilm.sh
 
-test: $(VENV)/.installed  ## run the kit's own test suite
-	$(PY) -m pytest -q --durations=15 test
+test: $(VENV)/.installed  ## run the kit's own test suite (what CI runs)
+	$(PY) -m pytest -q -m "not extended" --durations=15 test
+
+test-extended: $(VENV)/.installed  ## the wider matrices make test checks once: more seeds, dtypes and llama.cpp weights, a real vLLM server
+	$(PY) -m pytest -q -m extended --durations=15 test
 
 test-serving: $(VENV)/.installed  ## the serving engines against real vLLM / llama-cpp-python servers (after setup-vllm, setup-llamacpp)
 	$(VENV)/bin/nox -s serving

@@ -176,7 +176,7 @@ def kv_decode(session):
 
 @nox.session(python=False)
 def tests(session):
-    """The kit's own test suite, in the kit's environment"""
+    """The kit's own test suite in the kit's environment, the extended matrices too (make test leaves them out)"""
     session.run(sys.executable, "-m", "pytest", "-q", *(session.posargs or ["test"]), external=True)
 
 

@@ -6,6 +6,10 @@ import pytest
 from kitcore import checkpoints
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "extended: a wider matrix of what make test checks once (make test-extended)")
+
+
 @pytest.fixture(scope="session")
 def llama_checkpoint():
     return checkpoints.default_checkpoint("llama", 0)

@@ -14,7 +14,11 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from kitcore import cli  # noqa: E402
 
+import pytest  # noqa: E402
+
 LLAMA = "test/models/llama"
+# a wider matrix of what `make test` checks once (more seeds, dtypes, engines; a real server): `make test-extended`
+EXTENDED = pytest.mark.extended
 FAULTY_ENGINES = str(ROOT / "test/kit/faulty_engines.py")
 _modules = {}
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from kit_helpers import FAULTY_ENGINES, LLAMA, copy_checkpoint, edit_config, load_script, run_script
+from kit_helpers import EXTENDED, FAULTY_ENGINES, LLAMA, copy_checkpoint, edit_config, load_script, run_script
 
 from kitcore import inputs, memory
 
@@ -21,7 +21,7 @@ SMALL_BATCHES = ("--lengths", "1,5,17,40", "--batch_sizes", "2,4")  # every chec
 @pytest.mark.parametrize("dtype,engine,attn,lengths", [
     ("bfloat16", "hf", "sdpa", ()),  # the defaults: 8 prompts of 1 to 300 tokens, batches of 2, 4, 8
     ("float16", "hf", "eager", SMALL_BATCHES),
-    ("float32", "compile", "sdpa", SMALL_BATCHES),
+    pytest.param("float32", "compile", "sdpa", SMALL_BATCHES, marks=EXTENDED),
 ])
 def test_batch_validation_passes_correct_engines(dtype, engine, attn, lengths, llama_checkpoint, tmp_path):
     r = run_script(BATCH, "--model_path", llama_checkpoint, "--dtype", dtype, "--engine", engine, "--attn", attn,

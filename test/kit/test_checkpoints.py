@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from kit_helpers import LLAMA, run_script, run_subprocess
+from kit_helpers import EXTENDED, LLAMA, run_script, run_subprocess
 
 from kitcore import checkpoints, tiny
 from kitcore.errors import UsageError
@@ -21,7 +21,7 @@ def sha(path):
 SHORT = 40  # training steps of the determinism tests: the recipe's code path, not its 400-600 steps
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("qwen3_moe", marks=EXTENDED)])
 def test_generation_is_byte_identical_and_seed_dependent(family, tmp_path):
     for name, seed in (("a", 0), ("b", 0), ("other", 1)):
         tiny.write_checkpoint(family, tmp_path / name, seed=seed, log=lambda m: None, train_steps=SHORT)

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from kit_helpers import (FAULTY_ENGINES, LLAMA, copy_checkpoint, edit_config, edit_weights, permute_qk_rows,
+from kit_helpers import (EXTENDED, FAULTY_ENGINES, LLAMA, copy_checkpoint, edit_config, edit_weights, permute_qk_rows,
                       run_script, run_subprocess, scale_weight)
 
 from kitcore import checkpoints
@@ -15,7 +15,7 @@ INTERMEDIATE = f"{LLAMA}/test_intermediate_validation.py"
 CORRECT_ENGINES = [("hf", "eager"), ("hf", "sdpa"), ("compile", "sdpa")]
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=EXTENDED), pytest.param(2, marks=EXTENDED)])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("engine,attn", CORRECT_ENGINES)
 def test_correct_engine_passes_every_script(seed, dtype, engine, attn, tmp_path):
@@ -246,7 +246,7 @@ def test_kv_cache_dropping_oldest_entry_fails_decode_only(llama_checkpoint, tmp_
     assert run_script(INFERENCE, *common).code == 0
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", pytest.param("float16", marks=EXTENDED)])
 def test_kv_cache_whose_error_grows_with_length_fails_the_length_gate_only(dtype, llama_checkpoint, tmp_path):
     """Two stand-ins for a quantised cache (judged as llama.cpp's q8_0): the same 1% error at every position
     passes; exact for 64 entries, then up to 9% off, fails where the last quarter of a 64-step decode is
@@ -276,7 +276,7 @@ def test_chunked_prefill_is_compared_with_its_baseline(dtype, llama_checkpoint):
         assert "differs from its baseline, the same engine in its safest mode, from step 0 on" in r.out, r
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=EXTENDED)])
 def test_cache_pairs_judge_hot_requests_against_their_cold_runs(dtype, llama_checkpoint, tmp_path):
     """--cache_pairs on stand-ins with a 16-token block cache: a correct one passes at every shared length; one that
     reuses the next block when the shared tokens end 1-3 past a boundary fails exactly there."""

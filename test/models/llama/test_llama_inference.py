@@ -87,7 +87,8 @@ def main(argv=None):
         passed &= run.check_growth(lambda: forward(run.candidate), "forward")
     failure = (check.reasons() if not check.passed
                else f"in float32: {companion[0].reasons()}" if companion and not companion[0].passed
-               else "the engine's own tokenisation differs (above)" if not tokens_ok else "memory grows with every call")
+               else "the engine's own tokenisation differs (above)" if not tokens_ok
+               else "memory grows with every call")
     notes = [session.blind_spot(judge, args.controls, companion is not None)] if passed else []
     if sensitivity:
         notes = [f"{devices.dtype_name(run.dtype)} {sensitivity}" if companion else sensitivity]
