@@ -469,8 +469,11 @@ class Session:
         self.results.env.setdefault("engines", {}).update(
             {f"{spec} {name}": engine.description for spec, engine in loaded.items()
              if getattr(engine, "description", None)})
-        self.results.env["attested"].update({f"{spec} {name}": engines.attested(engine)
-                                             for spec, engine in loaded.items() if engine is not self.reference})
+        for spec, engine in loaded.items():
+            ran = engines.attested(engine) if engine is not self.reference else {}
+            self.results.env["attested"][f"{spec} {name}"] = ran
+            if ran:
+                print(f"  {spec} {name} ran: {', '.join(f'{k}={v}' for k, v in ran.items())}")
         return replace(self, dtype=dtype, engines=loaded, peer=peer)
 
     def controls(self, call, judge_output, case="controls"):
