@@ -61,7 +61,7 @@ def llamacpp_nmse(c, p):
     return float((c - p).pow(2).sum() / p.pow(2).sum())
 
 
-# rule -> (figure or None, flagged?) from the candidate's and the peer's float64 logits [S, V]
+# rule -> flagged?, from the candidate's and the peer's float64 logits [S, V]
 ANCHORS = {
     "SGLang rel": lambda c, p: sglang_rel(c, p) > 1e-3,
     "llama.cpp NMSE": lambda c, p: llamacpp_nmse(c, p) > 1e-4,

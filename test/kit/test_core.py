@@ -169,6 +169,20 @@ def test_timer_fidelity_reports_the_ratio_to_torch_utils_benchmark():
     assert "metric=median_ratio" in r.out and "kit / torch.utils.benchmark: median ratio" in r.out
 
 
+def test_power_table_flags_gross_controls_and_no_correct_engine(tmp_path):
+    """tools/power_table.py on the tiny Llama in float32, one short prompt: the kit's judges pass the correct
+    engines and its calibrated judge catches every control; the margins are printed."""
+    out = tmp_path / "power.json"
+    r = run_script("tools/power_table.py", "--seeds", 0, "--prompts", 1, "--tokens", 16, "--dtypes", "float32",
+                   "--json", out)
+    assert r.code == 0, r
+    flagged = {(f["candidate"], f["rule"]): f["flagged"] for f in json.loads(out.read_text())["flagged"]}
+    correct = ("hf eager", "hf sdpa, 1 thread")
+    assert not any(n for (c, rule), n in flagged.items() if c in correct and rule.startswith("kit")), flagged
+    assert all(n for (c, rule), n in flagged.items() if c not in correct and rule == "kit, calibrated"), flagged
+    assert "margin" in r.out
+
+
 # ---- judges --------------------------------------------------------------------------------------
 
 def noisy(ref, scale, seed):
