@@ -17,10 +17,16 @@ from kitcore import cli  # noqa: E402
 import pytest  # noqa: E402
 
 LLAMA = "test/models/llama"
-# a wider matrix of what `make test` checks once (more seeds, dtypes, engines; a real server): `make test-extended`
-EXTENDED = pytest.mark.extended
 FAULTY_ENGINES = str(ROOT / "test/kit/faulty_engines.py")
 _modules = {}
+
+
+def __getattr__(name):
+    """EXTENDED, the mark of a wider matrix of what `make test` checks once (more seeds, dtypes, engines; a real
+    server: `make test-extended`), made when a test module imports it: after conftest.py registered it."""
+    if name == "EXTENDED":
+        return pytest.mark.extended
+    raise AttributeError(name)
 
 
 def load_script(relpath):

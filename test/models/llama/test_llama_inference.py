@@ -30,10 +30,10 @@ SCRIPT = "test_llama_inference"
 
 
 def end_to_end(run, forward, case, controls):
-    """One dtype's check, printed and recorded under `case`: (LogitsCheck, its judge, the controls'
-    sensitivity line or None)."""
+    """One dtype's check, printed and recorded under `case` ("logits", "logits_float32"): (LogitsCheck, its
+    judge, the controls' sensitivity line or None)."""
     inp = run.inputs
-    reference, candidate, peer = run.run_all(case, forward)
+    reference, candidate, peer = run.run_all(case.replace("logits", "forward"), forward)
     judge = run.judge(run.candidate)
     check = judges.check_logits(candidate, reference, inp.attention_mask, judge, peer,
                                 space=judges.output_space(run.candidate))
