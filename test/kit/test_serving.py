@@ -113,6 +113,25 @@ def test_cache_pairs_through_a_server(llama_checkpoint):
     assert r.code == 3 and "--enable-prompt-tokens-details" in r.err, r
 
 
+@needs_llamacpp_server
+def test_cache_pairs_through_llamacpp_pythons_server(llama_checkpoint, tmp_path):
+    """llama-cpp-python's server reuses the longest prefix it shares with the last request and reports no hits:
+    --cache_pairs empties it with one token of another text, judges each hot run against its cold one, and
+    says that the hits are not seen; the server's own log shows that it reused the shared prefixes."""
+    from kitcore.checkpoints import open_checkpoint
+    from kitcore.gguf_export import gguf_path
+
+    python = shutil.which("python", path=str(ROOT / ".venv" / "bin")) or "python3"
+    log = tmp_path / "llamacpp.log"
+    with servers.llamacpp_server(gguf_path(open_checkpoint(llama_checkpoint), "f32"), python, log=log) as url:
+        r = run_script(FORWARD, "--model_path", llama_checkpoint, "--engine", openai(url), "--dtype", "float32",
+                       "--decode_steps", 2, "--cache_pairs")
+    assert r.code == 0 and "does not report how many prompt tokens" in r.out and "hits cold    ?" in r.out, r
+    assert "PASS: 26 hot requests (prefix-cache hits not reported)" in r.out, r
+    reused = [int(line.split()[1]) for line in log.read_text().splitlines() if "prefix-match hit" in line]
+    assert max(reused) >= 26, reused  # the longest shared prefix of the sweep (16 + 10), reused
+
+
 def test_vllm_missing_says_what_to_run(llama_checkpoint, monkeypatch):
     import builtins
 

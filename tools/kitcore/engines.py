@@ -74,8 +74,9 @@ kit loads it):
         target's name) and exits 3 when it does not attest KEY at all.
     reset_prefix_cache()
         Empty the engine's own prefix cache (an engine that decodes by itself, e.g. vLLM), which reports the
-        prompt tokens each request took from it in the list `cached_tokens`. Used by forward validation's
-        `--cache_pairs` (kitcore.prefix_pairs).
+        prompt tokens each request took from it in the list `cached_tokens` (None per request, with
+        `reports_cache_hits = False`, where it cannot tell). Used by forward validation's `--cache_pairs`
+        (kitcore.prefix_pairs).
     baseline() -> engine | None
         The same engine in its safest mode (llama.cpp: an f32 KV cache and the whole prompt in one batch),
         or None when it already runs so. Forward validation's default engine B for an engine that has one:

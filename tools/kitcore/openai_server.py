@@ -198,6 +198,7 @@ class EchoDialect:
         self.client, self.model, self.vocab_size, self.top_k = client, model, vocab_size, top_k
         self.texts, self.distinct, self.hidden = _token_texts(tokenizer, vocab_size, client.url)
         self.offset = None  # how its prompt entries are aligned, measured on the first request (align)
+        self.evict_each = True  # before every request; off once the cache pairs take over (OpenAIEngine)
 
     def asked(self):
         return self.top_k or self.vocab_size
@@ -206,7 +207,12 @@ class EchoDialect:
         """llama-cpp-python's server reuses the longest prefix its context shares with the last request, scores
         included: a prefill right after a decode of the same tokens would return the decode's numbers, and the
         cache check would compare them with themselves. One token of another text first leaves no prefix."""
-        other = next(t for t, i in self.texts.items() if t.strip() and i != row[0])
+        if self.evict_each:
+            self.evict(row[0])
+
+    def evict(self, first=None):
+        """One token of a text that does not start like `first`: the server's context shares no prefix after it."""
+        other = next(t for t, i in self.texts.items() if t.strip() and i != first)
         self.client.request("POST", "/completions", {"model": self.model, "prompt": other, "max_tokens": 1,
                                                      "temperature": 0.0})
 
@@ -308,10 +314,23 @@ class OpenAIEngine(ServingEngine):
                                False: "; its tokenizer is not checked (no /tokenize endpoint)", None: ""}
                             [self.tokenizer_checked])
 
+    @property
+    def reports_cache_hits(self):
+        """vLLM's server says how many prompt tokens came from its cache; llama-cpp-python's never does."""
+        return self.dialect.name == "vllm"
+
     def attest(self):
         return {"engine": "openai", "url": self.url, "dialect": self.dialect.name, "block_size": self.block_size}
 
     def reset_prefix_cache(self):
+        """vLLM's server: its /reset_prefix_cache. llama-cpp-python's (the echo dialect) has none; it reuses the
+        longest prefix its context shares with the last request, so one token of another text empties what it
+        can reuse; from the first reset on, the kit stops doing that before every request (the caller decides
+        when the cache is emptied: --cache_pairs)."""
+        if self.dialect.name == "echo":
+            self.dialect.evict_each = False
+            self.dialect.evict()
+            return
         try:
             self.client.request("POST", "/reset_prefix_cache", root=True)
         except Refused as exc:
