@@ -306,7 +306,8 @@ class OpenAIEngine(ServingEngine):
         self.accepts_ids = True  # token-id prompts, until the server refuses one
         k = f"top {self.top_k}" if self.top_k else "all"
         if self.hidden:
-            k += f" ({len(self.hidden)} token ids share their text with another and cannot be told apart: left out)"
+            k += (f" ({len(self.hidden)} token ids share their text with another or have more than {PIECE_BYTES} "
+                  "bytes of it, and cannot be told apart: left out)")
         self.description = (f"OpenAI-compatible server {self.url} model {self.model!r} ({owner or 'unknown'}; "
                             f"{self.dialect.describes}), {k} logprobs per position; judged as {dtype_name(dtype)} "
                             "(--dtype: the dtype it serves in)"
@@ -409,21 +410,30 @@ class OpenAIEngine(ServingEngine):
         return self.dialect.parse(choices[0], row, prompt_logprobs)
 
 
+# llama-cpp-python writes a token's text through a 32-byte buffer: a longer text comes out cut or garbled
+PIECE_BYTES = 32
+
+
 def _token_texts(tokenizer, vocab_size, url):
     """(text -> id, how many different texts, the ids left out) for the echo dialect's keys: each id's own
-    text (invalid UTF-8 bytes dropped, as llama-cpp-python does); a text shared by several ids is ambiguous
-    and left out."""
+    text (invalid UTF-8 bytes dropped, as llama-cpp-python does; special and added control tokens print as
+    nothing); a text shared by several ids is ambiguous and left out, and so is one longer than PIECE_BYTES,
+    which the server cannot write whole."""
     if tokenizer is None:
         raise UsageError(f"{url} keys its logprobs by token text; the checkpoint has no tokenizer to map them "
                          "back to ids")
-    seen, special = {}, set(tokenizer.all_special_ids)
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    seen, long = {}, []
     for i, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(vocab_size)))):
-        raw = b"" if i in special else _byte_level_bytes(token)  # special tokens print as nothing
+        raw = b"" if i in special else _byte_level_bytes(token)
+        if raw is not None and len(raw) > PIECE_BYTES:
+            long.append(i)
+            continue
         text = (raw.decode("utf-8", errors="ignore") if raw is not None
                 else tokenizer.decode([i], clean_up_tokenization_spaces=False).replace("\ufffd", ""))
         seen.setdefault(text, []).append(i)
     texts = {t: ids[0] for t, ids in seen.items() if len(ids) == 1}
-    return texts, len(seen), tuple(i for ids in seen.values() if len(ids) > 1 for i in ids)
+    return texts, len(seen), tuple(i for ids in seen.values() if len(ids) > 1 for i in ids) + tuple(long)
 
 
 def _byte_level_unicode():
