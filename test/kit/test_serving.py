@@ -132,6 +132,16 @@ def test_cache_pairs_through_llamacpp_pythons_server(llama_checkpoint, tmp_path)
     assert max(reused) >= 26, reused  # the longest shared prefix of the sweep (16 + 10), reused
 
 
+def test_both_dialects_ask_for_plain_greedy():
+    """Servers' sampling defaults are not greedy at temperature 0: llama-cpp-python penalises repeated tokens (1.1)
+    and picked another token than its own logprobs' top one on SmolLM2 (a decisive flip in forward validation);
+    vLLM takes a repetition penalty from generation_config.json. Every request turns them off."""
+    from kitcore.openai_server import EchoDialect, VLLMDialect
+
+    assert EchoDialect.body(None, False)["repeat_penalty"] == 1.0
+    assert VLLMDialect.body(None, False)["repetition_penalty"] == 1.0
+
+
 def test_vllm_missing_says_what_to_run(llama_checkpoint, monkeypatch):
     import builtins
 

@@ -157,7 +157,9 @@ class VLLMDialect:
         pass
 
     def body(self, prompt_logprobs):
-        body = {"return_tokens_as_token_ids": True, "return_token_ids": True, "ignore_eos": True}
+        # plain greedy: vLLM would otherwise take a repetition penalty from the model's generation_config.json
+        body = {"return_tokens_as_token_ids": True, "return_token_ids": True, "ignore_eos": True,
+                "repetition_penalty": 1.0}
         if prompt_logprobs:
             body["prompt_logprobs"] = self.asked()
         return body
@@ -217,7 +219,9 @@ class EchoDialect:
                                                      "temperature": 0.0})
 
     def body(self, prompt_logprobs):
-        return {"echo": bool(prompt_logprobs)}
+        # plain greedy: llama-cpp-python's server penalises repeated tokens by default (repeat_penalty 1.1), so
+        # that at temperature 0 it picks another token than its own logprobs' top one
+        return {"echo": bool(prompt_logprobs), "repeat_penalty": 1.0}
 
     def parse(self, choice, row, prompt_logprobs):
         url = self.client.url
