@@ -296,7 +296,6 @@ class FreeRunCheck:
 
     invariance: judges.Invariance
     vs_ref: judges.LogitsCheck
-    steps: int
     agree: int  # steps (the prefill's last position included) whose tokens agree with the other run's
     follows: int  # steps compared with the reference
     first_difference: int  # the first step (0: the prefill's last position) where the two runs differ at all
@@ -360,12 +359,9 @@ class Session:
         if plain is None:
             return None
         label = f"{spec} baseline"
-        ran = engines.attested(plain)
         print(f"  {label}: {getattr(plain, 'description', type(plain).__name__)}")
-        if ran:
-            print(f"  {label} ran: {', '.join(f'{k}={v}' for k, v in ran.items())}")
         self.results.env.setdefault("engines", {})[label] = getattr(plain, "description", type(plain).__name__)
-        self.results.env["attested"][label] = ran
+        attest(self.results, label, plain)
         return label, plain
 
     def run_all(self, what, call):
@@ -411,7 +407,7 @@ class Session:
             invariance=judges.judge_invariance(got[:agree], other_got[:agree], None, judge, space),
             vs_ref=judges.check_logits(got[None, :follows], reference[:, :follows], torch.ones(1, follows), judge,
                                        peer_steps, aggregate=False, space=space),
-            steps=steps, agree=agree, follows=follows,
+            agree=agree, follows=follows,
             first_difference=int(differs.nonzero()[0]) if bool(differs.any()) else agree)
 
     def check_growth(self, call, what):
@@ -470,10 +466,8 @@ class Session:
             {f"{spec} {name}": engine.description for spec, engine in loaded.items()
              if getattr(engine, "description", None)})
         for spec, engine in loaded.items():
-            ran = engines.attested(engine) if engine is not self.reference else {}
-            self.results.env["attested"][f"{spec} {name}"] = ran
-            if ran:
-                print(f"  {spec} {name} ran: {', '.join(f'{k}={v}' for k, v in ran.items())}")
+            if engine is not self.reference:
+                attest(self.results, f"{spec} {name}", engine)
         return replace(self, dtype=dtype, engines=loaded, peer=peer)
 
     def controls(self, call, judge_output, case="controls"):
@@ -575,11 +569,8 @@ class Session:
             if getattr(engine, "description", None):
                 print(f"  {spec}: {engine.description}")
                 results.env.setdefault("engines", {})[spec] = engine.description
-        attested = {spec: engines.attested(engine) for spec, engine in loaded.items() if spec != REFERENCE}
-        for spec, ran in attested.items():
-            if ran:
-                print(f"  {spec} ran: {', '.join(f'{k}={v}' for k, v in ran.items())}")
-        results.env["attested"] = attested
+        results.env["attested"] = {}
+        attested = {spec: attest(results, spec, engine) for spec, engine in loaded.items() if spec != REFERENCE}
         check_requirements(args.require, attested)
         if peer_kind == NO_PEER:
             peer, note = None, "none (--peer none): verdicts from the static table"
@@ -596,6 +587,15 @@ class Session:
         results.env["peer"] = note
         return cls(args, results, device, dtype, checkpoint, reference_checkpoint, inputs, reference, loaded, peer,
                    phases, options)
+
+
+def attest(results, label, engine):
+    """What `engine` says it ran (engines.attested): printed as `label ran: ...`, recorded in env.attested."""
+    ran = engines.attested(engine)
+    if ran:
+        print(f"  {label} ran: {', '.join(f'{k}={v}' for k, v in ran.items())}")
+    results.env["attested"][label] = ran
+    return ran
 
 
 def check_requirements(requirements, attested):

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 
-from kitcore import cli, decode, engines, inputs, judges, session  # noqa: E402
+from kitcore import cli, engines, inputs, judges, session  # noqa: E402
 from kitcore.decode import ragged_decode  # noqa: E402
 from kitcore.errors import Unavailable, UsageError  # noqa: E402
 
