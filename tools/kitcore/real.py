@@ -73,7 +73,7 @@ MODELS = {m.name: m for m in (
                         "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da"), start=1)),
               "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 478,
               "Apache-2.0 (upstream Qwen2.5-Coder-0.5B-Instruct; the packages state none)", as_llama=True),
-    RealModel("qwen3-moe-from-qwen2.5", "qwen3_moe-from-qwen2.5-coder-0.5b", (), "", 478,
+    RealModel("qwen3-moe-from-qwen2.5", "qwen3_moe-from-qwen2.5-coder-0.5b-v2", (), "", 478,
               "Apache-2.0 (derived from Qwen2.5-Coder-0.5B-Instruct)", derived_from="qwen2.5-0.5b"),
 )}
 DEFAULT_MODEL = "smollm2-135m"

@@ -2,27 +2,39 @@
 trained and what is constructed.
 
 No package ships a trained Qwen3-MoE, so the kit builds one, deterministically, from the trained dense
-weights and real text (the standard-library docstrings of kitcore.inputs):
+weights and real text (the standard-library docstrings of kitcore.inputs). It computes the trained model's
+function except where the MoE routes, so it carries the trained model's activations (the residual stream's
+massive elements, ~1,500 x 16 here) and its sensitivity to rounding:
   trained, as they are   embeddings, LM head, every RMSNorm, q/k/v/o projections and the q/k/v biases
-                         (Qwen3-MoE takes `attention_bias`; o_proj's bias is zero)
-  constructed            * q_norm / k_norm (Qwen3 normalises each head of q and k before RoPE; Qwen2 does
-                           not, so this cannot be exact): per head-dimension weights fitted by least squares
-                           on the trained model's own q and k over the calibration text, so that
-                           q / rms(q) * w is as close to q as a per-dimension scale can make it
-                         * experts: each dense MLP (4,864 neurons) split into E experts of 4,864 / E
-                           consecutive neurons; their down projections scaled by k (experts per token), so
-                           that k experts with equal weights add up to the neurons they hold and all E
-                           experts together (router weights 1 / E, rescaled) are exactly the dense MLP
-                         * the router: a least-squares fit, on the calibration text's hidden states, of
-                           each expert's log output norm for that token (the experts that contribute most
-                           are routed to), scaled to a small spread (ROUTER_SPREAD) so that the chosen
-                           experts' weights are nearly equal; then top-k routing with renormalised weights
-                           (norm_topk_prob), as Qwen3-MoE does
-The figures of the construction (the q/k norm fit, the split's exactness, the MoE model's agreement with the
-dense one on held-out text) are in the checkpoint's kit_metadata.json and printed.
+                         (Qwen3-MoE takes `attention_bias`; o_proj's bias is zero), every dense MLP
+  rescaled, exactly      * the residual stream x RESIDUAL_SCALE (16: embeddings, o_proj and down projections)
+                           and rms_norm_eps x 16^2: every RMSNorm of the trained model computes what it did
+                           (powers of two: exact in every dtype); a larger eps is what lets q_norm/k_norm run
+                           in their linear regime in float16 (below)
+  constructed            * q_norm / k_norm. Qwen3 normalises each head of q and k before RoPE; Qwen2 does not,
+                           and a normalising q/k norm cannot reproduce it (fitted by least squares it moved the
+                           next-token distribution by 4 nats). Instead q and k are scaled down (s, in q_proj /
+                           k_proj and the input norm) until a head's mean square is at most LINEARITY x eps on
+                           every calibration token: the norm then multiplies by a near-constant, its weight a
+                           power of two (exact in bfloat16/float16) that undoes s. How close: the largest
+                           per-token deviation from linear is printed (at most 2.5% by construction)
+                         * sparse layers SPARSE_LAYERS (0, 8, 16), E experts each; the other layers keep
+                           their dense MLP (mlp_only_layers). Expert e is the whole trained MLP with its e-th
+                           slice of 4,864 / E neurons weighted 1 + EMPHASIS (the rest 1 - EMPHASIS / E): all E
+                           with equal weights are the dense MLP exactly; k of them add EMPHASIS x their slices.
+                           Routing among disjoint slices (the first construction) made the model chaotic: a
+                           near-tie that flips in reduced precision swapped an eighth of an MLP (bf16 vs fp32
+                           KL 2.2 nats); here a flip moves EMPHASIS / k of a slice
+                         * the router: a least-squares fit, on the calibration text's hidden states, of each
+                           slice's log output norm for that token (the slices that contribute most are routed
+                           to), scaled to a small spread (ROUTER_SPREAD) so that the chosen experts' weights are
+                           nearly equal; top-k routing with renormalised weights (norm_topk_prob), as Qwen3-MoE
+The figures of the construction (linearity, the MoE model's agreement with the dense one on held-out text) are
+in the checkpoint's kit_metadata.json and printed.
 """
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -30,10 +42,13 @@ import torch
 from .checkpoints import open_checkpoint
 
 EXPERTS, TOP_K = 8, 4
+SPARSE_LAYERS = (0, 8, 16)
+EMPHASIS = 1.0
+RESIDUAL_SCALE = 16  # x the residual stream's largest element here (1,493) stays 2.7x below float16's maximum
+LINEARITY = 0.05  # a head's mean square, at most this x eps: q_norm / k_norm deviate from linear by <= 2.5%
 CALIBRATION_TOKENS, HELD_OUT_TOKENS, WINDOW = 2048, 512, 512
 RIDGE = 1e-3  # of the hidden states' mean square: keeps the router fit well-posed
 # the router logits' spread across experts: small, so that the k chosen experts get nearly equal weights
-# and add up to the neurons they hold (measured: a spread of 1 gives top-1 agreement 0.4%, 0.1 gives 7%)
 ROUTER_SPREAD = 0.1
 
 
@@ -60,16 +75,19 @@ def _capture(model, ids):
     return {n: [torch.cat(chunks) for chunks in per_layer] for n, per_layer in got.items()}
 
 
-def _norm_weight(x, head_dim, eps):
-    """The per-dimension RMSNorm weight w minimising |x - x / rms(x) * w|^2 over tokens and heads."""
-    heads = x.reshape(-1, head_dim).double()
-    normed = heads * torch.rsqrt(heads.pow(2).mean(-1, keepdim=True) + eps)
-    w = (heads * normed).sum(0) / normed.pow(2).sum(0)
-    residual = float((heads - normed * w).pow(2).sum() / heads.pow(2).sum())
-    return w.float(), residual
+def _linear_norm(x, head_dim, eps):
+    """The scale s of q (or k) and the norm weight 2^j such that RMSNorm(s q) * 2^j ~ q: every head's mean
+    square of s q at most LINEARITY x eps, s 2^j = sqrt(s^2 mean + eps) on average. Returns s, 2^j and the
+    largest deviation from linear over the tokens and heads of x."""
+    m = x.reshape(-1, head_dim).double().pow(2).mean(-1)  # per token and head
+    mean, top = float(m.mean()), float(m.max())
+    j = math.ceil(math.log(top / LINEARITY + mean, 4))
+    s = math.sqrt(eps / (4.0**j - mean))
+    gain = s * 2.0**j / torch.sqrt(s * s * m + eps)  # what the norm multiplies q by, per token and head
+    return s, 2.0**j, float((gain - 1).abs().max())
 
 
-def _expert_outputs(x, gate, up, down, experts):
+def _slice_outputs(x, gate, up, down, experts):
     """[E, T, H]: each slice of neurons' contribution to the dense MLP's output on x [T, H]."""
     n = gate.shape[0] // experts
     act = torch.nn.functional.silu(x @ gate.T) * (x @ up.T)
@@ -94,15 +112,16 @@ def _config(source, experts, top_k):
     return {
         "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "attention_bias": True,
         "attention_dropout": 0.0, "bos_token_id": c.get("bos_token_id"), "eos_token_id": c.get("eos_token_id"),
-        "pad_token_id": c.get("pad_token_id"), "decoder_sparse_step": 1, "mlp_only_layers": [], "dtype": "float32",
+        "pad_token_id": c.get("pad_token_id"), "decoder_sparse_step": 1, "dtype": "float32",
+        "mlp_only_layers": [i for i in range(c["num_hidden_layers"]) if i not in SPARSE_LAYERS],
         "head_dim": c["head_dim"], "hidden_act": "silu", "hidden_size": c["hidden_size"],
-        "intermediate_size": c["intermediate_size"], "moe_intermediate_size": c["intermediate_size"] // experts,
+        "intermediate_size": c["intermediate_size"], "moe_intermediate_size": c["intermediate_size"],
         "max_position_embeddings": c["max_position_embeddings"], "norm_topk_prob": True, "num_experts": experts,
         "num_experts_per_tok": top_k, "num_attention_heads": c["num_attention_heads"],
         "num_hidden_layers": c["num_hidden_layers"], "num_key_value_heads": c["num_key_value_heads"],
-        "output_router_logits": False, "rms_norm_eps": c["rms_norm_eps"], "rope_theta": c["rope_theta"],
-        "router_aux_loss_coef": 0.001, "sliding_window": None, "tie_word_embeddings": False, "use_cache": True,
-        "use_sliding_window": False, "vocab_size": c["vocab_size"]}
+        "output_router_logits": False, "rms_norm_eps": c["rms_norm_eps"] * RESIDUAL_SCALE**2,
+        "rope_theta": c["rope_theta"], "router_aux_loss_coef": 0.001, "sliding_window": None,
+        "tie_word_embeddings": False, "use_cache": True, "use_sliding_window": False, "vocab_size": c["vocab_size"]}
 
 
 @torch.no_grad()
@@ -139,34 +158,45 @@ def build(source_path, out, log=print, experts=EXPERTS, top_k=TOP_K):
     log(f"running the dense model on {len(calibration)} calibration tokens...")
     dense = _dense_model(source.path)
     captured = _capture(dense, calibration)
-    tensors = source.load_tensors(list(source.tensors))
-    state, figures = {}, {"q_norm_residual": [], "k_norm_residual": [], "split_max_rel": []}
-    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
-        state[name] = tensors[name]
-    hd, eps = c["head_dim"], c["rms_norm_eps"]
+    t = source.load_tensors(list(source.tensors))
+    a, hd, eps = float(RESIDUAL_SCALE), c["head_dim"], c["rms_norm_eps"] * RESIDUAL_SCALE**2
+    state = {"model.embed_tokens.weight": t["model.embed_tokens.weight"] * a,
+             "model.norm.weight": t["model.norm.weight"], "lm_head.weight": t["lm_head.weight"]}
+    figures = {"q_norm_deviation": [], "k_norm_deviation": []}
+    n = c["intermediate_size"] // experts
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        for name in ("input_layernorm.weight", "post_attention_layernorm.weight"):
-            state[p + name] = tensors[p + name]
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            for kind in ("weight", "bias"):
-                state[f"{p}self_attn.{proj}.{kind}"] = tensors[f"{p}self_attn.{proj}.{kind}"]
+        scale = {}
         for which in ("q", "k"):
-            w, residual = _norm_weight(captured[which][i], hd, eps)
-            state[f"{p}self_attn.{which}_norm.weight"] = w
-            figures[f"{which}_norm_residual"].append(residual)
-        gate, up, down = (tensors[f"{p}mlp.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
-        x = captured["mlp_in"][i]
-        contributions = _expert_outputs(x, gate, up, down, experts)
-        dense_out = dense.model.layers[i].mlp(x)
-        figures["split_max_rel"].append(float((contributions.sum(0) - dense_out).abs().max() / dense_out.abs().max()))
-        n = gate.shape[0] // experts
+            s, weight, deviation = _linear_norm(captured[which][i], hd, eps)
+            scale[which] = s
+            state[f"{p}self_attn.{which}_norm.weight"] = torch.full((hd,), weight)
+            figures[f"{which}_norm_deviation"].append(deviation)
+        # the scale is shared between the projections' input and their weights, so that neither the
+        # weights nor the input norm's output fall into float16's subnormals
+        s_in = (scale["q"] * scale["k"]) ** 0.25
+        state[p + "input_layernorm.weight"] = t[p + "input_layernorm.weight"] * s_in
+        state[p + "post_attention_layernorm.weight"] = t[p + "post_attention_layernorm.weight"]
+        for which in ("q", "k"):
+            state[f"{p}self_attn.{which}_proj.weight"] = t[f"{p}self_attn.{which}_proj.weight"] * (scale[which] / s_in)
+            state[f"{p}self_attn.{which}_proj.bias"] = t[f"{p}self_attn.{which}_proj.bias"] * scale[which]
+        state[p + "self_attn.v_proj.weight"] = t[p + "self_attn.v_proj.weight"] / s_in
+        state[p + "self_attn.v_proj.bias"] = t[p + "self_attn.v_proj.bias"]
+        state[p + "self_attn.o_proj.weight"] = t[p + "self_attn.o_proj.weight"] * a
+        state[p + "self_attn.o_proj.bias"] = t[p + "self_attn.o_proj.bias"] * a
+        gate, up, down = (t[f"{p}mlp.{w}.weight"] for w in ("gate_proj", "up_proj", "down_proj"))
+        if i not in SPARSE_LAYERS:
+            state.update({p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                          p + "mlp.down_proj.weight": down * a})
+            continue
         for e in range(experts):
-            rows = slice(e * n, (e + 1) * n)
-            state[f"{p}mlp.experts.{e}.gate_proj.weight"] = gate[rows].contiguous()
-            state[f"{p}mlp.experts.{e}.up_proj.weight"] = up[rows].contiguous()
-            state[f"{p}mlp.experts.{e}.down_proj.weight"] = (down[:, rows] * top_k).contiguous()
-        state[f"{p}mlp.gate.weight"] = _router(x, contributions)
+            weight = torch.full((gate.shape[0],), a * (1 - EMPHASIS / experts))
+            weight[e * n:(e + 1) * n] += a * EMPHASIS
+            state[f"{p}mlp.experts.{e}.gate_proj.weight"] = gate.clone()  # safetensors stores no shared tensors
+            state[f"{p}mlp.experts.{e}.up_proj.weight"] = up.clone()
+            state[f"{p}mlp.experts.{e}.down_proj.weight"] = down * weight
+        x = captured["mlp_in"][i]
+        state[f"{p}mlp.gate.weight"] = _router(x, _slice_outputs(x, gate, up, down, experts))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -178,17 +208,15 @@ def build(source_path, out, log=print, experts=EXPERTS, top_k=TOP_K):
     log(f"checking the MoE against the dense model on {len(held_out)} held-out tokens...")
     agreement = _agreement(dense, out, held_out)
     torch.set_num_threads(threads)
-    summary = {
-        "q_norm_residual_max": max(figures["q_norm_residual"]), "k_norm_residual_max": max(figures["k_norm_residual"]),
-        "split_max_rel_max": max(figures["split_max_rel"]), **agreement}
-    return {"experts": experts, "top_k": top_k, "calibration_tokens": len(calibration), "summary": summary,
+    summary = {"q_norm_deviation_max": max(figures["q_norm_deviation"]),
+               "k_norm_deviation_max": max(figures["k_norm_deviation"]), **agreement}
+    return {"experts": experts, "top_k": top_k, "sparse_layers": list(SPARSE_LAYERS), "emphasis": EMPHASIS,
+            "residual_scale": RESIDUAL_SCALE, "calibration_tokens": len(calibration), "summary": summary,
             "per_layer": figures}
 
 
 def describe(summary):
-    return (f"q/k norm fit: relative residual at most {summary['q_norm_residual_max']:.3f} (q), "
-            f"{summary['k_norm_residual_max']:.3f} (k); the expert split reproduces the dense MLPs to "
-            f"{summary['split_max_rel_max']:.1e} (max rel); the MoE's next token agrees with the dense model's on "
-            f"{summary['top1_agreement']:.1%} of {summary['held_out_tokens']} held-out tokens (mean KL "
-            f"{summary['kl_mean']:.3f} nats)")
-
+    return (f"q/k norms deviate from linear by at most {summary['q_norm_deviation_max']:.1%} (q), "
+            f"{summary['k_norm_deviation_max']:.1%} (k) on the calibration text; the MoE's next token agrees with "
+            f"the dense model's on {summary['top1_agreement']:.1%} of {summary['held_out_tokens']} held-out tokens "
+            f"(mean KL {summary['kl_mean']:.4f} nats)")
