@@ -281,6 +281,31 @@ def check_moe_block(out, ref_out, x, weights, config, ref_logits, judge, peer_ou
                          peer_rerouted, logits, mismatches, float((chosen == reference_sets).all(-1).double().mean()))
 
 
+def text_hidden_states(checkpoint, layer, tokens, part):
+    """[1, tokens, H]: the input of layer `layer`'s `part` ("self_attn": the attention, after its norm; "mlp":
+    the MoE block) when the model reads real text (standard-library docstrings, kitcore.inputs; float32, CPU;
+    only the layers up to `layer` are loaded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import inputs
+
+    ids = inputs.text_stream(inputs.tokenizer(checkpoint.path, "use --inputs random"), tokens)
+    config = AutoConfig.from_pretrained(str(checkpoint.path))
+    config.num_hidden_layers = layer + 1
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint.path), config=config, dtype=torch.float32,
+                                                 use_safetensors=True).eval()
+    captured = {}
+
+    def keep(module, args, kwargs):
+        captured.setdefault("x", kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+
+    hook = getattr(model.model.layers[layer], part).register_forward_pre_hook(keep, with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([ids]))
+    hook.remove()
+    return captured["x"].detach()
+
+
 def first_output(out):
     """Modules return a tensor, or a tuple whose first element is the output (4.57 MoE, attention)."""
     return out[0] if isinstance(out, tuple) else out

@@ -2,8 +2,12 @@
 """Qwen3-MoE attention of one layer: prefill TTFT and decode throughput, checked against a float32 reference.
 
 Prefill cases (seqlen:pastlen, default 64:512,128:0,256:0,256:256) run one after another, each on top of
-its own KV cache holding `pastlen` random past positions, with an explicit causal mask offset by the
-past. Timed per request: from the request's start to its output being ready (device-synchronised); the
+its own KV cache holding `pastlen` past positions, with an explicit causal mask offset by the past.
+Inputs: `--inputs text` (default) takes a window of real text's hidden states at this layer's attention
+input (the checkpoint reads standard-library docstrings), its past K/V what the float32 reference writes
+for the window's first positions: a trained checkpoint's own activations, whose q/k norms and score
+ranges random inputs do not meet; `--inputs random` (and `--sweep`, whose lengths reach the context)
+takes uniform [0, 1) hidden states and past K/V. Timed per request: from the request's start to its output being ready (device-synchronised); the
 cache is cropped back to exactly its past between runs (untimed). Decode: 16 requests of one token with
 pasts 50x4, 100x4, 200x4, 400x4, each step timed at its fixed past. `--batched` also runs the 16 decode
 requests as one left-padded batch, as a serving engine does.
@@ -40,7 +44,8 @@ from kitcore import cli, judges, session  # noqa: E402
 from kitcore.compare import OWN_TOLERANCES  # noqa: E402
 from kitcore.devices import Device  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
-from kitcore.qwen3_moe import HFModules, attention_mask, first_output, layer_weights, module_engine  # noqa: E402
+from kitcore.qwen3_moe import (HFModules, attention_mask, first_output, layer_weights, module_engine,  # noqa: E402
+                              text_hidden_states)
 from kitcore.roofline import CacheFlush  # noqa: E402
 from kitcore.timing import benchmark, time_requests, timer_note  # noqa: E402
 
@@ -67,19 +72,52 @@ def parse_cases(text, flag, max_pos, decode=False):
     return cases
 
 
-class Request:
-    """One request: random hidden states and past K/V, a cache that is reset to exactly that past."""
+@dataclass
+class TextInputs:
+    """Real text's hidden states at the attention's input ([1, N, H], float32, CPU) and the reference module
+    that writes a window's past K/V."""
 
-    def __init__(self, config, seq, past, g):
+    states: torch.Tensor
+    reference: object
+    rotary: object  # on the CPU
+
+    def past_kv(self, hidden):
+        from transformers import DynamicCache
+
+        past = hidden.shape[1]
+        cache = DynamicCache(config=self.reference.config)
+        if past:
+            cos, sin = self.rotary(hidden, torch.arange(past)[None])
+            mask = attention_mask(torch.ones(1, past, dtype=torch.bool), past, torch.float32, "eager", CPU.torch_device)
+            with torch.no_grad():
+                self.reference(hidden, (cos, sin), mask, cache)
+            return cache.layers[0].keys, cache.layers[0].values
+        kv, hd = self.reference.config.num_key_value_heads, self.reference.config.head_dim
+        return torch.zeros(1, kv, 0, hd), torch.zeros(1, kv, 0, hd)
+
+
+class Request:
+    """One request: hidden states and past K/V, a cache that is reset to exactly that past. From `text`
+    (Inputs): a window of real text's hidden states at this layer, its past K/V what the float32 reference
+    writes for the window's first `past` positions; else uniform random."""
+
+    def __init__(self, config, seq, past, g, text=None):
         from transformers import DynamicCache
 
         self.seq, self.past, self.config = seq, past, config
         kv, hd = config.num_key_value_heads, config.head_dim
-        self.hidden = torch.rand(1, seq, config.hidden_size, generator=g)
-        self.past_k = torch.rand(1, kv, past, hd, generator=g)
-        self.past_v = torch.rand(1, kv, past, hd, generator=g)
         self.position_ids = torch.arange(past, past + seq)[None]
         self.new_cache = lambda: DynamicCache(config=config)
+        if text is None:
+            self.hidden = torch.rand(1, seq, config.hidden_size, generator=g)
+            self.past_k = torch.rand(1, kv, past, hd, generator=g)
+            self.past_v = torch.rand(1, kv, past, hd, generator=g)
+            return
+        start = int(torch.randint(0, text.states.shape[1] - past - seq + 1, (1,), generator=g))
+        window = text.states[:, start:start + past + seq]
+        self.hidden = window[:, past:]
+        self.past_k, self.past_v = text.past_kv(window[:, :past])
+
 
     def prepare(self, module, rotary, device, dtype, attn):
         """Inputs on the device, and a call that runs the module on them."""
@@ -189,9 +227,11 @@ class Modules:
     own_streams: bool
     flush: object  # a CacheFlush with --cold, else None
     generator: torch.Generator
+    text: TextInputs  # None with --inputs random
 
     @classmethod
-    def open(cls, bench):
+    def open(cls, bench, text_tokens):
+        """The modules, and `text_tokens` of real text's hidden states at the layer (None: random inputs)."""
         from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRotaryEmbedding
 
         args, config, device, dtype = bench.args, bench.config, bench.device, bench.dtype
@@ -205,9 +245,17 @@ class Modules:
         own_streams = bool(getattr(module, "own_streams", False))
         bench.results.env["timer"] = timer_note(device, own_streams)
         print(f"  {bench.results.env['timer']}")
+        ref_rotary = Qwen3MoeRotaryEmbedding(config)
+        text = None
+        if text_tokens:
+            states = text_hidden_states(bench.checkpoint, args.layer, text_tokens, "self_attn")
+            text = TextInputs(states, reference, ref_rotary)
+        bench.results.env["inputs"] = (f"text: layer {args.layer}'s attention inputs on {text_tokens} tokens of "
+                                       "real text, past K/V from the float32 reference" if text else "uniform random")
+        print(f"  inputs: {bench.results.env['inputs']}")
         return cls(bench, module, reference, peer, judge, Qwen3MoeRotaryEmbedding(config).to(device.torch_device),
-                   Qwen3MoeRotaryEmbedding(config), own_streams, CacheFlush(device) if args.cold else None,
-                   torch.Generator().manual_seed(args.seed))
+                   ref_rotary, own_streams, CacheFlush(device) if args.cold else None,
+                   torch.Generator().manual_seed(args.seed), text)
 
     def reference_output(self, r):
         ref_call, _, _ = r.prepare(self.reference, self.ref_rotary, CPU, torch.float32, "eager")
@@ -237,7 +285,7 @@ def run_phase(m, phase, cases, labels=None):
     Returns the requests, their Measurements, the batch-relative latencies and whether every one passed."""
     bench, args = m.bench, m.bench.args
     device, dtype, config = bench.device, bench.dtype, bench.config
-    requests = [Request(config, s, p, m.generator) for s, p in cases]
+    requests = [Request(config, s, p, m.generator, m.text) for s, p in cases]
     prepared = [r.prepare(m.module, m.rotary, device, dtype, args.attn) for r in requests]
     outputs, peaks = first_outputs(m, requests, prepared)
     latencies, batch_relative = time_requests([c for c, _, _ in prepared], device, args.warmups, args.runs,
@@ -307,7 +355,7 @@ def sweep(m):
         print(f"\nsweep {family}: " + ", ".join(f"{s}:{p}" for s, p in points))
         if family == "batch":  # b decode requests of one token at the same past, as one batch
             for b, past in points:
-                requests = [Request(config, 1, past, g) for _ in range(b)]
+                requests = [Request(config, 1, past, g, m.text) for _ in range(b)]
                 for r in requests:
                     r.reference = m.reference_output(r)
                 passed &= run_batched(m, requests, f"batch{b}_past{past}", {"sweep": "batch", "size": b})
@@ -370,12 +418,16 @@ def main(argv=None):
     parser.add_argument("--prefill_cases", default=PREFILL_CASES, help=f"seqlen:pastlen,... (default {PREFILL_CASES})")
     parser.add_argument("--decode_cases", default=None, help="1:pastlen,... (default 16 requests, pasts 50x4 ... 400x4)")
     parser.add_argument("--batched", action="store_true", help="also run the decode requests as one padded batch")
+    parser.add_argument("--inputs", default="text", choices=["text", "random"],
+                        help="hidden states and past K/V (default text)")
     args = parser.parse_args(argv)
     bench = session.Bench.open(args, SCRIPT, args.attn)
     max_pos = bench.config.max_position_embeddings
     prefill = parse_cases(args.prefill_cases, "--prefill_cases", max_pos)
     decode = parse_cases(args.decode_cases or DECODE_CASES, "--decode_cases", max_pos, decode=True)
-    m = Modules.open(bench)
+    # the sweep reaches the whole context, beyond what a float32 reference prefill of real text affords
+    text_tokens = max(s + p for s, p in prefill + decode) if args.inputs == "text" and not args.sweep else None
+    m = Modules.open(bench, text_tokens)
     if args.sweep:
         return bench.finish(sweep(m))
     passed = prefill_phase(m, prefill)

@@ -41,33 +41,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 
-from kitcore import cli, inputs, judges, session  # noqa: E402
+from kitcore import cli, judges, session  # noqa: E402
 from kitcore.devices import Device  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
-from kitcore.qwen3_moe import HFModules, check_moe_block, first_output, module_engine, moe_weights  # noqa: E402
+from kitcore.qwen3_moe import (HFModules, check_moe_block, first_output, module_engine, moe_weights,  # noqa: E402
+                              text_hidden_states)
 from kitcore.roofline import CacheFlush  # noqa: E402
 from kitcore.timing import benchmark, timer_note  # noqa: E402
 
 SCRIPT = "moe_test"
 SWEEP_TOKENS = (1, 4, 16, 64, 256, 1024, 4096)  # tokens per call
-
-
-def text_hidden_states(checkpoint, layer, tokens):
-    """[1, tokens, H]: the input of layer `layer`'s MoE block when the model reads real text (standard-library
-    docstrings, kitcore.inputs; float32, CPU; only the layers up to `layer` are loaded)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    ids = inputs.text_stream(inputs.tokenizer(checkpoint.path, "use --inputs random"), tokens)
-    config = AutoConfig.from_pretrained(str(checkpoint.path))
-    config.num_hidden_layers = layer + 1
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint.path), config=config, dtype=torch.float32,
-                                                 use_safetensors=True).eval()
-    captured = {}
-    hook = model.model.layers[layer].mlp.register_forward_pre_hook(lambda m, args: captured.setdefault("x", args[0]))
-    with torch.no_grad():
-        model(input_ids=torch.tensor([ids]))
-    hook.remove()
-    return captured["x"].detach()
 
 
 def input_hidden_states(args, checkpoint, config, tokens):
@@ -76,7 +59,7 @@ def input_hidden_states(args, checkpoint, config, tokens):
     if args.inputs == "random":
         return torch.rand(1, tokens, config.hidden_size, generator=torch.Generator().manual_seed(args.seed))
     window = min(tokens, config.max_position_embeddings)
-    states = text_hidden_states(checkpoint, args.layer, window)
+    states = text_hidden_states(checkpoint, args.layer, window, "mlp")
     return states.repeat(1, -(-tokens // window), 1)[:, :tokens]
 
 
