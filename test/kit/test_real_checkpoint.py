@@ -103,3 +103,29 @@ def test_real_checkpoint_cli_refuses_a_foreign_directory(tmp_path):
     (tmp_path / "mine.txt").write_text("keep me")
     r = run_script("tools/real_checkpoint.py", "--out", tmp_path)
     assert r.code == 2 and "directory is not empty" in r.err and (tmp_path / "mine.txt").exists(), r
+
+
+def test_the_moe_construction_keeps_the_dense_model(llama_checkpoint, tmp_path):
+    """kitcore.trained_moe on the tiny Llama (its one sparse layer is layer 0): the rescaled residual stream
+    and the linear q/k norms keep the dense model's function; every expert is the whole MLP, so that all
+    of them with equal weights are the dense MLP exactly; the checkpoint loads as a Qwen3-MoE."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from kitcore import trained_moe
+    from kitcore.checkpoints import open_checkpoint
+
+    out = tmp_path / "moe"
+    built = trained_moe.build(llama_checkpoint, out, log=lambda message: None)
+    summary = built["summary"]
+    assert summary["q_norm_deviation_max"] <= 0.025 and summary["k_norm_deviation_max"] <= 0.025, summary
+    assert summary["top1_agreement"] >= 0.9, summary  # only layer 0 routes: the rest is the dense model
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qwen3_moe" and config["mlp_only_layers"] == [1], config
+    assert config["rms_norm_eps"] == 1e-6 * trained_moe.RESIDUAL_SCALE**2
+    moe, dense = load_file(str(out / "model.safetensors")), open_checkpoint(llama_checkpoint).load_tensors(
+        ["model.layers.0.mlp.down_proj.weight"])
+    mean = sum(moe[f"model.layers.0.mlp.experts.{e}.down_proj.weight"] for e in range(8)) / 8
+    torch.testing.assert_close(mean, dense["model.layers.0.mlp.down_proj.weight"] * trained_moe.RESIDUAL_SCALE)

@@ -87,13 +87,17 @@ class Distribution:
 #   moe bfloat16 (hf eager/sdpa, compile, llama.cpp): KL mean <= 3.3e-4, p99 <= 2.4e-3, max <= 5.6e-2, top-1 >= 0.986
 #   moe float16 (same engines):                       KL mean <= 2.8e-5, p99 <= 1.7e-5, max <= 1.2e-2, top-1 >= 0.998
 #   moe q8_0 (llama.cpp):                             KL mean <= 6.4e-4, p99 <= 2.4e-4, max <= 6.9e-2, top-1 >= 0.989
+# and on the Qwen3-MoE built from Qwen2.5's trained weights (kitcore.trained_moe; hf eager/sdpa, the default
+# prompt and 7 docstring prompts of 39-298 tokens), which the tiny models' figures would false-alarm on:
+#   moe bfloat16: KL mean <= 3.9e-3, p99 <= 2.4e-2, max <= 3.4e-2, top-1 >= 0.938
+#   moe float16:  KL mean <= 2.1e-4, p99 <= 1.8e-3, max <= 3.9e-3, top-1 >= 0.963 (one flip)
 DISTRIBUTIONS = {
     "q8_0": Distribution("q8_0", kl_mean=3e-4, kl_p99=1e-3, kl_max=2e-3, top1=0.9, top5=0.97),
     "kv-f16": Distribution("kv-f16", kl_mean=1e-5, kl_p99=1e-4, kl_max=2e-4, top1=0.97, top5=0.99, nmse=1.5e-5),
     "kv-q8_0": Distribution("kv-q8_0", kl_mean=1e-3, kl_p99=5e-3, kl_max=1e-2, top1=0.9, top5=0.98, nmse=4e-4),
     "kv-q4_0": Distribution("kv-q4_0", kl_mean=0.07, kl_p99=0.6, kl_max=1.5, top1=0.9, top5=0.98, nmse=0.1),
-    "moe-bfloat16": Distribution("moe-bfloat16", kl_mean=1.5e-3, kl_p99=1e-2, kl_max=0.2, top1=0.95, top5=0.98),
-    "moe-float16": Distribution("moe-float16", kl_mean=1.5e-4, kl_p99=1e-4, kl_max=0.05, top1=0.97, top5=0.98),
+    "moe-bfloat16": Distribution("moe-bfloat16", kl_mean=1.2e-2, kl_p99=7e-2, kl_max=0.2, top1=0.9, top5=0.97),
+    "moe-float16": Distribution("moe-float16", kl_mean=6e-4, kl_p99=5e-3, kl_max=0.05, top1=0.95, top5=0.98),
     "moe-q8_0": Distribution("moe-q8_0", kl_mean=3e-3, kl_p99=1e-3, kl_max=0.3, top1=0.95, top5=0.98),
 }
 
