@@ -27,14 +27,15 @@ def test_attention_passes_and_prints_the_original_lines(dtype, attn, moe_checkpo
     assert cases["prefill"][0]["samples"] == 3
     assert cases["decode_batched"][0]["comparison"]["passed"]
     assert r.json["env"]["checkpoint_hash"] and r.json["env"]["dtype"] == dtype
+    assert r.json["env"]["inputs"].startswith("text: layer 0's attention inputs on 576 tokens"), r.json["env"]
     metrics = {rec["metric"] for rec in r.json["records"]}
     assert {"gflops", "gbytes_per_s", "tokens_per_s", "ttft_batch_relative_mean_ms"} <= metrics
 
 
 def test_attention_through_torch_compile(moe_checkpoint):
     r = run_script(ATTENTION, "--model_path", moe_checkpoint, "--engine", "compile", "--dtype", "float32",
-                   "--prefill_cases", "16:8", "--decode_cases", "1:8", *QUICK)
-    assert r.code == 0, r
+                   "--prefill_cases", "16:8", "--decode_cases", "1:8", "--inputs", "random", *QUICK)
+    assert r.code == 0 and "inputs: uniform random" in r.out, r
 
 
 @pytest.mark.parametrize("plugin,case", [("SwappedCosSinModules", "prefill0_seq64_past512"),

@@ -7,8 +7,9 @@ Inputs: `--inputs text` (default) takes a window of real text's hidden states at
 input (the checkpoint reads standard-library docstrings), its past K/V what the float32 reference writes
 for the window's first positions: a trained checkpoint's own activations, whose q/k norms and score
 ranges random inputs do not meet; `--inputs random` (and `--sweep`, whose lengths reach the context)
-takes uniform [0, 1) hidden states and past K/V. Timed per request: from the request's start to its output being ready (device-synchronised); the
-cache is cropped back to exactly its past between runs (untimed). Decode: 16 requests of one token with
+takes uniform [0, 1) hidden states and past K/V. Timed per request: from the request's start to its
+output being ready (device-synchronised); the cache is cropped back to exactly its past between runs
+(untimed). Decode: 16 requests of one token with
 pasts 50x4, 100x4, 200x4, 400x4, each step timed at its fixed past. `--batched` also runs the 16 decode
 requests as one left-padded batch, as a serving engine does.
 
@@ -98,7 +99,7 @@ class TextInputs:
 
 class Request:
     """One request: hidden states and past K/V, a cache that is reset to exactly that past. From `text`
-    (Inputs): a window of real text's hidden states at this layer, its past K/V what the float32 reference
+    (TextInputs): a window of real text's hidden states at this layer, its past K/V what the float32 reference
     writes for the window's first `past` positions; else uniform random."""
 
     def __init__(self, config, seq, past, g, text=None):
@@ -117,7 +118,6 @@ class Request:
         window = text.states[:, start:start + past + seq]
         self.hidden = window[:, past:]
         self.past_k, self.past_v = text.past_kv(window[:, :past])
-
 
     def prepare(self, module, rotary, device, dtype, attn):
         """Inputs on the device, and a call that runs the module on them."""
