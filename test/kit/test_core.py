@@ -322,3 +322,18 @@ def test_failed_steps_skip_steps_a_comparison_did_not_reach():
 
     steps = [{"step": 0, "a_vs_b": {"passed": True}}, {"step": 1, "a_vs_b": {"passed": False}}, {"step": 2}]
     assert failed_steps(steps, "a_vs_b") == [1]
+
+
+def test_a_distribution_rate_fails_on_two_misses_not_one():
+    """One top-1 flip among 27 positions (3.7%, below moe-float16's 0.97) is a near-tie's rounding: passes;
+    two fail, naming how many."""
+    ref = logits_with_gaps([0.01] * 27)  # every position a near-tie: no flip is decisive
+    judge = judges.Judge(torch.float16, DISTRIBUTIONS["moe-float16"])
+    mask = torch.ones(1, 27, dtype=torch.long)
+    for flips, passes in ((1, True), (2, False)):
+        cand = ref.clone()
+        for p in range(flips):
+            cand[0, p, 0], cand[0, p, 1] = ref[0, p, 1], ref[0, p, 0]
+        check = judges.check_logits(cand, ref, mask, judge)
+        assert check.passed == passes and check.decisive_disagreements == 0, check.reasons()
+    assert "top-1 agreement 0.926 below 0.95 (2 of 27 positions)" in check.reasons()
