@@ -4,7 +4,8 @@ import json
 import sys
 
 import pytest
-from kit_helpers import EXTENDED, FAULTY_ENGINES, LLAMA, copy_checkpoint, edit_config, run_script
+import torch
+from kit_helpers import EXTENDED, FAULTY_ENGINES, LLAMA, copy_checkpoint, edit_config, edit_weights, run_script
 
 INFERENCE = f"{LLAMA}/test_llama_inference.py"
 FORWARD = f"{LLAMA}/test_forward_validation.py"
@@ -105,6 +106,29 @@ def test_conversion_is_cached_by_checkpoint_hash(llama_checkpoint):
     mtime = first.stat().st_mtime_ns
     assert gguf_path(ck, "f16") == first and first.stat().st_mtime_ns == mtime
     assert ck.fingerprint in first.name
+
+
+@needs_llamacpp
+def test_attention_biases_reach_llamacpp(llama_checkpoint, tmp_path):
+    """A Llama with q/k/v/o biases (Qwen2 written as Llama): the q/k biases permuted with their rows; biases of
+    the weights' scale, so that a dropped or unpermuted one fails."""
+    import gguf
+    from kitcore.checkpoints import open_checkpoint
+    from kitcore.gguf_export import gguf_path
+
+    ckpt = copy_checkpoint(llama_checkpoint, tmp_path / "biased")
+    edit_config(ckpt, attention_bias=True)
+    generator = torch.Generator().manual_seed(0)
+
+    def add_biases(sd):
+        for name in [n for n in sd if n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))]:
+            rows = sd[name].shape[0]
+            sd[name.replace(".weight", ".bias")] = torch.randn(rows, generator=generator).to(sd[name].dtype)
+    edit_weights(ckpt, add_biases)
+    r = run_script(INFERENCE, "--model_path", ckpt, "--engine", "llama.cpp", "--dtype", "float32")
+    assert r.code == 0, r
+    names = {t.name for t in gguf.GGUFReader(gguf_path(open_checkpoint(ckpt), "f32")).tensors}
+    assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias", "blk.0.attn_output.bias"} <= names
 
 
 @needs_llamacpp

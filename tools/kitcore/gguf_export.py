@@ -3,8 +3,8 @@
     gguf_path(checkpoint, gguf_type) -> Path      converts once, cached by checkpoint fingerprint
 
 Weight types: f32, f16, bf16, q8_0 (1-D norm weights stay f32, as llama.cpp's own converter does).
-Llama's q_proj/k_proj rows are permuted from HF's half-split RoPE layout to llama.cpp's interleaved
-one; Qwen3-MoE uses NeoX RoPE in llama.cpp too and is written unpermuted. Qwen3-MoE experts are
+Llama's q_proj/k_proj rows (and their biases, where `attention_bias` gives them) are permuted from HF's
+half-split RoPE layout to llama.cpp's interleaved one; Qwen3-MoE uses NeoX RoPE in llama.cpp too and is written unpermuted. Qwen3-MoE experts are
 stacked into [experts, rows, cols] tensors. The vocabulary is the checkpoint's byte-level BPE (tokens and
 merges, llama.cpp's "gpt2" tokenizer) where it has one, so that a server which takes text only
 (llama-cpp-python's) tokenizes as the checkpoint does; otherwise a placeholder of the right size (the
@@ -45,8 +45,8 @@ def _check_supported(config):
     scaling = config.get("rope_scaling") or {}
     if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default"):
         problems.append(f"rope_scaling {scaling}")
-    if config.get("attention_bias"):
-        problems.append("attention_bias")
+    if config.get("attention_bias") and model_type != "llama":
+        problems.append("attention_bias (llama.cpp's qwen3moe has no o_proj bias)")
     if config.get("mlp_bias"):
         problems.append("mlp_bias")
     if model_type == "qwen3_moe" and (config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1):
@@ -82,6 +82,13 @@ def _tensors(checkpoint, permute_qk):
                 (b + "attn_k.weight", k), (b + "attn_v.weight", take(p + "self_attn.v_proj.weight")),
                 (b + "attn_output.weight", take(p + "self_attn.o_proj.weight")),
                 (b + "ffn_norm.weight", take(p + "post_attention_layernorm.weight"))]
+        for proj, heads in (("q", cfg["num_attention_heads"]), ("k", cfg["num_key_value_heads"]), ("v", 0), ("o", 0)):
+            bias = p + f"self_attn.{proj}_proj.bias"  # Qwen2 written as Llama (attention_bias) has them
+            if bias in left:
+                bias = take(bias)
+                if heads and permute_qk:
+                    bias = half_to_interleaved_rows(bias, heads)
+                out.append((b + f"attn_{'output' if proj == 'o' else proj}.bias", bias))
         if moe:
             out += [(b + "attn_q_norm.weight", take(p + "self_attn.q_norm.weight")),
                     (b + "attn_k_norm.weight", take(p + "self_attn.k_norm.weight")),
