@@ -73,6 +73,20 @@ def test_quantised_kv_cache_over_a_long_decode(kv_type, llama_checkpoint, tmp_pa
     assert r.json["env"]["attested"]["llama.cpp baseline"]["type_k"] == "f32"
 
 
+def test_what_a_quantised_cache_costs_by_itself(llama_checkpoint, tmp_path):
+    """tools/kv_cache_cost.py: HF with its keys and values rounded to GGML blocks costs something, q4_0 more
+    than q8_0; a decode too short for quarters is a usage error."""
+    costs = {}
+    for kv_type in ("q8_0", "q4_0"):
+        r = run_script("tools/kv_cache_cost.py", "--model_path", llama_checkpoint, "--kv_type", kv_type,
+                       "--decode_steps", 8, json_path=tmp_path / f"{kv_type}.json")
+        assert r.code == 0 and f"{kv_type} keys and values" in r.out, r
+        costs[kv_type] = {x["metric"]: x["value"] for x in r.json["records"]}
+    assert 0 < costs["q8_0"]["kl_mean"] < costs["q4_0"]["kl_mean"]
+    r = run_script("tools/kv_cache_cost.py", "--model_path", llama_checkpoint, "--decode_steps", 2)
+    assert r.code == 2 and "--decode_steps" in r.err, r
+
+
 @needs_llamacpp
 def test_flash_attention_reads_an_f32_cache_as_f16(llama_checkpoint):
     r = run_script(FORWARD, "--model_path", llama_checkpoint, "--engine", "llama.cpp", "--dtype", "float32",

@@ -94,7 +94,7 @@ class Distribution:
 DISTRIBUTIONS = {
     "q8_0": Distribution("q8_0", kl_mean=3e-4, kl_p99=1e-3, kl_max=2e-3, top1=0.9, top5=0.97),
     "kv-f16": Distribution("kv-f16", kl_mean=1e-5, kl_p99=1e-4, kl_max=2e-4, top1=0.97, top5=0.99, nmse=1.5e-5),
-    "kv-q8_0": Distribution("kv-q8_0", kl_mean=1e-3, kl_p99=5e-3, kl_max=1e-2, top1=0.9, top5=0.98, nmse=4e-4),
+    "kv-q8_0": Distribution("kv-q8_0", kl_mean=3e-3, kl_p99=5e-2, kl_max=8e-2, top1=0.9, top5=0.98, nmse=8e-4),
     "kv-q4_0": Distribution("kv-q4_0", kl_mean=0.07, kl_p99=0.6, kl_max=1.5, top1=0.9, top5=0.98, nmse=0.1),
     "moe-bfloat16": Distribution("moe-bfloat16", kl_mean=1.2e-2, kl_p99=7e-2, kl_max=0.2, top1=0.9, top5=0.97),
     "moe-float16": Distribution("moe-float16", kl_mean=6e-4, kl_p99=5e-3, kl_max=0.05, top1=0.95, top5=0.98),
