@@ -91,6 +91,8 @@ class Distribution:
 # prompt and 7 docstring prompts of 39-298 tokens), which the tiny models' figures would false-alarm on:
 #   moe bfloat16: KL mean <= 3.9e-3, p99 <= 2.4e-2, max <= 3.4e-2, top-1 >= 0.938
 #   moe float16:  KL mean <= 2.1e-4, p99 <= 1.8e-3, max <= 3.9e-3, top-1 >= 0.963 (one flip)
+# The kv-* rows (llama.cpp's caches over 256 decode steps; tiny Llama, SmolLM2, q8_0 on Qwen2.5 too, beside the
+# format's own cost from tools/kv_cache_cost.py): tools/measurements.md.
 DISTRIBUTIONS = {
     "q8_0": Distribution("q8_0", kl_mean=3e-4, kl_p99=1e-3, kl_max=2e-3, top1=0.9, top5=0.97),
     "kv-f16": Distribution("kv-f16", kl_mean=1e-5, kl_p99=1e-4, kl_max=2e-4, top1=0.97, top5=0.99, nmse=1.5e-5),
