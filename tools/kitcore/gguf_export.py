@@ -4,8 +4,8 @@
 
 Weight types: f32, f16, bf16, q8_0 (1-D norm weights stay f32, as llama.cpp's own converter does).
 Llama's q_proj/k_proj rows (and their biases, where `attention_bias` gives them) are permuted from HF's
-half-split RoPE layout to llama.cpp's interleaved one; Qwen3-MoE uses NeoX RoPE in llama.cpp too and is written unpermuted. Qwen3-MoE experts are
-stacked into [experts, rows, cols] tensors. The vocabulary is the checkpoint's byte-level BPE (tokens and
+half-split RoPE layout to llama.cpp's interleaved one; Qwen3-MoE uses NeoX RoPE in llama.cpp too and is
+written unpermuted. Qwen3-MoE experts are stacked into [experts, rows, cols] tensors. The vocabulary is the checkpoint's byte-level BPE (tokens and
 merges, llama.cpp's "gpt2" tokenizer) where it has one, so that a server which takes text only
 (llama-cpp-python's) tokenizes as the checkpoint does; otherwise a placeholder of the right size (the
 in-process engine feeds token ids, never text). After writing, the file is read back
@@ -86,7 +86,7 @@ def _tensors(checkpoint, permute_qk):
             bias = p + f"self_attn.{proj}_proj.bias"  # Qwen2 written as Llama (attention_bias) has them
             if bias in left:
                 bias = take(bias)
-                if heads and permute_qk:
+                if heads and permute_qk and not moe:
                     bias = half_to_interleaved_rows(bias, heads)
                 out.append((b + f"attn_{'output' if proj == 'o' else proj}.bias", bias))
         if moe:
