@@ -5,11 +5,11 @@
 Weight types: f32, f16, bf16, q8_0 (1-D norm weights stay f32, as llama.cpp's own converter does).
 Llama's q_proj/k_proj rows (and their biases, where `attention_bias` gives them) are permuted from HF's
 half-split RoPE layout to llama.cpp's interleaved one; Qwen3-MoE uses NeoX RoPE in llama.cpp too and is
-written unpermuted. Qwen3-MoE experts are stacked into [experts, rows, cols] tensors. The vocabulary is the checkpoint's byte-level BPE (tokens and
-merges, llama.cpp's "gpt2" tokenizer) where it has one, so that a server which takes text only
-(llama-cpp-python's) tokenizes as the checkpoint does; otherwise a placeholder of the right size (the
-in-process engine feeds token ids, never text). After writing, the file is read back
-and its tensor count and shapes are checked.
+written unpermuted. Qwen3-MoE experts are stacked into [experts, rows, cols] tensors. The vocabulary is
+the checkpoint's byte-level BPE (tokens and merges, llama.cpp's "gpt2" tokenizer) where it has one, so that
+a server which takes text only (llama-cpp-python's) tokenizes as the checkpoint does; otherwise a
+placeholder of the right size (the in-process engine feeds token ids, never text). After writing, the file
+is read back and its tensor count and shapes are checked.
 """
 
 import os
