@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What a quantised KV cache costs a checkpoint by itself, whatever engine holds it.
 
-    python tools/kv_cache_cost.py --model_path CKPT [--kv_type q8_0|q4_0] [--decode_steps 256] [--json PATH]
+    python tools/kv_cache_cost.py [--model_path CKPT] [--kv_type q8_0|q4_0] [--decode_steps 256] [--json PATH]
 
 HF Transformers in float32 runs the default prompt and its greedy continuation of --decode_steps tokens
 twice: as it is (the reference), and with every attention call's keys and values (after RoPE) rounded to
@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kitcore import cli  # noqa: E402
-from kitcore.checkpoints import open_checkpoint  # noqa: E402
+from kitcore.checkpoints import default_checkpoint, open_checkpoint  # noqa: E402
+from kitcore.engines import quiet_transformers  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
 from kitcore.inputs import tokenizer  # noqa: E402
 from kitcore.results import Results, environment  # noqa: E402
@@ -53,7 +54,7 @@ def rounded_attention(kv_type):
 
 def main(argv=None):
     parser = cli.ArgumentParser(description=__doc__)
-    parser.add_argument("--model_path", required=True, help="a HF checkpoint directory with a tokenizer")
+    parser.add_argument("--model_path", help="a HF checkpoint directory with a tokenizer (default: the kit's tiny Llama)")
     parser.add_argument("--kv_type", choices=KV_TYPES, default="q8_0", help="the cache's block format (default q8_0)")
     parser.add_argument("--decode_steps", type=int, default=256, help="greedy tokens after the prompt (default 256)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH (atomically)")
@@ -62,13 +63,14 @@ def main(argv=None):
         parser.error("--decode_steps must be at least 4 (the figures have quarters)")
     from transformers import AttentionInterface, AutoModelForCausalLM
 
-    checkpoint = open_checkpoint(args.model_path)
+    quiet_transformers()
+    checkpoint = open_checkpoint(args.model_path or default_checkpoint("llama"))
     head_dim = checkpoint.config.get("head_dim") or checkpoint.config["hidden_size"] // checkpoint.config[
         "num_attention_heads"]
     if head_dim % 32:
         raise UsageError(f"head_dim {head_dim} is not a multiple of 32, GGML's block: no {args.kv_type} cache")
-    ids = torch.tensor([list(tokenizer(args.model_path)(DEFAULT_PROMPT))])
-    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32, attn_implementation="sdpa")
+    ids = torch.tensor([list(tokenizer(checkpoint.path)(DEFAULT_PROMPT))])
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint.path), dtype=torch.float32, attn_implementation="sdpa")
     name = f"kit_{args.kv_type}_cache"
     AttentionInterface.register(name, rounded_attention(args.kv_type))
     with torch.no_grad():
