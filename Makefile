@@ -48,8 +48,9 @@ setup-infinilm: $(VENV)/.installed  ## optional: build InfiniCore + InfiniLM for
 test: $(VENV)/.installed  ## run the kit's own test suite (what CI runs)
 	$(PY) -m pytest -q -m "not extended" --durations=15 test
 
-test-extended: $(VENV)/.installed  ## the wider matrices make test checks once: more seeds, dtypes and llama.cpp weights, a real vLLM server
+test-extended: $(VENV)/.installed  ## the wider matrices make test checks once: more seeds, dtypes and llama.cpp weights, a real vLLM server; the fault tests on other models and kernel paths
 	$(PY) -m pytest -q -m extended --durations=15 test
+	$(VENV)/bin/nox -s any-machine
 
 test-serving: $(VENV)/.installed  ## the serving engines against real vLLM / llama-cpp-python servers (after setup-vllm, setup-llamacpp)
 	$(VENV)/bin/nox -s serving

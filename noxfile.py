@@ -180,6 +180,32 @@ def tests(session):
     session.run(sys.executable, "-m", "pytest", "-q", *(session.posargs or ["test"]), external=True)
 
 
+# the tests whose verdicts hang on a trained model's numbers: fault engines and judges
+CHECKPOINT_SENSITIVE = ["test/kit/test_llama_suite.py", "test/kit/test_qwen3_moe_suite.py"]
+OTHER_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+@nox.session(name="any-machine", python=False)
+def any_machine(session):
+    """The fault and judge tests on other models of the default recipe and under the other kernel path: seeds 1
+    and 2; checkpoints trained with this machine's own kernels and with AVX2's; the default checkpoint judged
+    under AVX2's kernels. A margin that holds on one model or one kind of CPU only fails here."""
+    import torch
+
+    native = torch.backends.cpu.get_cpu_capability()
+    runs = [("seed 1", {"LLM_KIT_TEST_SEED": "1"}), ("seed 2", {"LLM_KIT_TEST_SEED": "2"}),
+            (f"trained with this machine's kernels ({native})", {"LLM_KIT_TEST_ARITHMETIC": "native"})]
+    if native.startswith("AVX512"):
+        runs += [("judged under AVX2 kernels", OTHER_KERNELS),
+                 ("trained and judged under AVX2 kernels", {**OTHER_KERNELS, "LLM_KIT_TEST_ARITHMETIC": "native"})]
+    else:
+        session.log(f"this CPU's kernels are {native}: no wider kernel path to run the tests under")
+    for what, env in runs:
+        session.log(f"--- {what}")
+        session.run(sys.executable, "-m", "pytest", "-q", "-m", "not extended", *CHECKPOINT_SENSITIVE,
+                    *session.posargs, external=True, env=env)
+
+
 @nox.session(name="tests-transformers-oldest", python="3.11")
 def tests_transformers_oldest(session):
     """The test suite against the oldest supported transformers (own venv; reuse with -r)"""

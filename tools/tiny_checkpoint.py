@@ -25,16 +25,27 @@ def main(argv=None):
     parser.add_argument("--family", required=True, choices=sorted(tiny.SIZES))
     parser.add_argument("--out", required=True, help="output directory (must be empty or absent)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", default="tiny", choices=["tiny", "small", "1b", "8b"],
-                        help="tiny (default, trained), small, 1b, 8b (Llama-3.1-8B's shapes, written layer by layer)")
+    parser.add_argument("--size", default="tiny", choices=["tiny", "small", "1b", "8b", "a3b", "a3b-router"],
+                        help="tiny (default, trained), small, 1b, 8b (Llama-3.1-8B's shapes, written layer by layer), "
+                             "a3b (Qwen3-MoE: one layer of Qwen3-30B-A3B's shapes, 128 experts, top 8), a3b-router "
+                             "(the same, its experts narrowed to 64)")
     parser.add_argument("--dtype", default="float32", help="dtype of the saved weights (default float32)")
+    parser.add_argument("--train_steps", type=int, default=None,
+                        help="shorten the tiny recipe's training (tests of its determinism); default: the recipe's")
+    parser.add_argument("--arithmetic", default="pinned", choices=["pinned", "native"],
+                        help="pinned (default): train with the same arithmetic on every x86-64 CPU; native: with "
+                             "this machine's own kernels (another model per kind of CPU)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out}: directory is not empty; choose a new directory")
-    if args.size in tiny.STREAMED_SIZES and args.family != "llama":
-        raise UsageError(f"--size {args.size} exists for --family llama only")
-    tiny.write_checkpoint(args.family, out, seed=args.seed, size=args.size, dtype=parse_dtype(args.dtype))
+    if args.size not in tiny.SIZES[args.family]:
+        raise UsageError(f"--size {args.size} does not exist for --family {args.family}; "
+                         f"use one of {', '.join(tiny.SIZES[args.family])}")
+    if args.train_steps is not None and args.train_steps < 1:
+        raise UsageError("--train_steps must be at least 1")
+    tiny.write_checkpoint(args.family, out, seed=args.seed, size=args.size, dtype=parse_dtype(args.dtype),
+                          train_steps=args.train_steps, arithmetic=args.arithmetic)
     return 0
 
 

@@ -105,3 +105,30 @@ def scale_weight(name, factor):
 
     return edit
 
+
+
+def add_outlier_key_bias(ckpt, layer, size, query_gain=1.0):
+    """Attention biases (zero) in every layer, and in `layer` a k_proj bias of `size` on each KV head's
+    slowest-rotating RoPE channel: the same large offset on every key, as Qwen2.5's k_proj biases have (up to
+    211). In exact arithmetic it shifts each query's scores by one amount (its rotation over a prompt is
+    ~1e-3 rad), so the model computes what it did; rounded to bfloat16, every key's offset is off by up to
+    half a unit in the last place (size / 256), a different amount per key: an ill-conditioned attention by
+    construction, whatever the training gave. `query_gain` scales the queries on that channel, and with them
+    how much of that rounding reaches the scores."""
+    import torch
+
+    cfg = json.loads((Path(ckpt) / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+
+    def edit(sd):
+        for i in range(cfg["num_hidden_layers"]):
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                rows = sd[f"model.layers.{i}.self_attn.{proj}.weight"].shape[0]
+                sd[f"model.layers.{i}.self_attn.{proj}.bias"] = torch.zeros(rows)
+        bias = sd[f"model.layers.{layer}.self_attn.k_proj.bias"].view(cfg["num_key_value_heads"], head_dim)
+        bias[:, head_dim // 2 - 1] = size  # rotate_half's slowest pair: channels head_dim/2 - 1 and head_dim - 1
+        query = sd[f"model.layers.{layer}.self_attn.q_proj.weight"].view(cfg["num_attention_heads"], head_dim, -1)
+        query[:, head_dim // 2 - 1] *= query_gain
+
+    edit_weights(ckpt, edit)
+    edit_config(ckpt, attention_bias=True)

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from kit_helpers import EXTENDED, LLAMA, run_script, run_subprocess
+from kit_helpers import EXTENDED, LLAMA, ROOT, run_script, run_subprocess
 
 from kitcore import checkpoints, tiny
 from kitcore.errors import UsageError
@@ -21,13 +21,50 @@ def sha(path):
 SHORT = 40  # training steps of the determinism tests: the recipe's code path, not its 400-600 steps
 
 
+# what an AVX2-only machine computes with, on this one: torch's, oneDNN's and MKL's kernels held to AVX2
+AVX2_MACHINE = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
 @pytest.mark.parametrize("family", ["llama", pytest.param("qwen3_moe", marks=EXTENDED)])
-def test_generation_is_byte_identical_and_seed_dependent(family, tmp_path):
+def test_generation_is_byte_identical_seed_dependent_and_the_same_on_an_avx2_machine(family, tmp_path, monkeypatch):
     for name, seed in (("a", 0), ("b", 0), ("other", 1)):
         tiny.write_checkpoint(family, tmp_path / name, seed=seed, log=lambda m: None, train_steps=SHORT)
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert sha(tmp_path / "a" / name) == sha(tmp_path / "b" / name), name
     assert sha(tmp_path / "other" / "model.safetensors") != sha(tmp_path / "a" / "model.safetensors")
+    for variable, value in AVX2_MACHINE.items():  # the training child inherits them
+        monkeypatch.setenv(variable, value)
+    tiny.write_checkpoint(family, tmp_path / "avx2", seed=0, log=lambda m: None, train_steps=SHORT)
+    assert sha(tmp_path / "avx2" / "model.safetensors") == sha(tmp_path / "a" / "model.safetensors")
+    meta = json.loads((tmp_path / "a" / "kit_metadata.json").read_text())
+    assert meta["cpu_capability"] == "AVX2" and meta["arithmetic"].startswith("pinned: ATEN_CPU_CAPABILITY=avx2")
+
+
+def test_native_arithmetic_is_another_model_on_an_avx512_machine(tmp_path):
+    """What the pinned arithmetic prevents: left to an AVX-512 machine's kernels, the same recipe trains other
+    bytes (a fault test's margin measured on one of them did not hold on the other)."""
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        pytest.skip(f"this CPU's kernels are {torch.backends.cpu.get_cpu_capability()}, not AVX-512")
+    tiny.write_checkpoint("llama", tmp_path / "pinned", log=lambda m: None, train_steps=SHORT)
+    tiny.write_checkpoint("llama", tmp_path / "native", log=lambda m: None, train_steps=SHORT, arithmetic="native")
+    assert sha(tmp_path / "native" / "model.safetensors") != sha(tmp_path / "pinned" / "model.safetensors")
+
+
+def test_default_checkpoints_are_the_bytes_the_readme_states():
+    """The default checkpoints' sha256, as the README states them, on any x86-64 CPU: with another Python (its
+    standard library is the corpus), torch or transformers they are another model, and the test says so."""
+    import platform
+
+    import transformers
+
+    made_with = ("3.11.7", "2.13.0", "5.24.0")
+    here = (platform.python_version(), torch.__version__.split("+")[0], transformers.__version__)
+    if here != made_with:
+        pytest.skip(f"the hashes are of Python/torch/transformers {made_with}; this is {here}")
+    readme = (ROOT / "README.md").read_text()
+    for family in ("llama", "qwen3_moe"):
+        digest = sha(checkpoints.default_checkpoint(family, 0) / "model.safetensors")
+        assert f"| `{family}-tiny-seed0` | `{digest}` |" in readme, (family, digest)
 
 
 def test_default_checkpoint_records_the_full_recipe(llama_checkpoint, moe_checkpoint):

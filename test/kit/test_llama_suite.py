@@ -3,8 +3,8 @@
 import json
 
 import pytest
-from kit_helpers import (EXTENDED, FAULTY_ENGINES, LLAMA, copy_checkpoint, edit_config, edit_weights, permute_qk_rows,
-                      run_script, run_subprocess, scale_weight)
+from kit_helpers import (EXTENDED, FAULTY_ENGINES, LLAMA, add_outlier_key_bias, copy_checkpoint, edit_config,
+                         edit_weights, permute_qk_rows, run_script, run_subprocess, scale_weight)
 
 from kitcore import checkpoints
 
@@ -114,13 +114,13 @@ def test_gqa_head_mapping_off_by_one_is_located(llama_checkpoint, tmp_path):
 
 
 def test_an_ill_conditioned_component_is_judged_by_its_input_rounding_floor(llama_checkpoint, tmp_path):
-    """Layer 0's q and k scaled by 30 make its attention scores so large that rounding q and k to bfloat16
-    alone moves attn_out beyond the own-error table (as Qwen2.5's q/k biases do): without a peer, a correct
-    engine passes by that floor and the verdict says where it was used; query heads reading the wrong KV
-    head there still fail, located. (The floor's price: there, an error within k x the floor is not seen.)"""
+    """Layer 0 given an outlier key bias (1024 on one slow RoPE channel of every key, queries x4 there, as
+    Qwen2.5's k_proj biases are; kit_helpers.add_outlier_key_bias): rounding its keys to bfloat16 alone moves
+    attn_out beyond the own-error table, by construction on any trained model. Without a peer, a correct
+    engine passes by that floor and the verdict says where it was used; query heads reading the wrong KV head
+    there still fail, located. (The floor's price: there, an error within k x the floor is not seen.)"""
     ckpt = copy_checkpoint(llama_checkpoint, tmp_path / "ill")
-    for proj in ("q_proj", "k_proj"):
-        edit_weights(ckpt, scale_weight(f"model.layers.0.self_attn.{proj}.weight", 30.0))
+    add_outlier_key_bias(ckpt, layer=0, size=1024.0, query_gain=4.0)
     common = ["--model_path", ckpt, "--dtype", "bfloat16", "--peer", "none"]
     r = run_script(INTERMEDIATE, *common, json_path=tmp_path / "ok.json")
     assert r.code == 0, r
@@ -265,14 +265,16 @@ def test_kv_cache_whose_error_grows_with_length_fails_the_length_gate_only(dtype
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_chunked_prefill_is_compared_with_its_baseline(dtype, llama_checkpoint):
-    """An engine with a baseline() gets it as B: a correct prefill in chunks of 8 passes; one whose next chunk
-    misses the previous chunk's last token fails, the line naming its baseline and the first step."""
+    """An engine with a baseline() gets it as B: a correct prefill in chunks of 8 passes in both dtypes; one
+    whose next chunk misses the previous chunk's last token fails in float32, the line naming its baseline and
+    the first step. (Three lost entries of a 32-token prompt move the tiny models' logits by about a correct
+    bfloat16 engine's error, KL ~1e-4: within bfloat16's resolution on some trained models.)"""
     argv = ("--model_path", llama_checkpoint, "--dtype", dtype, "--decode_steps", 4)
     r = run_script(FORWARD, *argv, "--engine", f"{FAULTY_ENGINES}:ChunkedPrefillEngine")
     assert r.code == 0 and "ChunkedPrefillEngine baseline" in r.out, r
-    r = run_script(FORWARD, *argv, "--engine", f"{FAULTY_ENGINES}:ChunkBoundaryOffByOneEngine")
-    assert r.code == 1, r
     if dtype == "float32":
+        r = run_script(FORWARD, *argv, "--engine", f"{FAULTY_ENGINES}:ChunkBoundaryOffByOneEngine")
+        assert r.code == 1, r
         assert "differs from its baseline, the same engine in its safest mode, from step 0 on" in r.out, r
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from .errors import UsageError
 
-# Bump when the tiny-checkpoint recipe changes, so that caches are regenerated.
-RECIPE_VERSION = 2
+# Bump when the tiny-checkpoint recipe changes, so that caches are regenerated (3: trained with pinned arithmetic).
+RECIPE_VERSION = 3
 _FULL_HASH_LIMIT = 64 << 20  # files up to 64 MiB are hashed in full, larger ones by header + samples
 
 
@@ -151,9 +151,16 @@ def open_checkpoint(path, family=None):
     return Checkpoint(p, config, files, tensors)
 
 
-def default_checkpoint(family, seed=0):
-    """The kit's embedded checkpoint for `family`, generated once into the cache and reused."""
-    target = cache_root() / "checkpoints" / f"{family}-tiny-seed{seed}-r{RECIPE_VERSION}"
+def default_checkpoint(family, seed=0, arithmetic="pinned"):
+    """The kit's embedded checkpoint for `family`, generated once into the cache and reused. `arithmetic`
+    "native" trains it with this process's own kernels instead (kitcore.tiny): another model per kind of CPU,
+    for the tests whose margins must hold on more than one model."""
+    name = f"{family}-tiny-seed{seed}-r{RECIPE_VERSION}"
+    if arithmetic == "native":
+        import torch
+
+        name += f"-native-{torch.backends.cpu.get_cpu_capability().lower()}"
+    target = cache_root() / "checkpoints" / name
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -162,11 +169,11 @@ def default_checkpoint(family, seed=0):
         if not (target / "config.json").is_file():
             from .tiny import write_checkpoint
 
-            print(f"generating the default {family} checkpoint once into {target} (about 30 s)...",
+            print(f"generating the default {family} checkpoint once into {target} (about a minute)...",
                   file=sys.stderr, flush=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
             try:
-                write_checkpoint(family, tmp, seed=seed, size="tiny", log=lambda message: None)
+                write_checkpoint(family, tmp, seed=seed, size="tiny", log=lambda message: None, arithmetic=arithmetic)
                 os.replace(tmp, target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

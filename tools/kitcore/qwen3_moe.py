@@ -180,7 +180,8 @@ def moe_with_experts(weights, config, x, expert_sets):
 def admissible_sets(ref_logits, top_k, margin, max_boundary=6):
     """For each token, the expert sets a correct engine may choose: experts whose router logit lies
     within 2 x margin of the k-th/(k+1)-th boundary may swap places. Returns a list (one per token) of
-    [n_sets, k] tensors, the reference's own set first; decisive tokens have one set."""
+    [n_sets, k] tensors, the reference's own set first; decisive tokens have one set. The enumeration takes
+    the `max_boundary` highest experts of the band (is_admissible judges any set, however wide the band)."""
     import itertools
 
     order = ref_logits.sort(-1, descending=True)
@@ -200,6 +201,21 @@ def admissible_sets(ref_logits, top_k, margin, max_boundary=6):
                     sets.append(candidate)
         out.append(torch.tensor(sets, dtype=torch.long))
     return out
+
+
+def is_admissible(chosen, ref_logits, top_k, margin):
+    """[T] bool: whether each token's chosen experts ([T, k]) form a set a correct engine may choose: the
+    reference's own set, or on a near-tie token (k-th/(k+1)-th gap within 2 x margin) every expert above the
+    band [k+1-th - 2 margin, k-th + 2 margin] and the rest from inside it (admissible_sets' rule, for any set)."""
+    values = ref_logits.sort(-1, descending=True).values
+    low, high = values[:, top_k] - 2 * margin, values[:, top_k - 1] + 2 * margin
+    near_tie = values[:, top_k - 1] - values[:, top_k] <= 2 * margin
+    picked = ref_logits.gather(-1, chosen)
+    distinct = chosen.sort(-1).values.diff(dim=-1).ne(0).all(-1)
+    every_sure = (picked > high[:, None]).sum(-1) == (ref_logits > high[:, None]).sum(-1)
+    inside = (picked >= low[:, None]).all(-1)
+    own = (chosen.sort(-1).values == ref_logits.topk(top_k, -1).indices.sort(-1).values).all(-1)
+    return own | (near_tie & distinct & every_sure & inside)
 
 
 @dataclass(frozen=True)
@@ -244,6 +260,14 @@ def check_moe_block(out, ref_out, x, weights, config, ref_logits, judge, peer_ou
         margin = DECISIVE_SIGMAS * OWN_TOLERANCES[judge.dtype].nmse**0.5 * ref_logits.pow(2).mean(-1).sqrt()
     margin = margin + 2 * f * ref_logits.abs().max(-1).values
     sets = admissible_sets(ref_logits, top_k, margin)
+    # the candidate's and the peer's own sets where admissible, beside the enumerated ones (which take the band's
+    # highest experts only: with 128 experts a band can hold more)
+    chosen = {name: logits.topk(top_k, -1).indices.sort(-1).values
+              for name, logits in (("candidate", cand_logits), ("peer", peer_logits)) if logits is not None}
+    for expert_sets in chosen.values():
+        for t in is_admissible(expert_sets, ref_logits, top_k, margin).nonzero().flatten().tolist():
+            if not (sets[t] == expert_sets[t]).all(-1).any():
+                sets[t] = torch.cat([sets[t], expert_sets[t:t + 1]])
     near = [t for t, s in enumerate(sets) if len(s) > 1]
     ref2d = ref_out.reshape(tokens, -1).double()
     alternatives = {}  # token -> [n_sets, H] reference outputs, the reference's own set first
@@ -273,12 +297,11 @@ def check_moe_block(out, ref_out, x, weights, config, ref_logits, judge, peer_ou
     if cand_logits is None:
         return MoEBlockCheck(output.passed, output, len(near), cand_rerouted, peer_rerouted)
     logits = judge_tensor(cand_logits, ref_logits, judge, peer_logits if calibrated else None, "router logits")
-    chosen = cand_logits.topk(top_k, -1).indices.sort(-1).values
-    admissible = [bool((options == chosen[t]).all(-1).any()) for t, options in enumerate(sets)]
     reference_sets = torch.stack([options[0] for options in sets])
-    mismatches = admissible.count(False)
+    mismatches = int((~is_admissible(chosen["candidate"], ref_logits, top_k, margin)).sum())
     return MoEBlockCheck(output.passed and logits.passed and mismatches == 0, output, len(near), cand_rerouted,
-                         peer_rerouted, logits, mismatches, float((chosen == reference_sets).all(-1).double().mean()))
+                         peer_rerouted, logits, mismatches,
+                         float((chosen["candidate"] == reference_sets).all(-1).double().mean()))
 
 
 def text_hidden_states(checkpoint, layer, tokens, part):

@@ -12,9 +12,14 @@ Recipe:
   * larger `size`s are random init, for scale and speed measurements; "8b" (Llama only) is written one
     decoder layer per safetensors shard, generated and freed in turn (STREAMED_SIZES).
 
-Determinism: the same seed, thread count (fixed to 2 here) and CPU vector ISA give byte-identical
-safetensors. Another ISA or Python version gives a slightly different checkpoint (logits drift ~6e-3),
-which is why the kit always computes its reference from the checkpoint under test.
+Determinism: the trained checkpoints are byte-identical on every x86-64 CPU (AVX2, AVX-512, AMX; Intel and
+AMD) and core count. Training runs in a child process whose arithmetic does not depend on the machine
+(TRAINING_ARITHMETIC: torch's AVX2 kernels, oneDNN capped at AVX2, MKL's strict conditional-numerical-
+reproducibility mode on the one branch it honours on every vendor's CPU) on a fixed 2 threads; those
+settings are read when torch loads, hence the child. Left to the machine, an AVX-512 CPU trains another
+model than an AVX2 one, and the suite's fault tests held on one of them only. Another Python version
+reads another standard library, so another corpus; the kit always computes its reference from the
+checkpoint under test, so a different default checkpoint is never wrong, only another model.
 """
 
 import ast
@@ -22,6 +27,8 @@ import functools
 import json
 import math
 import os
+import subprocess
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -35,6 +42,10 @@ TRAIN_STEPS = {"llama": 600, "qwen3_moe": 400}
 TRAIN_BATCH, TRAIN_WINDOW, TRAIN_LR = 8, 128, 2e-3
 VOCAB = 2048
 EOT = "<|endoftext|>"
+# Pinned for training (module docstring). MKL honours a CNR branch other than COMPATIBLE on Intel CPUs only
+# (on others it silently takes its automatic branch), so COMPATIBLE; STRICT also fixes its reductions.
+TRAINING_ARITHMETIC = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "COMPATIBLE,STRICT",
+                       "OMP_NUM_THREADS": str(GENERATION_THREADS)}
 
 # size -> config overrides; "tiny" is the default embedded checkpoint
 SIZES = {
@@ -59,6 +70,14 @@ SIZES = {
         "1b": dict(hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=16,
                    num_attention_heads=16, num_key_value_heads=4, head_dim=64, num_experts=32,
                    num_experts_per_tok=4, vocab_size=32000, max_position_embeddings=4096),
+        # one decoder layer of Qwen3-30B-A3B's shapes (128 experts, top 8; its vocabulary cut to the kit's)
+        "a3b": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=1,
+                    num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                    num_experts_per_tok=8, vocab_size=VOCAB, max_position_embeddings=4096),
+        # the same router and attention, its experts narrowed: a real release's routing at a test's cost
+        "a3b-router": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                           num_experts_per_tok=8, vocab_size=VOCAB, max_position_embeddings=4096),
     },
 }
 
@@ -231,11 +250,38 @@ def _write_streamed(family, size, seed, out, dtype, log):
     return sum(math.prod(s) for s in shapes.values())
 
 
-def write_checkpoint(family, out, seed=0, size="tiny", dtype=torch.float32, log=print, train_steps=None):
+def arithmetic_is_pinned():
+    """Whether this process computes with TRAINING_ARITHMETIC (it started with those settings)."""
+    return all(os.environ.get(name) == value for name, value in TRAINING_ARITHMETIC.items())
+
+
+def _write_in_pinned_child(family, out, seed, dtype, log, train_steps):
+    """write_checkpoint in a child process started with TRAINING_ARITHMETIC; its log lines reach `log`."""
+    script = Path(__file__).resolve().parents[1] / "tiny_checkpoint.py"
+    argv = [sys.executable, str(script), "--family", family, "--out", str(out), "--seed", str(seed),
+            "--dtype", dtype_name(dtype)]
+    if train_steps:
+        argv += ["--train_steps", str(train_steps)]
+    child = subprocess.run(argv, env={**os.environ, **TRAINING_ARITHMETIC}, capture_output=True, text=True)
+    if child.returncode != 0:
+        raise RuntimeError(f"training the {family} checkpoint failed (exit {child.returncode}): "
+                           + (child.stderr.strip().splitlines() or ["no output"])[-1])
+    for line in child.stdout.splitlines():
+        log(line)
+    return json.loads((Path(out) / "kit_metadata.json").read_text())
+
+
+def write_checkpoint(family, out, seed=0, size="tiny", dtype=torch.float32, log=print, train_steps=None,
+                     arithmetic="pinned"):
     """Write a HuggingFace checkpoint directory for `family` into `out` (created if missing). `train_steps`
     shortens the tiny recipe's training (TRAIN_STEPS): the same code path in a few seconds, for tests of
-    its determinism; the default checkpoints always take the full recipe."""
+    its determinism; the default checkpoints always take the full recipe. A trained size is trained with
+    TRAINING_ARITHMETIC (in a child process unless this one has it); `arithmetic="native"` trains with
+    whatever this process computes with instead: another model per kind of CPU, for tests whose margins
+    must not hang on one model."""
     out = Path(out)
+    if size == "tiny" and arithmetic == "pinned" and not arithmetic_is_pinned():
+        return _write_in_pinned_child(family, out, seed, dtype, log, train_steps)
     out.mkdir(parents=True, exist_ok=True)
     if size in STREAMED_SIZES:
         t0 = time.perf_counter()
@@ -262,6 +308,8 @@ def write_checkpoint(family, out, seed=0, size="tiny", dtype=torch.float32, log=
         model = build_model(family, size, seed)
         meta = {"family": family, "size": size, "seed": seed, "threads": GENERATION_THREADS,
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+                "arithmetic": ("pinned: " + " ".join(f"{k}={v}" for k, v in TRAINING_ARITHMETIC.items())
+                               if arithmetic_is_pinned() else "native"),
                 "parameters": sum(p.numel() for p in model.parameters()), "docstrings": len(docs)}
         train, held = _split(docs, tok)
         if size == "tiny":

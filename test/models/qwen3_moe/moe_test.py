@@ -121,12 +121,14 @@ def parse_args(argv):
     return args
 
 
-def negative_router(weights, x):
+def negative_router(weights, x, dtype):
     """(weights, tokens): the weights with the router's rows shifted by m (W' = W - 1 m^T) so that every
     logit of the chosen tokens is below zero, and those tokens [1, N, H]: m lies along the mean hidden
     state, scaled past the largest logit; the tokens are the half of x with the largest component along
     that mean (a token with little of it would need a shift so large that its rounding, not the kernel,
-    would be tested)."""
+    would be tested). W' is rounded to `dtype`, the candidate's, and the reference and the peer use those
+    values too: the shift is exact in every engine's dtype, so the case judges the kernel, not the shift's
+    rounding."""
     w, tokens = weights["gate.weight"].double(), x.reshape(-1, x.shape[-1]).double()
     mean = tokens.mean(0)
     along = tokens @ mean / mean.dot(mean)  # each token's component along the mean
@@ -135,7 +137,7 @@ def negative_router(weights, x):
         return None, None
     largest = (tokens[chosen] @ w.T).max(-1).values
     m = float(((largest.clamp_min(0) + 1.0) / along[chosen]).max()) * mean / mean.dot(mean)
-    return {**weights, "gate.weight": (w - m[None]).to(weights["gate.weight"].dtype)}, x[:, chosen]
+    return {**weights, "gate.weight": (w - m[None]).to(dtype).to(weights["gate.weight"].dtype)}, x[:, chosen]
 
 
 def open_blocks(bench, weights=None):
@@ -290,7 +292,7 @@ def main(argv=None):
 
 def check_negative_router(bench, blocks, x):
     """The `negative_router` case: correctness only (module docstring)."""
-    shifted, x = negative_router(blocks.weights, x)
+    shifted, x = negative_router(blocks.weights, x, bench.dtype)
     if shifted is None:
         print("\nrouter shifted negative: skipped (the hidden states have no common direction to shift along)")
         return True
