@@ -8,9 +8,10 @@ The script sessions run in the kit's own environment (.venv, built by `make setu
 `python=False` sessions, so nothing is reinstalled per session. `tests-transformers-oldest` builds its
 own environment once (reuse it with `nox -r`).
 
-Each session runs the scripts as subprocesses, saves their stdout to logs/<session>/, reads their
-metric lines with tools/metrics.py, appends the records with the environment fingerprint and a run id
-to results/results.jsonl, and prints a summary table. A device that is absent, or a dtype it lacks,
+Each session runs the scripts as subprocesses, saves their stdout to logs/<session>/, takes the records
+of their --json output (the metric lines of stdout, read with tools/metrics.py, only where a script died
+before writing it), appends them with the environment fingerprint and a run id to
+results/results.jsonl, and prints a summary table. A device that is absent, or a dtype it lacks,
 skips with the reason; a failing script fails the session after the rest has run.
 """
 
@@ -89,12 +90,15 @@ def run_scripts(session, scripts, device, dtype, extra=(), tag=""):
                    *extra]
             session.log(" ".join(cmd[1:]))
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            env = json.loads(json_path.read_text())["env"] if json_path.exists() else {}
+            result = json.loads(json_path.read_text()) if json_path.exists() else None
         log = log_dir / f"{name}-{dtype}{'-' + tag if tag else ''}.log"
         log.write_text(proc.stdout + ("\n--- stderr\n" + proc.stderr if proc.stderr else ""))
-        records = metrics.parse_lines(proc.stdout.splitlines(), str(log.relative_to(ROOT)))
+        if result is not None:  # the script's own records, every label and value as it wrote them
+            records, env = result["records"], result["env"]
+        else:  # it died before writing its JSON: what its stdout said
+            records, env = metrics.parse_lines(proc.stdout.splitlines(), str(log.relative_to(ROOT))), {}
         for r in records:
-            r.update(run_id=run_id, session=session.name, env=env)
+            r.update(log=str(log.relative_to(ROOT)), run_id=run_id, session=session.name, env=env)
         store.append_records(RESULTS, records)
         values = {(r["case"], r["metric"]): r["value"] for r in records}
         headline = ", ".join(f"{label} {values[(case, metric)]:.4g}" for case, metric, label in HEADLINES.get(name, [])

@@ -4,9 +4,11 @@
     python tools/compare.py BASELINE CURRENT [--format md|csv|json]
 
 BASELINE and CURRENT are results files (results/results.jsonl, JSON Lines), a script's --json output,
-or raw logs (read with tools/metrics.py). Records pair by every label that identifies them: (script, case,
-device, dtype, engine, attn, impl, gguf_type, row, layer, point, phase, kind, expert, sweep, size, cache,
-metric): a sweep compares point by point, cold timings with cold ones.
+or raw logs (read with tools/metrics.py). Records pair by every label they carry (script, case, metric and
+every setting that changes a figure: device, dtype, engine, its --engine_args, attn, impl, gguf_type,
+kv_type, control, row, layer, point, phase, kind, expert, sweep, size, cache ...), never by the value, its
+unit or where the run was stored: a sweep compares point by point, cold timings with cold ones, a q8_0 KV
+cache with a q8_0 one.
 
   * timing rows (median_ms with its iqr_ms): SAME when the medians differ by less than the measured
     spread of both runs (sqrt(iqr_a^2 + iqr_b^2)), else FASTER or SLOWER. Never a fixed percent.
@@ -31,8 +33,10 @@ import metrics  # noqa: E402
 from kitcore import cli, memory, store  # noqa: E402
 from kitcore.errors import EXIT_FAIL, EXIT_PASS, UsageError  # noqa: E402
 
-KEY = ("script", "case", "device", "dtype", "engine", "attn", "impl", "gguf_type", "row", "layer", "point", "phase",
-       "kind", "expert", "sweep", "size", "cache", "metric")
+# the columns shown first; every other label a record carries identifies it too
+KEY = ("script", "case", "device", "dtype", "engine", "attn", "impl", "gguf_type", "kv_type", "row", "layer", "point",
+       "phase", "kind", "expert", "sweep", "size", "cache", "metric")
+NOT_IDENTIFYING = {"value", "unit", "run_id", "session", "env", "log", "source", "line", "verdict", "commit"}
 ERROR_METRICS = {"max_abs", "mean_abs", "nmse", "own_max_abs", "own_nmse", "kl_mean", "kl_max"}
 REGRESSIONS = {"SLOWER", "GREW", "REGRESSED"}
 MEMORY_RELATIVE_NOISE, MEMORY_NOISE_BYTES = 0.10, 2**20
@@ -54,8 +58,14 @@ def load(path):
     return metrics.parse_file(path)
 
 
-def index(records):
-    return {tuple(str(r.get(k, "")) for k in KEY): r for r in records}
+def key_columns(*record_lists):
+    """KEY, then every other identifying label any record carries (sorted), ending with the metric."""
+    extra = sorted({k for records in record_lists for r in records for k in r} - set(KEY) - NOT_IDENTIFYING)
+    return KEY[:-1] + tuple(extra) + KEY[-1:]
+
+
+def index(records, columns):
+    return {tuple(str(r.get(k, "")) for k in columns): r for r in records}
 
 
 def judge(key, base, cur, base_idx, cur_idx):
@@ -87,8 +97,9 @@ def judge(key, base, cur, base_idx, cur_idx):
     return "INFO", f"{b:.6g} -> {c:.6g}"
 
 
-def compare_runs(baseline, current):
-    base_idx, cur_idx = index(baseline), index(current)
+def compare_runs(baseline, current, columns=None):
+    columns = columns or key_columns(baseline, current)
+    base_idx, cur_idx = index(baseline, columns), index(current, columns)
     rows = []
     for key in sorted(set(base_idx) | set(cur_idx)):
         if key not in cur_idx:
@@ -107,13 +118,15 @@ def main(argv=None):
     parser.add_argument("--format", default="md", choices=["md", "csv", "json"])
     parser.add_argument("--all", action="store_true", help="also list INFO rows (metrics without a rule)")
     args = parser.parse_args(argv)
-    rows = compare_runs(load(args.baseline), load(args.current))
+    baseline, current = load(args.baseline), load(args.current)
+    columns = key_columns(baseline, current)
+    rows = compare_runs(baseline, current, columns)
     shown = [r for r in rows if args.all or r[1] != "INFO"]
     if args.format == "json":
-        print(json.dumps([dict(zip(KEY, key), status=s, detail=d) for key, s, d in shown], indent=1))
+        print(json.dumps([dict(zip(columns, key), status=s, detail=d) for key, s, d in shown], indent=1))
     else:
         sep = "," if args.format == "csv" else " | "
-        print(sep.join(KEY + ("status", "detail")))
+        print(sep.join(columns + ("status", "detail")))
         for key, status, detail in shown:
             print(sep.join(list(key) + [status, detail]))
     regressions = [r for r in rows if r[1] in REGRESSIONS]

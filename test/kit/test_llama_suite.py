@@ -180,6 +180,8 @@ def test_also_float32_sees_a_one_percent_weight_error(llama_checkpoint, tmp_path
     cases = {(m["case"], m["metric"]): m["value"] for m in r.json["records"]}
     assert r.code == 1 and "verdict: FAIL: in float32:" in r.out, r
     assert cases[("logits", "passed")] and not cases[("logits_float32", "passed")], cases
+    dtypes = {m["case"]: m["dtype"] for m in r.json["records"] if m["case"].startswith("logits")}
+    assert dtypes == {"logits": "bfloat16", "logits_float32": "float32"}, dtypes  # each labelled as it ran
     r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--dtype", "float16", "--also_float32")
     assert r.code == 0 and "the float32 check above passed too" in r.out, r
 
@@ -331,6 +333,53 @@ def test_forward_only_plugin_works_where_it_should(llama_checkpoint):
     assert run_script(FORWARD, "--model_path", llama_checkpoint, "--engine", engine, "--decode_steps", 2).code == 0
     r = run_script(INTERMEDIATE, "--model_path", llama_checkpoint, "--engine", engine)
     assert r.code == 3 and "does not implement capture()" in r.err, r
+
+
+PLUGIN_HEAD = """
+import torch
+from kitcore.engines import HFEngine
+
+
+class Base:
+    def __init__(self, model_path, device, dtype, attn, **options):
+        self.inner = HFEngine(model_path, device, dtype, attn)
+        self.dtype = dtype
+
+    def new_cache(self):
+        return self.inner.new_cache()
+
+    def forward(self, input_ids, position_ids, attention_mask=None, cache=None):
+        return self.inner.forward(input_ids, position_ids, attention_mask, cache)
+"""
+
+
+@pytest.mark.parametrize("body,message", [
+    ("class Engine(Base):\n    def captur_layers(self, input_ids, position_ids):\n        pass\n",
+     "defines captur_layers(), one typo from the capability capture_layers(), which it does not define"),
+    ("class Engine(Base):\n    capabilities = frozenset({'new_cache', 'rope'})\n",
+     "declares rope() in its capabilities and does not define it"),
+    ("class Engine(Base):\n    capabilities = frozenset({'new_cache', 'captures'})\n",
+     "names 'captures', which is not an optional capability"),
+])
+def test_a_plugin_whose_capabilities_cannot_be_meant_gets_one_line(body, message, llama_checkpoint, tmp_path):
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(PLUGIN_HEAD + "\n\n" + body)
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", f"{plugin}:Engine")
+    assert r.code == 2 and message in r.err and len(r.err.strip().splitlines()) == 1, r
+    plugin.write_text(PLUGIN_HEAD + "\n\nclass Engine(Base):\n    pass\n")
+    assert run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", f"{plugin}:Engine").code == 0
+
+
+def test_a_plugin_that_raises_is_the_engines_failure_not_the_kits(llama_checkpoint, tmp_path):
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(PLUGIN_HEAD + "\n\nclass Engine(Base):\n    def forward(self, *args, **kwargs):\n"
+                      "        raise ValueError('kernel for head_dim 32 not compiled')\n")
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", f"{plugin}:Engine",
+                   json_path=tmp_path / "r.json")
+    assert r.code == 1 and "internal error" not in r.err, r
+    assert ("verdict: FAIL: the engine Engine" in r.out and "raised ValueError: kernel for head_dim 32 not compiled"
+            in r.out and "plugin.py:" in r.out and "in phase candidate" in r.out), r
+    assert r.json["verdict"] == "fail" and "ValueError" in r.json["error"]
 
 
 def test_padded_batch_of_prompts(llama_checkpoint, tmp_path):

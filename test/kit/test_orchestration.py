@@ -155,6 +155,22 @@ def test_compare_pairs_on_every_identifying_label(tmp_path):
     assert len(out) == 8 and all(r["status"] in ("SAME", "INFO") for r in out), out
 
 
+def test_compare_never_pairs_runs_of_other_settings(tmp_path):
+    """A q8_0 and a q4_0 KV-cache run of one script, two controls, two --engine_args: each only with its own."""
+    base = {"script": "test_forward_validation", "case": "all_steps", "device": "cpu", "dtype": "float32",
+            "engine": "llama.cpp", "metric": "kl_mean"}
+    baseline = write_jsonl(tmp_path / "b.jsonl", [{**base, "kv_type": "q8_0", "value": 1e-4},
+                                                  {**base, "control": "scale_1pct", "value": 1.0},
+                                                  {**base, "engine_args": '{"n_batch":16}', "value": 1e-6}])
+    cur = write_jsonl(tmp_path / "c.jsonl", [{**base, "kv_type": "q4_0", "value": 1e-3},
+                                             {**base, "control": "scale_3pct", "value": 1.0},
+                                             {**base, "engine_args": '{"n_batch":32}', "value": 1e-6}])
+    r = run_script("tools/compare.py", baseline, cur, "--format", "json")
+    rows = json.loads(r.out)
+    assert r.code == 0 and sorted(row["status"] for row in rows) == ["ONLY_BASELINE"] * 3 + ["ONLY_CURRENT"] * 3, rows
+    assert {row["kv_type"] for row in rows} == {"q8_0", "q4_0", ""}, rows
+
+
 @pytest.fixture(scope="module")
 def results_file(tmp_path_factory, llama_checkpoint, moe_checkpoint):
     """A results file from real runs of three scripts and a sweep, as nox sessions write it."""

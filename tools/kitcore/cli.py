@@ -104,6 +104,17 @@ def run(main, argv=None):
         return 130
     except Exception as exc:  # a bug in the kit or an engine: keep the traceback, it is what a report needs
         traceback.print_exc()
+        from . import crashguard, engines
+
+        plugin = engines.raised_by_plugin(exc)
+        if plugin is not None:  # the engine under test failed, not the kit: its verdict, exit 1
+            phase = crashguard.current_phase()
+            message = (f"the engine {plugin[0]} raised {type(exc).__name__}: {exc} (at {plugin[1]}"
+                       + (f", in phase {phase})" if phase else ")")
+                       + "; to refuse an input cleanly, raise kitcore.errors.UsageError (exit 2) or Unavailable (3)")
+            print(f"\nverdict: FAIL: {message}", flush=True)
+            _report_error(main, args, EXIT_FAIL, message)
+            return EXIT_FAIL
         print(f"{prog}: internal error (exit {EXIT_INTERNAL}); please report it with the traceback above",
               file=sys.stderr)
         _report_error(main, args, EXIT_INTERNAL, f"internal error: {type(exc).__name__}: {exc}")

@@ -41,8 +41,18 @@ def wanted(argv):
     return os.environ.get(FORCE) == "1" or any(s in GUARDED_ENGINES for s in _engine_specs(argv))
 
 
+_phase = None
+
+
+def current_phase():
+    """The phase this process last entered (memory.Phases), or None: named when an engine raises."""
+    return _phase
+
+
 def mark_phase(name):
-    """Record the phase the child is in, for the parent to name if the child dies (no-op elsewhere)."""
+    """Record the phase this process is in, and in a guarded child for the parent to name if it dies."""
+    global _phase
+    _phase = name
     path = os.environ.get(PHASE_FILE)
     if path:
         try:

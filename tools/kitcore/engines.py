@@ -150,6 +150,50 @@ def capabilities(engine):
     return frozenset(m for m in names if callable(getattr(cls, m, None)))
 
 
+_PLUGIN_FILES = {}  # real path of each plugin module loaded -> what to call it
+
+
+def raised_by_plugin(exc):
+    """(the plugin's name, "file:line" of its innermost frame) when `exc` was raised inside a plugin engine's
+    own code (a frame of a loaded plugin's file on its traceback), else None: the engine's error, not the kit's."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if os.path.realpath(f.filename) in _PLUGIN_FILES]
+    if not frames:
+        return None
+    last = frames[-1]
+    return _PLUGIN_FILES[os.path.realpath(last.filename)], f"{os.path.basename(last.filename)}:{last.lineno}"
+
+
+def check_contract(cls, spec):
+    """One clear line (UsageError, exit 2) for an engine class whose optional capabilities cannot be what its
+    author meant: a declared capability it does not define, an unknown name in `capabilities`, or a method
+    one typo away from a capability it does not define (`capture_layer` for capture_layers: without this it
+    would silently read as "not offered")."""
+    import difflib
+
+    declared = getattr(cls, "capabilities", None)
+    if isinstance(declared, (set, frozenset)):
+        unknown = sorted(set(declared) - set(OPTIONAL_METHODS))
+        if unknown:
+            raise UsageError(f"--engine {spec!r}: {cls.__name__}.capabilities names {unknown[0]!r}, which is not "
+                             f"an optional capability ({', '.join(OPTIONAL_METHODS)}); see tools/kitcore/engines.py")
+        missing = sorted(m for m in declared if not callable(getattr(cls, m, None)) and getattr(cls, m, 0) is not None)
+        if missing:
+            raise UsageError(f"--engine {spec!r}: {cls.__name__} declares {missing[0]}() in its capabilities and does "
+                             "not define it; define it or drop it from the declaration")
+    defined = [name for name in dir(cls) if not name.startswith("_") and callable(getattr(cls, name, None))]
+    for name in defined:
+        if name in OPTIONAL_METHODS or name == "forward":
+            continue
+        near = [m for m in difflib.get_close_matches(name, (*OPTIONAL_METHODS, "forward"), n=1, cutoff=0.85)
+                if not callable(getattr(cls, m, None))]
+        if near:
+            raise UsageError(f"--engine {spec!r}: {cls.__name__} defines {name}(), one typo from the capability "
+                             f"{near[0]}(), which it does not define; rename it to {near[0]} (see the engine "
+                             "protocol in tools/kitcore/engines.py)")
+
+
 def attested(engine):
     """{key: value as text} of what the engine attests it ran (attest()), {} when it attests nothing."""
     if "attest" not in capabilities(engine):
@@ -574,6 +618,8 @@ def resolve_class(spec, builtins, required, protocol):
     cls = getattr(module, cls_name, None)
     if cls is None:
         raise UsageError(f"--engine {spec!r}: {target} has no class {cls_name}")
+    if getattr(module, "__file__", None):
+        _PLUGIN_FILES[os.path.realpath(module.__file__)] = f"{cls_name} ({target})"
     for method in required:
         if not callable(getattr(cls, method, None)):
             raise UsageError(f"--engine {spec!r}: {cls_name} lacks the required method {method}() "
@@ -598,7 +644,11 @@ def engine_class(spec):
         from .openai_server import OpenAIEngine
 
         return OpenAIEngine
-    cls = resolve_class(spec, BUILTIN_ENGINES, ("forward",), "tools/kitcore/engines.py")
+    cls = resolve_class(spec, BUILTIN_ENGINES, (), "tools/kitcore/engines.py")
+    check_contract(cls, spec)
+    if not callable(getattr(cls, "forward", None)):
+        raise UsageError(f"--engine {spec!r}: {cls.__name__} lacks the required method forward() "
+                         "(see the engine protocol in tools/kitcore/engines.py)")
     if not capabilities(cls) & {"new_cache", "generate"}:
         raise UsageError(f"--engine {spec!r}: {cls.__name__} has neither new_cache() nor generate() "
                          "(see the engine protocol in tools/kitcore/engines.py)")

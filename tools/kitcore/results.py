@@ -114,8 +114,7 @@ class Results:
 
     def add(self, case, metric, value, unit="", **labels):
         record = {"script": self.script, "case": str(case), "metric": metric, "value": value, "unit": unit}
-        record.update(self.labels)
-        record.update({k: v for k, v in labels.items() if v is not None})
+        record.update({k: v for k, v in {**self.labels, **labels}.items() if v is not None})
         self.records.append(record)
         fields = [f"script={_clean(self.script)}", f"case={_clean(case)}", f"metric={_clean(metric)}",
                   f"value={_fmt_value(value)}", f"unit={_clean(unit) or '-'}"]

@@ -468,7 +468,8 @@ class Session:
         for spec, engine in loaded.items():
             if engine is not self.reference:
                 attest(self.results, f"{spec} {name}", engine)
-        return replace(self, dtype=dtype, engines=loaded, peer=peer)
+        labels = {"dtype": name, "gguf_type": None, "kv_type": None}  # what the records of this dtype ran with
+        return replace(self, dtype=dtype, engines=loaded, peer=peer, results=self.results.labelled(**labels))
 
     def controls(self, call, judge_output, case="controls"):
         """The negative controls (kitcore.controls) on a copy of the peer: the table, the sensitivity line and
@@ -519,6 +520,8 @@ class Session:
             labels["gguf_type"] = args.gguf_type
         if args.kv_type != "f32":
             labels["kv_type"] = args.kv_type
+        if args.engine_args:  # the engine's own settings change its figures: records pair on them too
+            labels["engine_args"] = json.dumps(_engine_args(args.engine_args), sort_keys=True, separators=(",", ":"))
         device, dtype, checkpoint, results = start(args, script, labels, args.model_path, families,
                                                    args.seed if args.model_path is None else 0)
         results.labels["device"] = str(device)
