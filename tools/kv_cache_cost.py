@@ -27,6 +27,7 @@ from kitcore.errors import UsageError  # noqa: E402
 from kitcore.inputs import tokenizer  # noqa: E402
 from kitcore.results import Results, environment  # noqa: E402
 from kitcore.tiny import DEFAULT_PROMPT  # noqa: E402
+from kitcore.verdict import Verdict  # noqa: E402
 
 SCRIPT = "kv_cache_cost"
 KV_TYPES = ("q8_0", "q4_0")
@@ -94,7 +95,7 @@ def main(argv=None):
     results.env = environment(dtype=torch.float32, checkpoint=checkpoint)
     for metric, value in figures.items():
         results.add("kv_cache", metric, value, unit="-")
-    return results.finish(True, args.json)
+    return results.finish(Verdict(), args.json, title=None)  # a report: no verdict of its own
 
 
 if __name__ == "__main__":

@@ -164,7 +164,8 @@ def measure(path, dtype, args, tally, cpu):
         kit = {"kit, calibrated": judges.judge_for(control_engine, model_type, calibrated=True),
                "kit, table": judges.judge_for(control_engine, model_type, calibrated=False)}
         with torch.no_grad():
-            for label, _, _ in controls.each_control(control_engine.model):
+            busiest = controls.busiest_expert(control_engine, forward)
+            for label, _, _ in controls.each_control(control_engine.model, busiest):
                 judge_all(tally, (name, devices.dtype_name(dtype), label), forward(control_engine),
                           greedy(control_engine, row), peer_greedy, ref, peer_logits, row, kit)
         print(f"done: {name} {devices.dtype_name(dtype)} prompt {i + 1} of {len(rows)}", file=sys.stderr, flush=True)

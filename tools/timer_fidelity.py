@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kitcore import cli, devices  # noqa: E402
 from kitcore.results import Results, environment  # noqa: E402
 from kitcore.timing import benchmark  # noqa: E402
+from kitcore.verdict import Verdict  # noqa: E402
 
 SCRIPT = "timer_fidelity"
 
@@ -59,7 +60,7 @@ def main(argv=None):
     print(f"kit / torch.utils.benchmark: median ratio {median:.3f} over {len(ratios)} pairs "
           f"(range {min(ratios):.3f} .. {max(ratios):.3f})")
     results.add("all", "median_ratio", median, unit="-")
-    return results.finish(True, args.json)
+    return results.finish(Verdict(), args.json, title=None)  # a report: no verdict of its own
 
 
 if __name__ == "__main__":

@@ -370,11 +370,14 @@ class FlatCacheErrorEngine(_NoisyCacheEngine):
 
 
 class GrowingCacheErrorEngine(_NoisyCacheEngine):
-    """A cache whose error grows with its length past 64 entries, to 15% from entry 79 on (an FP8 cache whose
-    scale stops fitting as the decode goes on, NVIDIA/TensorRT-LLM #16916): exact at first."""
+    """A cache whose error grows with its length past 80 entries, to 25% from entry 85 on (an FP8 cache whose
+    scale stops fitting as the decode goes on, NVIDIA/TensorRT-LLM #16916): exact at first. Sized so that on
+    every trained tiny Llama measured (seeds 0-2, trained with AVX-512's and AVX2's own kernels) the last
+    quarter of a 64-step decode is 1.9-3.4x above the kv-q8_0 length gate while every step stays CLOSE and
+    every all-steps gate passes (tools/measurements.md)."""
 
     def noise(self, position):
-        return min(0.15, 0.01 * max(0, position - 64))
+        return min(0.25, 0.05 * max(0, position - 80))
 
 
 class ChunkedPrefillEngine(HFEngine):

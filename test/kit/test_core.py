@@ -15,6 +15,7 @@ from kitcore.compare import DISTRIBUTIONS, OWN_TOLERANCES, TOLERANCES, compare
 from kitcore.errors import EXIT_UNAVAILABLE, EXIT_USAGE, Unavailable, UsageError
 from kitcore.results import Results, write_json_atomic
 from kitcore.timing import Measurement, benchmark
+from kitcore.verdict import Verdict
 
 
 def ref_tensor():
@@ -128,7 +129,9 @@ def test_metric_lines_are_one_record_per_line():
     r = Results("demo", labels={"device": "cpu", "dtype": "bfloat16"}, stream=out)
     r.add("prefill 64", "median_ms", 1.5, unit="ms", engine="hf")
     r.add("case", "passed", True, unit="bool")
-    code = r.finish(False)
+    verdict = Verdict()
+    verdict.add("case", False, "the case failed")
+    code = r.finish(verdict, title=None)
     lines = out.getvalue().splitlines()
     assert lines[0] == "KIT script=demo case=prefill_64 metric=median_ms value=1.5 unit=ms device=cpu dtype=bfloat16 engine=hf"
     assert lines[1].split()[4] == "value=1"
@@ -337,3 +340,14 @@ def test_a_distribution_rate_fails_on_two_misses_not_one():
         check = judges.check_logits(cand, ref, mask, judge)
         assert check.passed == passes and check.decisive_disagreements == 0, check.reasons()
     assert "top-1 agreement 0.926 below 0.95 (2 of 27 positions)" in check.reasons()
+
+
+def test_a_verdict_is_every_outcome_and_names_the_first_failure():
+    verdict = Verdict("every step CLOSE")
+    assert verdict.passed and verdict.line() == "PASS: every step CLOSE"
+    verdict.add("step 0", True)
+    verdict.add("step 3", False, "step 3 is NOT_CLOSE: KL max 2.1e-02 above 1.0e-02")
+    verdict.add("memory", False, "memory grows with every call")
+    assert not verdict.passed
+    assert verdict.line() == "FAIL: step 3 is NOT_CLOSE: KL max 2.1e-02 above 1.0e-02 (and 1 more: memory)"
+    assert [o["about"] for o in verdict.as_list()] == ["step 0", "step 3", "memory"]

@@ -251,8 +251,9 @@ def test_kv_cache_dropping_oldest_entry_fails_decode_only(llama_checkpoint, tmp_
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", pytest.param("float16", marks=EXTENDED)])
 def test_kv_cache_whose_error_grows_with_length_fails_the_length_gate_only(dtype, llama_checkpoint, tmp_path):
     """Two stand-ins for a quantised cache (judged as llama.cpp's q8_0): the same 1% error at every position
-    passes; exact for 64 entries, then up to 9% off, fails where the last quarter of a 64-step decode is
-    judged by itself, with every step CLOSE and every all-steps gate passing."""
+    passes; exact for 80 entries, then up to 25% off, fails where the last quarter of a 64-step decode is
+    judged by itself, with every step CLOSE and every all-steps gate passing (on every model of the recipe:
+    nox -s any-machine)."""
     argv = ("--model_path", llama_checkpoint, "--dtype", dtype, "--decode_steps", 64)
     flat = run_script(FORWARD, *argv, "--engine", f"{FAULTY_ENGINES}:FlatCacheErrorEngine")
     assert flat.code == 0, flat

@@ -32,6 +32,12 @@ def _json_path(argv):
     return None
 
 
+def _fail_line(message):
+    """The human verdict line of a check that ended before its finisher (kitcore.results.Results.finish) ran: an
+    engine that crashed or raised, a failure found while setting up."""
+    print(f"\nverdict: FAIL: {message}", flush=True)
+
+
 def _report_error(main, argv, code, message):
     """A run that ends without a verdict still leaves one for pipelines: a KIT verdict line with
     verdict=error, and the --json file (when asked for) with "verdict": "error" and the message."""
@@ -62,7 +68,7 @@ def _run_guarded(main, args):
         return code
     where = f" in phase {phase}" if phase else ""
     message = f"the engine process died of {signal_name}{where}: a crash of the engine under test"
-    print(f"\nverdict: FAIL: {message}", flush=True)
+    _fail_line(message)
     name = Path(script).stem
     print(f"KIT script={name} case=all metric=verdict value={EXIT_FAIL} unit=exit_code verdict=fail "
           f"crash={signal_name}" + (f" phase={phase}" if phase else ""), flush=True)
@@ -94,7 +100,7 @@ def run(main, argv=None):
         return code
     except KitError as exc:
         if exc.exit_code == EXIT_FAIL:
-            print(f"\nverdict: FAIL: {exc}", flush=True)
+            _fail_line(exc)
         else:
             print(f"{prog}: error: {exc}", file=sys.stderr)
         _report_error(main, args, exc.exit_code, str(exc))
@@ -112,7 +118,7 @@ def run(main, argv=None):
             message = (f"the engine {plugin[0]} raised {type(exc).__name__}: {exc} (at {plugin[1]}"
                        + (f", in phase {phase})" if phase else ")")
                        + "; to refuse an input cleanly, raise kitcore.errors.UsageError (exit 2) or Unavailable (3)")
-            print(f"\nverdict: FAIL: {message}", flush=True)
+            _fail_line(message)
             _report_error(main, args, EXIT_FAIL, message)
             return EXIT_FAIL
         print(f"{prog}: internal error (exit {EXIT_INTERNAL}); please report it with the traceback above",

@@ -19,7 +19,7 @@ The bug shapes (`CONTROLS`), each in the middle layer unless it says otherwise:
   final-norm scale     the final RMSNorm's weight x 1.02
 and, for a mixture-of-experts model (where the weight ladder scales the experts' down projections):
   routing not renormalised   the top-k routing weights left unnormalised (norm_topk_prob off)
-  expert scaled              one expert's down projection x 1.05
+  expert scaled              the down projection x 1.05 of the expert the inputs route most tokens to
   top-k off by one           each token routed to one expert fewer
 Cost: one more model in memory and one more run of the check's call per control (10 controls; 13 for a
 mixture-of-experts model).
@@ -73,7 +73,7 @@ def _down_proj(mlp):
 
 
 def _weight(e):
-    return lambda model: _scale(_down_proj(_middle(model).mlp), 1 + e)
+    return lambda model, busiest_expert: _scale(_down_proj(_middle(model).mlp), 1 + e)
 
 
 def _router(model):
@@ -82,7 +82,7 @@ def _router(model):
     return gate if hasattr(gate, "top_k") else None
 
 
-def _not_renormalised(model):
+def _not_renormalised(model, busiest_expert):
     gate = _router(model)
     if gate is None or not gate.norm_topk_prob:
         return None
@@ -90,16 +90,33 @@ def _not_renormalised(model):
     return lambda: setattr(gate, "norm_topk_prob", True)
 
 
-def _expert_scaled(model):
-    if _router(model) is None:
+def _expert_scaled(model, busiest_expert):
+    if _router(model) is None or busiest_expert is None:
         return None
     experts = _middle(model).mlp.experts.down_proj
     original = experts.detach().clone()
-    experts.data[experts.shape[0] // 2].mul_(1.05)
+    experts.data[busiest_expert].mul_(1.05)
     return lambda: experts.data.copy_(original)
 
 
-def _top_k_off_by_one(model):
+def busiest_expert(engine, call):
+    """The middle layer's expert that the check's own inputs route most tokens to (one call with the router
+    watched), or None for a model without a top-k router: the expert the `expert scaled` control scales, since
+    a bug in an expert that no token of the check reaches is invisible to any check (on one trained model the
+    middle-numbered expert was such a one)."""
+    gate = _router(engine.model)
+    if gate is None:
+        return None
+    counts = []
+    hook = gate.register_forward_hook(lambda module, args, out: counts.append(out[2].flatten().cpu()))
+    try:
+        call(engine)
+    finally:
+        hook.remove()
+    return int(torch.bincount(torch.cat(counts)).argmax()) if counts else None
+
+
+def _top_k_off_by_one(model, busiest_expert):
     gate = _router(model)
     if gate is None or gate.top_k < 2:
         return None
@@ -107,7 +124,7 @@ def _top_k_off_by_one(model):
     return lambda: setattr(gate, "top_k", gate.top_k + 1)
 
 
-def _swap_kv_heads(model):
+def _swap_kv_heads(model, busiest_expert):
     attn, head_dim = _middle(model).self_attn, model.config.head_dim
     if model.config.num_key_value_heads < 2:
         return None
@@ -120,7 +137,7 @@ def _swap_kv_heads(model):
     return lambda: [p.data.copy_(o) for p, o in saved]
 
 
-def _rope_layout(model):
+def _rope_layout(model, busiest_expert):
     attn, head_dim = _middle(model).self_attn, model.config.head_dim
     half = head_dim // 2
     # half-split rows [0..half, half..d] read as interleaved pairs: row 2i <- i, row 2i+1 <- half + i
@@ -135,7 +152,7 @@ def _rope_layout(model):
     return lambda: [p.data.copy_(o) for p, o in saved]
 
 
-def _norm_eps(model):
+def _norm_eps(model, busiest_expert):
     norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
     saved = [(m, m.variance_epsilon) for m in norms]
     for m in norms:
@@ -143,7 +160,7 @@ def _norm_eps(model):
     return lambda: [setattr(m, "variance_epsilon", eps) for m, eps in saved]
 
 
-def _rope_theta(model):
+def _rope_theta(model, busiest_expert):
     rotary = model.model.rotary_emb
     original = rotary.inv_freq.detach().clone()
     head_dim = original.numel() * 2
@@ -153,7 +170,7 @@ def _rope_theta(model):
     return lambda: rotary.inv_freq.data.copy_(original)
 
 
-def _attention_scale(model):
+def _attention_scale(model, busiest_expert):
     layers = [layer.self_attn for layer in model.model.layers]
     saved = [(a, a.scaling) for a in layers]
     for a in layers:
@@ -161,7 +178,7 @@ def _attention_scale(model):
     return lambda: [setattr(a, "scaling", s) for a, s in saved]
 
 
-def _final_norm(model):
+def _final_norm(model, busiest_expert):
     return _scale(model.model.norm.weight, 1.02)
 
 
@@ -174,15 +191,15 @@ CONTROLS = ([(f"weight x{1 + e:g} (layer middle, down_proj)", "weight", e, _weig
                ("final-norm weight x1.02", "final-norm scale", 0.0, _final_norm),
                ("routing weights not renormalised (middle layer)", "routing not renormalised", 0.0,
                 _not_renormalised),
-               ("one expert's down_proj x1.05 (middle layer)", "expert scaled", 0.0, _expert_scaled),
+               ("one expert's down_proj x1.05 (middle layer, its busiest)", "expert scaled", 0.0, _expert_scaled),
                ("top-k one expert short (middle layer)", "top-k off by one", 0.0, _top_k_off_by_one)])
 
 
-def each_control(model):
+def each_control(model, busiest=None):
     """Yield (name, shape, size) of every control with its bug planted in `model`, undone after; a control
-    the model has no place for (swapped KV heads with one KV head) is left out."""
+    the model has no place for (swapped KV heads with one KV head) is left out. `busiest`: busiest_expert()."""
     for name, shape, size, plant in CONTROLS:
-        undo = plant(model)
+        undo = plant(model, busiest)
         if undo is None:
             continue
         try:
@@ -196,7 +213,7 @@ def run_controls(engine, call, judge_output):
     """Every control on `engine` (an HFEngine, the peer's copy): `call(engine)` with the bug planted, then
     undone; `judge_output(output, shape)` -> (passed, one-line figure[, located]). Returns [ControlResult]."""
     results = []
-    for name, shape, size in each_control(engine.model):
+    for name, shape, size in each_control(engine.model, busiest_expert(engine, call)):
         passed, figure, *located = judge_output(call(engine), shape)
         results.append(ControlResult(name, shape, size, not passed, figure, *located))
     return results

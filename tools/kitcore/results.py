@@ -134,13 +134,19 @@ class Results:
             self.add(case, metric, getattr(comparison, metric), **labels)
         self.add(case, "passed", comparison.passed, unit="bool", **labels)
 
-    def finish(self, passed, json_path=None):
-        """Print the verdict line, write --json, return the exit code."""
-        code = EXIT_PASS if passed else EXIT_FAIL
-        verdict = "pass" if passed else "fail"
-        self.add("all", "verdict", code, unit="exit_code", verdict=verdict)
+    def finish(self, verdict, json_path=None, notes=(), title="verdict"):
+        """The one finisher of a check (a kitcore.verdict.Verdict): the human verdict line under `title` (None:
+        a report, no line) with its `notes` below, the KIT verdict line, the outcomes into --json; the exit
+        code."""
+        code = EXIT_PASS if verdict.passed else EXIT_FAIL
+        if title:
+            print(f"\n{title}: {verdict.line()}" + "".join(f"\n{n}" for n in notes if n), file=self.stream,
+                  flush=True)
+        word = "pass" if verdict.passed else "fail"
+        self.add("all", "verdict", code, unit="exit_code", verdict=word)
+        self.extra["outcomes"] = verdict.as_list()
         if json_path:
-            self.write_json(json_path, verdict, code)
+            self.write_json(json_path, word, code)
         return code
 
     def write_json(self, json_path, verdict, code):

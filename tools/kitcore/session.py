@@ -17,7 +17,7 @@ results and their environment, the header) and the same peer rule, with module e
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from . import checkpoints, cli, decode, devices, engines, judges, memory, plan, 
 from . import inputs as kitinputs
 from .errors import NotWhatWasAsked, Unavailable, UsageError
 from .results import Results, environment
+from .verdict import Verdict
 from .tiny import DEFAULT_PROMPT
 
 FAMILIES = ("llama", "qwen3_moe")  # end-to-end and forward validation; intermediate validation is Llama only
@@ -492,8 +493,9 @@ class Session:
         self.results.extra[case] = {"table": [vars(r) for r in found], "sensitivity": line}
         return line
 
-    def finish(self, passed):
-        """The verdict: the reference cache's figures into the environment, the exit code."""
+    def finish(self, verdict, notes=()):
+        """The verdict (a kitcore.verdict.Verdict): the reference cache's figures into the environment, the
+        verdict line with `notes` under it, the exit code."""
         read = getattr(self.reference, "bytes_read", None)
         if read is not None:  # a streamed reference: what it read from the shards, every forward together
             self.results.env["reference_bytes_read"] = read
@@ -505,7 +507,7 @@ class Session:
             print(f"reference cache: {cache.hits} hit(s), {cache.misses} miss(es)"
                   + (f", {cache.rejected} entry(ies) rejected and recomputed" if cache.rejected else "")
                   + f" ({cache.root})")
-        return self.results.finish(passed, self.args.json)
+        return self.results.finish(verdict, self.args.json, notes)
 
     # ---- opening ----------------------------------------------------------------------------------
 
@@ -739,6 +741,7 @@ class Bench:
     results: Results
     ceilings: object
     cases: dict
+    verdict: Verdict = field(default_factory=Verdict)  # every judged case's outcome
 
     @classmethod
     def open(cls, args, script, impl):
@@ -794,9 +797,9 @@ class Bench:
         results.add(case, "roofline_fraction", roof.fraction, unit="fraction", bound=roof.kind, **labels)
         return roof
 
-    def finish(self, passed):
-        """The correctness verdict line, the device's cache released, the JSON written; the exit code."""
+    def finish(self):
+        """The correctness verdict line (every case's outcome), the device's cache released, the JSON written;
+        the exit code."""
         self.results.extra["cases"] = self.cases
-        print(f"\ncorrectness verdict: {'PASS' if passed else 'FAIL'}")
         self.device.empty_cache()
-        return self.results.finish(passed, self.args.json)
+        return self.results.finish(self.verdict, self.args.json, title="correctness verdict")

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 from kitcore import cli, engines, inputs, judges, session  # noqa: E402
 from kitcore.decode import ragged_decode  # noqa: E402
 from kitcore.errors import Unavailable, UsageError  # noqa: E402
+from kitcore.verdict import Verdict  # noqa: E402
 
 SCRIPT = "test_batch_validation"
 SHARED_PREFIX, CONTINUATIONS = 40, (12, 20)  # tokens of the shared-prefix batch
@@ -64,14 +65,14 @@ class Rows:
         self.noise = None if correct is None else judges.rounding_noise(correct, self.reference)
 
 
-def check_batch(run, peer, alone, rows, side, label, judge, results):
+def check_batch(run, peer, alone, rows, side, label, judge, results, verdict):
     """One padded batch of the prompts `rows` (indices): every row against itself alone and the reference
-    (the gates of each row; the rates and KL mean/p99, which need many positions, over all rows together)."""
+    (the gates of each row; the rates and KL mean/p99, which need many positions, over all rows together),
+    each an outcome of `verdict`."""
     batch = inputs.pad([alone.prompts[i] for i in rows], side)
     cand = run.candidate.forward(batch.input_ids, batch.position_ids, batch.attention_mask).cpu()
     peer_out = peer.forward(batch.input_ids, batch.position_ids, batch.attention_mask).cpu() if peer else None
     space = judges.output_space(run.candidate)
-    passed = True
     for j, i in enumerate(rows):
         got = batch.real(j, cand)
         same = judges.judge_invariance(got, alone.candidate[i], None if alone.noise is None else alone.noise[i], judge,
@@ -79,9 +80,10 @@ def check_batch(run, peer, alone, rows, side, label, judge, results):
         vs_ref = judges.check_logits(got[None], alone.reference[i][None], torch.ones(1, len(got)), judge,
                                      None if peer_out is None else batch.real(j, peer_out)[None], aggregate=False,
                                      space=space)
-        ok = same.passed and vs_ref.passed
-        passed &= ok
         where = f"{label} row {j} (prompt {i}, {len(got)} tokens)"
+        why = ([] if same.passed else [f"{same.kind} its run alone (max abs {same.max_abs:.3e})"]) + (
+            [] if vs_ref.passed else [f"vs reference: {vs_ref.reasons()}"])
+        ok = verdict.add(where, not why, f"{where}: {'; '.join(why)}")
         print(f"  {where:<46} {same.kind:<16} {same.max_abs:>10.3e} | vs reference "
               + ("ok" if vs_ref.passed else f"FAIL: {vs_ref.reasons()}"))
         case = f"{label.replace(' ', '_')}_row{j}"
@@ -91,11 +93,10 @@ def check_batch(run, peer, alone, rows, side, label, judge, results):
         results.add(case, "passed", ok, unit="bool")
     together = judges.check_logits(cand, _aligned(batch, rows, alone.reference), batch.attention_mask, judge,
                                    peer_out, space=space)
-    if not together.passed:
+    if not verdict.add(f"{label} all rows", together.passed, f"{label}, all rows together: {together.reasons()}"):
         print(f"  {label} all rows together: FAIL: {together.reasons()}")
     results.add(label.replace(" ", "_"), "kl_mean", together.kl_mean, unit="nats")
     results.add(label.replace(" ", "_"), "passed", together.passed, unit="bool")
-    return passed and together.passed
 
 
 def _aligned(batch, rows, per_prompt):
@@ -106,7 +107,7 @@ def _aligned(batch, rows, per_prompt):
     return out
 
 
-def check_decode(run, peer, alone, rows, steps, judge, results):
+def check_decode(run, peer, alone, rows, steps, judge, results, verdict):
     """Batched prefill + ragged teacher-forced decode of the prompts `rows`; every row's every step
     against the reference of that prompt alone."""
     batch = inputs.pad([alone.prompts[i] for i in rows])
@@ -118,7 +119,6 @@ def check_decode(run, peer, alone, rows, steps, judge, results):
         references.append(logits[0])
     got = ragged_decode(run.candidate, batch, teachers)
     peer_got = ragged_decode(peer, batch, teachers) if peer else [None] * len(rows)
-    passed = True
     for j, i in enumerate(rows):
         failures = []
         for step in range(len(teachers[j]) + 1):
@@ -130,45 +130,46 @@ def check_decode(run, peer, alone, rows, steps, judge, results):
             results.add(f"decode_row{j}", "passed", check.passed, unit="bool", kind=f"step{step}")
             if not check.passed:
                 failures.append((step, check))
-        passed &= not failures
         where = f"decode row {j} (prompt {i}, {len(alone.prompts[i])} tokens + {len(teachers[j])} steps)"
         if failures:
             step, check = failures[0]
             kind = "prefill" if step == 0 else f"decode step {step}"
+            verdict.add(f"decode row {j}", False, f"{where}: from {kind} on ({len(failures)} step(s)): "
+                                                   f"{check.reasons()}")
             print(f"  {where:<56} FAIL from {kind} on ({len(failures)} step(s)): {check.reasons()}")
         else:
+            verdict.add(f"decode row {j}", True)
             print(f"  {where:<56} every step ok")
     # every step of every row together: the statistics a single position cannot carry
     flat = [torch.cat(x)[None] if x[0] is not None else None for x in (got, references, peer_got)]
     together = judges.check_logits(flat[0], flat[1], torch.ones(flat[0].shape[:2]), judge, flat[2])
-    if not together.passed:
+    if not verdict.add("decode, all rows", together.passed,
+                       f"every decode step of every row together: {together.reasons()}"):
         print(f"  every step of every row together: FAIL: {together.reasons()}")
     results.add("decode_all", "kl_mean", together.kl_mean, unit="nats")
     results.add("decode_all", "passed", together.passed, unit="bool")
-    return passed and together.passed
 
 
-def check_concurrent_decode(run, alone, rows, steps, judge, results):
+def check_concurrent_decode(run, alone, rows, steps, judge, results, verdict):
     """For an engine that decodes by itself: the prompts `rows` decoded greedily at the same time (one
     generate() call: concurrent requests) and each alone; each row judged against itself alone and the
     reference (Session.judge_free_run)."""
     batch = inputs.pad([alone.prompts[i] for i in rows])
     tokens, got = run.candidate.generate(batch.input_ids, batch.position_ids, batch.attention_mask, steps)
-    passed = True
     for j, i in enumerate(rows):
         row = inputs.pad([alone.prompts[i]])
         alone_tokens, alone_got = run.candidate.generate(row.input_ids, row.position_ids, None, steps)
         check = run.judge_free_run(run.candidate, alone.prompts[i], (tokens[j], got[j]),
                                    (alone_tokens[0], alone_got[0]), judge)
-        passed &= check.passed
         where = f"concurrent row {j} (prompt {i}, {len(alone.prompts[i])} tokens + {steps} steps)"
+        verdict.add(where, check.passed, f"{where}: {check.invariance.kind} its run alone; vs reference "
+                    f"{check.vs_ref.reasons() or 'ok'}")
         parted = "" if check.agree > steps else f"; its tokens leave the row alone's at step {check.agree}"
         print(f"  {where:<56} {check.invariance.kind:<16} {check.invariance.max_abs:>10.3e}{parted} | vs reference "
               f"({check.follows} steps) " + ("ok" if check.vs_ref.passed else f"FAIL: {check.vs_ref.reasons()}"))
         results.add(f"concurrent_row{j}", "invariant_max_abs", check.invariance.max_abs,
                     invariance=check.invariance.kind.replace(" ", "_"))
         results.add(f"concurrent_row{j}", "passed", check.passed, unit="bool")
-    return passed
 
 
 def parse_args(argv):
@@ -201,17 +202,17 @@ def padding_sides(run, spec):
     return [s for s in ("left", "right") if s in declared]
 
 
-def check_shared_prefix(run, peer, prompts, judge, results):
+def check_shared_prefix(run, peer, prompts, judge, results, verdict):
     """One prompt, and that prompt continued two ways, in one batch; skipped without a long enough prompt."""
     prefix = max(prompts, key=len)[:SHARED_PREFIX]
     if len(prefix) < SHARED_PREFIX:
         print(f"\nnote: no prompt of {SHARED_PREFIX} tokens: the shared-prefix batch is skipped")
-        return True
+        return
     tails = inputs.random_rows(CONTINUATIONS, run.checkpoint.config["vocab_size"], run.args.seed)
     shared = [prefix + tails[0], prefix + tails[1], prefix]
     print(f"\nshared-prefix batch ({SHARED_PREFIX} shared tokens, then {CONTINUATIONS} more or none):")
     with run.phases("shared_prefix"):
-        return check_batch(run, peer, Rows(run, peer, shared), [0, 1, 2], "left", "shared prefix", judge, results)
+        check_batch(run, peer, Rows(run, peer, shared), [0, 1, 2], "left", "shared prefix", judge, results, verdict)
 
 
 def main(argv=None):
@@ -235,30 +236,29 @@ def main(argv=None):
 
     with run.phases("alone"):
         alone = Rows(run, peer, prompts)
-    passed = True
+    verdict = Verdict()
     print("\neach row in a batch against the same prompt alone (invariance, max abs diff) and the reference:")
     with run.phases("batches"):
         for size in sizes:
             for side in sides:
                 for start in range(0, len(order) - size + 1, size):
                     label = f"batch {size} {side} #{start // size}"
-                    passed &= check_batch(run, peer, alone, order[start:start + size], side, label, judge, results)
+                    check_batch(run, peer, alone, order[start:start + size], side, label, judge, results, verdict)
 
     if "new_cache" in engines.capabilities(run.candidate):
         print(f"\nbatched prefill + ragged greedy decode ({args.decode_steps} steps, rows finish early):")
         with run.phases("decode"):
-            passed &= check_decode(run, peer, alone, order[:max(sizes)], args.decode_steps, judge, results)
+            check_decode(run, peer, alone, order[:max(sizes)], args.decode_steps, judge, results, verdict)
     else:
         print(f"\n{max(sizes)} requests decoded at the same time ({args.decode_steps} steps each) against each alone "
               "(invariance) and the reference:")
         with run.phases("decode"):
-            passed &= check_concurrent_decode(run, alone, order[:max(sizes)], args.decode_steps, judge, results)
-    passed &= check_shared_prefix(run, peer, prompts, judge, results)
+            check_concurrent_decode(run, alone, order[:max(sizes)], args.decode_steps, judge, results, verdict)
+    check_shared_prefix(run, peer, prompts, judge, results, verdict)
 
     print("\n" + run.phases.summary())
     run.phases.report(results)
-    print(f"\nverdict: {'PASS' if passed else 'FAIL: see the FAIL and NOT lines (batch, row, step)'}")
-    return run.finish(passed)
+    return run.finish(verdict)
 
 
 if __name__ == "__main__":

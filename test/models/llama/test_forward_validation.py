@@ -41,6 +41,7 @@ from kitcore import cli, engines, prefix_pairs, session, stepwise  # noqa: E402
 from kitcore.devices import dtype_name  # noqa: E402
 from kitcore.decode import Decoded, run_engine  # noqa: E402
 from kitcore.errors import Unavailable, UsageError  # noqa: E402
+from kitcore.verdict import Verdict  # noqa: E402
 
 SCRIPT = "test_forward_validation"
 HEADER = (f"{'step':>5} {'kind':>8} | {'A vs ref':>19} | {'B vs ref':>19} | {'A vs B':>19} | "
@@ -173,22 +174,21 @@ def check_cache_pairs(run, spec, steps):
     if not_cold:
         print(f"note: the cold request hit the cache at shared lengths {not_cold}: the reset did not empty it, "
               "so those pairs compare two hot runs")
-    failed = [p for p in pairs if not p.passed]
-    for p in failed:
+    hit = (f"{sum(1 for p in pairs if p.hits_hot)} with prefix-cache hits" if pairs[0].hits_hot is not None
+           else "prefix-cache hits not reported")
+    verdict = Verdict(f"{len(pairs)} hot requests ({hit}) match their cold runs and the reference")
+    for p in pairs:
         why = [w for w, bad in ((f"took {p.hits_hot} tokens from the cache, more than the {p.expected} it shares in "
                                   "full blocks", p.overreach),
                                  ("differs from its cold run beyond rounding", not p.check.invariance.passed),
                                  ("differs from the reference", not p.check.vs_ref.passed)) if bad]
-        print(f"cache pair, shared {p.shared} tokens: the hot request {'; '.join(why)} (first step differing from "
-              f"the cold run: {p.check.first_difference})")
+        message = (f"cache pair, shared {p.shared} tokens: the hot request {'; '.join(why)} (first step differing "
+                   f"from the cold run: {p.check.first_difference})")
+        if not verdict.add(f"shared {p.shared}", p.passed, message):
+            print(message)
     print("\n" + run.phases.summary())
     run.phases.report(results)
-    hit = (f"{sum(1 for p in pairs if p.hits_hot)} with prefix-cache hits" if pairs[0].hits_hot is not None
-           else "prefix-cache hits not reported")
-    verdict = (f"PASS: {len(pairs)} hot requests ({hit}) match their cold runs and the reference"
-               if not failed else f"FAIL: {len(failed)} of {len(pairs)} hot requests (see the cache pair lines)")
-    print(f"\nverdict: {verdict}")
-    return run.finish(not failed)
+    return run.finish(verdict)
 
 
 def main(argv=None):
@@ -222,17 +222,23 @@ def main(argv=None):
     print(HEADER + "\n" + "-" * len(HEADER))
     by_step = [stepwise.step_checks(table, step) for step in range(args.decode_steps + 1)]
     steps = [print_step(results, step, checks) for step, checks in enumerate(by_step)]
-    all_close = all(s["close"] for s in steps)
+    verdict = Verdict("every step CLOSE")
+    for step, checks in enumerate(by_step):
+        failing = [f"{name}: {c.reasons()}" for name, c in checks.items() if not c.passed]
+        verdict.add(f"step {step}", not failing, f"step {step} is NOT_CLOSE ({failing[0] if failing else ''})")
     for label, spec, d, column in (("A", specs[0], decoded[0], "a_vs_ref"), ("B", specs[1], decoded[1], "b_vs_ref")):
         for divergence in stepwise.divergences(d, teacher, table[column]):
             print_divergence(results, label, spec, divergence)
-            all_close &= not divergence.decisive
+            verdict.add(f"{label} leaves the teacher", not divergence.decisive,
+                        f"engine {label} chose token {divergence.token} at step {divergence.step} (row "
+                        f"{divergence.row}) at a decisive position, where the teacher has {divergence.teacher}")
     results.extra["steps"] = steps
 
     print(f"\nall {len(steps)} steps together:")
     overall = {name: c.check() for name, c in table.items()}
     results.extra["all_steps"] = {name: print_overall(results, name, check) for name, check in overall.items()}
-    all_close &= all(check.passed for check in overall.values())
+    for name, check in overall.items():
+        verdict.add(f"all steps: {name}", check.passed, f"{name} over all steps together: {check.reasons()}")
     trends = {name: stepwise.trend(by_step, name, check) for name, check in overall.items()}
     trends = {name: t for name, t in trends.items() if t is not None}
     if trends:
@@ -246,8 +252,8 @@ def main(argv=None):
         results.add("trend", f"{name}_passed", t.passed, unit="bool")
         if t.limit is not None:
             results.add("trend", f"{name}_limit", t.limit, unit="nats")
-    grows = [name for name, t in trends.items() if not t.passed]
-    all_close &= not grows
+    for name, t in trends.items():
+        verdict.add(f"by decode length: {name}", t.passed, f"the error of {name} by decode step: {t.reason()}")
     results.extra["trends"] = {name: t.as_dict() for name, t in trends.items()}
     for label, spec, column in (("A", specs[0], "a_cache"), ("B", specs[1], "b_cache")):
         bad = stepwise.failed_steps(steps, column)
@@ -266,16 +272,11 @@ def main(argv=None):
                                control_judge(table["a_vs_ref"], ref_steps, peer_steps)) if args.controls else None
     print("\n" + run.phases.summary())
     run.phases.report(results)
-    passed = all_close
     if args.repeat:
         del outputs, decoded, table
-        passed &= run.check_growth(lambda: run_engine(pair[0], run.inputs, teacher), "prefill + decode")
-    verdict = ("PASS: every step CLOSE" if passed else
-               f"FAIL: the error of {', '.join(grows)} grows with decode length (see 'error by decode position')"
-               if grows and all(s["close"] for s in steps) else
-               "FAIL: see the NOT_CLOSE steps and FAIL lines" if not all_close else "FAIL: memory grows with every call")
-    print(f"\nverdict: {verdict}" + (f"\n{sensitivity}" if sensitivity else ""))
-    return run.finish(passed)
+        verdict.add("memory", run.check_growth(lambda: run_engine(pair[0], run.inputs, teacher), "prefill + decode"),
+                    "memory grows with every call")
+    return run.finish(verdict, [sensitivity])
 
 
 def control_judge(a_vs_ref, ref_steps, peer_steps):

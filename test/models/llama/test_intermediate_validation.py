@@ -34,6 +34,7 @@ from kitcore.compare import OWN_TOLERANCES, SHAPE, Tolerance, compare  # noqa: E
 from kitcore.errors import Unavailable  # noqa: E402
 from kitcore.points import component_inputs, point_order  # noqa: E402
 from kitcore.results import Results  # noqa: E402
+from kitcore.verdict import Verdict  # noqa: E402
 
 SCRIPT = "test_intermediate_validation"
 ROPE_POSITIONS = 16
@@ -218,10 +219,10 @@ def own_only_captures(engine, ids, pos, n_layers):
     yield {"final_norm": engine.final_hidden(ids, pos)} if "final_hidden" in engines.capabilities(engine) else {}
 
 
-def validate_row(run, cand, ids, pos, judge, peer, dual, results):
-    """Every capture point of one unpadded row [1, S] of engine `cand`, a layer of every model at a time: its
-    printed table rows, the first failing point (layer, point, name, row, layout finding) or None, and whether
-    all passed."""
+def validate_row(run, cand, ids, pos, judge, peer, dual, results, verdict):
+    """Every capture point of one unpadded row [1, S] of engine `cand`, a layer of every model at a time, each
+    an outcome of `verdict`: its printed table rows and the first failing point (layer, point, name, row,
+    layout finding) or None."""
     config = run.reference_checkpoint.config
     n_layers = config["num_hidden_layers"]
     own_only = "capture" not in engines.capabilities(cand)
@@ -235,7 +236,7 @@ def validate_row(run, cand, ids, pos, judge, peer, dual, results):
               "forward from layer 0")
     print(f"\n{'point':<36} {'max abs':>10} {'nmse':>10} {'vs peer':>9} | {'own maxabs':>10} {'own nmse':>10} "
           f"{'vs peer':>9} | status")
-    rows, first, all_passed = [], None, True
+    rows, first = [], None
     previous_output = {}  # the reference's output of the previous layer: this layer's input
     with contextlib.ExitStack() as stack:
         sources = [stack.enter_context(contextlib.closing(
@@ -248,7 +249,7 @@ def validate_row(run, cand, ids, pos, judge, peer, dual, results):
             for layer, point, name in point_order(n_layers, range(i, i + 1)):
                 row = check_point(name, layer, point, captures, (cand, peer, run.reference_components) if dual else None, judge, ids, pos,
                                   n_layers, results, own_only)
-                failed = row["status"] != "ok"
+                failed = not verdict.add(name, row["status"] == "ok", f"{name}: {row['status']}")
                 results.add(name, "passed", not failed, unit="bool", layer=layer, point=point)
                 if failed and first is None:
                     layout = None
@@ -257,30 +258,28 @@ def validate_row(run, cand, ids, pos, judge, peer, dual, results):
                         layout = layout_permutation(candidate[name], reference[name], heads, run.dtype)
                     finding = f"{name}: {layout} -- the interleaved-vs-half-split RoPE layout mistake" if layout else None
                     first = (layer, point, name, row, finding)
-                all_passed &= not failed
                 rows.append(row)
             output = f"layers.{i}.output"
             previous_output = {output: reference[output]} if output in reference else {}
-    return rows, first, all_passed
+    return rows, first
 
 
-def validate_rows(run, judge, peer, dual, cand=None, results=None):
-    """Every row of the batch, without its padding, of `cand` (default: the candidate): its points, and the first
-    failing one (row first)."""
+def validate_rows(run, judge, peer, dual, verdict, cand=None, results=None):
+    """Every row of the batch, without its padding, of `cand` (default: the candidate), each point an outcome of
+    `verdict`: its points, and the first failing one (row first)."""
     cand, results, inp = cand or run.candidate, results or run.results, run.inputs
     batch = inp.input_ids.shape[0]
-    rows, first, all_passed = [], None, True
+    rows, first = [], None
     for r in range(batch):
         row = inp.row(r)
         if batch > 1:
             print(f"\n== row {r} of {batch} ({row.input_ids.shape[1]} tokens)")
-        row_points, row_first, row_passed = validate_row(run, cand, row.input_ids, row.position_ids, judge, peer,
-                                                         dual, results if batch == 1 else results.labelled(row=r))
-        all_passed &= row_passed
+        row_points, row_first = validate_row(run, cand, row.input_ids, row.position_ids, judge, peer, dual,
+                                             results if batch == 1 else results.labelled(row=r), verdict)
         rows += [{**p, "row": r} for p in row_points] if batch > 1 else row_points
         if row_first is not None and first is None:
             first = (r, *row_first)
-    return rows, first, all_passed
+    return rows, first
 
 
 def findings_of(rows, first, batched):
@@ -353,11 +352,13 @@ def main(argv=None):
         print(f"note: engine {args.engine!r} has no run_component(): the dual test (own error) is skipped")
     peer, judge = run.peer_for(cand), run.judge(cand)
     print(f"judged by {judge.describe()}; own errors by the own-error table" + (", calibrated the same way" if peer else ""))
-    rows, first, all_passed = validate_rows(run, judge, peer, dual)
+    verdict = Verdict()
+    rows, first = validate_rows(run, judge, peer, dual, verdict)
     batched = run.inputs.input_ids.shape[0] > 1
     findings, worst_own = findings_of(rows, first, batched)
     rope_record, rope_finding, rope_ok = validate_rope(run, cand)
-    all_passed &= rope_ok
+    if rope_record is not None:
+        verdict.add("rope", rope_ok, rope_finding)
     findings += [rope_finding] if rope_finding else []
 
     print()
@@ -368,16 +369,16 @@ def main(argv=None):
                                                       **({"row": first[0]} if batched else {})},
         largest_own_error=worst_own, points=rows, rope=rope_record, findings=findings)
     sensitivity = run.controls(control_call(run, judge, peer, dual), control_judge(run)) if args.controls else None
-    print(f"\nverdict: {'PASS' if all_passed else 'FAIL'}" + (f"\n{sensitivity}" if sensitivity else ""))
-    return run.finish(all_passed)
+    return run.finish(verdict, [sensitivity])
 
 
 def control_call(run, judge, peer, dual):
     """--controls: a control validated as the candidate was (its table not printed, its records dropped)."""
     def call(engine):
+        verdict = Verdict()
         with contextlib.redirect_stdout(io.StringIO()):
-            _, first, passed = validate_rows(run, judge, peer, dual, cand=engine, results=Results(SCRIPT))
-        return first, passed
+            _, first = validate_rows(run, judge, peer, dual, verdict, cand=engine, results=Results(SCRIPT))
+        return first, verdict.passed
     return call
 
 

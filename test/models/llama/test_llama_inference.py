@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 
 from kitcore import cli, devices, judges, session  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
+from kitcore.verdict import Verdict  # noqa: E402
 
 SCRIPT = "test_llama_inference"
 
@@ -81,21 +82,21 @@ def main(argv=None):
     wall = session.print_timings(run.phases, started)
     run.phases.report(run.results)
     run.results.add("timing", "check_wall", wall, unit="s")
-    tokens_ok = run.check_tokenization() if args.tokenization else True
-    passed = check.passed and tokens_ok and (companion is None or companion[0].passed)
+    verdict = Verdict()
+    verdict.add("logits", check.passed, check.reasons())
+    if companion:
+        verdict.add("logits in float32", companion[0].passed, f"in float32: {companion[0].reasons()}")
+    if args.tokenization:
+        verdict.add("tokenisation", run.check_tokenization(), "the engine's own tokenisation differs (above)")
     if args.repeat:
-        passed &= run.check_growth(lambda: forward(run.candidate), "forward")
-    failure = (check.reasons() if not check.passed
-               else f"in float32: {companion[0].reasons()}" if companion and not companion[0].passed
-               else "the engine's own tokenisation differs (above)" if not tokens_ok
-               else "memory grows with every call")
-    notes = [session.blind_spot(judge, args.controls, companion is not None)] if passed else []
+        verdict.add("memory", run.check_growth(lambda: forward(run.candidate), "forward"),
+                    "memory grows with every call")
+    notes = [session.blind_spot(judge, args.controls, companion is not None)] if verdict.passed else []
     if sensitivity:
         notes = [f"{devices.dtype_name(run.dtype)} {sensitivity}" if companion else sensitivity]
     if companion and companion[2]:
         notes.append(f"float32 {companion[2]}")
-    print("\nverdict: " + ("PASS" if passed else f"FAIL: {failure}") + "".join(f"\n{n}" for n in notes if n))
-    return run.finish(passed)
+    return run.finish(verdict, notes)
 
 
 if __name__ == "__main__":

@@ -282,7 +282,8 @@ def first_outputs(m, requests, prepared):
 
 def run_phase(m, phase, cases, labels=None):
     """Time and check the requests `cases` [(seq, past)]; `labels(i, request)` adds a sweep's labels.
-    Returns the requests, their Measurements, the batch-relative latencies and whether every one passed."""
+    Each case an outcome of the bench's verdict. Returns the requests, their Measurements and the batch-relative
+    latencies."""
     bench, args = m.bench, m.bench.args
     device, dtype, config = bench.device, bench.dtype, bench.config
     requests = [Request(config, s, p, m.generator, m.text) for s, p in cases]
@@ -290,12 +291,11 @@ def run_phase(m, phase, cases, labels=None):
     outputs, peaks = first_outputs(m, requests, prepared)
     latencies, batch_relative = time_requests([c for c, _, _ in prepared], device, args.warmups, args.runs,
                                               lambda: [reset() for _, reset, _ in prepared], phase, m.own_streams)
-    passed = True
     for i, (r, out, timed, peak) in enumerate(zip(requests, outputs, latencies, peaks)):
         case = f"{phase}{i}_seq{r.seq}_past{r.past}"
         extra = labels(i, r) if labels else {}
         c = judges.judge_tensor(out, r.reference, m.judge, r.peer if m.peer is not None else None, case)
-        passed &= c.passed
+        bench.verdict.add(case, c.passed, f"{case}: {c.reason}")
         flops, moved = flops_and_bytes(config, r.seq, r.past, dtype)
         roof = bench.report(case, timed, r.seq, flops, moved, peak, phase=phase, **extra)
         bench.results.add_comparison(case, c, phase=phase, **extra)
@@ -317,7 +317,7 @@ def run_phase(m, phase, cases, labels=None):
               + ("  [spread warning]" if timed.spread_warning else ""))
         if not c.passed:
             print(f"    {c.reason}")
-    return requests, latencies, batch_relative, passed
+    return requests, latencies, batch_relative
 
 
 def run_batched(m, requests, case, labels):
@@ -333,6 +333,7 @@ def run_batched(m, requests, case, labels):
         peer_out = peer_call().detach().cpu()
         peer_reset()
     c = judges.judge_tensor(out, torch.cat([r.reference for r in requests]), m.judge, peer_out, case)
+    bench.verdict.add(case, c.passed, f"{case}: {c.reason}")
     device.reset_peak_memory()
     (timed,), _ = time_requests([call], device, args.warmups, args.runs, reset, case, m.own_streams)
     flops, moved = batch_flops_and_bytes(bench.config, [r.past for r in requests], dtype)
@@ -345,12 +346,11 @@ def run_batched(m, requests, case, labels):
           f"median {timed.median_ms:.3f} ms, {len(requests) / timed.median_ms * 1e3:.1f} tok/s, {roof.fraction:.1%} "
           f"of {roof.kind} roofline | max abs {c.max_abs:.2e} nmse {c.nmse:.2e} "
           f"{'ok' if c.passed else 'FAIL: ' + c.reason}")
-    return c.passed
 
 
 def sweep(m):
     """--sweep: every point timed and checked like a case, labelled sweep=<family> size=<n>."""
-    g, config, passed = torch.Generator().manual_seed(m.bench.args.seed + 1), m.bench.config, True
+    g, config = torch.Generator().manual_seed(m.bench.args.seed + 1), m.bench.config
     for family, points in sweep_points(config.max_position_embeddings).items():
         print(f"\nsweep {family}: " + ", ".join(f"{s}:{p}" for s, p in points))
         if family == "batch":  # b decode requests of one token at the same past, as one batch
@@ -358,11 +358,10 @@ def sweep(m):
                 requests = [Request(config, 1, past, g, m.text) for _ in range(b)]
                 for r in requests:
                     r.reference = m.reference_output(r)
-                passed &= run_batched(m, requests, f"batch{b}_past{past}", {"sweep": "batch", "size": b})
+                run_batched(m, requests, f"batch{b}_past{past}", {"sweep": "batch", "size": b})
         else:
-            passed &= run_phase(m, family, points, lambda i, r, family=family: {
-                "sweep": family, "size": r.seq if family == "prefill_length" else r.past})[3]
-    return passed
+            run_phase(m, family, points, lambda i, r, family=family: {
+                "sweep": family, "size": r.seq if family == "prefill_length" else r.past})
 
 
 def prefill_phase(m, cases):
@@ -372,7 +371,7 @@ def prefill_phase(m, cases):
     print("Test Qwen3attention ")
     print("*" * 130)
     print(f"Test Case PREFILL_TESTCASES : {{'seqlens': {[s for s, _ in cases]}, 'pastlens': {[p for _, p in cases]}}}")
-    _, latencies, batch_relative, passed = run_phase(m, "prefill", cases)
+    _, latencies, batch_relative = run_phase(m, "prefill", cases)
     original_ttft = sum(sum(r) for r in batch_relative) / (args.runs * len(cases))
     per_request = sum(t.median_ms for t in latencies) / len(latencies)
     results.add("prefill", "ttft_per_request_median_ms", per_request, unit="ms")
@@ -381,7 +380,6 @@ def prefill_phase(m, cases):
     print(f"  TTFT as the originals measured it (mean time from the batch start to each request's end): "
           f"{original_ttft:.3f} ms")
     print(f"\t WARMUPS={args.warmups} RUNS={args.runs}, Attention Torch, average TTFT: {round(original_ttft, 2)} ms\n")
-    return passed
 
 
 def decode_phase(m, cases):
@@ -391,7 +389,7 @@ def decode_phase(m, cases):
     print("\n")
     print("-" * 130)
     print(f"\nTest DECODE_TESTCASES: {{'seqlens': {[s for s, _ in cases]}, 'pastlens': {[p for _, p in cases]}}}")
-    requests, latencies, _, passed = run_phase(m, "decode", cases)
+    requests, latencies, _ = run_phase(m, "decode", cases)
     groups = {}
     for r, t in zip(requests, latencies):
         groups.setdefault(r.past, []).append(t.median_ms)
@@ -409,8 +407,7 @@ def decode_phase(m, cases):
     print(f"\t WARMUPS={args.warmups} RUNS={args.runs}, Attention Torch, average throughput: "
           f"{round(original_tps, 2)} tok/s \n")
     if args.batched:
-        passed &= run_batched(m, requests, "decode_batched", {})
-    return passed
+        run_batched(m, requests, "decode_batched", {})
 
 
 def main(argv=None):
@@ -429,10 +426,11 @@ def main(argv=None):
     text_tokens = max(s + p for s, p in prefill + decode) if args.inputs == "text" and not args.sweep else None
     m = Modules.open(bench, text_tokens)
     if args.sweep:
-        return bench.finish(sweep(m))
-    passed = prefill_phase(m, prefill)
-    passed &= decode_phase(m, decode)
-    return bench.finish(passed)
+        sweep(m)
+    else:
+        prefill_phase(m, prefill)
+        decode_phase(m, decode)
+    return bench.finish()
 
 
 if __name__ == "__main__":

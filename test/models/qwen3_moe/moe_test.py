@@ -267,14 +267,14 @@ def main(argv=None):
     print("*" * 130)
     print("Test Qwen3 MoE" + (f" sweep: tokens per call {', '.join(map(str, SWEEP_TOKENS))}" if args.sweep else ""))
     print("*" * 130)
-    all_passed, start = True, 0
+    start = 0
     for case, (tokens, labels) in cases.items():
         x = hidden[:, :tokens] if args.sweep else hidden[:, start:start + tokens]
         start += tokens
         print_case_header(case, tokens, args.inputs)
         phase = labels.get("sweep", case)
         x_dev, peak, routing, check = check_case(bench, blocks, x)
-        all_passed &= check.passed
+        bench.verdict.add(case, check.passed, f"{case}: {failure(check)}")
         m, cold, roof, flops, moved = time_case(bench, blocks, case, tokens, x_dev, peak, routing, flush, phase=phase,
                                                 **labels)
         record_case(bench, case, check, routing, phase=phase, **labels)
@@ -286,8 +286,18 @@ def main(argv=None):
                              **labels}
         print_case(bench, tokens, m, cold, roof, flops, moved, routing, check)
     if not args.sweep:
-        all_passed &= check_negative_router(bench, blocks, hidden[:, :args.prefill_tokens])
-    return bench.finish(all_passed)
+        check_negative_router(bench, blocks, hidden[:, :args.prefill_tokens])
+    return bench.finish()
+
+
+def failure(check):
+    """Why a MoEBlockCheck failed, in one line."""
+    why = [] if check.output.passed else [f"output {check.output.reason}"]
+    if check.router_logits is not None and not check.router_logits.passed:
+        why.append(f"router logits {check.router_logits.reason}")
+    if check.set_mismatches:
+        why.append(f"{check.set_mismatches} token(s) routed to an expert set that is not admissible")
+    return "; ".join(why)
 
 
 def check_negative_router(bench, blocks, x):
@@ -295,7 +305,7 @@ def check_negative_router(bench, blocks, x):
     shifted, x = negative_router(blocks.weights, x, bench.dtype)
     if shifted is None:
         print("\nrouter shifted negative: skipped (the hidden states have no common direction to shift along)")
-        return True
+        return
     print(f"\nrouter shifted negative: {x.shape[1]} tokens, every router logit below zero")
     _, _, routing, check = check_case(bench, open_blocks(bench, shifted), x)
     c = check.output
@@ -304,8 +314,9 @@ def check_negative_router(bench, blocks, x):
     bench.cases["negative_router"] = {"tokens": x.shape[1], "routing": routing, "comparison": c.as_dict(),
                                       "near_tie_tokens": check.near_ties, "router_set_mismatches": check.set_mismatches}
     print(f"  correctness vs float32 eager ({check.near_ties} near-tie tokens): max abs {c.max_abs:.3e}, nmse "
-          f"{c.nmse:.3e} -> {'ok' if check.passed else 'FAIL: ' + (c.reason or 'expert sets not admissible')}")
-    return check.passed
+          f"{c.nmse:.3e} -> {'ok' if check.passed else 'FAIL: ' + failure(check)}")
+    bench.verdict.add("negative_router", check.passed, f"negative_router (every router logit below zero): "
+                                                       f"{failure(check)}")
 
 
 if __name__ == "__main__":
