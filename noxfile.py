@@ -79,6 +79,8 @@ def run_scripts(session, scripts, device, dtype, extra=(), tag=""):
     """Run each script; log (under `tag` too, where one script runs in several modes), parse, store.
     Returns [(script, exit code)]."""
     run_id = f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    commit = head.stdout.strip() if head.returncode == 0 else ""  # the report's history names it
     log_dir = ROOT / "logs" / session.name.replace("(", "_").replace(")", "").replace("'", "").replace("=", "-")
     log_dir.mkdir(parents=True, exist_ok=True)
     outcomes = []
@@ -98,7 +100,7 @@ def run_scripts(session, scripts, device, dtype, extra=(), tag=""):
         else:  # it died before writing its JSON: what its stdout said
             records, env = metrics.parse_lines(proc.stdout.splitlines(), str(log.relative_to(ROOT))), {}
         for r in records:
-            r.update(log=str(log.relative_to(ROOT)), run_id=run_id, session=session.name, env=env)
+            r.update(log=str(log.relative_to(ROOT)), run_id=run_id, commit=commit, session=session.name, env=env)
         store.append_records(RESULTS, records)
         values = {(r["case"], r["metric"]): r["value"] for r in records}
         headline = ", ".join(f"{label} {values[(case, metric)]:.4g}" for case, metric, label in HEADLINES.get(name, [])
@@ -186,7 +188,9 @@ def tests(session):
 
 # the tests whose verdicts hang on a trained model's numbers: fault engines and judges
 CHECKPOINT_SENSITIVE = ["test/kit/test_llama_suite.py", "test/kit/test_qwen3_moe_suite.py"]
-OTHER_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# inductor's cache does not key on ATen's capability: its AVX-512 kernels, reused under AVX2's, segfaulted
+OTHER_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                 "TORCHINDUCTOR_CACHE_DIR": os.path.join(tempfile.gettempdir(), "kit-inductor-avx2")}
 
 
 @nox.session(name="any-machine", python=False)

@@ -68,6 +68,15 @@ def index(records, columns):
     return {tuple(str(r.get(k, "")) for k in columns): r for r in records}
 
 
+def timing_status(b, iqr_b, c, iqr_c):
+    """The rule for two medians: SAME within the measured spread of both runs, else SLOWER or FASTER; and why.
+    tools/report.py marks a benchmark's history with it."""
+    noise = math.hypot(iqr_b, iqr_c)
+    if abs(c - b) <= noise:
+        return "SAME", f"|{c - b:+.4g}| ms within spread {noise:.4g} ms"
+    return ("SLOWER" if c > b else "FASTER"), f"{c - b:+.4g} ms ({(c / b - 1) * 100 if b else float('inf'):+.1f}%), spread {noise:.4g} ms"
+
+
 def judge(key, base, cur, base_idx, cur_idx):
     metric = key[-1]
     b, c = float(base["value"]), float(cur["value"])
@@ -75,10 +84,7 @@ def judge(key, base, cur, base_idx, cur_idx):
         spread_key = key[:-1] + ("iqr_ms",)
         iqr_b = float(base_idx.get(spread_key, {}).get("value", 0.0))
         iqr_c = float(cur_idx.get(spread_key, {}).get("value", 0.0))
-        noise = math.hypot(iqr_b, iqr_c)
-        if abs(c - b) <= noise:
-            return "SAME", f"|{c - b:+.4g}| ms within spread {noise:.4g} ms"
-        return ("SLOWER" if c > b else "FASTER"), f"{c - b:+.4g} ms ({(c / b - 1) * 100 if b else float('inf'):+.1f}%), spread {noise:.4g} ms"
+        return timing_status(b, iqr_b, c, iqr_c)
     if cur.get("unit") == "bytes":
         floor = memory.LEAK_BYTES_PER_ITERATION if "growth" in metric else MEMORY_NOISE_BYTES
         noise = max(MEMORY_RELATIVE_NOISE * abs(b), floor)

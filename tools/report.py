@@ -6,8 +6,10 @@
 Sections: verdicts; Llama per-layer error growth (chart); the layer x component error heatmap; forward
 validation's KL by decode step (how a KV cache's error moves with length);
 latency per case with p10-p90 spread bars; scaling sweeps (latency and fraction of the roofline against
-size); the MoE routing histogram. Each chart is an <svg> with
-class "kit-chart" and a data-chart name. For each script/device/dtype/engine the latest run is shown.
+size); the MoE routing histogram; each benchmark median's history over every run in the file, a run
+marked where tools/compare.py's rule calls it slower than the one before. Each chart is an <svg> with
+class "kit-chart" and a data-chart name. Of each configuration (script, device, dtype, engine and its
+settings) the latest run is shown, but in the history.
 """
 
 import html
@@ -34,13 +36,17 @@ def esc(x):
     return html.escape(str(x))
 
 
+SETTINGS = ("gguf_type", "kv_type", "engine_args", "attn", "impl")  # besides device and dtype: what a run ran with
+
+
 def group_key(r):
-    engine = r.get("engine", "") + "".join(f" {k}={r[k]}" for k in ("gguf_type", "kv_type") if r.get(k))
+    """A configuration: the script, device, dtype and engine with every setting that changes its figures."""
+    engine = r.get("engine", "") + "".join(f" {k}={r[k]}" for k in SETTINGS if r.get(k))
     return (r.get("script", ""), r.get("device", ""), r.get("dtype", ""), engine)
 
 
 def latest_runs(records):
-    """Records of the latest run of each script/device/dtype/engine (by run_id, else by order)."""
+    """Records of the latest run of each configuration (by run_id, else by order)."""
     last_run = {}
     for r in records:
         last_run[group_key(r)] = r.get("run_id", "")
@@ -66,7 +72,7 @@ def verdict_table(records):
     for r in rows:
         v = words.get(int(r["value"]), r["value"])
         out.append(f'<tr class="{"pass" if v == "pass" else "fail"}"><td>{esc(r.get("script"))}</td>'
-                   f'<td>{esc(r.get("device"))}</td><td>{esc(r.get("dtype"))}</td><td>{esc(r.get("engine"))}</td>'
+                   f'<td>{esc(r.get("device"))}</td><td>{esc(r.get("dtype"))}</td><td>{esc(group_key(r)[3])}</td>'
                    f'<td>{esc(v)}</td><td>{esc(r.get("run_id", ""))}</td></tr>')
     return "\n".join(out) + "</table>"
 
@@ -237,6 +243,42 @@ def latency(records):
     return svg("latency", w, h, "".join(body), "Latency per case: median (bar), p10-p90 (line), throughput at the median")
 
 
+def history(records):
+    """Each benchmark median's history over the runs in the file (every run, in the order stored), a run marked
+    where compare.py's rule calls it SLOWER (red) or FASTER (green) than the run before it."""
+    import compare
+
+    series = {}
+    for r in records:
+        if r.get("metric") in ("median_ms", "iqr_ms") and not r.get("sweep") and r.get("cache") != "cold":
+            run = (r.get("run_id", ""), r.get("commit", ""))
+            series.setdefault(group_key(r) + (r["case"],), {}).setdefault(run, {})[r["metric"]] = float(r["value"])
+    series = {k: [(run, v) for run, v in runs.items() if "median_ms" in v] for k, runs in series.items()}
+    series = {k: v for k, v in series.items() if len(v) > 1}
+    if not series:
+        return "<p>One run of each benchmark so far: a history needs two.</p>"
+    charts = []
+    for key, runs in series.items():
+        w, h, left = 900, 120, 60
+        top = max(v["median_ms"] + v.get("iqr_ms", 0) for _, v in runs) or 1.0
+        sx = lambda i: left + i * (w - left - 20) / max(len(runs) - 1, 1)  # noqa: E731
+        sy = lambda ms: h - 20 - ms / top * (h - 40)  # noqa: E731
+        body = [f'<polyline fill="none" stroke="#1f77b4" points="'
+                + " ".join(f"{sx(i):.1f},{sy(v['median_ms']):.1f}" for i, (_, v) in enumerate(runs)) + '"/>']
+        for i, ((run_id, commit), v) in enumerate(runs):
+            status, why = ("FIRST", "") if i == 0 else compare.timing_status(
+                runs[i - 1][1]["median_ms"], runs[i - 1][1].get("iqr_ms", 0.0), v["median_ms"], v.get("iqr_ms", 0.0))
+            color = {"SLOWER": "#d62728", "FASTER": "#2ca02c"}.get(status, "#1f77b4")
+            body.append(f'<circle class="run-{status.lower()}" cx="{sx(i):.1f}" cy="{sy(v["median_ms"]):.1f}" r="4" '
+                        f'fill="{color}"><title>{esc(run_id)} {esc(commit)}: median {v["median_ms"]:.4g} ms '
+                        f'{esc(status)} {esc(why)}</title></circle>')
+        body.append(f'<text x="5" y="{sy(top) + 4:.1f}" font-size="10">{top:.3g} ms</text>'
+                    f'<text x="5" y="{h - 16}" font-size="10">0</text>')
+        title = f"{key[0]} {key[4]} ({key[1]} {key[2]} {key[3]}): median by run"
+        charts.append(svg("history", w, h, "".join(body), title))
+    return "\n".join(charts)
+
+
 def _axis_log(values):
     lo, hi = math.floor(math.log10(min(values))), math.ceil(math.log10(max(values)))
     return lo, hi if hi > lo else lo + 1
@@ -331,11 +373,13 @@ def build(records, source):
     latest = latest_runs(records)
     sections = [("Verdicts", verdict_table(latest)), ("Per-layer error growth", error_growth(latest)),
                 ("Layer x component errors", heatmap(latest)), ("Error by decode step", decode_curves(latest)), ("Latency and spread", latency(latest)),
-                ("Scaling sweeps", sweep_charts(latest)), ("MoE routing", routing(latest))]
+                ("Scaling sweeps", sweep_charts(latest)), ("MoE routing", routing(latest)),
+                ("Benchmark history (every run; red: slower than the run before, by compare.py's rule)",
+                 history(records))]
     body = "\n".join(f"<h2>{esc(title)}</h2>\n{content}" for title, content in sections)
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Kit report</title><style>{STYLE}</style>"
             f"</head><body><h1>Kit report</h1><p>{len(records)} records from {esc(source)}; latest run of each "
-            f"script/device/dtype/engine shown.</p>\n{body}</body></html>\n")
+            f"configuration shown, the benchmarks' history over every run at the end.</p>\n{body}</body></html>\n")
 
 
 def main(argv=None):

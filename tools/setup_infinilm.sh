@@ -7,6 +7,7 @@
 #   SPDLOG_SRC      gabime/spdlog 1.13 (tested: 62302019); its cfg/env.h gets a one-line fix (below)
 #   JSON_SRC        nlohmann/json (tested: 199dea11)
 #   XMAKE_REPO      an xmake-io/xmake-repo checkout: xmake's package index, used offline
+#   (the source trees' git submodules may stay empty: spdlog and json come from the two directories above)
 #   INFINI_BACKEND  InfiniCore's xmake flags (default "--cpu=y --omp=y"; e.g. "--nv-gpu=y" on NVIDIA)
 #
 # The sources are copied into a build directory under the kit cache, keyed by the two source trees and the
@@ -20,6 +21,13 @@ need() { [ -n "${!1:-}" ] && [ -d "${!1}" ] || { echo "setup-infinilm: $1 is not
 for v in INFINICORE_SRC INFINILM_SRC SPDLOG_SRC JSON_SRC XMAKE_REPO; do need "$v"; done
 BACKEND=${INFINI_BACKEND:-}
 [ -n "$BACKEND" ] || BACKEND="--cpu=y --omp=y"
+# InfiniCore's xmake.lua requires boost; offline, xmake would try to download it and fail after ~30 s: check
+# for the system headers before the 20-minute build (nothing includes them; Debian: libboost-stacktrace-dev)
+if [ ! -d /usr/include/boost/stacktrace ]; then
+    echo "setup-infinilm: Boost's stacktrace headers are missing (InfiniCore's build requires boost and, offline," \
+         "cannot download it); fix: apt-get install libboost-stacktrace-dev, then run this again" >&2
+    exit 3
+fi
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=$ROOT/.venv
 [ -x "$VENV/bin/python" ] || { echo "setup-infinilm: $VENV is missing; fix: make setup" >&2; exit 2; }

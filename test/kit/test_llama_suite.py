@@ -152,8 +152,9 @@ def test_require_checks_what_the_engine_attests_it_ran(llama_checkpoint, tmp_pat
 
 def test_controls_say_what_the_check_could_have_caught(llama_checkpoint, tmp_path):
     """--controls: the peer with one planted bug at a time, judged like the candidate. In float32 every
-    control is caught, down to the 0.3% weight rung; in bfloat16 against the static table (plain hf) none
-    is, and the verdict says so without failing the correct candidate."""
+    control is caught, down to the 0.3% weight rung; in bfloat16 against the static table (plain hf) no
+    single-layer weight error up to 3% is (on the default checkpoint no control at all; on seed 2 swapped KV
+    heads), and the verdict says what was not seen without failing the correct candidate."""
     r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--dtype", "float32", "--controls",
                    json_path=tmp_path / "fp32.json")
     assert r.code == 0, r
@@ -163,8 +164,11 @@ def test_controls_say_what_the_check_could_have_caught(llama_checkpoint, tmp_pat
     r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--dtype", "bfloat16", "--controls",
                    json_path=tmp_path / "bf16.json")
     assert r.code == 0 and r.json["verdict"] == "pass", r
-    assert not any(c["caught"] for c in r.json["controls"]["table"])
-    assert "could not see: single-layer weight errors of 0.3%, 1.0%, 3.0%, 10.0%, swapped KV heads" in r.out, r
+    missed = [c for c in r.json["controls"]["table"] if not c["caught"]]
+    assert {c["size"] for c in missed} >= {0.003, 0.01, 0.03}, missed
+    assert "could not see: single-layer weight errors of 0.3%, 1.0%, 3.0%" in r.out, r
+    unseen = r.out.split("could not see: ", 1)[1].splitlines()[0]
+    assert all(c["shape"] in unseen for c in missed if c["shape"] != "weight"), (missed, unseen)
     r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--dtype", "bfloat16")  # no controls: said anyway
     assert r.code == 0 and "note: judged by the static bfloat16 table" in r.out and "does not rule out" in r.out, r
 
@@ -200,14 +204,17 @@ def test_moe_controls(moe_checkpoint, tmp_path):
 
 def test_forward_validation_controls(llama_checkpoint, tmp_path):
     """--controls in forward validation: each control's prefill + decode judged as engine A's, step by step; the
-    calibrated bfloat16 run (compile) sees a 3% single-layer weight error over 9 steps, not 1%."""
+    calibrated bfloat16 run (compile) over 9 steps sees a 10% single-layer weight error, not 1% (3% on the
+    default checkpoint, not on seed 2), and its sensitivity line names the smallest rung it caught."""
     r = run_script(FORWARD, "--model_path", llama_checkpoint, "--engine", "compile", "--dtype", "bfloat16",
                    "--decode_steps", 8, "--controls", json_path=tmp_path / "fwd.json")
     assert r.code == 0, r
-    caught = {c["name"]: c["caught"] for c in r.json["controls"]["table"]}
-    assert caught["weight x1.03 (layer middle, down_proj)"] and not caught["weight x1.01 (layer middle, down_proj)"]
+    table = r.json["controls"]["table"]
+    caught = {c["name"]: c["caught"] for c in table}
+    assert caught["weight x1.1 (layer middle, down_proj)"] and not caught["weight x1.01 (layer middle, down_proj)"]
     assert caught["swapped KV heads (middle layer)"] and caught["RoPE layout interleaved (middle layer)"]
-    assert "sensitivity: this check would have caught a single-layer weight error of 3.0% or more" in r.out, r
+    smallest = min(c["size"] for c in table if c["shape"] == "weight" and c["caught"])
+    assert f"sensitivity: this check would have caught a single-layer weight error of {smallest:.1%} or more" in r.out
 
 
 def test_intermediate_validation_controls_are_caught_and_located(llama_checkpoint, tmp_path):

@@ -201,6 +201,28 @@ def test_report_has_every_section(results_file, tmp_path):
     assert "<script" not in text and "http" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "")
 
 
+def test_report_draws_each_benchmarks_history_and_marks_the_slower_run(tmp_path):
+    """Three runs of one benchmark: the report's history marks the third (median 14 ms after 10.2, spreads 0.5)
+    as slower by compare.py's rule; its other sections show the latest run of each configuration only, and a
+    q8_0 and a q4_0 KV-cache run are two configurations."""
+    rows = []
+    for run, median in (("r1", 10.0), ("r2", 10.2), ("r3", 14.0)):
+        rows += [{**r, "run_id": run, "commit": f"c{run}"} for r in timing_rows(median, 0.5)]
+        rows += [{"script": "moe_test", "case": "all", "metric": "verdict", "value": 0, "engine": "hf",
+                  "device": "cpu", "dtype": "bfloat16", "run_id": run}]
+    for kv in ("q8_0", "q4_0"):
+        rows.append({"script": "test_forward_validation", "case": "all", "metric": "verdict", "value": 0,
+                     "engine": "llama.cpp", "kv_type": kv, "device": "cpu", "dtype": "float32", "run_id": "r4"})
+    results = write_jsonl(tmp_path / "results.jsonl", rows)
+    out = tmp_path / "report.html"
+    assert run_script("tools/report.py", results, "-o", out).code == 0
+    text = out.read_text()
+    assert text.count('data-chart="history"') == 1
+    assert text.count('class="run-slower"') == 1 and text.count('class="run-same"') == 1, text
+    assert "r3 cr3: median 14 ms SLOWER" in text
+    assert "kv_type=q8_0" in text and "kv_type=q4_0" in text
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_report_renders_in_headless_chromium(results_file, tmp_path):
     out = tmp_path / "report.html"

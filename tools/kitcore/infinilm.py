@@ -78,7 +78,8 @@ class InfiniLMEngine:
         config = json.loads(open(os.path.join(model_path, "config.json")).read())
         if config.get("model_type") == "qwen3_moe" and device.type == "cpu":
             raise Unavailable("engine infinilm: InfiniCore's CPU build has no kernels for the MoE ops "
-                              "(moe_topk_softmax ...): Qwen3-MoE runs only on a device build; use --nvidia etc.")
+                              "(moe_topk_softmax ...): Qwen3-MoE runs only on a device build (make setup-infinilm "
+                              "INFINI_BACKEND=\"--nv-gpu=y\" on NVIDIA, then --nvidia)")
         self.infinicore, self.dtype, self.device = infinicore, dtype, device
         name = dtype_name(dtype)
         self._view = config_view(model_path, {"torch_dtype": name, "dtype": name, **_rope_top_level(config)})

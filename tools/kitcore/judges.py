@@ -1,4 +1,5 @@
-"""Judges: the one place where figures become a verdict. Every script judges through this module.
+"""Judges: where figures become judged outcomes (a tensor, a step, a row passes or not, and why); the check's
+verdict is folded from those outcomes in kitcore.verdict. Every script judges through this module.
 
 A candidate computes in dtype D on device X; the reference is HF Transformers in float32 on the CPU.
 How far from the reference may a correct candidate be? Two answers:
