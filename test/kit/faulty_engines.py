@@ -59,6 +59,28 @@ class GQAOffByOneEngine(HFEngine):
         self.model.config._attn_implementation = "kit_gqa_off_by_one"
 
 
+class RecomputingEngine:
+    """A correct engine whose KV cache the kit cannot reach (a third-party runtime that takes whole prompts):
+    its "cache" is the tokens so far, and every forward recomputes the prefix. It says so."""
+
+    recomputes_prefix = True
+
+    def __init__(self, model_path, device, dtype, attn, **options):
+        self.inner, self.dtype = HFEngine(model_path, device, dtype, attn), dtype
+
+    def new_cache(self):
+        return {"ids": None, "positions": None}
+
+    def forward(self, input_ids, position_ids, attention_mask=None, cache=None):
+        if cache is None:
+            return self.inner.forward(input_ids, position_ids, attention_mask)
+        seen = [t for t in (cache["ids"], input_ids) if t is not None]
+        cache["ids"] = torch.cat(seen, 1)
+        cache["positions"] = torch.cat([t for t in (cache["positions"], position_ids) if t is not None], 1)
+        logits = self.inner.forward(cache["ids"], cache["positions"], attention_mask)
+        return logits[:, -input_ids.shape[1]:]
+
+
 class NoCaptureEngine(HFEngine):
     """A plugin with only the required methods: forward with a KV cache."""
 

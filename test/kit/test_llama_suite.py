@@ -390,6 +390,13 @@ def test_a_plugin_that_raises_is_the_engines_failure_not_the_kits(llama_checkpoi
     assert r.json["verdict"] == "fail" and "ValueError" in r.json["error"]
 
 
+def test_an_engine_that_recomputes_its_prefix_passes_and_says_its_cache_was_not_tested(llama_checkpoint):
+    r = run_script(FORWARD, "--model_path", llama_checkpoint, "--engine", f"{FAULTY_ENGINES}:RecomputingEngine",
+                   "--dtype", "float32", "--decode_steps", 3)
+    assert r.code == 0 and "verdict: PASS: every step CLOSE" in r.out, r
+    assert "recomputes the whole prefix at every step" in r.out and "had no cache to test" in r.out, r
+
+
 def test_padded_batch_of_prompts(llama_checkpoint, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Return the sum of two numbers.\nOpen a file and return a stream. Raise OSError upon failure.\n")

@@ -84,6 +84,21 @@ kit loads it):
 
 `HFEngine` implements all of them and exposes the loaded transformers model as `.model`; plugins can
 subclass it and override one piece (see test/kit/faulty_engines.py for examples).
+
+What a plugin author asks next:
+  * Refusing: raise kitcore.errors.UsageError (bad input or setting: exit 2) or Unavailable (this machine
+    cannot run it: exit 3), one line each. Any other exception raised in the plugin's code is reported as
+    the engine's failure (its type, message, file:line and the phase; exit 1), never as the kit's bug.
+  * Its own settings: name "engine_args" in OPTIONS and take `engine_args` (a dict from --engine_args JSON).
+  * A model in its own format: convert it from `model_path` in __init__, into a directory keyed by the
+    checkpoint's content (kitcore.checkpoints.open_checkpoint(model_path).fingerprint) under the kit cache,
+    and reuse it (as llama.cpp's GGUF export does: kitcore.gguf_export).
+  * A cache the kit cannot reach: new_cache() may return the tokens seen so far and forward() recompute
+    the whole prefix; declare `recomputes_prefix = True`, and forward validation says that its cache check
+    (cached logits against the engine's own no-cache forward, bitwise equal then) had no cache to test. An
+    engine with a cache of its own that only decodes by itself implements generate() instead.
+  * Positions: position_ids count from the first real token of each row (0 there under left padding);
+    padded positions carry 0 and attention_mask 0.
 """
 
 import ctypes
@@ -192,6 +207,12 @@ def check_contract(cls, spec):
             raise UsageError(f"--engine {spec!r}: {cls.__name__} defines {name}(), one typo from the capability "
                              f"{near[0]}(), which it does not define; rename it to {near[0]} (see the engine "
                              "protocol in tools/kitcore/engines.py)")
+
+
+def recomputes_prefix(engine):
+    """Whether the engine declares that its "cache" recomputes the whole prefix (a plugin without a reachable
+    KV cache): its cache check then tests nothing, and forward validation says so."""
+    return bool(getattr(engine, "recomputes_prefix", False))
 
 
 def attested(engine):

@@ -256,6 +256,9 @@ def main(argv=None):
         verdict.add(f"by decode length: {name}", t.passed, f"the error of {name} by decode step: {t.reason()}")
     results.extra["trends"] = {name: t.as_dict() for name, t in trends.items()}
     for label, spec, column in (("A", specs[0], "a_cache"), ("B", specs[1], "b_cache")):
+        if engines.recomputes_prefix(pair[0 if label == "A" else 1]):
+            print(f"note: engine {label} ({spec}) recomputes the whole prefix at every step (it declares "
+                  "recomputes_prefix): its cache check had no cache to test")
         bad = stepwise.failed_steps(steps, column)
         if bad:
             print(f"engine {label} ({spec}): its cached logits differ from its own no-cache forward from step "
