@@ -12,8 +12,9 @@ Recipe:
   * larger `size`s are random init, for scale and speed measurements; "8b" (Llama only) is written one
     decoder layer per safetensors shard, generated and freed in turn (STREAMED_SIZES).
 
-Determinism: the trained checkpoints are byte-identical on every x86-64 CPU (AVX2, AVX-512, AMX; Intel and
-AMD) and core count. Training runs in a child process whose arithmetic does not depend on the machine
+Determinism: the trained checkpoints are byte-identical across x86-64 CPUs and core counts (measured: AVX-512
+with AMX and AVX2 kernels, MKL held to AVX2, 1 or 2 cores; AMD rests on MKL's documented COMPATIBLE branch,
+not measured). Training runs in a child process whose arithmetic does not depend on the machine
 (TRAINING_ARITHMETIC: torch's AVX2 kernels, oneDNN capped at AVX2, MKL's strict conditional-numerical-
 reproducibility mode on the one branch it honours on every vendor's CPU) on a fixed 2 threads; those
 settings are read when torch loads, hence the child. Left to the machine, an AVX-512 CPU trains another
@@ -47,6 +48,11 @@ EOT = "<|endoftext|>"
 TRAINING_ARITHMETIC = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "COMPATIBLE,STRICT",
                        "OMP_NUM_THREADS": str(GENERATION_THREADS)}
 
+# one decoder layer of Qwen3-30B-A3B's shapes (128 experts, top 8; its vocabulary cut to the kit's)
+A3B_LAYER = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=1,
+                 num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                 vocab_size=VOCAB, max_position_embeddings=4096)
+
 # size -> config overrides; "tiny" is the default embedded checkpoint
 SIZES = {
     "llama": {
@@ -70,14 +76,9 @@ SIZES = {
         "1b": dict(hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=16,
                    num_attention_heads=16, num_key_value_heads=4, head_dim=64, num_experts=32,
                    num_experts_per_tok=4, vocab_size=32000, max_position_embeddings=4096),
-        # one decoder layer of Qwen3-30B-A3B's shapes (128 experts, top 8; its vocabulary cut to the kit's)
-        "a3b": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=1,
-                    num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
-                    num_experts_per_tok=8, vocab_size=VOCAB, max_position_embeddings=4096),
+        "a3b": A3B_LAYER,
         # the same router and attention, its experts narrowed: a real release's routing at a test's cost
-        "a3b-router": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
-                           num_experts_per_tok=8, vocab_size=VOCAB, max_position_embeddings=4096),
+        "a3b-router": {**A3B_LAYER, "moe_intermediate_size": 64},
     },
 }
 
