@@ -106,7 +106,7 @@ def main(argv=None):
     for path in paths:
         tok = AutoTokenizer.from_pretrained(str(path))
         ref = HFEngine(str(path), cpu, torch.float32, "eager")
-        n_layers = ref.config.num_hidden_layers
+        config = ref.config.to_dict()
         encode = lambda t, tok=tok: tok(t)["input_ids"]  # noqa: E731
         inputs = prompts(encode, min(args.max_tokens, ref.config.max_position_embeddings))
         for dtype in [devices.parse_dtype(d) for d in args.dtypes.split(",")]:
@@ -119,8 +119,8 @@ def main(argv=None):
                 pos = torch.arange(ids.shape[1])[None]
                 r = ref.capture(ids, pos)
                 caps = {a: e.capture(ids, pos) for a, e in hf.items()}
-                own = {a: {name: e.run_component(point, layer, component_inputs(r, layer, point, n_layers, ids), pos)
-                           for layer, point, name in point_order(n_layers)} for a, e in hf.items()}
+                own = {a: {name: e.run_component(point, layer, component_inputs(r, config, layer, point, ids), pos)
+                           for layer, point, name in point_order(config)} for a, e in hf.items()}
                 for label, eng, peer in pairs:
                     where = f"{path.name} {label} {ids.shape[1]} tokens"
                     peer_cap = caps[peer.attn]

@@ -6,12 +6,10 @@ their exit codes: what `make validate-llama`, `make validate-real` and `make ben
     python tools/run_checks.py qwen3_moe -- --device cpu --dtype bfloat16
 
 Everything after `--` goes to every check; a check's own flags for the mode (`--also_float32`; with
-`--real`, `--controls --also_float32` too) come from the registry. A Llama-only check is skipped, saying
-so, on a Qwen3-MoE checkpoint. Exit code: the first failing check's (1 fail, 2 usage, 3 unavailable, 4
+`--real`, `--controls --also_float32` too) come from the registry. Exit code: the first failing check's (1 fail, 2 usage, 3 unavailable, 4
 internal), 0 when every check passed.
 """
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -23,15 +21,6 @@ from kitcore import cli, registry  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
 
 
-def model_type(argv):
-    """The --model_path checkpoint's model_type, or None (the default checkpoint: the family's own)."""
-    for i, arg in enumerate(argv):
-        if arg == "--model_path" and i + 1 < len(argv):
-            config = Path(argv[i + 1]) / "config.json"
-            return json.loads(config.read_text()).get("model_type") if config.is_file() else None
-    return None
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     own, common = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
@@ -41,12 +30,8 @@ def main(argv=None):
     args = parser.parse_args(own)
     if not registry.scripts(args.family):
         raise UsageError(f"no checks registered for {args.family}")
-    moe = model_type(common) == "qwen3_moe"
     codes = []
     for check in (c for c in registry.CHECKS if c.family == args.family):
-        if check.llama_only and moe:
-            print(f"{check.name}: skipped: it checks Llama checkpoints, this one is a Qwen3-MoE", flush=True)
-            continue
         flags = check.real_flags if args.real else check.validate_flags
         codes.append(subprocess.run([sys.executable, str(ROOT / check.script), *common, *flags]).returncode)
     return next((c for c in codes if c != 0), 0)

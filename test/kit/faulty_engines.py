@@ -504,3 +504,65 @@ class PrefixCacheOffEngine(PrefixCachingEngine):
 
     def reuse(self, ids, stored_ids):
         return 0
+
+
+class _LastSparseLayerEngine(HFEngine):
+    """A Qwen3-MoE engine with one fault in its last sparse MoE block (`self.block`)."""
+
+    def __init__(self, model_path, device, dtype, attn="sdpa", device_map=None):
+        super().__init__(model_path, device, dtype, attn, device_map)
+        self.block = [layer.mlp for layer in self.layers if hasattr(layer.mlp, "experts")][-1]
+        self.plant(self.block)
+
+
+class UnrenormalisedRoutingEngine(_LastSparseLayerEngine):
+    """The top-k routing weights used as the softmax gave them, not renormalised over the k experts."""
+
+    def plant(self, block):
+        block.gate.norm_topk_prob = False
+
+
+class TopKMinusOneEngine(_LastSparseLayerEngine):
+    """Each token routed to one expert fewer than the checkpoint's num_experts_per_tok."""
+
+    def plant(self, block):
+        block.gate.top_k -= 1
+
+
+class SwappedExpertsEngine(_LastSparseLayerEngine):
+    """Experts 0 and 1 exchanged (a wrong expert order when the weights were stacked)."""
+
+    def plant(self, block):
+        for stacked in (block.experts.gate_up_proj, block.experts.down_proj):
+            first = stacked.data[0].clone()
+            stacked.data[0], stacked.data[1] = stacked.data[1], first
+
+
+class ScaledOneExpertEngine(_LastSparseLayerEngine):
+    """Expert 0's down projection 5% too large (a per-expert scale applied twice or missed)."""
+
+    def plant(self, block):
+        block.experts.down_proj.data[0].mul_(1.05)
+
+
+class BFloat16RouterEngine(_LastSparseLayerEngine):
+    """The router's softmax and top-k weights computed in bfloat16, where transformers computes them in float32
+    (the class of InfiniLM's 2026 bug: a router input cast to bfloat16)."""
+
+    def plant(self, block):
+        gate = block.gate
+
+        def forward(hidden_states):
+            logits = torch.nn.functional.linear(hidden_states.reshape(-1, gate.hidden_dim), gate.weight)
+            weights, experts = self._route(gate, logits)
+            return logits, weights, experts
+
+        gate.forward = forward
+
+    def _route(self, gate, logits):
+        if gate is not self.block.gate:
+            return super()._route(gate, logits)
+        probs = torch.softmax(logits.to(torch.bfloat16), dim=-1)
+        weights, experts = probs.topk(gate.top_k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        return weights.to(logits.dtype), experts

@@ -201,16 +201,16 @@ def test_report_has_every_section(results_file, tmp_path):
     assert "<script" not in text and "http" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "")
 
 
-def test_the_registry_drives_make_and_nox_and_skips_a_llama_only_check_on_a_moe(moe_checkpoint):
-    """make validate-real's driver on a Qwen3-MoE checkpoint: every registered Llama check runs but the Llama-only
-    one, which says why; nox's lists and summary headlines come from the same registry."""
+def test_the_registry_drives_make_and_nox_on_a_moe(moe_checkpoint):
+    """make validate-real's driver on a Qwen3-MoE checkpoint: every registered check of test/models/llama runs;
+    nox's lists and summary headlines come from the same registry."""
     from kitcore import registry
 
     r = run_subprocess("tools/run_checks.py", "llama", "--", "--model_path", moe_checkpoint, "--dtype", "float32",
                        cwd=ROOT)
     assert r.code == 0, r
-    assert "test_intermediate_validation: skipped: it checks Llama checkpoints, this one is a Qwen3-MoE" in r.out
-    assert r.out.count("KIT script=") and r.out.count("metric=verdict") == 3, r
+    assert r.out.count("KIT script=") and r.out.count("metric=verdict") == 4, r
+    assert "layers.1.experts_selected" in r.out
     makefile = (ROOT / "Makefile").read_text()
     assert "test_forward_validation" not in makefile and "attention_test" not in makefile
     assert [c.name for c in registry.CHECKS if c.family == "llama"][0] == "test_llama_inference"

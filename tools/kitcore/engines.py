@@ -115,7 +115,7 @@ import time
 import torch
 
 from .errors import Unavailable, UsageError
-from .points import LAYER_POINTS
+from .points import COMPONENT_INPUTS
 
 
 def quiet_transformers():
@@ -319,15 +319,44 @@ class HFEngine:
         cos, sin = self.model.model.rotary_emb(x, position_ids.to(x.device))
         return self._modeling().apply_rotary_pos_emb(x, x, cos, sin)[0]
 
-    def _rope_point(self, attn, proj_out, position_ids, key):
-        """q or k after the (optional q_norm/k_norm and) rotary embedding, as [B, heads, S, D]."""
+    def _qk_norm(self, attn, proj_out, key):
+        """q or k after Qwen3's per-head q_norm/k_norm (as it came, for a model without them), [B, S, heads * D]."""
+        norm = getattr(attn, "k_norm" if key else "q_norm", None)
+        if norm is None:
+            return proj_out
         n = self.config.num_attention_heads if not key else self.config.num_key_value_heads
         b, s, _ = proj_out.shape
-        x = proj_out.view(b, s, n, -1)
-        norm = getattr(attn, "k_norm" if key else "q_norm", None)
-        if norm is not None:
-            x = norm(x)
-        return self.rope(x.transpose(1, 2), position_ids)
+        return norm(proj_out.view(b, s, n, -1)).reshape(b, s, -1)
+
+    def _rope_point(self, normed, position_ids, key):
+        """q or k (after q_norm/k_norm where the model has them) after the rotary embedding, as [B, heads, S, D]."""
+        n = self.config.num_attention_heads if not key else self.config.num_key_value_heads
+        return self.rope(self._heads(normed, n), position_ids)
+
+    def _route(self, gate, logits):
+        """The router's choice from its logits [T, E]: (weights [T, k] in the logits' dtype, experts [T, k]),
+        as transformers' Qwen3-MoE router makes it (softmax in float32, top-k, renormalised where the router
+        says so). A plugin whose router differs overrides this for the dual test."""
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+        weights, experts = probs.topk(gate.top_k, dim=-1)
+        if gate.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return weights.to(logits.dtype), experts
+
+    @staticmethod
+    def _routing_points(experts_module, x, logits, weights, chosen):
+        """The router points of one sparse block from its input x [T, H] and the router's result (logits [T, E],
+        weights and experts [T, k]): router_logits, experts_selected (ids ascending), routing_weights [T, E],
+        expert_outputs [T, k, H] (each selected expert run alone on its token, weight 1)."""
+        selected = chosen.sort(-1).values
+        dense = torch.zeros_like(logits, dtype=weights.dtype).scatter(-1, chosen, weights)
+        return {"router_logits": logits, "experts_selected": selected, "routing_weights": dense,
+                "expert_outputs": HFEngine._expert_outputs(experts_module, x, selected)}
+
+    @staticmethod
+    def _expert_outputs(experts_module, x, selected):
+        ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
+        return torch.stack([experts_module(x, selected[:, j:j + 1], ones) for j in range(selected.shape[1])], 1)
 
     @torch.no_grad()
     def capture(self, input_ids, position_ids, layers=None):
@@ -384,14 +413,26 @@ class HFEngine:
                     return
                 keep(f"layers.{i}.output", out[0] if isinstance(out, tuple) else out)
                 for point, key in (("q_rope", False), ("k_rope", True)):
-                    proj = captured[f"layers.{i}.{'k_proj' if key else 'q_proj'}"].to(dev)
-                    captured[f"layers.{i}.{point}"] = self._rope_point(m.layers[i].self_attn, proj, position_ids,
-                                                                       key).to("cpu")
+                    # from the captured q_norm/k_norm where the model has them (a streamed layer's weights are gone)
+                    p = f"layers.{i}.{point[0]}"
+                    normed = captured.get(p + "_norm", captured[p + "_proj"]).to(dev)
+                    captured[f"layers.{i}.{point}"] = self._rope_point(normed, position_ids, key).to("cpu")
                 if i == layers.stop - 1 and i == last:
                     return  # final_norm and logits come with this layer
                 hand_over()
                 if i == layers.stop - 1:
                     raise Enough
+            return hook
+
+        def heads_hook(name):  # q_norm/k_norm work on [B, S, heads, D]: the point is [B, S, heads * D]
+            return lambda mod, args, out: keep(name, out.flatten(-2))
+
+        def router_hook(prefix, experts_module):
+            def hook(mod, args, out):
+                if ours():
+                    b, s = input_ids.shape
+                    for name, t in self._routing_points(experts_module, args[0], *out).items():
+                        keep(prefix + name, t.reshape(b, s, *t.shape[1:]))
             return hook
 
         def logits_end(mod, args, out):
@@ -415,7 +456,13 @@ class HFEngine:
                 layer.post_attention_layernorm.register_forward_hook(out_hook(p + "post_attention_layernorm")),
                 layer.register_forward_hook(layer_end(i)),
             ]
-            if hasattr(mlp, "gate_proj"):  # dense MLP (Llama); MoE blocks have no such points
+            if getattr(attn, "q_norm", None) is not None:  # Qwen3's per-head q/k norms
+                handles += [attn.q_norm.register_forward_hook(heads_hook(p + "q_norm")),
+                            attn.k_norm.register_forward_hook(heads_hook(p + "k_norm"))]
+            if hasattr(mlp, "experts"):  # a sparse MoE block
+                handles += [mlp.gate.register_forward_hook(router_hook(p, mlp.experts)),
+                            mlp.register_forward_hook(out_hook(p + "moe_out"))]
+            if hasattr(mlp, "gate_proj"):  # dense MLP (Llama, Qwen3-MoE's mlp_only_layers)
                 handles += [
                     mlp.gate_proj.register_forward_hook(out_hook(p + "gate_proj")),
                     mlp.up_proj.register_forward_hook(out_hook(p + "up_proj")),
@@ -475,10 +522,13 @@ class HFEngine:
             return blk.input_layernorm(x["layer_input"])
         if point in ("q_proj", "k_proj", "v_proj"):
             return getattr(attn, point)(x["input_layernorm"])
-        if point == "q_rope":
-            return self._rope_point(attn, x["q_proj"], position_ids, key=False)
-        if point == "k_rope":
-            return self._rope_point(attn, x["k_proj"], position_ids, key=True)
+        if point in ("q_norm", "k_norm"):
+            return self._qk_norm(attn, x[point[0] + "_proj"], key=point == "k_norm")
+        if point in ("q_rope", "k_rope"):  # from q_norm/k_norm where the model has them
+            key = point == "k_rope"
+            normed = x.get(point[0] + "_norm")
+            return self._rope_point(self._qk_norm(attn, x[point[0] + "_proj"], key) if normed is None else normed,
+                                    position_ids, key)
         if point == "attn_out":
             return self._attention_core(attn, x["q_rope"], x["k_rope"], x["v_proj"])
         if point == "o_proj":
@@ -493,9 +543,31 @@ class HFEngine:
             return mlp.act_fn(x["gate_proj"]) * x["up_proj"]
         if point == "down_proj":
             return mlp.down_proj(x["act_mul"])
+        if point in ("router_logits", "experts_selected", "routing_weights", "expert_outputs", "moe_out"):
+            return self._sparse_component(mlp, point, x)
         if point == "output":
-            return x["attn_residual"] + x["down_proj"]
-        raise UsageError(f"unknown point {point!r}; points are {', '.join(LAYER_POINTS)}")
+            return x["attn_residual"] + (x["moe_out"] if "moe_out" in x else x["down_proj"])
+        raise UsageError(f"unknown point {point!r}; points are {', '.join(COMPONENT_INPUTS)}")
+
+    def _sparse_component(self, mlp, point, x):
+        """One piece of a sparse MoE block on [B, S, ...] inputs (run_component)."""
+        if point in ("experts_selected", "routing_weights"):
+            b, s, n = x["router_logits"].shape
+            weights, chosen = self._route(mlp.gate, x["router_logits"].reshape(b * s, n))
+            if point == "experts_selected":
+                return chosen.sort(-1).values.reshape(b, s, -1)
+            return torch.zeros(b * s, n, dtype=weights.dtype, device=weights.device).scatter(
+                -1, chosen, weights).reshape(b, s, n)
+        h = x["post_attention_layernorm"]
+        b, s, hidden = h.shape
+        flat = h.reshape(b * s, hidden)
+        if point == "router_logits":
+            return mlp.gate(flat)[0].reshape(b, s, -1)
+        selected = x["experts_selected"].reshape(b * s, -1)
+        if point == "expert_outputs":
+            return self._expert_outputs(mlp.experts, flat, selected).reshape(b, s, -1, hidden)
+        weights = x["routing_weights"].reshape(b * s, -1).gather(-1, selected)
+        return mlp.experts(flat, selected, weights).reshape(b, s, hidden)
 
     def _attention_core(self, attn, q, k, v_proj):
         """softmax(q k^T * scale + causal) v through the model's own attention function."""
@@ -698,10 +770,9 @@ def layer_captures(engine, input_ids, position_ids, num_layers, chunk):
         layers = range(start, min(start + chunk, num_layers))
         captured = engine.capture(input_ids, position_ids, layers=layers)
         for i in layers:
-            names = {f"layers.{i}.{p}" for p in LAYER_POINTS}
-            names |= {"embed_tokens"} if i == 0 else set()
+            names = {"embed_tokens"} if i == 0 else set()
             names |= {"final_norm", "logits"} if i == num_layers - 1 else set()
-            yield {k: v for k, v in captured.items() if k in names}
+            yield {k: v for k, v in captured.items() if k in names or k.startswith(f"layers.{i}.")}
 
 
 def require(engine, capability, spec, purpose):

@@ -509,6 +509,65 @@ def judge_invariance(batched, alone, noise, judge, space=Space()):
 # ---- intermediate validation: one capture point ---------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ExpertSets:
+    """The judged expert sets of one sparse MoE layer's tokens (judge_expert_sets)."""
+
+    name: str
+    passed: bool
+    reason: str  # why it failed ("" when it passed)
+    judge: str  # "calibrated": the allowed router error from the peer's; "table": from a table; "rounding"
+    tokens: int = 0
+    near_ties: int = 0  # tokens whose reference k-th/(k+1)-th router logits are within twice the allowed error
+    rerouted: tuple = ()  # tokens routed to another admissible set than the reference's (not a fault)
+    not_admissible: int = 0  # tokens routed to a set no correct engine may choose: the failures
+    failure: str = ""
+
+    def as_dict(self):
+        return {**self.__dict__, "rerouted": list(self.rerouted)}
+
+
+def router_margin(ref_logits, dtype, peer_logits=None, table=None):
+    """[T]: the router-logit error a correct engine may have on each token: PEER_K_MAX x the peer's largest
+    there (calibrated), else DECISIVE_SIGMAS x the RMS error `table` (a Tolerance) allows; plus two roundings of
+    the largest logit (alone, for the dual test: the router's input is then the reference's own)."""
+    margin = 2 * rounding_floor(dtype) * ref_logits.abs().max(-1).values
+    if peer_logits is not None:
+        return margin + PEER_K_MAX * (peer_logits.double() - ref_logits).abs().max(-1).values
+    if table is not None:
+        return margin + DECISIVE_SIGMAS * table.nmse**0.5 * ref_logits.pow(2).mean(-1).sqrt()
+    return margin
+
+
+def judge_expert_sets(chosen, ref_sets, ref_logits, margin, name, by):
+    """Each token's chosen experts ([T, k], ids ascending) against the reference's: the reference's set, or
+    on a near-tie token (k-th/(k+1)-th reference logits within 2 x `margin`) another set a correct engine's
+    rounding may choose (kitcore.qwen3_moe.is_admissible). Any other set fails; `by` says where the margin
+    came from."""
+    from .qwen3_moe import is_admissible
+
+    tokens, k = ref_sets.shape
+    if chosen.shape != ref_sets.shape:
+        return ExpertSets(name, False, f"routes each token to {chosen.shape[-1]} expert(s), the reference to {k}",
+                          by, tokens, failure=SHAPE)
+    ref_logits = ref_logits.double()
+    values = ref_logits.sort(-1, descending=True).values
+    near = values[:, k - 1] - values[:, k] <= 2 * margin if ref_logits.shape[-1] > k else torch.zeros(tokens, dtype=bool)
+    same = (chosen == ref_sets).all(-1)
+    admissible = same | is_admissible(chosen, ref_logits, k, margin)
+    rerouted = tuple((~same & admissible).nonzero().flatten().tolist())
+    bad = (~admissible).nonzero().flatten().tolist()
+    reason = ""
+    if bad:
+        t = bad[0]
+        gap = float(values[t, k - 1] - values[t, k])
+        reason = (f"{len(bad)} of {tokens} token(s) routed to an expert set no correct engine may choose (first: "
+                  f"token {t}, experts {chosen[t].tolist()}, the reference's {ref_sets[t].tolist()}, its k-th/(k+1)-th "
+                  f"router-logit gap {gap:.3g} against an allowed error of {float(margin[t]):.3g})")
+    return ExpertSets(name, not bad, reason, by, tokens, int(near.sum()), rerouted, len(bad),
+                      OUT_OF_BOUNDS if bad else "")
+
+
 def point_status(total, own):
     """The dual test's ladder for one capture point: "ok"; "FAIL: ADDS error" when the component's own error
     (on the reference's own input) fails: it is wrong itself; "FAIL: inherits error" when only its total

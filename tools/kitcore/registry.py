@@ -11,11 +11,10 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Check:
     script: str  # path from the repository root
-    family: str  # "llama": the Llama checks; "qwen3_moe": the Qwen3-MoE benchmarks
+    family: str  # "llama": the checks of test/models/llama (Llama and Qwen3-MoE checkpoints); "qwen3_moe": the Qwen3-MoE benchmarks
     headline: tuple = ()  # (case, metric, label) of the figures nox's summary row shows
     validate_flags: tuple = ()  # what `make validate-llama` adds to its run
     real_flags: tuple = ()  # what `make validate-real` adds (a real checkpoint: what the check could catch too)
-    llama_only: bool = False  # refuses Qwen3-MoE checkpoints (make validate-real skips it there, saying so)
 
     @property
     def name(self):
@@ -28,8 +27,7 @@ CHECKS = (
           ("--controls", "--also_float32")),
     Check("test/models/llama/test_forward_validation.py", "llama",
           (("step0", "a_vs_ref_max_abs", "prefill max abs"),)),
-    Check("test/models/llama/test_intermediate_validation.py", "llama", (("logits", "nmse", "logits nmse"),),
-          llama_only=True),
+    Check("test/models/llama/test_intermediate_validation.py", "llama", (("logits", "nmse", "logits nmse"),)),
     Check("test/models/llama/test_batch_validation.py", "llama", (("decode_row0", "max_abs", "decode row 0 max abs"),)),
     Check("test/models/qwen3_moe/attention_test.py", "qwen3_moe",
           (("prefill", "ttft_per_request_median_ms", "TTFT ms"), ("decode", "tokens_per_s_median", "decode tok/s"))),

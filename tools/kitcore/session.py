@@ -29,7 +29,7 @@ from .results import Results, environment
 from .verdict import Verdict
 from .tiny import DEFAULT_PROMPT
 
-FAMILIES = ("llama", "qwen3_moe")  # end-to-end and forward validation; intermediate validation is Llama only
+FAMILIES = ("llama", "qwen3_moe")  # what the checks of test/models/llama take
 BATCH_LENGTHS = (1, 4, 11, 26, 60, 128, 200, 300)  # batch validation: ragged, from one token to a few hundred
 REFERENCE = "reference"  # the engine spec that names the reference itself (`--engines hf,reference`)
 PLAN_TOKENS = 1000
