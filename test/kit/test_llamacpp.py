@@ -181,3 +181,28 @@ def test_llama3_rope_scaling_reaches_llamacpp(llama_checkpoint, tmp_path):
     ids = ",".join(str(3 + i % 2000) for i in range(300))
     r = run_script(INFERENCE, "--model_path", ckpt, "--engine", "llama.cpp", "--dtype", "float32", "--input_ids", ids)
     assert r.code == 0, r
+
+
+@needs_llamacpp
+@pytest.mark.parametrize("family,dtype", [("llama", "float32"), ("llama", "bfloat16"), ("qwen3_moe", "float32"),
+                                          ("qwen3_moe", "bfloat16")])
+def test_llamacpp_layer_by_layer_passes_and_locates_a_fault_in_its_gguf(family, dtype, llama_checkpoint,
+                                                                        moe_checkpoint, tmp_path):
+    """Intermediate validation inside llama.cpp (its graph's named tensors, q/k permutation undone): the clean GGUF
+    passes every point; a GGUF exported from a checkpoint with one projection of layer 1 scaled (the reference
+    reads the clean one) fails first at that layer and component."""
+    ckpt = llama_checkpoint if family == "llama" else moe_checkpoint
+    common = ["--engine", "llama.cpp", "--dtype", dtype, "--reference_path", ckpt]
+    r = run_script(f"{LLAMA}/test_intermediate_validation.py", "--model_path", ckpt, *common,
+                   json_path=tmp_path / "clean.json")
+    assert r.code == 0 and r.json["first_divergence"] is None, r
+    points = {p["point"].split(".")[-1] for p in r.json["points"]}
+    assert {"q_rope", "o_proj", "output", "logits"} <= points
+    assert ({"experts_selected", "expert_outputs", "moe_out"} if family == "qwen3_moe" else {"act_mul"}) <= points
+    faulty = copy_checkpoint(ckpt, tmp_path / "faulty")
+    point, weight = (("v_proj", "model.layers.1.self_attn.v_proj.weight") if family == "llama" else
+                     ("expert_outputs", "model.layers.1.mlp.experts.0.down_proj.weight"))
+    edit_weights(faulty, lambda sd: sd.__setitem__(weight, (sd[weight] * 1.05).contiguous()))
+    r = run_script(f"{LLAMA}/test_intermediate_validation.py", "--model_path", faulty, *common,
+                   json_path=tmp_path / "faulty.json")
+    assert r.code == 1 and r.json["first_divergence"] == {"layer": 1, "point": point}, r

@@ -15,12 +15,22 @@ forward validation compares a chunked prefill or a quantised cache with it step 
 sizes, KV-cache types, flash attention) is read back from llama.cpp's context parameters (attest()).
 
 One prompt at a time (llama-cpp-python's high-level API keeps one sequence); the KV cache is
-llama.cpp's own. Device: llama.cpp decides from its build (a CUDA build offloads every layer when a
+llama.cpp's own.
+
+Layer by layer (capture(), intermediate validation): one prefill in a context of its own whose graph
+evaluation callback (`cb_eval`, what llama.cpp's eval-callback tool uses) copies llama.cpp's named graph
+tensors out as they are computed (GRAPH_POINTS), in the engine's own KV-cache types, flash-attention and
+batch settings; the GGUF's q/k row permutation is undone, MoE expert ids sorted, and every point keeps the
+shape of the kit's. llama.cpp runs no component alone: total errors only, no dual test. Device: llama.cpp decides from its build (a CUDA build offloads every layer when a
 non-CPU device flag is given).
 """
 
+import ctypes
+from pathlib import Path
+
 import torch
 
+from . import rope
 from .checkpoints import open_checkpoint
 from .devices import dtype_name
 from .engines import ONE_PROMPT, SequenceCache
@@ -32,6 +42,58 @@ DTYPE_TO_GGUF = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf
 GGUF_TO_DTYPE = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 SETTINGS = ("n_batch", "n_ubatch", "flash_attn")
 KV_TYPES = ("f32", "f16", "q8_0", "q4_0")
+
+
+# llama.cpp's graph tensor (name, op) -> the kit's point (kitcore.points); "-N" is the layer. o_proj is the
+# matrix product that follows kqv_out-N (named attn_out-N for Llama, left unnamed for Qwen3-MoE).
+GRAPH_POINTS = {
+    ("embd", "GET_ROWS"): "embed_tokens", ("attn_norm", "MUL"): "input_layernorm", ("Qcur", "MUL_MAT"): "q_proj",
+    ("Kcur", "MUL_MAT"): "k_proj", ("Vcur", "MUL_MAT"): "v_proj", ("Qcur_normed", "MUL"): "q_norm",
+    ("Kcur_normed", "MUL"): "k_norm", ("Qcur", "ROPE"): "q_rope", ("Kcur", "ROPE"): "k_rope",
+    ("kqv_out", "CONT"): "attn_out", ("ffn_inp", "ADD"): "attn_residual", ("ffn_norm", "MUL"): "post_attention_layernorm",
+    ("ffn_gate", "MUL_MAT"): "gate_proj", ("ffn_up", "MUL_MAT"): "up_proj", ("ffn_swiglu", "SWIGLU"): "act_mul",
+    ("ffn_out", "MUL_MAT"): "down_proj", ("l_out", "ADD"): "output", ("result_norm", "MUL"): "final_norm",
+    ("result_output", "MUL_MAT"): "logits", ("ffn_moe_logits", "MUL_MAT"): "router_logits",
+    ("ffn_moe_topk", "VIEW"): "topk", ("ffn_moe_weights", "GET_ROWS"): "weights",
+    ("ffn_moe_weights_norm", "DIV"): "weights_norm", ("ffn_moe_down", "MUL_MAT_ID"): "down_per_expert",
+    ("ffn_moe_out", "ADD"): "moe_out",
+}
+GGML_DTYPES = {0: torch.float32, 1: torch.float16, 26: torch.int32, 30: torch.bfloat16}
+
+
+class _GraphTensor:
+    """A ggml_tensor seen by the evaluation callback: name, op, shape and data (read through ggml's own API;
+    `type`, `ne` and `nb` are the struct's first fields, stable across ggml versions)."""
+
+    def __init__(self, ggml, address):
+        self.ggml, self.address = ggml, address
+        self.name = ggml.ggml_get_name(address).decode()
+        self.op = ggml.ggml_op_desc(address).decode()
+        self.type = ctypes.c_int32.from_address(address).value
+        self.ne = [ctypes.c_int64.from_address(address + 16 + 8 * i).value for i in range(4)]
+        self.nb = [ctypes.c_size_t.from_address(address + 48 + 8 * i).value for i in range(4)]
+
+    def tensor(self):
+        """[ne3, ne2, ne1, ne0] as torch holds it (ggml's ne0 is the fastest dimension), a copy on the CPU."""
+        dtype = GGML_DTYPES[self.type]
+        nbytes = self.ggml.ggml_nbytes(self.address)
+        raw = torch.empty(nbytes, dtype=torch.uint8)
+        self.ggml.ggml_backend_tensor_get(self.address, raw.data_ptr(), 0, nbytes)
+        size = dtype.itemsize
+        flat = raw[:nbytes - nbytes % size].view(dtype)
+        return flat.as_strided(self.ne[::-1], [n // size for n in self.nb[::-1]]).clone()
+
+
+def _ggml():
+    llama_cpp = _llama_cpp()
+    lib = ctypes.CDLL(str(next((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.*"))))
+    for name, restype, argtypes in (("ggml_get_name", ctypes.c_char_p, [ctypes.c_void_p]),
+                                    ("ggml_op_desc", ctypes.c_char_p, [ctypes.c_void_p]),
+                                    ("ggml_nbytes", ctypes.c_size_t, [ctypes.c_void_p]),
+                                    ("ggml_backend_tensor_get", None,
+                                     [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t])):
+        getattr(lib, name).restype, getattr(lib, name).argtypes = restype, argtypes
+    return lib
 
 
 def _llama_cpp():
@@ -46,7 +108,7 @@ class LlamaCppEngine:
     name = "llama.cpp"
     padding_sides = ()  # one unpadded prompt at a time
     OPTIONS = ("gguf_type", "kv_type", "n_ctx", "engine_args")
-    capabilities = frozenset({"new_cache", "attest", "tokenize", "stop_tokens", "baseline"})
+    capabilities = frozenset({"new_cache", "attest", "tokenize", "stop_tokens", "baseline", "capture"})
 
     def __init__(self, model_path, device, dtype, attn="sdpa", gguf_type=None, kv_type="f32", permute_qk=True,
                  n_ctx=None, engine_args=None):
@@ -103,6 +165,96 @@ class LlamaCppEngine:
         judged = (f"{self.quantization} distribution thresholds" if self.quantization
                   else f"{dtype_name(self.judged_dtype)} tolerances")
         self.description = f"GGUF {self.gguf_type} ({self.path}), KV cache {kv_type}; judged by {judged}"
+
+    def capture(self, input_ids, position_ids, layers=None):
+        """The kit's points of `layers` (None: all) from one prefill of llama.cpp's own graph (module docstring)."""
+        llama_cpp, ggml = _llama_cpp(), _ggml()
+        if input_ids.shape[0] != 1:
+            raise UsageError(f"engine llama.cpp {ONE_PROMPT}")
+        config = open_checkpoint(self._args[0]).config
+        n_layers = config["num_hidden_layers"]
+        layers = range(n_layers) if layers is None else layers
+        pieces, chosen, attended = {}, {}, []  # point name -> [per micro-batch], address -> name, [layer]
+
+        def choose(t):
+            if attended and t.op == "MUL_MAT":  # the product after kqv_out-N, whatever its name: o_proj
+                layer = attended.pop()
+                return f"layers.{layer}.o_proj" if layer in layers else None
+            base, _, layer = t.name.rpartition("-")
+            if not (layer.isdigit() and base):
+                base, layer = t.name, None
+            point = GRAPH_POINTS.get((base, t.op))
+            if point == "attn_out":
+                attended.append(int(layer))
+            if point is None or (layer is not None and int(layer) not in layers):
+                return None
+            if layer is None and not ((point == "embed_tokens" and layers.start == 0)
+                                      or (point != "embed_tokens" and layers.stop >= n_layers)):
+                return None
+            return point if layer is None else f"layers.{layer}.{point}"
+
+        @llama_cpp.ggml_backend_sched_eval_callback
+        def observe(address, ask, user_data):
+            t = _GraphTensor(ggml, address)
+            if ask:
+                chosen[address] = choose(t)
+                return chosen[address] is not None
+            if chosen.get(address):
+                pieces.setdefault(chosen[address], []).append(t.tensor())
+            return True
+
+        params = llama_cpp.llama_context_params.from_buffer_copy(self.llm.context_params)
+        params.cb_eval = observe
+        ctx = llama_cpp.llama_init_from_model(self.llm.model, params)
+        if not ctx:
+            raise Unavailable("engine llama.cpp: could not create a context for the captures")
+        ids = input_ids[0].tolist()
+        try:
+            for start in range(0, len(ids), params.n_batch):
+                chunk = ids[start:start + params.n_batch]
+                batch = llama_cpp.llama_batch_init(len(chunk), 0, 1)
+                try:
+                    for i, token in enumerate(chunk):
+                        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, start + i, 1, 1
+                        batch.seq_id[i][0] = 0
+                    batch.n_tokens = len(chunk)
+                    if llama_cpp.llama_decode(ctx, batch) != 0:
+                        raise Unavailable("engine llama.cpp: llama_decode failed during the captures")
+                finally:
+                    llama_cpp.llama_batch_free(batch)
+        finally:
+            llama_cpp.llama_free(ctx)
+        return self._as_points(pieces, config)
+
+    def _as_points(self, pieces, config):
+        """llama.cpp's tensors (each [ne3, ne2, ne1, ne0], one per micro-batch) in the kit's layouts."""
+        heads = {"q": config["num_attention_heads"], "k": config["num_key_value_heads"]}
+        permuted = self._args[5] and config.get("model_type") != "qwen3_moe"  # gguf_export permutes Llama's q/k
+        points = {}
+        for name, parts in pieces.items():
+            point = name.rsplit(".", 1)[-1]
+            token_axis = 1 if point in ("q_rope", "k_rope", "q_norm", "k_norm", "down_per_expert", "weights") else 2
+            x = torch.cat([p.movedim(token_axis, 0).flatten(1) for p in parts]).float()  # [T, features]
+            if point in ("topk",):
+                x = torch.cat([p.movedim(token_axis, 0).flatten(1) for p in parts]).long()
+            if permuted and point in ("q_proj", "k_proj", "q_rope", "k_rope"):
+                x = rope.interleaved_to_half_rows(x, heads[point[0]])
+            if point in ("q_rope", "k_rope"):
+                x = x.reshape(x.shape[0], heads[point[0]], -1).transpose(0, 1)  # [heads, T, D]
+            points[name] = x
+        for prefix in sorted({n.rsplit(".", 1)[0] + "." for n in points if n.endswith(".topk")}):
+            topk = points.pop(prefix + "topk")
+            weights = points.pop(prefix + "weights_norm", None)
+            weights = points.pop(prefix + "weights") if weights is None else weights
+            points.pop(prefix + "weights", None)
+            order = topk.sort(-1)
+            logits = points[prefix + "router_logits"]
+            points[prefix + "experts_selected"] = order.values
+            points[prefix + "routing_weights"] = torch.zeros_like(logits).scatter(-1, topk, weights)
+            down = points.pop(prefix + "down_per_expert")
+            down = down.reshape(down.shape[0], topk.shape[1], -1)
+            points[prefix + "expert_outputs"] = down.gather(1, order.indices[..., None].expand(-1, -1, down.shape[-1]))
+        return {name: x[None] for name, x in points.items()}
 
     def attest(self):
         llama_cpp, p = _llama_cpp(), self.llm.context_params

@@ -42,6 +42,12 @@ def rope_interleaved(x, position_ids, theta, inv_freq=None, scale=1.0):
     return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
 
 
+def interleaved_to_half_rows(x, n_heads):
+    """The inverse of half_to_interleaved_rows on outputs [..., rows]: a GGUF-permuted q/k back to HF's layout."""
+    lead = x.shape[:-1]
+    return x.reshape(*lead, n_heads, x.shape[-1] // n_heads // 2, 2).swapaxes(-1, -2).reshape(x.shape)
+
+
 def half_to_interleaved_rows(w, n_heads):
     """Permute the output rows of q_proj/k_proj from the half-split to the interleaved layout, per head
     (what GGUF converters do for llama.cpp). Works on weights [rows, cols] and on outputs [..., rows]."""
