@@ -6,7 +6,12 @@
 HF Transformers in float32 runs the default prompt and its greedy continuation of --decode_steps tokens
 twice: as it is (the reference), and with every attention call's keys and values (after RoPE) rounded to
 the GGML block format and back by the `gguf` package's own quantiser, the queries to q8_0 (llama.cpp's CPU
-attention takes a quantised cache's dot products in q8_0). The KL(reference || rounded) per position,
+attention takes a quantised cache's dot products in q8_0). As llama.cpp stores them (`--rotation hadamard`,
+the default): llama-cpp-python 0.3.36's llama.cpp multiplies queries and keys, and values, by normalised
+Hadamard blocks before a quantised cache where head_dim is a multiple of 64 (`attn_inp_k_rot` and
+`attn_inp_v_rot` in its graph) and the attention output back; a Llama GGUF's q/k blocks hold its
+interleaved RoPE order.
+Intermediate validation of llama.cpp on Qwen2.5 with a q4_0 cache matches this at every capture point to 1%. The KL(reference || rounded) per position,
 its first and last quarter and the top-1 agreement are what a correct engine with that cache must be
 allowed: the `kv-*` distribution thresholds (kitcore.compare.DISTRIBUTIONS) are set above these figures
 on every model measured (tools/measurements.md). A model with outlier keys (Qwen2's key biases) costs
@@ -20,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kitcore import cli  # noqa: E402
+from kitcore import cli, rope  # noqa: E402
 from kitcore.checkpoints import default_checkpoint, open_checkpoint  # noqa: E402
 from kitcore.engines import quiet_transformers  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
@@ -43,13 +48,52 @@ def ggml_round(x, kind):
     return torch.from_numpy(dequantize(quantize(flat, qtype), qtype)).reshape(x.shape).to(x.dtype)
 
 
-def rounded_attention(kv_type):
-    """An attention function for transformers' AttentionInterface: sdpa on a rounded cache."""
+def hadamard(n):
+    """The normalised Sylvester Hadamard matrix of size n (a power of two): symmetric and its own inverse."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / n**0.5
+
+
+def rotation_sizes(head_dim):
+    """(keys', values' rotation size) llama.cpp uses for a quantised cache, or None where it does not rotate
+    (head_dim not a multiple of 64): keys by the largest power of two from 64 that divides head_dim, values by 64
+    (llama-kv-cache.cpp, build_input_k_rot / build_input_v_rot)."""
+    if head_dim % 64:
+        return None
+    k = 64
+    while head_dim % (2 * k) == 0:
+        k *= 2
+    return k, 64
+
+
+def _rotate(x, n):
+    """x [..., D] times the block-diagonal matrix of D/n Hadamard blocks of size n."""
+    return (x.reshape(*x.shape[:-1], -1, n) @ hadamard(n).to(x.dtype)).reshape(x.shape)
+
+
+def rounded_attention(kv_type, rotate=True, interleaved_qk=False):
+    """An attention function for transformers' AttentionInterface: sdpa on a rounded cache, as llama.cpp stores
+    it: `rotate`, q, k and v multiplied by Hadamard blocks first where llama.cpp does (rotation_sizes), the
+    output back; `interleaved_qk`, q and k held in a Llama GGUF's interleaved RoPE order (what its blocks group).
+    Neither changes the exact scores: only what is rounded."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    def stored(x, kind, interleave, n):  # [B, heads, S, D] as the cache holds it, rounded
+        if interleave:
+            b, h, s, d = x.shape
+            x = rope.half_to_interleaved_rows(x.transpose(1, 2).reshape(b, s, h * d), h).reshape(b, s, h, d)
+            x = x.transpose(1, 2)
+        return ggml_round(x if n is None else _rotate(x, n), kind)
+
     def attention(module, query, key, value, attention_mask, **kwargs):
-        return sdpa_attention_forward(module, ggml_round(query, "q8_0"), ggml_round(key, kv_type),
-                                      ggml_round(value, kv_type), attention_mask, **kwargs)
+        sizes = rotation_sizes(query.shape[-1]) if rotate else None
+        n_k, n_v = sizes or (None, None)
+        out, weights = sdpa_attention_forward(module, stored(query, "q8_0", interleaved_qk, n_k),
+                                              stored(key, kv_type, interleaved_qk, n_k),
+                                              stored(value, kv_type, False, n_v), attention_mask, **kwargs)
+        return (out if n_v is None else _rotate(out, n_v)), weights
     return attention
 
 
@@ -58,6 +102,9 @@ def main(argv=None):
     parser.add_argument("--model_path", help="a HF checkpoint directory with a tokenizer (default: the kit's tiny Llama)")
     parser.add_argument("--kv_type", choices=KV_TYPES, default="q8_0", help="the cache's block format (default q8_0)")
     parser.add_argument("--decode_steps", type=int, default=256, help="greedy tokens after the prompt (default 256)")
+    parser.add_argument("--rotation", choices=("hadamard", "none"), default="hadamard",
+                        help="the cache as llama.cpp stores it, rotated where its head_dim is a multiple of 64 "
+                             "(default), or the plain format")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH (atomically)")
     args = parser.parse_args(argv)
     if args.decode_steps < 4:
@@ -73,7 +120,9 @@ def main(argv=None):
     ids = torch.tensor([list(tokenizer(checkpoint.path)(DEFAULT_PROMPT))])
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint.path), dtype=torch.float32, attn_implementation="sdpa")
     name = f"kit_{args.kv_type}_cache"
-    AttentionInterface.register(name, rounded_attention(args.kv_type))
+    AttentionInterface.register(name, rounded_attention(args.kv_type, args.rotation == "hadamard",
+                                                        interleaved_qk=checkpoint.config.get("model_type") == "llama"))
+    rotated = args.rotation == "hadamard" and rotation_sizes(head_dim) is not None
     with torch.no_grad():
         tokens = model.generate(ids, max_new_tokens=args.decode_steps, min_new_tokens=args.decode_steps,
                                 do_sample=False)
@@ -87,11 +136,12 @@ def main(argv=None):
                "top1": (reference.argmax(-1) == rounded.argmax(-1)).float().mean().item(),
                "kl_first_quarter": kl[:quarter].mean().item(), "kl_last_quarter": kl[-quarter:].mean().item()}
     print(f"{SCRIPT}: {checkpoint.path.name} ({checkpoint.fingerprint}), {args.kv_type} keys and values, q8_0 "
-          f"queries; HF float32 sdpa, the default prompt ({ids.shape[1]} tokens) + {args.decode_steps} greedy tokens")
+          f"queries, {'Hadamard-rotated' if rotated else 'not rotated'}; HF float32 sdpa, the default prompt "
+          f"({ids.shape[1]} tokens) + {args.decode_steps} greedy tokens")
     print(f"  KL(reference || rounded) over {len(kl)} positions: mean {figures['kl_mean']:.2e}, p99 "
           f"{figures['kl_p99']:.2e}, max {figures['kl_max']:.2e}; top-1 {figures['top1']:.3f}; first quarter "
           f"{figures['kl_first_quarter']:.2e}, last {figures['kl_last_quarter']:.2e}")
-    results = Results(SCRIPT, labels={"kv_type": args.kv_type})
+    results = Results(SCRIPT, labels={"kv_type": args.kv_type, "rotation": args.rotation})
     results.env = environment(dtype=torch.float32, checkpoint=checkpoint)
     for metric, value in figures.items():
         results.add("kv_cache", metric, value, unit="-")

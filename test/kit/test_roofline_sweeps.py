@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from kit_helpers import load_script, run_script
+from kit_helpers import run_script
 
-from kitcore import roofline
+from kitcore import attention_bench, moe_bench, roofline
 from kitcore.devices import Device
 
 ATTENTION = "test/models/qwen3_moe/attention_test.py"
@@ -19,14 +19,14 @@ CONFIG = SimpleNamespace(hidden_size=128, head_dim=32, num_attention_heads=4, nu
 
 
 def test_attention_flops_and_bytes_by_hand():
-    flops_and_bytes = load_script(ATTENTION).flops_and_bytes
+    flops_and_bytes = attention_bench.flops_and_bytes
     # 4 new tokens on 6 past, float32: projections 2*4*128*(128+2*64) + 2*4*128*128 = 393216; each query sees
     # 6 + its causal prefix: 4*6 + 4*5/2 = 34 keys, attention 2*2*4*34*32 = 17408
     assert flops_and_bytes(CONFIG, 4, 6, torch.float32)[0] == 393216 + 17408
     # weights (128*8*32 + 4*32*128 + 2*32)*4 = 196864; activations 2*4*128*4 = 4096; KV read 2*2*32*10*4 = 5120,
     # written 2*2*32*4*4 = 2048
     assert flops_and_bytes(CONFIG, 4, 6, torch.float32)[1] == 196864 + 4096 + 5120 + 2048
-    batch = load_script(ATTENTION).batch_flops_and_bytes(CONFIG, [6, 6], torch.float32)
+    batch = attention_bench.batch_flops_and_bytes(CONFIG, [6, 6], torch.float32)
     one = flops_and_bytes(CONFIG, 1, 6, torch.float32)
     assert batch == (2 * one[0], 2 * one[1] - 196864)  # a batch reads the weights once
 
@@ -34,7 +34,7 @@ def test_attention_flops_and_bytes_by_hand():
 def test_moe_flops_and_bytes_by_hand():
     # 16 tokens, 5 experts used, bfloat16: router 2*16*128*8 = 32768, experts 2*3*128*64*2*16 = 1572864;
     # bytes (8*128 + 5*3*128*64 + 2*16*128) * 2 = 256000
-    assert load_script(MOE).flops_and_bytes(CONFIG, 16, 5, torch.bfloat16) == (32768 + 1572864, 256000)
+    assert moe_bench.flops_and_bytes(CONFIG, 16, 5, torch.bfloat16) == (32768 + 1572864, 256000)
 
 
 def test_roofline_bound_names_the_larger_term():

@@ -110,9 +110,9 @@ def run(main, argv=None):
         return 130
     except Exception as exc:  # a bug in the kit or an engine: keep the traceback, it is what a report needs
         traceback.print_exc()
-        from . import crashguard, engines
+        from . import crashguard, protocol
 
-        plugin = engines.raised_by_plugin(exc)
+        plugin = protocol.raised_by_plugin(exc)
         if plugin is not None:  # the engine under test failed, not the kit: its verdict, exit 1
             phase = crashguard.current_phase()
             message = (f"the engine {plugin[0]} raised {type(exc).__name__}: {exc} (at {plugin[1]}"

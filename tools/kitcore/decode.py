@@ -64,7 +64,7 @@ def no_cache_steps(engine, inp, teacher):
 def run_engine(engine, inp, teacher):
     """Prefill + teacher-forced decode with the engine's own cache, and its own no-cache forward.
     Every step sits at the teacher's position, but for an engine that decodes by itself (run_free)."""
-    from .engines import capabilities
+    from .protocol import capabilities
 
     if "new_cache" not in capabilities(engine):
         return run_free(engine, inp, teacher)

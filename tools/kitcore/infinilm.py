@@ -29,7 +29,7 @@ import torch
 
 from .checkpoints import config_view, open_checkpoint
 from .devices import dtype_name
-from .engines import ONE_PROMPT, SequenceCache
+from .protocol import ONE_PROMPT, SequenceCache
 from .errors import Unavailable, UsageError
 
 INSTALL_HINT = ("fix: build InfiniCore and InfiniLM with make setup-infinilm INFINICORE_SRC=DIR INFINILM_SRC=DIR "

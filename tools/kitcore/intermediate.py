@@ -28,7 +28,7 @@ from dataclasses import replace
 
 import torch
 
-from . import controls, engines, judges, rope
+from . import controls, judges, protocol, rope
 from .compare import OWN_TOLERANCES, SHAPE, TOLERANCES, Tolerance, compare
 from .errors import Unavailable
 from .points import HEADS_FIRST, component_inputs, is_sparse, point_order
@@ -314,7 +314,7 @@ def own_only_captures(engine, ids, pos, n_layers):
     it hands them out (final_hidden(), e.g. InfiniLM's forward_raw)."""
     for _ in range(n_layers - 1):
         yield {}
-    yield {"final_norm": engine.final_hidden(ids, pos)} if "final_hidden" in engines.capabilities(engine) else {}
+    yield {"final_norm": engine.final_hidden(ids, pos)} if "final_hidden" in protocol.capabilities(engine) else {}
 
 
 def validate_row(run, cand, ids, pos, judge, peer, dual, results, verdict):
@@ -323,11 +323,11 @@ def validate_row(run, cand, ids, pos, judge, peer, dual, results, verdict):
     layout finding) or None, and the row's near-tie tokens and tokens rerouted."""
     config = run.reference_checkpoint.config
     n_layers = config["num_hidden_layers"]
-    own_only = "capture" not in engines.capabilities(cand)
+    own_only = "capture" not in protocol.capabilities(cand)
     models = [m for m in (run.reference, cand, peer) if m is not None]
     capturing = [m for m in models if not (own_only and m is cand)]
     chunk = layers_per_capture(config, ids.shape[1], run.args.max_capture_mb, models=len(capturing))
-    chunked = [m for m in capturing if "capture_layers" not in engines.capabilities(m)]
+    chunked = [m for m in capturing if "capture_layers" not in protocol.capabilities(m)]
     if chunked and chunk < n_layers:
         print(f"note: {', '.join(type(m).__name__ for m in chunked)} has no capture_layers(): capturing {chunk} "
               f"layer(s) at a time to stay within --max_capture_mb {run.args.max_capture_mb}, each chunk's "
@@ -340,7 +340,7 @@ def validate_row(run, cand, ids, pos, judge, peer, dual, results, verdict):
     with contextlib.ExitStack() as stack:
         sources = [stack.enter_context(contextlib.closing(
             own_only_captures(m, ids, pos, n_layers) if own_only and m is cand
-            else engines.layer_captures(m, ids, pos, n_layers, chunk))) for m in models]
+            else protocol.layer_captures(m, ids, pos, n_layers, chunk))) for m in models]
         for i in range(n_layers):
             reference, candidate, *peer_capture = (next(s, {}) for s in sources)
             reference = {**previous_output, **reference}
@@ -419,7 +419,7 @@ def findings_of(rows, first, batched, routing=None):
 
 def validate_rope(run, cand):
     """The RoPE check's record, finding and verdict, or (None, None, True) for an engine without rope()."""
-    if "rope" not in engines.capabilities(cand):
+    if "rope" not in protocol.capabilities(cand):
         print(f"note: engine {run.args.engine!r} has no rope(): the RoPE validation is skipped")
         return None, None, True
     config = run.reference_checkpoint.config
@@ -435,12 +435,12 @@ def validate_rope(run, cand):
 
 def capabilities_note(run):
     """Whether the candidate can be validated layer by layer (Unavailable if not), and the dual test's flag."""
-    offered, engine = engines.capabilities(run.candidate), run.args.engine
+    offered, engine = protocol.capabilities(run.candidate), run.args.engine
     if "capture" not in offered:
         if "run_component" not in offered:
             raise Unavailable(f"engine {engine!r} does not implement capture(), which intermediate validation "
                               "needs (or run_component() alone, for the dual test; see the engine protocol in "
-                              "tools/kitcore/engines.py)")
+                              "tools/kitcore/protocol.py)")
         print(f"note: engine {engine!r} hands out no per-layer activations (no capture()): each component "
               "runs on the reference's own inputs (the dual test, own error only)"
               + ("; its final hidden states give the total error at final_norm" if "final_hidden" in offered else ""))

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from . import protocol
 from .compare import (CHUNK_ELEMENTS, DISTRIBUTIONS, LOGITS_NMSE, NON_FINITE, OUT_OF_BOUNDS, OWN_TOLERANCES, SHAPE,
                       TOLERANCES, UNJUDGEABLE, Distribution, compare, tolerance_for)
 from .devices import dtype_name
@@ -115,8 +116,8 @@ def judge_for(engine, model_type, calibrated):
     is the engine's `judged_dtype` where it declares one (llama.cpp: the least precise of its weights and KV
     cache), else its `dtype`."""
     moe = "moe-" if model_type == "qwen3_moe" else ""
-    quantization = getattr(engine, "quantization", None)
-    dtype = getattr(engine, "judged_dtype", None) or engine.dtype
+    quantization = protocol.declared(engine, "quantization")
+    dtype = protocol.declared(engine, "judged_dtype") or engine.dtype
     if quantization:
         key = moe + str(quantization)
         if key not in DISTRIBUTIONS:
@@ -284,9 +285,9 @@ class Space:
 def output_space(*engines):
     """How the outputs of `engines` are compared (a Space): log-probabilities when one returns them, top k
     when one returns only some tokens per position."""
-    serving = [e for e in engines if getattr(e, "returns", "logits") == "logprobs"]
-    hidden = tuple(sorted({i for e in serving for i in getattr(e, "hidden", ())}))
-    if any(getattr(e, "top_k", None) or hidden for e in serving):
+    serving = [e for e in engines if protocol.declared(e, "returns") == "logprobs"]
+    hidden = tuple(sorted({i for e in serving for i in protocol.declared(e, "hidden")}))
+    if any(protocol.declared(e, "top_k") or hidden for e in serving):
         return Space("topk", hidden)
     return Space("logprobs" if serving else "logits")
 
@@ -539,13 +540,26 @@ def router_margin(ref_logits, dtype, peer_logits=None, table=None):
     return margin
 
 
+def is_admissible(chosen, ref_logits, top_k, margin):
+    """[T] bool: whether each token's chosen experts ([T, k]) form a set a correct engine may choose: the
+    reference's own set, or on a near-tie token (k-th/(k+1)-th gap within 2 x margin) every expert above the
+    band [k+1-th - 2 margin, k-th + 2 margin] and the rest from inside it (kitcore.qwen3_moe.admissible_sets' rule, for any set)."""
+    values = ref_logits.sort(-1, descending=True).values
+    low, high = values[:, top_k] - 2 * margin, values[:, top_k - 1] + 2 * margin
+    near_tie = values[:, top_k - 1] - values[:, top_k] <= 2 * margin
+    picked = ref_logits.gather(-1, chosen)
+    distinct = chosen.sort(-1).values.diff(dim=-1).ne(0).all(-1)
+    every_sure = (picked > high[:, None]).sum(-1) == (ref_logits > high[:, None]).sum(-1)
+    inside = (picked >= low[:, None]).all(-1)
+    own = (chosen.sort(-1).values == ref_logits.topk(top_k, -1).indices.sort(-1).values).all(-1)
+    return own | (near_tie & distinct & every_sure & inside)
+
+
 def judge_expert_sets(chosen, ref_sets, ref_logits, margin, name, by):
     """Each token's chosen experts ([T, k], ids ascending) against the reference's: the reference's set, or
     on a near-tie token (k-th/(k+1)-th reference logits within 2 x `margin`) another set a correct engine's
-    rounding may choose (kitcore.qwen3_moe.is_admissible). Any other set fails; `by` says where the margin
+    rounding may choose (is_admissible). Any other set fails; `by` says where the margin
     came from."""
-    from .qwen3_moe import is_admissible
-
     tokens, k = ref_sets.shape
     if chosen.shape != ref_sets.shape:
         return ExpertSets(name, False, f"routes each token to {chosen.shape[-1]} expert(s), the reference to {k}",

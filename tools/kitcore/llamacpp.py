@@ -33,7 +33,7 @@ import torch
 from . import rope
 from .checkpoints import open_checkpoint
 from .devices import dtype_name
-from .engines import ONE_PROMPT, SequenceCache
+from .protocol import ONE_PROMPT, SequenceCache
 from .errors import Unavailable, UsageError
 from .gguf_export import gguf_path
 
@@ -44,19 +44,24 @@ SETTINGS = ("n_batch", "n_ubatch", "flash_attn")
 KV_TYPES = ("f32", "f16", "q8_0", "q4_0")
 
 
-# llama.cpp's graph tensor (name, op) -> the kit's point (kitcore.points); "-N" is the layer. o_proj is the
-# matrix product that follows kqv_out-N (named attn_out-N for Llama, left unnamed for Qwen3-MoE).
+# llama.cpp's graph tensor (name, op) -> the kit's point (kitcore.points); "-N" is the layer. A projection with a
+# bias (Qwen2's q/k/v/o) is the ADD that follows its product, under the same name. o_proj is found by its weight
+# (blk.N.attn_output.weight) and attn_out is o_proj's input: kqv_out-N is not that where llama.cpp rotates a
+# quantised cache's attention (its output is still in the rotated basis) or leaves o_proj's product unnamed.
 GRAPH_POINTS = {
-    ("embd", "GET_ROWS"): "embed_tokens", ("attn_norm", "MUL"): "input_layernorm", ("Qcur", "MUL_MAT"): "q_proj",
-    ("Kcur", "MUL_MAT"): "k_proj", ("Vcur", "MUL_MAT"): "v_proj", ("Qcur_normed", "MUL"): "q_norm",
-    ("Kcur_normed", "MUL"): "k_norm", ("Qcur", "ROPE"): "q_rope", ("Kcur", "ROPE"): "k_rope",
-    ("kqv_out", "CONT"): "attn_out", ("ffn_inp", "ADD"): "attn_residual", ("ffn_norm", "MUL"): "post_attention_layernorm",
+    ("embd", "GET_ROWS"): "embed_tokens", ("attn_norm", "MUL"): "input_layernorm",
+    ("Qcur", "MUL_MAT"): "q_proj", ("Kcur", "MUL_MAT"): "k_proj", ("Vcur", "MUL_MAT"): "v_proj",
+    ("Qcur", "ADD"): "q_proj+bias", ("Kcur", "ADD"): "k_proj+bias", ("Vcur", "ADD"): "v_proj+bias",
+    ("Qcur_normed", "MUL"): "q_norm", ("Kcur_normed", "MUL"): "k_norm", ("Qcur", "ROPE"): "q_rope",
+    ("Kcur", "ROPE"): "k_rope",
+    ("attn_out", "ADD"): "o_proj+bias",
+    ("ffn_inp", "ADD"): "attn_residual", ("ffn_norm", "MUL"): "post_attention_layernorm",
     ("ffn_gate", "MUL_MAT"): "gate_proj", ("ffn_up", "MUL_MAT"): "up_proj", ("ffn_swiglu", "SWIGLU"): "act_mul",
     ("ffn_out", "MUL_MAT"): "down_proj", ("l_out", "ADD"): "output", ("result_norm", "MUL"): "final_norm",
-    ("result_output", "MUL_MAT"): "logits", ("ffn_moe_logits", "MUL_MAT"): "router_logits",
-    ("ffn_moe_topk", "VIEW"): "topk", ("ffn_moe_weights", "GET_ROWS"): "weights",
-    ("ffn_moe_weights_norm", "DIV"): "weights_norm", ("ffn_moe_down", "MUL_MAT_ID"): "down_per_expert",
-    ("ffn_moe_out", "ADD"): "moe_out",
+    ("result_output", "MUL_MAT"): "logits",
+    ("ffn_moe_logits", "MUL_MAT"): "router_logits", ("ffn_moe_topk", "VIEW"): "topk",
+    ("ffn_moe_weights", "GET_ROWS"): "weights", ("ffn_moe_weights_norm", "DIV"): "weights_norm",
+    ("ffn_moe_down", "MUL_MAT_ID"): "down_per_expert", ("ffn_moe_out", "ADD"): "moe_out",
 }
 GGML_DTYPES = {0: torch.float32, 1: torch.float16, 26: torch.int32, 30: torch.bfloat16}
 
@@ -65,6 +70,8 @@ class _GraphTensor:
     """A ggml_tensor seen by the evaluation callback: name, op, shape and data (read through ggml's own API;
     `type`, `ne` and `nb` are the struct's first fields, stable across ggml versions)."""
 
+    SRC_OFFSET = 152  # type, buffer, ne[4], nb[4], op, op_params[16], flags, then src[GGML_MAX_SRC]
+
     def __init__(self, ggml, address):
         self.ggml, self.address = ggml, address
         self.name = ggml.ggml_get_name(address).decode()
@@ -72,6 +79,11 @@ class _GraphTensor:
         self.type = ctypes.c_int32.from_address(address).value
         self.ne = [ctypes.c_int64.from_address(address + 16 + 8 * i).value for i in range(4)]
         self.nb = [ctypes.c_size_t.from_address(address + 48 + 8 * i).value for i in range(4)]
+
+    def source(self, i):
+        """The i-th operand of this node (a _GraphTensor), or None."""
+        address = ctypes.c_void_p.from_address(self.address + self.SRC_OFFSET + 8 * i).value
+        return _GraphTensor(self.ggml, address) if address else None
 
     def tensor(self):
         """[ne3, ne2, ne1, ne0] as torch holds it (ggml's ne0 is the fastest dimension), a copy on the CPU."""
@@ -174,18 +186,17 @@ class LlamaCppEngine:
         config = open_checkpoint(self._args[0]).config
         n_layers = config["num_hidden_layers"]
         layers = range(n_layers) if layers is None else layers
-        pieces, chosen, attended = {}, {}, []  # point name -> [per micro-batch], address -> name, [layer]
+        pieces, chosen = {}, {}  # point name -> [per micro-batch], node address -> point name
 
         def choose(t):
-            if attended and t.op == "MUL_MAT":  # the product after kqv_out-N, whatever its name: o_proj
-                layer = attended.pop()
-                return f"layers.{layer}.o_proj" if layer in layers else None
             base, _, layer = t.name.rpartition("-")
             if not (layer.isdigit() and base):
                 base, layer = t.name, None
             point = GRAPH_POINTS.get((base, t.op))
-            if point == "attn_out":
-                attended.append(int(layer))
+            if t.op == "MUL_MAT":
+                weight = t.source(0).name.split(".")
+                if weight[2:] == ["attn_output", "weight"] and weight[0] == "blk":
+                    point, layer = "o_proj", weight[1]
             if point is None or (layer is not None and int(layer) not in layers):
                 return None
             if layer is None and not ((point == "embed_tokens" and layers.start == 0)
@@ -201,6 +212,8 @@ class LlamaCppEngine:
                 return chosen[address] is not None
             if chosen.get(address):
                 pieces.setdefault(chosen[address], []).append(t.tensor())
+                if chosen[address].endswith(".o_proj"):  # its input: the attention output, back in the model's basis
+                    pieces.setdefault(chosen[address][:-len("o_proj")] + "attn_out", []).append(t.source(1).tensor())
             return True
 
         params = llama_cpp.llama_context_params.from_buffer_copy(self.llm.context_params)
@@ -230,6 +243,8 @@ class LlamaCppEngine:
         """llama.cpp's tensors (each [ne3, ne2, ne1, ne0], one per micro-batch) in the kit's layouts."""
         heads = {"q": config["num_attention_heads"], "k": config["num_key_value_heads"]}
         permuted = self._args[5] and config.get("model_type") != "qwen3_moe"  # gguf_export permutes Llama's q/k
+        for name in [n for n in pieces if n.endswith("+bias")]:
+            pieces[name.removesuffix("+bias")] = pieces.pop(name)
         points = {}
         for name, parts in pieces.items():
             point = name.rsplit(".", 1)[-1]

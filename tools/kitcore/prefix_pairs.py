@@ -28,7 +28,7 @@ one token of another text); a server does not report its block size: give it wit
 
 from dataclasses import dataclass
 
-from . import inputs
+from . import inputs, protocol
 from .errors import Unavailable
 from .session import FreeRunCheck
 
@@ -79,8 +79,8 @@ def _generate(engine, ids, steps):
     row = inputs.pad([ids])
     tokens, logprobs = engine.generate(row.input_ids, row.position_ids, None, steps)
     hits = engine.cached_tokens[-1]
-    if hits is None and getattr(engine, "reports_cache_hits", True):
-        raise Unavailable(f"engine {getattr(engine, 'name', type(engine).__name__)} does not say how many prompt "
+    if hits is None and protocol.declared(engine, "reports_cache_hits"):
+        raise Unavailable(f"engine {protocol.declared(engine, 'name') or type(engine).__name__} does not say how many prompt "
                           "tokens a request took from its prefix cache, so a hit cannot be told from a miss (vLLM's "
                           "server: --enable-prompt-tokens-details)")
     return tokens[0], logprobs[0], hits

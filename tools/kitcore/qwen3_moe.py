@@ -23,8 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .engines import causal_mask, resolve_class
+from .engines import causal_mask
 from .errors import UsageError
+from .judges import DECISIVE_SIGMAS, PEER_K_MAX, is_admissible, judge_tensor, rounding_floor
+from .protocol import resolve_class
 
 
 def load_config(checkpoint, layer):
@@ -203,21 +205,6 @@ def admissible_sets(ref_logits, top_k, margin, max_boundary=6):
     return out
 
 
-def is_admissible(chosen, ref_logits, top_k, margin):
-    """[T] bool: whether each token's chosen experts ([T, k]) form a set a correct engine may choose: the
-    reference's own set, or on a near-tie token (k-th/(k+1)-th gap within 2 x margin) every expert above the
-    band [k+1-th - 2 margin, k-th + 2 margin] and the rest from inside it (admissible_sets' rule, for any set)."""
-    values = ref_logits.sort(-1, descending=True).values
-    low, high = values[:, top_k] - 2 * margin, values[:, top_k - 1] + 2 * margin
-    near_tie = values[:, top_k - 1] - values[:, top_k] <= 2 * margin
-    picked = ref_logits.gather(-1, chosen)
-    distinct = chosen.sort(-1).values.diff(dim=-1).ne(0).all(-1)
-    every_sure = (picked > high[:, None]).sum(-1) == (ref_logits > high[:, None]).sum(-1)
-    inside = (picked >= low[:, None]).all(-1)
-    own = (chosen.sort(-1).values == ref_logits.topk(top_k, -1).indices.sort(-1).values).all(-1)
-    return own | (near_tie & distinct & every_sure & inside)
-
-
 @dataclass(frozen=True)
 class MoEBlockCheck:
     """The sparse MoE block's verdict on every token (check_moe_block)."""
@@ -246,7 +233,6 @@ def check_moe_block(out, ref_out, x, weights, config, ref_logits, judge, peer_ou
     Near-ties come from the reference and the peer only, so their share is bounded by the peer's error.
     """
     from .compare import OWN_TOLERANCES
-    from .judges import DECISIVE_SIGMAS, PEER_K_MAX, judge_tensor, rounding_floor
 
     top_k = config.num_experts_per_tok
     tokens = ref_logits.shape[0]

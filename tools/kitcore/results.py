@@ -44,13 +44,14 @@ def _clean(v):
 
 
 def environment(device=None, dtype=None, seed=None, checkpoint=None):
-    """The fingerprint recorded with every result."""
-    import transformers
+    """The fingerprint recorded with every result (transformers' version from its metadata: importing it here
+    would cost a check about a second before its first model loads)."""
+    from importlib.metadata import version
 
     env = {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": version("transformers"),
         "platform": platform.platform(),
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),

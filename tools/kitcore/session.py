@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoints, cli, decode, devices, engines, judges, memory, plan, refcache, roofline
+from . import checkpoints, cli, decode, devices, engines, judges, memory, plan, protocol, refcache, roofline
 from . import inputs as kitinputs
 from .errors import NotWhatWasAsked, Unavailable, UsageError
 from .results import Results, environment
@@ -332,7 +332,7 @@ class Session:
         """The reference engine, where it can run single components (the dual test's input-rounding floor,
         kitcore.judges.judge_own); None for a streamed reference, which holds no weights between forwards."""
         engine = self.reference.engine if isinstance(self.reference, refcache.CachedReference) else self.reference
-        return engine if "run_component" in engines.capabilities(engine) else None
+        return engine if "run_component" in protocol.capabilities(engine) else None
 
     def peer_for(self, engine):
         """The peer that calibrates `engine`'s verdict: None when there is none, or when it is the peer."""
@@ -345,7 +345,7 @@ class Session:
         if engine is self.reference:
             return judges.Judge(engine.dtype, judges.TOLERANCES[engine.dtype])
         peer = self.peer_for(engine)
-        judged = getattr(engine, "judged_dtype", None) or engine.dtype
+        judged = protocol.declared(engine, "judged_dtype") or engine.dtype
         return judges.judge_for(engine, self.checkpoint.model_type,
                                 calibrated=peer is not None and judged == peer.dtype)
 
@@ -353,7 +353,7 @@ class Session:
         """Engine `spec` in its safest mode (engines protocol: baseline()), loaded, described and attested like
         the engines under test: (its label, the engine), or None when the engine has none or already runs so."""
         engine = self.engines[spec]
-        if "baseline" not in engines.capabilities(engine):
+        if "baseline" not in protocol.capabilities(engine):
             return None
         with self.phases("baseline_load"):
             plain = engine.baseline()
@@ -361,7 +361,7 @@ class Session:
             return None
         label = f"{spec} baseline"
         print(f"  {label}: {getattr(plain, 'description', type(plain).__name__)}")
-        self.results.env.setdefault("engines", {})[label] = getattr(plain, "description", type(plain).__name__)
+        self.results.env.setdefault("engines", {})[label] = protocol.declared(plain, "description") or type(plain).__name__
         attest(self.results, label, plain)
         return label, plain
 
@@ -434,9 +434,9 @@ class Session:
         from . import tokenization
 
         engine = self.candidate
-        if "tokenize" not in engines.capabilities(engine):
+        if "tokenize" not in protocol.capabilities(engine):
             raise Unavailable(f"--tokenization: engine {self.args.engine} does not tokenise text itself (no "
-                              "tokenize(); see the engine protocol in tools/kitcore/engines.py)")
+                              "tokenize(); see the engine protocol in tools/kitcore/protocol.py)")
         prompt = DEFAULT_PROMPT if self.args.prompt is None else self.args.prompt
         checks, skipped = tokenization.check_engine(engine, self.reference_checkpoint.path, prompt)
         print("\nthe engine's own input path (text in, the ids it used):")
@@ -465,7 +465,7 @@ class Session:
                                           self.args.device_map))
         self.results.env.setdefault("engines", {}).update(
             {f"{spec} {name}": engine.description for spec, engine in loaded.items()
-             if getattr(engine, "description", None)})
+             if protocol.declared(engine, "description")})
         for spec, engine in loaded.items():
             if engine is not self.reference:
                 attest(self.results, f"{spec} {name}", engine)
@@ -571,7 +571,7 @@ class Session:
                       for spec in under_test}
         loaded = {spec: reference if spec == REFERENCE else loaded[spec] for spec in specs}
         for spec, engine in loaded.items():
-            if getattr(engine, "description", None):
+            if protocol.declared(engine, "description"):
                 print(f"  {spec}: {engine.description}")
                 results.env.setdefault("engines", {})[spec] = engine.description
         results.env["attested"] = {}
@@ -595,8 +595,8 @@ class Session:
 
 
 def attest(results, label, engine):
-    """What `engine` says it ran (engines.attested): printed as `label ran: ...`, recorded in env.attested."""
-    ran = engines.attested(engine)
+    """What `engine` says it ran (protocol.attested): printed as `label ran: ...`, recorded in env.attested."""
+    ran = protocol.attested(engine)
     if ran:
         print(f"  {label} ran: {', '.join(f'{k}={v}' for k, v in ran.items())}")
     results.env["attested"][label] = ran
@@ -604,7 +604,7 @@ def attest(results, label, engine):
 
 
 def check_requirements(requirements, attested):
-    """--require KEY=VALUE against what every engine under test attests (engines.attested): a different
+    """--require KEY=VALUE against what every engine under test attests (protocol.attested): a different
     value fails the check (NotWhatWasAsked, exit 1), a key it does not attest cannot be verified (exit 3)."""
     for requirement in requirements:
         key, sep, want = requirement.partition("=")

@@ -77,7 +77,7 @@ def check_engine(engine, checkpoint_path, prompt):
             checks.append(compare_ids("chat", expected, list(got), bos, eos))
         else:
             skipped.append("chat: the engine does not apply a chat template the kit can read back")
-    from .engines import capabilities
+    from .protocol import capabilities
 
     stops = engine.stop_tokens() if "stop_tokens" in capabilities(engine) else None
     config = Path(checkpoint_path) / "generation_config.json"
