@@ -95,6 +95,19 @@ class ChunkedCaptureEngine(HFEngine):
     capabilities = HFEngine.capabilities - {"capture_layers"}
 
 
+class LayerOutputsOnlyEngine(HFEngine):
+    """An engine that hands out its residual stream only: each layer's output, the final norm and the logits (and
+    runs no component alone): intermediate validation compares those and says what it could not see."""
+
+    name = "layer-outputs-only"
+    capabilities = frozenset({"new_cache", "capture", "capture_layers"})
+    captured_points = ("embed_tokens", "output", "final_norm", "logits")
+
+    def capture_layers(self, input_ids, position_ids):
+        for layer in super().capture_layers(input_ids, position_ids):
+            yield {k: v for k, v in layer.items() if k.rsplit(".", 1)[-1] in self.captured_points}
+
+
 class StopsAfterFirstLayerEngine(HFEngine):
     """Its capture_layers() hands over layer 0 and then ends, as a forward that stops early would."""
 

@@ -573,3 +573,35 @@ def test_an_engine_without_captures_gets_the_dual_test_alone(faulty_weights, lla
         assert r.json["largest_own_error"]["name"] == "layers.1.down_proj"
     else:
         assert r.code == 0, r
+
+
+def test_an_engine_with_only_some_points_is_compared_on_those(llama_checkpoint, tmp_path):
+    """A plugin that hands out its layer outputs only: a 1% weight error in layer 1 is placed between the last
+    point that agreed and the first that did not, and the points it could not see are listed."""
+    ckpt = faulty(tmp_path, llama_checkpoint, scale_weight("model.layers.1.mlp.down_proj.weight", 1.01))
+    r = run_script(INTERMEDIATE, "--model_path", ckpt, "--reference_path", llama_checkpoint, "--dtype", "float32",
+                   "--engine", f"{FAULTY_ENGINES}:LayerOutputsOnlyEngine", json_path=tmp_path / "iv.json")
+    assert r.code == 1, r
+    assert r.json["first_divergence"] == {"layer": 1, "point": "output"}
+    assert "first divergence: between layers.0.output (the last point that agreed) and layers.1.output" in r.out
+    assert "not seen (the engine does not hand them out): " in r.out and "down_proj" in r.out
+    statuses = {p["point"]: p["status"] for p in r.json["points"]}
+    assert statuses["layers.1.down_proj"] == "not seen" and statuses["layers.0.output"] == "ok"
+    r = run_script(INTERMEDIATE, "--model_path", llama_checkpoint, "--dtype", "float32",
+                   "--engine", f"{FAULTY_ENGINES}:LayerOutputsOnlyEngine")
+    assert r.code == 0, r
+
+
+def test_two_engines_part_where_one_leaves_the_reference(llama_checkpoint, tmp_path):
+    """--engines A,B: a GQA head mapping off by one (A) and a correct plugin (B) part at layer 0's attention,
+    and A is the one that left the reference; two correct engines do not part."""
+    good = f"{FAULTY_ENGINES}:ChunkedCaptureEngine"
+    r = run_script(INTERMEDIATE, "--model_path", llama_checkpoint, "--dtype", "float32",
+                   "--engines", f"{FAULTY_ENGINES}:GQAOffByOneEngine,{good}", json_path=tmp_path / "ab.json")
+    assert r.code == 1, r
+    assert r.json["parted"] == {"point": "layers.0.attn_out", "left": ["A"]}, r.json["parted"]
+    assert "A and B part first at layers.0.attn_out: A (" in r.out and "left the reference there" in r.out
+    r = run_script(INTERMEDIATE, "--model_path", llama_checkpoint, "--dtype", "float32",
+                   "--engines", f"{good},hf", json_path=tmp_path / "same.json")
+    assert r.code == 0 and r.json["parted"] is None, r
+    assert "do not part" in r.out

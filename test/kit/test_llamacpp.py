@@ -242,3 +242,16 @@ def test_llamacpp_quantised_cache_is_the_format_kv_cache_cost_models(model, kv_t
     assert apart[True] < 0.5, apart
     if model == "smollm2":
         assert apart[False] > 1, apart
+
+
+@needs_llamacpp
+def test_llamacpp_against_hf_layer_by_layer_names_where_they_part(llama_checkpoint, tmp_path):
+    """--engines A,B with llama.cpp and HF in bfloat16: a correct GGUF and HF do not part; a GGUF whose q/k rows were
+    not permuted for llama.cpp's RoPE parts from HF at layer 0's rotated queries, and llama.cpp is the one that
+    left the reference."""
+    r = run_script(f"{LLAMA}/test_intermediate_validation.py", "--model_path", llama_checkpoint, "--dtype", "bfloat16",
+                   "--engines", "llama.cpp,hf", json_path=tmp_path / "same.json")
+    assert r.code == 0 and r.json["parted"] is None and "do not part" in r.out, r
+    r = run_script(f"{LLAMA}/test_intermediate_validation.py", "--model_path", llama_checkpoint, "--dtype", "bfloat16",
+                   "--engines", f"{FAULTY_ENGINES}:UnpermutedLlamaCpp,hf", json_path=tmp_path / "parted.json")
+    assert r.code == 1 and r.json["parted"] == {"point": "layers.0.q_rope", "left": ["A"]}, r.json.get("parted")

@@ -15,6 +15,12 @@ correct engine's router error may be (the peer's, calibrated), another set is ad
 candidate or the peer routes to another admissible set is left out of every later total error of its row
 (its later tensors legitimately differ); its own errors are still judged, and the output counts such tokens.
 
+An engine that captures only some points (it declares `captured_points`) is compared on those: its first
+divergence lies between the last point that agreed and the first that did not, and the points it does not hand
+out are listed. `--engines A,B` validates both against the reference in one pass and compares them point by
+point: where their distance exceeds what each may be off by (the sum of their bounds), they part, and the
+reference says which of the two left it.
+
 RoPE: the candidate's rotation is checked against analytic references at small positions and at the end of
 max_position_embeddings, in both layouts, so the interleaved-vs-half-split mistake is named. When
 q_proj/k_proj diverge, the kit also tests whether their output rows are a per-head layout permutation of the
@@ -30,7 +36,7 @@ import torch
 
 from . import controls, judges, protocol, rope
 from .compare import OWN_TOLERANCES, SHAPE, TOLERANCES, Tolerance, compare
-from .errors import Unavailable
+from .errors import Unavailable, UsageError
 from .points import HEADS_FIRST, component_inputs, is_sparse, point_order
 from .results import Results
 from .verdict import Verdict
@@ -41,9 +47,20 @@ COMMON_THETAS = (10000.0, 100000.0, 500000.0, 1000000.0, 5000000.0, 10000000.0)
 
 
 def add_args(parser):
+    parser.add_argument("--engines", help="A,B: validate two engines and say where they part (default: --engine)")
     parser.add_argument("--max_capture_mb", type=float, default=1024,
                         help="for engines without capture_layers(): memory for captured activations of every "
                              "model; their layers are captured in chunks that fit (default 1024)")
+
+
+def engine_specs(args):
+    """The engines under test: [--engine], or --engines A,B (two engines that capture; not the reference)."""
+    if not args.engines:
+        return None
+    specs = args.engines.split(",")
+    if len(specs) != 2 or not all(specs) or "reference" in specs or specs[0] == specs[1]:
+        raise UsageError(f"--engines {args.engines!r}: expected two different engines, e.g. llama.cpp,hf")
+    return specs
 
 
 def rope_tolerance(dtype, max_position):
@@ -137,8 +154,16 @@ class Row:
     """What one row's validation carries from point to point: the models' captures of the current layer, the
     engines of the dual test, the judge, and the tokens left out of total errors (rerouted at a near tie)."""
 
-    def __init__(self, run, cand, peer, dual, judge, ids, pos, results, own_only):
+    def __init__(self, run, cand, peer, dual, judge, ids, pos, results, own_only, other=None):
         self.config = run.reference_checkpoint.config
+        self.seen = protocol.declared(cand, "captured_points")  # None: every point
+        self.other = other  # engine B of --engines A,B, and its judge
+        # engine B is calibrated by the peer wherever it computes in the peer's precision, the peer itself included:
+        # its bound is then k x the peer's error, not the table's
+        self.other_judge = None if other is None else tensor_judge(judges.judge_for(
+            other, run.checkpoint.model_type, calibrated=peer is not None and (
+                protocol.declared(other, "judged_dtype") or other.dtype) == peer.dtype))
+        self.parted = None  # the first point where A and B part
         self.n_layers = self.config["num_hidden_layers"]
         self.cand, self.peer, self.judge, self.ids, self.pos, self.results = cand, peer, judge, ids, pos, results
         self.dual_engines = (cand, peer, run.reference_components) if dual else None
@@ -146,7 +171,11 @@ class Row:
         self.rerouted = set()  # token positions
         self.own_rerouted = set()  # tokens the candidate's router, on the reference's logits, routes elsewhere
         self.near_ties = 0
-        self.captures = ({}, {}, None)
+        self.captures = ({}, {}, None, None)
+
+    def unseen(self, point):
+        """Whether the candidate does not hand out this kind of point (it declares the ones it does)."""
+        return self.seen is not None and point not in self.seen
 
     def keep(self):
         """The tokens every total error is taken on (None: all of them)."""
@@ -159,11 +188,16 @@ def check_point(row, layer, point, name):
     """Total error of one point and, with a dual-test engine, its own error (the component on the reference's
     input), each judged by the row's judge (own errors by the own-error table, or calibrated by the peer's own
     error at the same component): one printed table row."""
-    reference, candidate, peer = row.captures
+    reference, candidate, peer, _ = row.captures
     out = {"layer": layer, "point": name}
+    if row.unseen(point) and row.dual_engines is None:
+        out["status"] = "not seen"
+        print(f"{name:<36} {'-':>10} {'-':>10} {'-':>9} | {'-':>10} {'-':>10} {'-':>9} | not seen (the engine does "
+              "not hand it out)")
+        return out
     if point == "experts_selected":
         return check_expert_sets(row, layer, name, out)
-    if row.own_only and name in reference and name not in candidate:
+    if (row.own_only or row.unseen(point)) and name in reference and name not in candidate:
         own = own_error(row, layer, point, name)
         out.update(own=own.as_dict(), status=judges.point_status(None, own))
         _print_point(name, None, own, out["status"])
@@ -188,7 +222,39 @@ def check_point(row, layer, point, name):
         out["reason"] = total.reason
     _print_point(name, total, own, out["status"])
     _record(row.results, name, layer, point, total, own)
+    if row.other is not None:
+        check_other(row, layer, point, name, out, total)
     return out
+
+
+def _limit(c):
+    """The nmse a comparison allowed: the calibrated bound, or the table's."""
+    return c.limit_nmse if c.judge in ("calibrated", "input_rounding") else c.tolerance.nmse
+
+
+def check_other(row, layer, point, name, out, total):
+    """Engine B at this point: its total error (its own judge), and its distance from A against the sum of what
+    each may be off by (sqrt(nmse bound) A + B): beyond it the two part, and at most one of them is right."""
+    reference, candidate, peer, other = row.captures
+    if name not in other or name not in reference:
+        return
+    keep = row.keep()
+    ref, a, b = (_tokens(point, x[name], keep).double() for x in (reference, candidate, other))
+    judged = judges.judge_tensor(b, ref, row.other_judge,
+                                 _tokens(point, peer.get(name), keep) if peer and row.other_judge.calibrated else None,
+                                 name + " (B)")
+    apart = float((a - b).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-300))
+    bound = (_limit(total) ** 0.5 + _limit(judged) ** 0.5) ** 2
+    parted = apart > bound
+    out["b_total"] = judged.as_dict()
+    out["a_vs_b"] = {"nmse": apart, "bound": bound, "parted": parted}
+    if parted and row.parted is None:
+        left = [label for label, c in (("A", total), ("B", judged)) if not c.passed]
+        row.parted = (name, left)
+    print(f"{'':<36} B {judged.max_abs:>10.3e} {judged.nmse:>10.2e} {'':>9} | A vs B nmse {apart:.2e}, bound "
+          f"{bound:.2e}{' PARTED' if parted else ''} | B {'ok' if judged.passed else 'FAIL: ' + judged.reason}")
+    row.results.add(name, "b_nmse", judged.nmse, layer=layer, point=point)
+    row.results.add(name, "a_vs_b_nmse", apart, layer=layer, point=point)
 
 
 def _print_point(name, total, own, status):
@@ -233,7 +299,7 @@ def check_expert_sets(row, layer, name, out):
     """A sparse layer's expert sets: the total (each model's own router inputs, on the tokens not rerouted
     before) and the dual test's (the candidate's top-k on the reference's router logits); tokens the candidate
     or the peer routes to another admissible set are left out of every later total error."""
-    reference, candidate, peer = row.captures
+    reference, candidate, peer, other = row.captures
     logits_name = f"layers.{layer}.router_logits"
     ref_sets, ref_logits = reference[name][0], reference[logits_name][0].double()
     kept = [t for t in range(ref_sets.shape[0]) if t not in row.rerouted]
@@ -246,8 +312,9 @@ def check_expert_sets(row, layer, name, out):
                                          "calibrated" if peer_logits is not None else "table")
         row.near_ties += total.near_ties
         rerouted = {kept[t] for t in total.rerouted}
-        if peer and name in peer and peer[name].shape == reference[name].shape:
-            rerouted |= {kept[t] for t in (peer[name][0, kept] != ref_sets[kept]).any(-1).nonzero().flatten().tolist()}
+        for side in (peer, other):  # the peer's and engine B's other admissible sets leave their tokens too
+            if side and name in side and side[name].shape == reference[name].shape:
+                rerouted |= {kept[t] for t in (side[name][0, kept] != ref_sets[kept]).any(-1).nonzero().flatten().tolist()}
         row.rerouted |= rerouted
         out["total"] = total.as_dict()
     elif not row.own_only:
@@ -317,14 +384,15 @@ def own_only_captures(engine, ids, pos, n_layers):
     yield {"final_norm": engine.final_hidden(ids, pos)} if "final_hidden" in protocol.capabilities(engine) else {}
 
 
-def validate_row(run, cand, ids, pos, judge, peer, dual, results, verdict):
-    """Every capture point of one unpadded row [1, S] of engine `cand`, a layer of every model at a time, each
-    an outcome of `verdict`: its printed table rows, the first failing point (layer, point, name, row,
-    layout finding) or None, and the row's near-tie tokens and tokens rerouted."""
+def validate_row(run, cand, ids, pos, judge, peer, dual, results, verdict, other=None):
+    """Every capture point of one unpadded row [1, S] of engine `cand` (and engine B, `other`), a layer of every
+    model at a time, each an outcome of `verdict`: its printed table rows, the first failing point (layer, point,
+    name, row, layout finding, the last point that agreed) or None, the row's near-tie and rerouted tokens, and
+    where A and B part."""
     config = run.reference_checkpoint.config
     n_layers = config["num_hidden_layers"]
     own_only = "capture" not in protocol.capabilities(cand)
-    models = [m for m in (run.reference, cand, peer) if m is not None]
+    models = [m for m in (run.reference, cand, peer, other) if m is not None]
     capturing = [m for m in models if not (own_only and m is cand)]
     chunk = layers_per_capture(config, ids.shape[1], run.args.max_capture_mb, models=len(capturing))
     chunked = [m for m in capturing if "capture_layers" not in protocol.capabilities(m)]
@@ -334,19 +402,25 @@ def validate_row(run, cand, ids, pos, judge, peer, dual, results, verdict):
               "forward from layer 0")
     print(f"\n{'point':<36} {'max abs':>10} {'nmse':>10} {'vs peer':>9} | {'own maxabs':>10} {'own nmse':>10} "
           f"{'vs peer':>9} | status")
-    row = Row(run, cand, peer, dual, judge, ids, pos, results, own_only)
-    points, first = [], None
+    row = Row(run, cand, peer, dual, judge, ids, pos, results, own_only, other)
+    points, first, last_agreeing = [], None, None
     previous_output = {}  # the reference's output of the previous layer: this layer's input
     with contextlib.ExitStack() as stack:
         sources = [stack.enter_context(contextlib.closing(
             own_only_captures(m, ids, pos, n_layers) if own_only and m is cand
             else protocol.layer_captures(m, ids, pos, n_layers, chunk))) for m in models]
         for i in range(n_layers):
-            reference, candidate, *peer_capture = (next(s, {}) for s in sources)
-            reference = {**previous_output, **reference}
-            row.captures = (reference, candidate, peer_capture[0] if peer else None)
+            captured = iter([next(s, {}) for s in sources])
+            reference, candidate = {**previous_output, **next(captured)}, next(captured)
+            row.captures = (reference, candidate, next(captured) if peer else None, next(captured) if other else None)
             for layer, point, name in point_order(config, range(i, i + 1)):
                 found = check_point(row, layer, point, name)
+                points.append(found)
+                if found["status"] == "not seen":
+                    continue
+                if "b_total" in found:
+                    verdict.add(name + " (B)", found["b_total"]["passed"], f"{name} (engine B): "
+                                + (found["b_total"]["reason"] or "out of bounds"))
                 failed = not verdict.add(name, found["status"] == "ok", f"{name}: {found['status']}")
                 results.add(name, "passed", not failed, unit="bool", layer=layer, point=point)
                 if failed and first is None:
@@ -355,40 +429,47 @@ def validate_row(run, cand, ids, pos, judge, peer, dual, results, verdict):
                         heads = config["num_attention_heads"] if point == "q_proj" else config["num_key_value_heads"]
                         layout = layout_permutation(candidate[name], reference[name], heads, run.dtype)
                     finding = f"{name}: {layout} -- the interleaved-vs-half-split RoPE layout mistake" if layout else None
-                    first = (layer, point, name, found, finding)
-                points.append(found)
+                    first = (layer, point, name, found, finding, last_agreeing)
+                if not failed and first is None:
+                    last_agreeing = name
             output = f"layers.{i}.output"
             previous_output = {output: reference[output]} if output in reference else {}
-    return points, first, (row.near_ties, len(row.rerouted))
+    return points, first, (row.near_ties, len(row.rerouted)), row.parted
 
 
-def validate_rows(run, judge, peer, dual, verdict, cand=None, results=None):
-    """Every row of the batch, without its padding, of `cand` (default: the candidate), each point an outcome of
-    `verdict`: its points, the first failing one (row first), and the near-tie and rerouted token counts."""
+def validate_rows(run, judge, peer, dual, verdict, cand=None, results=None, other=None):
+    """Every row of the batch, without its padding, of `cand` (default: the candidate; with engine B `other`),
+    each point an outcome of `verdict`: its points, the first failing one (row first), the near-tie and rerouted
+    token counts, and the first point where A and B part (row first)."""
     cand, results, inp = cand or run.candidate, results or run.results, run.inputs
     batch = inp.input_ids.shape[0]
-    rows, first, near_ties, rerouted = [], None, 0, 0
+    rows, first, near_ties, rerouted, parted = [], None, 0, 0, None
     for r in range(batch):
         one = inp.row(r)
         if batch > 1:
             print(f"\n== row {r} of {batch} ({one.input_ids.shape[1]} tokens)")
-        row_points, row_first, (near, moved) = validate_row(
+        row_points, row_first, (near, moved), row_parted = validate_row(
             run, cand, one.input_ids, one.position_ids, judge, peer, dual,
-            results if batch == 1 else results.labelled(row=r), verdict)
+            results if batch == 1 else results.labelled(row=r), verdict, other)
+        if row_parted is not None and parted is None:
+            parted = (r, *row_parted)
         rows += [{**p, "row": r} for p in row_points] if batch > 1 else row_points
         near_ties, rerouted = near_ties + near, rerouted + moved
         if row_first is not None and first is None:
             first = (r, *row_first)
-    return rows, first, (near_ties, rerouted)
+    return rows, first, (near_ties, rerouted), parted
 
 
-def findings_of(rows, first, batched, routing=None):
-    """The summary lines: the first divergence (and a layout finding), the largest own error, the
-    components that add error and how many only inherit it, the near-tie tokens of a MoE model."""
+def findings_of(rows, first, batched, routing=None, coarse=False):
+    """The summary lines: the first divergence (and a layout finding; for an engine that hands out only some
+    points, the last point that agreed before it and the points not seen), the largest own error, the components
+    that add error and how many only inherit it, the near-tie tokens of a MoE model."""
     findings = []
+    unseen = sorted({r["point"].split(".")[-1] for r in rows if r["status"] == "not seen"})
     if first is not None:
-        r, layer, point, name, row_, finding = first
-        findings.append(f"first divergence: {name}" + (f" in row {r}" if batched else "")
+        r, layer, point, name, row_, finding, agreed = first
+        where = f"between {agreed} (the last point that agreed) and {name}" if coarse and agreed else name
+        findings.append(f"first divergence: {where}" + (f" in row {r}" if batched else "")
                         + f" ({row_['status']}; {row_.get('reason') or 'out of tolerance'})")
         if finding:
             findings.append(finding)
@@ -403,6 +484,8 @@ def findings_of(rows, first, batched, routing=None):
         findings.append(f"components that add error: {', '.join(adders)}")
     if inheritors:
         findings.append(f"{len(inheritors)} later point(s) only inherit error")
+    if unseen:
+        findings.append(f"not seen (the engine does not hand them out): {', '.join(unseen)}")
     floored = [r["point"] for r in rows if (r.get("own") or {}).get("judge") == "input_rounding"]
     if floored:
         findings.append(f"judged by their input-rounding floor (~: outside the own-error table, but as close as "
@@ -420,7 +503,7 @@ def findings_of(rows, first, batched, routing=None):
 def validate_rope(run, cand):
     """The RoPE check's record, finding and verdict, or (None, None, True) for an engine without rope()."""
     if "rope" not in protocol.capabilities(cand):
-        print(f"note: engine {run.args.engine!r} has no rope(): the RoPE validation is skipped")
+        print(f"note: engine {candidate_spec(run)!r} has no rope(): the RoPE validation is skipped")
         return None, None, True
     config = run.reference_checkpoint.config
     rope_ok, diagnosis, cases = check_rope(cand, config, run.reference.config, run.dtype, run.device, run.args.seed)
@@ -433,9 +516,14 @@ def validate_rope(run, cand):
     return record, f"RoPE: {'PASS' if rope_ok else 'FAIL'} -- {diagnosis}", rope_ok
 
 
+def candidate_spec(run):
+    """The candidate's --engine, or engine A of --engines A,B."""
+    return run.args.engines.split(",")[0] if run.args.engines else run.args.engine
+
+
 def capabilities_note(run):
     """Whether the candidate can be validated layer by layer (Unavailable if not), and the dual test's flag."""
-    offered, engine = protocol.capabilities(run.candidate), run.args.engine
+    offered, engine = protocol.capabilities(run.candidate), candidate_spec(run)
     if "capture" not in offered:
         if "run_component" not in offered:
             raise Unavailable(f"engine {engine!r} does not implement capture(), which intermediate validation "
@@ -456,12 +544,18 @@ def check(run):
     dual = capabilities_note(run)
     peer, judge = run.peer_for(cand), tensor_judge(run.judge(cand))
     print(f"judged by {judge.describe()}; own errors by the own-error table" + (", calibrated the same way" if peer else ""))
+    other = list(run.engines.values())[1] if len(run.engines) > 1 else None
+    if other is not None:
+        protocol.require(other, "capture", run.args.engines.split(",")[1], "engine B of --engines A,B")
     verdict = Verdict()
-    rows, first, routing = validate_rows(run, judge, peer, dual, verdict)
+    rows, first, routing, parted = validate_rows(run, judge, peer, dual, verdict, other=other)
     batched = run.inputs.input_ids.shape[0] > 1
     sparse = any(is_sparse(run.reference_checkpoint.config, i)
                  for i in range(run.reference_checkpoint.config["num_hidden_layers"]))
-    findings, worst_own = findings_of(rows, first, batched, routing if sparse else None)
+    coarse = protocol.declared(cand, "captured_points") is not None
+    findings, worst_own = findings_of(rows, first, batched, routing if sparse else None, coarse)
+    if other is not None:
+        findings.append(parting(run, parted, batched))
     rope_record, rope_finding, rope_ok = validate_rope(run, cand)
     if rope_record is not None:
         verdict.add("rope", rope_ok, rope_finding)
@@ -473,9 +567,25 @@ def check(run):
         first_divergence=None if first is None else {"layer": first[1], "point": first[2],
                                                       **({"row": first[0]} if batched else {})},
         largest_own_error=worst_own, points=rows, rope=rope_record, findings=findings,
+        **({"parted": None if parted is None else {"point": parted[1], "left": parted[2],
+                                                   **({"row": parted[0]} if batched else {})}}
+           if other is not None else {}),
         **({"router_near_ties": routing[0], "rerouted_tokens": routing[1]} if sparse else {}))
     sensitivity = run.controls(control_call(run, judge, peer, dual), control_judge(run)) if run.args.controls else None
     return run.finish(verdict, [sensitivity])
+
+
+def parting(run, parted, batched):
+    """The finding line of --engines A,B: where the two part and which left the reference."""
+    a, b = run.args.engines.split(",")
+    if parted is None:
+        return f"A ({a}) and B ({b}) do not part: at every point their distance is within what each may be off by"
+    r, name, left = parted
+    who = {(): "neither fails by itself there (their errors point in opposite directions)",
+           ("A",): f"A ({a}) left the reference there, B stays within its bound",
+           ("B",): f"B ({b}) left the reference there, A stays within its bound",
+           ("A", "B"): "both left the reference there"}[tuple(left)]
+    return f"A and B part first at {name}" + (f" in row {r}" if batched else "") + f": {who}"
 
 
 def control_call(run, judge, peer, dual):
@@ -483,7 +593,7 @@ def control_call(run, judge, peer, dual):
     def call(engine):
         verdict = Verdict()
         with contextlib.redirect_stdout(io.StringIO()):
-            _, first, _ = validate_rows(run, judge, peer, dual, verdict, cand=engine, results=Results(SCRIPT))
+            _, first, _, _ = validate_rows(run, judge, peer, dual, verdict, cand=engine, results=Results(SCRIPT))
         return first, verdict.passed
     return call
 
@@ -496,7 +606,7 @@ def control_judge(run):
         first, passed = outcome
         if first is None:
             return passed, "no point out of bounds", None
-        _, layer, point, name, row, _ = first
+        _, layer, point, name, row, _, _ = first
         where = controls.expected_layer(shape, n_layers)
         located = name == "final_norm" if where == "final_norm" else layer == where
         return passed, f"first divergence {name} ({row['status']}); its bug is at " + (

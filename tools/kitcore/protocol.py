@@ -125,6 +125,7 @@ DECLARED = {
     "reports_cache_hits": True,  # False: cached_tokens are None per request (--cache_pairs)
     "max_model_len": None,  # the longest sequence it takes (forward validation caps its steps)
     "recomputes_prefix": False,  # its "cache" recomputes the whole prefix: the cache check tests nothing
+    "captured_points": None,  # the point kinds capture() hands out (kitcore.points), None for all of them
 }
 
 

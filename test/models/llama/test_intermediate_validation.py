@@ -30,7 +30,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.plan:
         return session.print_plan(args, intermediate.SCRIPT)
-    return intermediate.check(session.Session.open(args, intermediate.SCRIPT))
+    run = session.Session.open(args, intermediate.SCRIPT, specs=intermediate.engine_specs(args))
+    return intermediate.check(run)
 
 
 if __name__ == "__main__":
