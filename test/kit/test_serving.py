@@ -2,6 +2,7 @@
 against real servers - vLLM's (from .venv-vllm, `make setup-vllm`) and llama-cpp-python's - where installed.
 vLLM in-process runs the kit's scripts with .venv-vllm's Python."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from kit_helpers import EXTENDED, FAULTY_ENGINES, LLAMA, ROOT, copy_checkpoint, 
 INFERENCE = f"{LLAMA}/test_llama_inference.py"
 FORWARD = f"{LLAMA}/test_forward_validation.py"
 BATCH = f"{LLAMA}/test_batch_validation.py"
+INTERMEDIATE = f"{LLAMA}/test_intermediate_validation.py"
 HAVE_VLLM = servers.VLLM_PYTHON.is_file()
 needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed (make setup-vllm; CI tries to)")
 try:
@@ -254,3 +256,26 @@ def test_llamacpp_server_passes_and_a_served_fault_fails(llama_checkpoint, fault
                                  log=tmp_path / "faulty.log") as url:
         r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", openai(url), "--dtype", "float32")
         assert r.code == 1 and "verdict: FAIL" in r.out, r
+
+
+@needs_vllm
+@pytest.mark.parametrize("model, dtype, code, first", [
+    ("llama", "float32", 0, None), ("llama", "bfloat16", 0, None), ("qwen3_moe", "bfloat16", 0, None),
+    ("faulty", "float32", 1, {"layer": 1, "point": "down_proj"})])
+def test_vllm_layer_by_layer(model, dtype, code, first, llama_checkpoint, moe_checkpoint, faulty_llama, tmp_path):
+    """Intermediate validation inside vLLM's own model (hooks through LLM.apply_model, fused qkv and gate_up split,
+    the fused add-norms' residual added back): a correct model passes every point vLLM hands out, the MoE block's
+    points listed as not seen; a checkpoint with layers.1's down_proj x1.01, read by vLLM while the reference reads
+    the correct one, fails first there."""
+    ckpt = {"llama": llama_checkpoint, "qwen3_moe": moe_checkpoint, "faulty": faulty_llama}[model]
+    argv = [servers.VLLM_PYTHON, ROOT / INTERMEDIATE, "--model_path", ckpt, "--engine", "vllm", "--dtype", dtype,
+            "--json", tmp_path / "iv.json"]
+    argv += ["--reference_path", llama_checkpoint] if model == "faulty" else []
+    proc = subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "iv.json").read_text())
+    assert result["first_divergence"] == first
+    seen = {p["point"].split(".")[-1] for p in result["points"] if p["status"] != "not seen"}
+    assert {"q_proj", "v_proj", "q_rope", "attn_out", "attn_residual", "output", "final_norm"} <= seen
+    if model == "qwen3_moe":
+        assert "not seen (the engine does not hand them out): " in proc.stdout and "router_logits" in proc.stdout

@@ -109,8 +109,12 @@ class VLLMEngine(ServingEngine):
     OPTIONS = ("n_ctx", "tensor_parallel_size", "engine_args")
     SETTINGS = ("enable_prefix_caching", "enable_chunked_prefill", "max_num_batched_tokens", "max_num_seqs",
                 "kv_cache_dtype", "block_size", "enforce_eager")
-    capabilities = frozenset({"generate", "attest", "tokenize", "baseline", "reset_prefix_cache"})
+    capabilities = frozenset({"generate", "attest", "tokenize", "baseline", "reset_prefix_cache", "capture"})
     DEFAULTS = {"enforce_eager": True, "enable_prefix_caching": False}
+    # the kit's points that vLLM's Llama and Qwen3 modules hand out through forward hooks (capture())
+    captured_points = ("embed_tokens", "input_layernorm", "q_proj", "k_proj", "v_proj", "q_rope", "k_rope", "attn_out",
+                       "o_proj", "attn_residual", "post_attention_layernorm", "gate_proj", "up_proj", "act_mul",
+                       "down_proj", "output", "final_norm")
 
     def __init__(self, model_path, device, dtype, attn="sdpa", n_ctx=None, tensor_parallel_size=1, engine_args=None):
         self._args = (model_path, device, dtype, attn, n_ctx, tensor_parallel_size)
@@ -165,6 +169,81 @@ class VLLMEngine(ServingEngine):
 
     def reset_prefix_cache(self):
         self.llm.reset_prefix_cache()
+
+    def capture(self, input_ids, position_ids, layers=None):
+        """The kit's points of one prompt's prefill inside vLLM's own model (hooks on its modules, set through
+        LLM.apply_model): the fused qkv_proj and gate_up_proj split, and the residual its fused add-norms carry
+        beside the hidden states added back where the kit's point is the residual stream (attn_residual, output).
+        Points of other kinds (the MoE block's, q_norm/k_norm) are not handed out (captured_points)."""
+        if input_ids.shape[0] != 1:
+            raise UsageError("engine vllm: layer by layer, one unpadded prompt at a time; drop --prompts-file")
+        captured, handles = {}, []
+
+        def install(model):
+            inner = model.model
+            n = len(inner.layers)
+            chosen = range(n) if layers is None else layers
+
+            def keep(name, tensor):
+                captured[name] = tensor.detach().to("cpu", torch.float32, copy=True)[None]  # vLLM works in place
+
+            def first(out):
+                return out[0] if isinstance(out, tuple) else out
+
+            if chosen.start == 0:
+                handles.append(inner.embed_tokens.register_forward_hook(lambda m, a, o: keep("embed_tokens", o)))
+            for i in chosen:
+                layer, p = inner.layers[i], f"layers.{i}."
+                attn, mlp = layer.self_attn, layer.mlp
+                sizes = [attn.q_size, attn.kv_size, attn.kv_size]
+
+                def qkv(m, a, o, p=p, sizes=sizes):
+                    for name, part in zip(("q_proj", "k_proj", "v_proj"), first(o).split(sizes, dim=-1)):
+                        keep(p + name, part)
+
+                def rotated(m, a, p=p, attn=attn):  # the attention's q and k: after RoPE (one rotary module serves
+                    # every layer, so it is read here)
+                    for name, part, heads in (("q_rope", a[0], attn.num_heads), ("k_rope", a[1], attn.num_kv_heads)):
+                        keep(p + name, part.reshape(part.shape[0], heads, -1).transpose(0, 1))
+
+                def gate_up(m, a, o, p=p):
+                    gate, up = first(o).chunk(2, dim=-1)
+                    keep(p + "gate_proj", gate)
+                    keep(p + "up_proj", up)
+
+                def post_norm(m, a, o, p=p):  # (normed, the residual stream after attention)
+                    keep(p + "post_attention_layernorm", o[0])
+                    keep(p + "attn_residual", o[1])
+
+                def layer_out(m, a, o, p=p):  # (the MLP's output, the residual before it): their sum
+                    keep(p + "output", o[0] + o[1])
+
+                handles.extend([
+                    layer.input_layernorm.register_forward_hook(lambda m, a, o, p=p: keep(p + "input_layernorm", first(o))),
+                    attn.qkv_proj.register_forward_hook(qkv),
+                    attn.attn.register_forward_pre_hook(rotated),
+                    attn.attn.register_forward_hook(lambda m, a, o, p=p: keep(p + "attn_out", first(o))),
+                    attn.o_proj.register_forward_hook(lambda m, a, o, p=p: keep(p + "o_proj", first(o))),
+                    layer.post_attention_layernorm.register_forward_hook(post_norm),
+                    layer.register_forward_hook(layer_out),
+                ])
+                if hasattr(mlp, "gate_up_proj"):
+                    handles.extend([
+                        mlp.gate_up_proj.register_forward_hook(gate_up),
+                        mlp.down_proj.register_forward_pre_hook(lambda m, a, p=p: keep(p + "act_mul", a[0])),
+                        mlp.down_proj.register_forward_hook(lambda m, a, o, p=p: keep(p + "down_proj", first(o))),
+                    ])
+            if chosen.stop >= n:
+                handles.append(inner.norm.register_forward_hook(lambda m, a, o: keep("final_norm", first(o))))
+
+        self.llm.apply_model(install)
+        try:
+            params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0)
+            self.llm.generate([{"prompt_token_ids": input_ids[0].tolist()}], params, use_tqdm=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return captured
 
     def baseline(self):
         """vLLM with the kit's defaults (eager, no prefix cache, the KV cache in the model's dtype, the whole
