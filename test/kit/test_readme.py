@@ -1,6 +1,5 @@
-"""The README's example plugin is a working engine: it passes on a correct checkpoint and fails on a faulty one."""
-
-import re
+"""The README's example plugin (test/models/llama/plain_llama_engine.py) is a working engine: it passes on a correct
+checkpoint and fails on a faulty one."""
 
 import pytest
 from kit_helpers import LLAMA, ROOT, copy_checkpoint, edit_config, run_script
@@ -11,12 +10,11 @@ FORWARD = f"{LLAMA}/test_forward_validation.py"
 
 @pytest.fixture(scope="module")
 def readme_plugin(tmp_path_factory):
-    """The first python block under the README's "An engine of your own", written to a file as a user would."""
+    """The example the README names, copied out of the repository as a user would start from it."""
     text = (ROOT / "README.md").read_text()
-    section = text.split("### An engine of your own", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "--engine test/models/llama/plain_llama_engine.py:PlainLlama" in text
     path = tmp_path_factory.mktemp("plugin") / "my_engine.py"
-    path.write_text(code)
+    path.write_text((ROOT / LLAMA / "plain_llama_engine.py").read_text())
     return f"{path}:PlainLlama"
 
 

@@ -501,6 +501,24 @@ class StreamedHFEngine(HFEngine):
 
 
 BUILTIN_ENGINES = {"hf": HFEngine, "compile": CompileEngine}
+FLAGS = (("--device_map", dict(choices=["auto", "balanced", "balanced_low_0", "sequential"],
+                               help="'auto' spreads a model that does not fit one device over every visible device "
+                                    "and CPU memory (accelerate; the others are its other strategies); default: all "
+                                    "of it on --device, loaded straight there")),)
+
+
+def flag_groups():
+    """(title, flags) of every built-in engine: the flags it takes, defined in its own module, grouped by engine in
+    --help and handed to the engine that names them in OPTIONS."""
+    from . import llamacpp, openai_server, serving
+
+    return (("engine hf, compile", FLAGS), ("engine llama.cpp", llamacpp.FLAGS), ("engine vllm", serving.VLLM_FLAGS),
+            ("engine openai:URL", openai_server.FLAGS))
+
+
+def flag_options(args):
+    """{option: value} of every engine flag on the parsed command line."""
+    return {name.lstrip("-"): getattr(args, name.lstrip("-")) for _, flags in flag_groups() for name, _ in flags}
 
 
 def engine_class(spec):

@@ -42,6 +42,9 @@ DTYPE_TO_GGUF = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf
 GGUF_TO_DTYPE = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 SETTINGS = ("n_batch", "n_ubatch", "flash_attn")
 KV_TYPES = ("f32", "f16", "q8_0", "q4_0")
+# its own command-line flags (shown under "engine llama.cpp" in --help; handed over as OPTIONS)
+FLAGS = (("--gguf_type", dict(choices=["f32", "f16", "bf16", "q8_0"], help="GGUF weight type (default: from --dtype)")),
+         ("--kv_type", dict(default="f32", choices=list(KV_TYPES), help="KV-cache type (default f32)")))
 
 
 # llama.cpp's graph tensor (name, op) -> the kit's point (kitcore.points); "-N" is the layer. A projection with a

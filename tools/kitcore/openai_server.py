@@ -24,6 +24,13 @@ from .devices import dtype_name
 from .errors import Unavailable, UsageError
 from .serving import Completion, ServingEngine
 
+FLAGS = (("--served_model", dict(help="the model name the server serves (default: its only one)")),
+         ("--top_logprobs", dict(type=int, metavar="K",
+                                 help="ask for the top K logprobs per position only, as a server capped at K returns "
+                                      "(default: the whole vocabulary; judged then by what top K can show)")),
+         ("--request_timeout", dict(type=float, default=300.0, metavar="S",
+                                    help="seconds one request may take (default 300)")))
+
 MAX_IN_FLIGHT = 8  # concurrent requests of one batch, on the loopback
 
 DEFAULT_REQUEST_TIMEOUT_S = 300.0

@@ -105,22 +105,6 @@ def build_parser(doc, decode=False, batch=False):
     p.add_argument("--plan", action="store_true",
                    help="print what this check would need (memory of the reference and the candidate, reference "
                         "cache per 1k tokens, an estimated reference time), from config.json alone, and exit")
-    p.add_argument("--gguf_type", choices=["f32", "f16", "bf16", "q8_0"],
-                   help="llama.cpp engine: GGUF weight type (default: from --dtype)")
-    p.add_argument("--kv_type", default="f32", choices=["f32", "f16", "q8_0", "q4_0"],
-                   help="llama.cpp engine: KV-cache type (default f32)")
-    p.add_argument("--device_map", choices=["auto", "balanced", "balanced_low_0", "sequential"],
-                   help="hf/compile engines: 'auto' spreads a model that does not fit one device over every visible "
-                        "device and CPU memory (accelerate; the others are its other strategies); default: all of "
-                        "it on --device, loaded straight there")
-    p.add_argument("--tensor_parallel_size", type=int, default=1, metavar="N",
-                   help="vllm engine: spread the model over N devices (vLLM's tensor parallelism; default 1)")
-    p.add_argument("--served_model", help="openai engine: the model name the server serves (default: its only one)")
-    p.add_argument("--top_logprobs", type=int, metavar="K",
-                   help="openai engine: ask for the top K logprobs per position only, as a server capped at K returns "
-                        "(default: the whole vocabulary; judged then by what top K can show, see the README)")
-    p.add_argument("--request_timeout", type=float, default=300.0, metavar="S",
-                   help="openai engine: seconds one request may take (default 300)")
     p.add_argument("--engine_args", metavar="JSON",
                    help="settings handed to the engine, a JSON object, e.g. '{\"max_cache_len\": 4096}' "
                         "(the engines that take them name their keys; any other engine refuses them)")
@@ -129,6 +113,10 @@ def build_parser(doc, decode=False, batch=False):
                         "after loading, printed as 'ran:'; e.g. attn_implementation=sdpa); repeatable")
     if decode:
         p.add_argument("--decode_steps", type=int, default=8, help="teacher-forced decode steps (default 8)")
+    for title, flags in engines.flag_groups():
+        group = p.add_argument_group(title)
+        for name, settings in flags:
+            group.add_argument(name, **settings)
     return p
 
 
@@ -560,10 +548,7 @@ class Session:
                                             int(args.reference_cache_gb * 2**30))
             reference = refcache.CachedReference(reference, cache)
         # n_ctx: the positions this check uses, for engines that allocate their context up front
-        options = {"engine_args": _engine_args(args.engine_args), "gguf_type": args.gguf_type, "kv_type": args.kv_type,
-                   "device_map": args.device_map, "tensor_parallel_size": args.tensor_parallel_size,
-                   "served_model": args.served_model,
-                   "top_logprobs": args.top_logprobs, "request_timeout": args.request_timeout,
+        options = {**engines.flag_options(args), "engine_args": _engine_args(args.engine_args),
                    "reference_path": str(reference_checkpoint.path),
                    "n_ctx": inputs.input_ids.shape[1] + extra_positions}
         with phases("candidate_load"):
