@@ -269,7 +269,7 @@ class LogitsCheck:
 def _kl(ref, cand):
     """KL(ref || cand) per position of [N, V] logits (float64)."""
     log_p = ref.log_softmax(-1)
-    kl = (log_p.exp() * (log_p - cand.log_softmax(-1))).sum(-1)
+    kl = torch.linalg.vecdot(log_p.exp(), log_p - cand.log_softmax(-1))
     return torch.where(torch.isfinite(kl), kl, torch.full_like(kl, float("inf")))
 
 
@@ -306,15 +306,17 @@ def _per_position(cand, ref, peer=None, kl=True):
     for start in range(0, ref.shape[0], step):
         c, r = cand[start:start + step].double(), ref[start:start + step].double()
         c_top1, r_top1 = c.argmax(-1), r.argmax(-1)
-        c_top5, r_top5 = c.topk(5, dim=-1).indices, r.topk(5, dim=-1).indices
-        chunk = {"rms": r.pow(2).mean(-1).sqrt(), "top2": r.topk(2, dim=-1).values, "c_top1": c_top1,
+        r_best = r.topk(5, dim=-1)  # its first two values are the top-2
+        c_top5, r_top5 = c.topk(5, dim=-1).indices, r_best.indices
+        chunk = {"rms": torch.linalg.vector_norm(r, dim=-1) / r.shape[-1]**0.5, "top2": r_best.values[:, :2],
+                 "c_top1": c_top1,
                  "r_top1": r_top1,
                  "contained": (c_top5 == r_top1[:, None]).any(-1) & (r_top5 == c_top1[:, None]).any(-1)}
         if kl:
-            chunk.update(kl=_kl(r, c), cand_rmse=(c - r).pow(2).mean(-1).sqrt())
+            chunk.update(kl=_kl(r, c), cand_rmse=torch.linalg.vector_norm(c - r, dim=-1) / r.shape[-1]**0.5)
             if peer is not None:
                 p = peer[start:start + step].double()
-                chunk.update(peer_kl=_kl(r, p), peer_rmse=(p - r).pow(2).mean(-1).sqrt())
+                chunk.update(peer_kl=_kl(r, p), peer_rmse=torch.linalg.vector_norm(p - r, dim=-1) / r.shape[-1]**0.5)
         for key, value in chunk.items():
             figures.setdefault(key, []).append(value)
     return {key: torch.cat(values) for key, values in figures.items()}

@@ -90,6 +90,7 @@ class Phases:
         mark_phase(name)  # a guarded child's last phase, named if the engine kills it (kitcore.crashguard)
         if self.device.memory_kind == "rss":
             settle()  # free heap pages the allocator kept would otherwise serve the phase unseen by RSS
+            gc.freeze()  # what survived is live: the next phases' collections skip it (a model's modules, imports)
         self.device.reset_peak_memory()  # on the CPU, the peak RSS
         if self.device.memory_kind != "rss":
             reset_peak_rss()
