@@ -274,7 +274,7 @@ def test_vllm_layer_by_layer(model, dtype, code, first, llama_checkpoint, moe_ch
     proc = subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=900)
     assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "iv.json").read_text())
-    assert result["first_divergence"] == first
+    assert result["first_divergence"] == first, proc.stdout[-6000:]
     seen = {p["point"].split(".")[-1] for p in result["points"] if p["status"] != "not seen"}
     assert {"q_proj", "v_proj", "q_rope", "attn_out", "attn_residual", "output", "final_norm"} <= seen
     if model == "qwen3_moe":

@@ -171,7 +171,7 @@ def parse_args(argv, doc):
 def padding_sides(run, spec):
     """The padded batches the candidate takes; batch validation needs left padding, and a cache (the ragged
     decode) or generate() (the concurrent decode)."""
-    declared = getattr(run.candidate, "padding_sides", ("left",))
+    declared = protocol.declared(run.candidate, "padding_sides")
     if "left" not in declared:
         raise Unavailable(f"engine {spec!r} takes one prompt at a time (padding_sides {declared!r}): batch "
                           "validation needs left padding")

@@ -28,6 +28,9 @@ Per layer N, as `layers.N.<point>`, in execution order:
     output                      layer output (residual after the MLP)       [B, S, hidden]
 """
 
+# the version of the points' names and layouts: cached reference captures of another version are not reused
+POINTS_VERSION = 2
+
 ATTENTION_POINTS = ("input_layernorm", "q_proj", "k_proj", "v_proj", "q_rope", "k_rope", "attn_out", "o_proj",
                     "attn_residual", "post_attention_layernorm")
 QK_NORM_POINTS = ("q_norm", "k_norm")

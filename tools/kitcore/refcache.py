@@ -17,6 +17,7 @@ import torch
 
 from . import checkpoints
 from .plan import size_text
+from .points import POINTS_VERSION
 
 DEFAULT_MAX_BYTES = 2 * 2**30
 
@@ -149,7 +150,7 @@ class CachedReference:
         computing, keep = None, True
         try:
             for i in range(layers):
-                kind = f"capture.layer{i}"
+                kind = f"capture{POINTS_VERSION}.layer{i}"
                 found = None if computing else self.cache.lookup(kind, inputs)
                 if found is None:
                     if computing is None:

@@ -182,15 +182,18 @@ class VLLMEngine(ServingEngine):
         Points of other kinds (the MoE block's, q_norm/k_norm) are not handed out (captured_points)."""
         if input_ids.shape[0] != 1:
             raise UsageError("engine vllm: layer by layer, one unpadded prompt at a time; drop --prompts-file")
-        captured, handles = {}, []
+        captured, handles, tokens = {}, [], input_ids.shape[1]
 
         def install(model):
             inner = model.model
             n = len(inner.layers)
             chosen = range(n) if layers is None else layers
 
-            def keep(name, tensor):
-                captured[name] = tensor.detach().to("cpu", torch.float32, copy=True)[None]  # vLLM works in place
+            def keep(name, tensor, token_dim=0):
+                # only the prompt's prefill (a forward of another size, e.g. a warm-up of vLLM's, is not it); a copy:
+                # vLLM works in place
+                if tensor.shape[token_dim] == tokens:
+                    captured[name] = tensor.detach().to("cpu", torch.float32, copy=True)[None]
 
             def first(out):
                 return out[0] if isinstance(out, tuple) else out
@@ -209,7 +212,7 @@ class VLLMEngine(ServingEngine):
                 def rotated(m, a, p=p, attn=attn):  # the attention's q and k: after RoPE (one rotary module serves
                     # every layer, so it is read here)
                     for name, part, heads in (("q_rope", a[0], attn.num_heads), ("k_rope", a[1], attn.num_kv_heads)):
-                        keep(p + name, part.reshape(part.shape[0], heads, -1).transpose(0, 1))
+                        keep(p + name, part.reshape(part.shape[0], heads, -1).transpose(0, 1), token_dim=1)
 
                 def gate_up(m, a, o, p=p):
                     gate, up = first(o).chunk(2, dim=-1)

@@ -348,7 +348,7 @@ class Session:
         if plain is None:
             return None
         label = f"{spec} baseline"
-        print(f"  {label}: {getattr(plain, 'description', type(plain).__name__)}")
+        print(f"  {label}: {protocol.declared(plain, 'description') or type(plain).__name__}")
         self.results.env.setdefault("engines", {})[label] = protocol.declared(plain, "description") or type(plain).__name__
         attest(self.results, label, plain)
         return label, plain
