@@ -5,7 +5,8 @@ import sys
 
 import pytest
 import torch
-from kit_helpers import EXTENDED, FAULTY_ENGINES, LLAMA, copy_checkpoint, edit_config, edit_weights, load_script, run_script
+from kit_helpers import (EXTENDED, FAULTY_ENGINES, LLAMA, copy_checkpoint, edit_config, edit_weights, load_script,
+                         run_script)
 
 INFERENCE = f"{LLAMA}/test_llama_inference.py"
 FORWARD = f"{LLAMA}/test_forward_validation.py"
@@ -184,8 +185,9 @@ def test_llama3_rope_scaling_reaches_llamacpp(llama_checkpoint, tmp_path):
 
 
 @needs_llamacpp
-@pytest.mark.parametrize("family,dtype", [("llama", "float32"), ("llama", "bfloat16"), ("qwen3_moe", "float32"),
-                                          ("qwen3_moe", "bfloat16")])
+@pytest.mark.parametrize("family,dtype", [("llama", "float32"), ("qwen3_moe", "bfloat16"),
+                                          *[pytest.param(f, d, marks=EXTENDED) for f, d in [("llama", "bfloat16"),
+                                                                                           ("qwen3_moe", "float32")]]])
 def test_llamacpp_layer_by_layer_passes_and_locates_a_fault_in_its_gguf(family, dtype, llama_checkpoint,
                                                                         moe_checkpoint, tmp_path):
     """Intermediate validation inside llama.cpp (its graph's named tensors, q/k permutation undone): the clean GGUF
@@ -229,7 +231,7 @@ def test_llamacpp_quantised_cache_is_the_format_kv_cache_cost_models(model, kv_t
     ref = HFEngine(str(ckpt), cpu, torch.float32, "eager").capture(ids, pos)
     cand = LlamaCppEngine(str(ckpt), cpu, torch.float32, kv_type=kv_type).capture(ids, pos)
     config = json.loads((ckpt / "config.json").read_text())
-    apart = {}  # llama.cpp's distance from the modelled format, relative to the format's own distance from the reference
+    apart = {}  # llama.cpp's distance from the modelled format, over the format's own distance from the reference
     for rotate in (True, False):
         AttentionInterface.register(f"kit_test_{rotate}", cost.rounded_attention(kv_type, rotate, interleaved_qk=True))
         hf = HFEngine(str(ckpt), cpu, torch.float32, "sdpa")

@@ -260,7 +260,8 @@ def test_llamacpp_server_passes_and_a_served_fault_fails(llama_checkpoint, fault
 
 @needs_vllm
 @pytest.mark.parametrize("model, dtype, code, first", [
-    ("llama", "float32", 0, None), ("llama", "bfloat16", 0, None), ("qwen3_moe", "bfloat16", 0, None),
+    ("llama", "float32", 0, None), pytest.param("llama", "bfloat16", 0, None, marks=EXTENDED),
+    ("qwen3_moe", "bfloat16", 0, None),
     ("faulty", "float32", 1, {"layer": 1, "point": "down_proj"})])
 def test_vllm_layer_by_layer(model, dtype, code, first, llama_checkpoint, moe_checkpoint, faulty_llama, tmp_path):
     """Intermediate validation inside vLLM's own model (hooks through LLM.apply_model, fused qkv and gate_up split,
