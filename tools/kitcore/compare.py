@@ -41,12 +41,14 @@ class Tolerance:
 #   bfloat16  total: atol_rms 9.4,    nmse 9.2e-3       own: atol_rms 0.55,   nmse 9.3e-5
 #   float16   total: atol_rms 1.44,   nmse 4.6e-5       own: atol_rms 0.041,  nmse 1.4e-6
 # (worst totals: SmolLM2's residual stream, where a few channels reach 22,500 and their rounding
-# dominates; worst own errors: attn_out). In reduced precision the total error deep in a real model is
+# dominates; worst own errors: attn_out). Qwen2.5-0.5B and the Qwen3-MoE built from it then needed more in
+# float16: total nmse 2.7e-4 / 2.5e-4 at layers.23.act_mul (HF itself, 27 tokens), so the float16 total nmse
+# is 8e-4, 3x that. In reduced precision the total error deep in a real model is
 # so large that a table can say little about it; the peer can (README "Verdicts").
 TOLERANCES = {
     torch.float64: Tolerance(rtol=1e-12, atol_rms=1e-10, nmse=1e-20),
     torch.float32: Tolerance(rtol=1e-6, atol_rms=4e-4, nmse=1e-9),
-    torch.float16: Tolerance(rtol=1e-3, atol_rms=4.5, nmse=1.5e-4),
+    torch.float16: Tolerance(rtol=1e-3, atol_rms=4.5, nmse=8e-4),
     torch.bfloat16: Tolerance(rtol=8e-3, atol_rms=30.0, nmse=3e-2),
 }
 
