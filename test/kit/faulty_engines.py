@@ -558,9 +558,9 @@ class ScaledOneExpertEngine(_LastSparseLayerEngine):
         block.experts.down_proj.data[0].mul_(1.05)
 
 
-class BFloat16RouterEngine(_LastSparseLayerEngine):
-    """The router's softmax and top-k weights computed in bfloat16, where transformers computes them in float32
-    (the class of InfiniLM's 2026 bug: a router input cast to bfloat16)."""
+class _OwnRouterEngine(_LastSparseLayerEngine):
+    """The last sparse block's router computes its logits as transformers' does and chooses by this engine's own
+    `_route` (which the dual test runs too)."""
 
     def plant(self, block):
         gate = block.gate
@@ -571,6 +571,25 @@ class BFloat16RouterEngine(_LastSparseLayerEngine):
             return logits, weights, experts
 
         gate.forward = forward
+
+
+class SkipsSecondExpertEngine(_OwnRouterEngine):
+    """A top-k that skips the second-best expert (an off-by-one in a sorted selection): the same number of experts,
+    a set no correct router chooses on a decisive token."""
+
+    def _route(self, gate, logits):
+        if gate is not self.block.gate:
+            return super()._route(gate, logits)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+        order = probs.argsort(-1, descending=True)
+        experts = torch.cat([order[:, :1], order[:, 2:gate.top_k + 1]], -1)
+        weights = probs.gather(-1, experts)
+        return (weights / weights.sum(-1, keepdim=True)).to(logits.dtype), experts
+
+
+class BFloat16RouterEngine(_OwnRouterEngine):
+    """The router's softmax and top-k weights computed in bfloat16, where transformers computes them in float32
+    (the class of InfiniLM's 2026 bug: a router input cast to bfloat16)."""
 
     def _route(self, gate, logits):
         if gate is not self.block.gate:

@@ -28,6 +28,8 @@ FAULTS = [
     ("UnrenormalisedRoutingEngine", "float32", "routing_weights"),
     ("UnrenormalisedRoutingEngine", "bfloat16", "routing_weights"),
     ("TopKMinusOneEngine", "bfloat16", "experts_selected"),
+    ("SkipsSecondExpertEngine", "float32", "experts_selected"),
+    ("SkipsSecondExpertEngine", "bfloat16", "experts_selected"),
     ("SwappedExpertsEngine", "float32", "expert_outputs"),
     ("SwappedExpertsEngine", "bfloat16", "expert_outputs"),
     ("ScaledOneExpertEngine", "float32", "expert_outputs"),
@@ -47,6 +49,8 @@ def test_a_moe_fault_is_located_at_its_component(fault, dtype, point, moe_checkp
     assert r.json["first_divergence"] == {"layer": 1, "point": point}, r.json["first_divergence"]
     first = next(p for p in r.json["points"] if p["point"] == f"layers.1.{point}")
     assert first["status"] == "FAIL: ADDS error"
+    if fault == "SkipsSecondExpertEngine":  # as many experts as the reference: the set itself is not admissible
+        assert first["total"]["not_admissible"] > 0 and first["own"]["not_admissible"] > 0
     assert all(p["status"] == "ok" for p in r.json["points"] if p.get("layer") == 0)
 
 

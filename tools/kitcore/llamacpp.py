@@ -252,9 +252,8 @@ class LlamaCppEngine:
         for name, parts in pieces.items():
             point = name.rsplit(".", 1)[-1]
             token_axis = 1 if point in ("q_rope", "k_rope", "q_norm", "k_norm", "down_per_expert", "weights") else 2
-            x = torch.cat([p.movedim(token_axis, 0).flatten(1) for p in parts]).float()  # [T, features]
-            if point in ("topk",):
-                x = torch.cat([p.movedim(token_axis, 0).flatten(1) for p in parts]).long()
+            x = torch.cat([p.movedim(token_axis, 0).flatten(1) for p in parts])  # [T, features]
+            x = x.long() if point == "topk" else x.float()
             if permuted and point in ("q_proj", "k_proj", "q_rope", "k_rope"):
                 x = rope.interleaved_to_half_rows(x, heads[point[0]])
             if point in ("q_rope", "k_rope"):
