@@ -5,7 +5,7 @@
 
 HF Transformers in float32 runs the default prompt and its greedy continuation of --decode_steps tokens
 twice: as it is (the reference), and with every attention call's keys and values (after RoPE) rounded to
-the GGML block format and back by the `gguf` package's own quantiser, the queries to q8_0 (llama.cpp's CPU
+the GGML block format and back by the `gguf` package's own quantiser (kitcore.formats, the kv-* formats), the queries to q8_0 (llama.cpp's CPU
 attention takes a quantised cache's dot products in q8_0). As llama.cpp stores them (`--rotation hadamard`,
 the default): llama-cpp-python 0.3.36's llama.cpp multiplies queries and keys, and values, by normalised
 Hadamard blocks before a quantised cache where head_dim is a multiple of 64 (`attn_inp_k_rot` and
@@ -25,10 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kitcore import cli, rope  # noqa: E402
+from kitcore import cli  # noqa: E402
 from kitcore.checkpoints import default_checkpoint, open_checkpoint  # noqa: E402
 from kitcore.engines import quiet_transformers  # noqa: E402
 from kitcore.errors import UsageError  # noqa: E402
+from kitcore.formats import rotation_sizes, rounded_attention  # noqa: E402
 from kitcore.inputs import tokenizer  # noqa: E402
 from kitcore.results import Results, environment  # noqa: E402
 from kitcore.tiny import DEFAULT_PROMPT  # noqa: E402
@@ -36,65 +37,6 @@ from kitcore.verdict import Verdict  # noqa: E402
 
 SCRIPT = "kv_cache_cost"
 KV_TYPES = ("q8_0", "q4_0")
-
-
-def ggml_round(x, kind):
-    """x rounded to GGML's `kind` blocks of 32 along its last dimension and back (gguf.quants, float32)."""
-    import gguf
-    from gguf.quants import dequantize, quantize
-
-    qtype = gguf.GGMLQuantizationType[kind.upper()]
-    flat = x.detach().float().reshape(-1, x.shape[-1]).numpy()
-    return torch.from_numpy(dequantize(quantize(flat, qtype), qtype)).reshape(x.shape).to(x.dtype)
-
-
-def hadamard(n):
-    """The normalised Sylvester Hadamard matrix of size n (a power of two): symmetric and its own inverse."""
-    h = torch.ones(1, 1)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / n**0.5
-
-
-def rotation_sizes(head_dim):
-    """(keys', values' rotation size) llama.cpp uses for a quantised cache, or None where it does not rotate
-    (head_dim not a multiple of 64): keys by the largest power of two from 64 that divides head_dim, values by 64
-    (llama-kv-cache.cpp, build_input_k_rot / build_input_v_rot)."""
-    if head_dim % 64:
-        return None
-    k = 64
-    while head_dim % (2 * k) == 0:
-        k *= 2
-    return k, 64
-
-
-def _rotate(x, n):
-    """x [..., D] times the block-diagonal matrix of D/n Hadamard blocks of size n."""
-    return (x.reshape(*x.shape[:-1], -1, n) @ hadamard(n).to(x.dtype)).reshape(x.shape)
-
-
-def rounded_attention(kv_type, rotate=True, interleaved_qk=False):
-    """An attention function for transformers' AttentionInterface: sdpa on a rounded cache, as llama.cpp stores
-    it: `rotate`, q, k and v multiplied by Hadamard blocks first where llama.cpp does (rotation_sizes), the
-    output back; `interleaved_qk`, q and k held in a Llama GGUF's interleaved RoPE order (what its blocks group).
-    Neither changes the exact scores: only what is rounded."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    def stored(x, kind, interleave, n):  # [B, heads, S, D] as the cache holds it, rounded
-        if interleave:
-            b, h, s, d = x.shape
-            x = rope.half_to_interleaved_rows(x.transpose(1, 2).reshape(b, s, h * d), h).reshape(b, s, h, d)
-            x = x.transpose(1, 2)
-        return ggml_round(x if n is None else _rotate(x, n), kind)
-
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        sizes = rotation_sizes(query.shape[-1]) if rotate else None
-        n_k, n_v = sizes or (None, None)
-        out, weights = sdpa_attention_forward(module, stored(query, "q8_0", interleaved_qk, n_k),
-                                              stored(key, kv_type, interleaved_qk, n_k),
-                                              stored(value, kv_type, False, n_v), attention_mask, **kwargs)
-        return (out if n_v is None else _rotate(out, n_v)), weights
-    return attention
 
 
 def main(argv=None):

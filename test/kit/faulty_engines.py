@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
 from kitcore.engines import HFEngine  # noqa: E402
+from kitcore.formats import FormatEngine  # noqa: E402
 from kitcore.llamacpp import LlamaCppEngine  # noqa: E402
 from kitcore.qwen3_moe import HFModules  # noqa: E402
 
@@ -374,7 +375,7 @@ class _NoisyCacheEngine(HFEngine):
     """A stand-in for a quantised KV cache (judged as llama.cpp's q8_0 cache is): every K/V entry the cache
     stores gets a deterministic relative error `noise(position)`; its no-cache forward stays exact."""
 
-    quantization = "kv-q8_0"
+    format = "kv-q8_0"
 
     def noise(self, position):
         raise NotImplementedError
@@ -598,3 +599,50 @@ class BFloat16RouterEngine(_OwnRouterEngine):
         weights, experts = probs.topk(gate.top_k, dim=-1)
         weights = weights / weights.sum(-1, keepdim=True)
         return weights.to(logits.dtype), experts
+
+
+class Int8Engine(HFEngine):
+    """A w8a8 engine, correct: per-row int8 weights, per-token int8 activations, the products summed as integers
+    and scaled after (exact in float64), where the kit's simulation of the format multiplies the rounded values in
+    the dtype. `format` is the one line that tells the kit what it runs."""
+
+    name = "int8"
+    format = "w8a8-int8"
+    capabilities = HFEngine.capabilities - {"run_component"}
+    output_scale = {}  # (layer, projection) -> a factor on that projection's output (the faulty engines below)
+
+    def __init__(self, model_path, device, dtype, attn="sdpa"):
+        super().__init__(model_path, device, dtype, attn)
+        for i, layer in enumerate(self.layers):
+            for name, m in layer.named_modules():
+                if isinstance(m, torch.nn.Linear):
+                    m.forward = self._int8(m, self.output_scale.get((i, name), 1.0))
+
+    @staticmethod
+    def _int8(linear, factor):
+        tiny = torch.finfo(torch.float32).tiny
+        w = linear.weight.detach().float()  # quantised once, in float32
+        w_scale = (w.abs().amax(-1, keepdim=True).clamp_min(tiny) / 127)
+        w_int, w_scale = (w / w_scale).round().clamp(-127, 127).double(), w_scale.double()
+        bias = linear.bias
+
+        def forward(x):
+            x_scale = x.double().abs().amax(-1, keepdim=True).clamp_min(tiny) / 127
+            x_int = (x.double() / x_scale).round().clamp(-127, 127)
+            out = ((x_int @ w_int.T) * x_scale * w_scale.T * factor).to(x.dtype)
+            return out if bias is None else out + bias
+        return forward
+
+
+class Int8OneLayerOffEngine(Int8Engine):
+    """The int8 engine with one kernel 1% off: layer 1's v_proj output x1.01."""
+
+    output_scale = {(1, "self_attn.v_proj"): 1.01}
+
+
+class CoarserCacheEngine(FormatEngine):
+    """Declares a q8_0 KV cache and stores keys and values in q4_0: worse than its format."""
+
+    def __init__(self, model_path, device, dtype, attn="sdpa"):
+        super().__init__(model_path, device, dtype, attn, format="kv-q4_0")
+        self.format = "kv-q8_0"

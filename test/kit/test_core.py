@@ -289,11 +289,11 @@ def test_a_distribution_judge_never_gates_a_single_positions_mean():
     assert together.kl_mean < d.kl_mean and together.passed
 
 
-def test_unknown_quantization_of_a_plugin_is_one_clear_line():
+def test_unknown_format_of_a_plugin_is_one_clear_line():
     class Plugin:
-        dtype, quantization = torch.float16, "q3_k"
+        dtype, format = torch.float16, "q3_k"
 
-    with pytest.raises(UsageError, match="quantization 'q3_k' has no measured thresholds"):
+    with pytest.raises(UsageError, match="format 'q3_k' has no measured thresholds"):
         judges.judge_for(Plugin(), "llama", calibrated=False)
 
 

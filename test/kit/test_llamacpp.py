@@ -5,7 +5,8 @@ import sys
 
 import pytest
 import torch
-from kit_helpers import (EXTENDED, FAULTY_ENGINES, LLAMA, copy_checkpoint, edit_config, edit_weights, load_script,
+from kitcore import formats
+from kit_helpers import (EXTENDED, FAULTY_ENGINES, LLAMA, copy_checkpoint, edit_config, edit_weights,
                          run_script)
 
 INFERENCE = f"{LLAMA}/test_llama_inference.py"
@@ -33,8 +34,9 @@ def test_llamacpp_matches_transformers(family, weights, llama_checkpoint, moe_ch
     records = {x["metric"]: x["value"] for x in r.json["records"]}
     if weights == "--dtype=float32":  # f32 GGUF + f32 KV cache: calibrated by HF float32 (measured ~1e-5 max abs)
         assert records["max_abs"] < 5e-5 and "judged by calibrated" in r.out
-    if weights == "--gguf_type=q8_0":
-        assert "judged by distribution " in r.out and "q8_0:" in r.out and records["kl_mean"] < 3e-4
+    if weights == "--gguf_type=q8_0":  # calibrated by HF with q8_0 weights and activations simulated
+        assert "judged by distribution, calibrated by HF with the format simulated (q8_0)" in r.out, r.out
+        assert records["kl_mean"] < 9 * records["peer_kl_mean"]
     r = run_script(FORWARD, "--model_path", ckpt, "--engine", "llama.cpp", weights, "--decode_steps", 3)
     assert r.code == 0, r
 
@@ -225,7 +227,6 @@ def test_llamacpp_quantised_cache_is_the_format_kv_cache_cost_models(model, kv_t
     from kitcore.points import point_order
 
     ckpt = llama_checkpoint if model == "tiny" else real_checkpoint
-    cost = load_script("tools/kv_cache_cost.py")
     cpu, ids = Device("cpu", "cpu"), torch.tensor([list(range(1, 33))])
     pos = torch.arange(32)[None]
     ref = HFEngine(str(ckpt), cpu, torch.float32, "eager").capture(ids, pos)
@@ -233,7 +234,7 @@ def test_llamacpp_quantised_cache_is_the_format_kv_cache_cost_models(model, kv_t
     config = json.loads((ckpt / "config.json").read_text())
     apart = {}  # llama.cpp's distance from the modelled format, over the format's own distance from the reference
     for rotate in (True, False):
-        AttentionInterface.register(f"kit_test_{rotate}", cost.rounded_attention(kv_type, rotate, interleaved_qk=True))
+        AttentionInterface.register(f"kit_test_{rotate}", formats.rounded_attention(kv_type, rotate, interleaved_qk=True))
         hf = HFEngine(str(ckpt), cpu, torch.float32, "sdpa")
         hf.model.set_attn_implementation(f"kit_test_{rotate}")
         sim = hf.capture(ids, pos)

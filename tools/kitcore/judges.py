@@ -20,9 +20,10 @@ How far from the reference may a correct candidate be? Two answers:
 * table (`--peer none`, or no independent peer: the candidate *is* HF in D on the reference's
   checkpoint): the fixed thresholds of kitcore.compare, measured on the tiny and the real checkpoint.
 
-Distribution judges (quantised weights, MoE models in reduced precision, whose router near-ties flip
-discretely) keep the table's limits; a peer can only widen them to k^2 x its own figure, when this
-machine's rounding flips more. A distribution statistic is never gated on a single position: KL mean,
+Distribution judges (an engine of a number format, MoE models in reduced precision, whose router near-ties
+flip discretely): an engine of a weight format kitcore.formats simulates is calibrated by HF with that format
+simulated, whose KL alone sets the limits (k^2 x its own) and the decisive positions; otherwise the table's
+limits stand, and a peer can only widen them to k^2 x its own figure, when this machine's rounding flips more. A distribution statistic is never gated on a single position: KL mean,
 p99 and the top-1/top-5 rates need `aggregate=True` (forward validation judges the steps together),
 and the p99 needs P99_MIN_POSITIONS positions (below that it is the maximum, gated as such); a rate fails on
 two misses or more (one flip at a near-tie is rounding; at a decisive position it fails by itself).
@@ -91,12 +92,18 @@ class Judge:
     table: object
     calibrated: bool = False
     k: float = PEER_K
+    peer_only: bool = False  # calibrated distribution limits come from the peer alone (a simulated format's)
 
     @property
     def distribution(self):
         return self.table if isinstance(self.table, Distribution) else None
 
     def describe(self):
+        if self.distribution and self.peer_only and self.calibrated:
+            d = self.distribution
+            return (f"distribution, calibrated by HF with the format simulated ({d.name}): KL mean, p99, max <= "
+                    f"k^2 x its (k={self.k:g}), top-1 >= {d.top1}, top-5 >= {d.top5}; decisive positions from its "
+                    "error")
         if self.distribution:
             d = self.distribution
             base = (f"distribution {d.name}: KL mean <= {d.kl_mean:.2g}, p99 <= {d.kl_p99:.2g}, max <= "
@@ -110,20 +117,25 @@ class Judge:
                 f"nmse <= {t.nmse:.1e}")
 
 
-def judge_for(engine, model_type, calibrated):
-    """The Judge of an engine: its dtype's element tolerances, or distribution thresholds for quantised
-    weights (`engine.quantization`) and for mixture-of-experts models in reduced precision; the precision
-    is the engine's `judged_dtype` where it declares one (llama.cpp: the least precise of its weights and KV
-    cache), else its `dtype`."""
+def judge_for(engine, model_type, calibrated, by_format=False):
+    """The Judge of an engine: its dtype's element tolerances, or distribution metrics for an engine of a number
+    format (`engine.format`, kitcore.formats) and for mixture-of-experts models in reduced precision; the
+    precision is the engine's `judged_dtype` where it declares one (llama.cpp: the least precise of its weights
+    and KV cache), else its `dtype`. `by_format`: the peer is HF with the engine's format simulated, whose error
+    alone sets the KL limits (k^2 x its) and the decisive positions; else a format is judged by its measured
+    table (DISTRIBUTIONS), widened by a peer in the same dtype where that rounds more."""
     moe = "moe-" if model_type == "qwen3_moe" else ""
-    quantization = protocol.declared(engine, "quantization")
+    fmt = protocol.declared(engine, "format")
     dtype = protocol.declared(engine, "judged_dtype") or engine.dtype
-    if quantization:
-        key = moe + str(quantization)
+    if fmt and by_format:  # uncalibrated (an engine against itself), its table, or q8_0's where it has none
+        return Judge(dtype, replace(DISTRIBUTIONS.get(moe + fmt, DISTRIBUTIONS["q8_0"]), name=fmt), True, peer_only=True)
+    if fmt:
+        key = moe + str(fmt)
         if key not in DISTRIBUTIONS:
             known = sorted(k for k in DISTRIBUTIONS if not k.startswith("moe-"))
-            raise UsageError(f"engine {type(engine).__name__}: quantization {quantization!r} has no measured "
-                             f"thresholds (known: {', '.join(known)}); set quantization to one of them or None")
+            raise UsageError(f"engine {type(engine).__name__}: format {fmt!r} has no measured thresholds here "
+                             f"(known: {', '.join(known)}) and no simulated peer; drop --peer none, or declare one "
+                             "of kitcore.formats' formats")
         return Judge(dtype, DISTRIBUTIONS[key], calibrated)
     if moe and dtype in (torch.bfloat16, torch.float16):
         return Judge(dtype, DISTRIBUTIONS[moe + dtype_name(dtype)], calibrated)
@@ -131,9 +143,12 @@ def judge_for(engine, model_type, calibrated):
 
 
 def looser(a, b):
-    """The table judge of two engines compared with each other: a distribution if either has one, else
-    the looser tolerance; never calibrated (the peer measures the distance to the reference, not between
-    two candidates)."""
+    """The judge of two engines compared with each other: a distribution if either has one, else the looser
+    tolerance; not calibrated (the peer measures the distance to the reference, not between two candidates),
+    except by a simulated format's peer, measured against the other engine (kitcore.stepwise)."""
+    by_format = [j for j in (a, b) if j.peer_only]
+    if by_format:  # an engine judged by its format's simulation: the other side is measured by that peer too
+        return by_format[0]
     dists = [j for j in (a, b) if j.distribution]
     if dists:
         return Judge(dists[0].dtype, max((j.table for j in dists), key=lambda d: d.kl_mean))
@@ -405,7 +420,8 @@ def check_logits(candidate, reference, mask, judge, peer=None, name="logits", ag
         check.limits = {"kl_mean": d.kl_mean, "kl_p99": d.kl_p99, "kl_max": d.kl_max}
         if calibrated:
             for key in check.limits:
-                check.limits[key] = max(check.limits[key], judge.k**2 * check.peer[key] + f * f)
+                by_peer = judge.k**2 * check.peer[key] + f * f
+                check.limits[key] = by_peer if judge.peer_only else max(check.limits[key], by_peer)
         check.position_failures = 0  # element figures are reported, not gated, under a distribution judge
     check.passed = not check.reasons()
     return check
@@ -460,8 +476,10 @@ def _check_topk(cand, ref, judge, peer, name, aggregate):
                       "kl_p99": float(torch.quantile(peer_kl, 0.99))}
     d = judge.distribution
     if d is not None:  # the distribution gates, on the lower bound (element judges gate the listed logprobs)
-        check.limits = {key: max(getattr(d, key), judge.k**2 * check.peer[key] + f * f if check.peer else 0.0)
-                        for key in ("kl_mean", "kl_p99", "kl_max")}
+        check.limits = {key: getattr(d, key) for key in ("kl_mean", "kl_p99", "kl_max")}
+        for key in check.limits if check.peer else ():
+            by_peer = judge.k**2 * check.peer[key] + f * f
+            check.limits[key] = by_peer if judge.peer_only else max(check.limits[key], by_peer)
     return check
 
 

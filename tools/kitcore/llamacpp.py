@@ -153,7 +153,7 @@ class LlamaCppEngine:
         checkpoint = open_checkpoint(model_path)
         self.path = gguf_path(checkpoint, self.gguf_type, permute_qk=permute_qk)
         # the tolerance follows the least precise of weights and KV cache; quantised ones by distribution
-        self.quantization = "q8_0" if self.gguf_type == "q8_0" else f"kv-{kv_type}" if quantised_kv else None
+        self.format = "q8_0" if self.gguf_type == "q8_0" else f"kv-{kv_type}" if quantised_kv else None
         weights = GGUF_TO_DTYPE.get(self.gguf_type, torch.float32)
         self.judged_dtype = weights
         # the context the check needs (prompt + decode steps): a max_position_embeddings context would
@@ -174,10 +174,10 @@ class LlamaCppEngine:
         # build_attn_mha): an f16 cache in effect. Beside f32 weights an f16 cache is judged by the next-token
         # distribution: its error grows with the cache (SmolLM2, 256 steps: one step's logits nmse 1.5e-4)
         f16_cache = kv_type == "f16" or self.attest()["flash_attn"] == "enabled"
-        if f16_cache and weights == torch.float32 and self.quantization is None:
-            self.quantization, self.judged_dtype = "kv-f16", torch.float16
+        if f16_cache and weights == torch.float32 and self.format is None:
+            self.format, self.judged_dtype = "kv-f16", torch.float16
         self._active = None
-        judged = (f"{self.quantization} distribution thresholds" if self.quantization
+        judged = (f"{self.format} distribution metrics" if self.format
                   else f"{dtype_name(self.judged_dtype)} tolerances")
         self.description = f"GGUF {self.gguf_type} ({self.path}), KV cache {kv_type}; judged by {judged}"
 

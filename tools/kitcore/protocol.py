@@ -17,8 +17,9 @@ Constructor:
     llama.cpp: gguf_type, kv_type, and n_ctx, the positions the check will use: prompt + decode steps).
 Attributes the kit reads: `dtype` (the torch.dtype the engine computes in: the --dtype it was given) and,
 optionally, `judged_dtype` (the precision whose tolerance judges it, where that is not `dtype`: llama.cpp's
-is the least precise of its GGUF weights and KV cache), `quantization` (e.g. "q8_0" for quantised
-weights, "kv-q8_0" for a quantised KV cache: judged by distribution metrics instead of element tolerances) and
+is the least precise of its GGUF weights and KV cache), `format` (the number format it stores and computes in
+where that is not its dtype: kitcore.formats' names, e.g. "q8_0", "w8a8-int8", "kv-q8_0", joined by "+": judged
+by distribution metrics instead of element tolerances, against HF with that format simulated) and
 `padding_sides`, the padded batches forward() takes: ("left",) when absent, ("left", "right"), or ()
 for an engine that takes one unpadded prompt at a time (batch validation is then not available);
 `returns`: "logits" when absent, or "logprobs" (log-probabilities: compared with the reference's
@@ -117,7 +118,7 @@ DECLARED = {
     "name": None,  # a short name for lines and records (else its class name)
     "description": None,  # one line printed under the header: what it runs, how it is judged
     "judged_dtype": None,  # the precision whose tolerance judges it, where that is not `dtype`
-    "quantization": None,  # "q8_0", "kv-q8_0" ...: judged by distribution metrics
+    "format": None,  # "q8_0", "w8a8-int8", "kv-q8_0" ... (kitcore.formats): judged against that format's simulation
     "padding_sides": ("left",),  # the padded batches forward() takes; () for one prompt at a time
     "returns": "logits",  # or "logprobs" (kitcore.serving)
     "top_k": None,  # with "logprobs": None for the whole vocabulary, k when only the top k come back

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoints, cli, decode, devices, engines, judges, memory, plan, protocol, refcache, roofline
+from . import checkpoints, cli, decode, devices, engines, formats, judges, memory, plan, protocol, refcache, roofline
 from . import inputs as kitinputs
 from .errors import NotWhatWasAsked, Unavailable, UsageError
 from .results import Results, environment
@@ -323,8 +323,13 @@ class Session:
         return engine if "run_component" in protocol.capabilities(engine) else None
 
     def peer_for(self, engine):
-        """The peer that calibrates `engine`'s verdict: None when there is none, or when it is the peer."""
-        return None if self.peer is None or engine is self.peer or engine is self.reference else self.peer
+        """The peer that calibrates `engine`'s verdict: None when there is none, or when it is the peer (a format's
+        simulation calibrates only an engine of that format)."""
+        if self.peer is None or engine is self.peer or engine is self.reference:
+            return None
+        if isinstance(self.peer, formats.FormatEngine) and protocol.declared(engine, "format") != self.peer.format:
+            return None
+        return self.peer
 
     def judge(self, engine):
         """How `engine` is judged: calibrated by the peer, unless it is the peer itself or there is none, or
@@ -335,7 +340,8 @@ class Session:
         peer = self.peer_for(engine)
         judged = protocol.declared(engine, "judged_dtype") or engine.dtype
         return judges.judge_for(engine, self.checkpoint.model_type,
-                                calibrated=peer is not None and judged == peer.dtype)
+                                calibrated=peer is not None and judged == peer.dtype,
+                                by_format=isinstance(peer, formats.FormatEngine))
 
     def baseline(self, spec):
         """Engine `spec` in its safest mode (engines protocol: baseline()), loaded, described and attested like
@@ -449,8 +455,7 @@ class Session:
                 for spec, engine in self.engines.items()}
             self_peer = [spec for spec, engine in self.engines.items() if engine is self.peer]
             peer = (None if self.peer is None else loaded[self_peer[0]] if self_peer
-                    else engines.HFEngine(str(self.reference_checkpoint.path), self.device, dtype, self.args.attn,
-                                          self.args.device_map))
+                    else _build_peer(self.args, self.reference_checkpoint, self.device, dtype, self.candidate)[0])
         self.results.env.setdefault("engines", {}).update(
             {f"{spec} {name}": engine.description for spec, engine in loaded.items()
              if protocol.declared(engine, "description")})
@@ -511,7 +516,7 @@ class Session:
         if args.kv_type != "f32":
             labels["kv_type"] = args.kv_type
         if args.engine_args:  # the engine's own settings change its figures: records pair on them too
-            labels["engine_args"] = json.dumps(_engine_args(args.engine_args), sort_keys=True, separators=(",", ":"))
+            labels["engine_args"] = json.dumps(engine_args(args.engine_args), sort_keys=True, separators=(",", ":"))
         device, dtype, checkpoint, results = start(args, script, labels, args.model_path, families,
                                                    args.seed if args.model_path is None else 0)
         results.labels["device"] = str(device)
@@ -548,7 +553,7 @@ class Session:
                                             int(args.reference_cache_gb * 2**30))
             reference = refcache.CachedReference(reference, cache)
         # n_ctx: the positions this check uses, for engines that allocate their context up front
-        options = {**engines.flag_options(args), "engine_args": _engine_args(args.engine_args),
+        options = {**engines.flag_options(args), "engine_args": engine_args(args.engine_args),
                    "reference_path": str(reference_checkpoint.path),
                    "n_ctx": inputs.input_ids.shape[1] + extra_positions}
         with phases("candidate_load"):
@@ -567,16 +572,37 @@ class Session:
         elif peer_kind == SELF_PEER:
             peer, note = loaded[self_peer_spec], ("the candidate is HF Transformers itself, the peer: judged by the "
                                                   "static table (measured on the tiny and the real checkpoint)")
+        elif self_peer_spec:
+            peer, note = loaded[self_peer_spec], _peer_note(dtype_name, args.attn, device)
         else:
             with phases("peer_load"):
-                peer = loaded[self_peer_spec] if self_peer_spec else engines.HFEngine(
-                    str(reference_checkpoint.path), device, dtype, args.attn, args.device_map)
-            note = (f"HF Transformers {dtype_name} {args.attn} on {device} from the reference checkpoint: verdicts "
-                    f"calibrated by its error (k={judges.PEER_K:g})")
+                peer, note = _build_peer(args, reference_checkpoint, device, dtype, loaded[under_test[0]])
         print(f"  peer: {note}")
         results.env["peer"] = note
         return cls(args, results, device, dtype, checkpoint, reference_checkpoint, inputs, reference, loaded, peer,
                    phases, options)
+
+
+def _peer_note(dtype_name, attn, device):
+    return (f"HF Transformers {dtype_name} {attn} on {device} from the reference checkpoint: verdicts calibrated "
+            f"by its error (k={judges.PEER_K:g})")
+
+
+def _build_peer(args, reference_checkpoint, device, dtype, candidate):
+    """The peer of `candidate` and the line that says what it is: HF Transformers in `dtype` on the device, with
+    the candidate's weight format simulated where it declares one the kit simulates (kitcore.formats)."""
+    declared = protocol.declared(candidate, "format")
+    fmt = formats.peer_format(declared, reference_checkpoint.config)
+    if fmt:
+        judged = protocol.declared(candidate, "judged_dtype") or dtype
+        peer = formats.FormatEngine(str(reference_checkpoint.path), device, judged, args.attn, format=fmt)
+        return peer, (f"HF Transformers {devices.dtype_name(judged)} {args.attn} on {device} with the engine's format "
+                      f"simulated ({fmt}: {formats.describe(fmt)}): KL limits k^2 x its (k={judges.PEER_K:g})")
+    engine = engines.HFEngine(str(reference_checkpoint.path), device, dtype, args.attn, args.device_map)
+    note = _peer_note(devices.dtype_name(dtype), args.attn, device)
+    if declared and formats.simulated(declared, reference_checkpoint.config)[0] is False:
+        note += f"; format {declared} not simulated here ({formats.simulated(declared, reference_checkpoint.config)[1]})"
+    return engine, note
 
 
 def attest(results, label, engine):
@@ -604,7 +630,7 @@ def check_requirements(requirements, attested):
                                       "it did not run what was asked")
 
 
-def _engine_args(text):
+def engine_args(text):
     """--engine_args JSON -> a dict (None without the flag)."""
     if text is None:
         return None
@@ -666,7 +692,7 @@ def print_logits_check(check, vocab):
     print(f"  {kl} per position: mean {check.kl_mean:.3e}, p99 {check.kl_p99:.3e}, max {check.kl_max:.3e}")
     if check.peer:
         p = check.peer
-        print(f"  peer (HF in the same dtype) vs reference: max abs {p['max_abs']:.3e}, nmse {p['nmse']:.3e}, "
+        print(f"  peer vs reference: max abs {p['max_abs']:.3e}, nmse {p['nmse']:.3e}, "
               f"KL mean {p['kl_mean']:.3e}, max {p['kl_max']:.3e}")
 
 

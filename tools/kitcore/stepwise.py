@@ -44,11 +44,12 @@ def comparisons(engines, decoded, ref_steps, peer_steps, judge_of):
     judge_a, judge_b = judge_of(engines[0]), judge_of(engines[1])
     space = judges.output_space
     every = torch.ones_like(a.comparable)
+    a_vs_b = judges.looser(judge_a, judge_b)
     return {
         "a_vs_ref": Comparand(a.cached, ref_steps, judge_a, peer_steps, a.comparable, space(engines[0])),
         "b_vs_ref": Comparand(b.cached, ref_steps, judge_b, peer_steps, b.comparable, space(engines[1])),
-        "a_vs_b": Comparand(a.cached, b.cached, judges.looser(judge_a, judge_b), None, a.comparable & b.comparable,
-                            space(*engines)),
+        "a_vs_b": Comparand(a.cached, b.cached, a_vs_b, peer_steps if a_vs_b.calibrated else None,
+                            a.comparable & b.comparable, space(*engines)),
         # the cache check compares an engine with itself: the table bounds its rounding, no peer applies
         "a_cache": Comparand(a.cached, a.no_cache, replace(judge_a, calibrated=False), None, every, space(engines[0])),
         "b_cache": Comparand(b.cached, b.no_cache, replace(judge_b, calibrated=False), None, every, space(engines[1])),
