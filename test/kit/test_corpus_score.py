@@ -134,3 +134,35 @@ def test_a_manifest_is_refused_for_other_tokens(llama_checkpoint, tmp_path):
     (other / "tokenizer.json").write_text(json.dumps(tok))
     r = run_script(CORPUS, "--model_path", other, "--manifest", manifest)
     assert r.code == 2 and "another tokenizer" in r.err and "Traceback" not in r.err, r
+
+
+INTERMEDIATE = f"{LLAMA}/test_intermediate_validation.py"
+INFERENCE = f"{LLAMA}/test_llama_inference.py"
+
+
+def test_a_declared_format_is_the_peer_of_end_to_end_validation(llama_checkpoint):
+    """The int8 plugin costs the tiny Llama KL 1.2e-4 by its format alone; its peer is that format simulated, so
+    it passes against the reference, and against the format's exact value (--against format) too, while the same
+    engine 1% off in one projection fails there (the format's cost no longer hides it)."""
+    common = ("--model_path", llama_checkpoint, "--dtype", "float32")
+    r = run_script(INFERENCE, *common, "--engine", f"{FAULTY_ENGINES}:Int8Engine")
+    assert r.code == 0 and "calibrated by HF with the format simulated (w8a8-int8)" in r.out, r
+    r = run_script(INFERENCE, *common, "--engine", f"{FAULTY_ENGINES}:Int8Engine", "--against", "format")
+    assert r.code == 0 and "the format's exact value, HF float64" in r.out, r
+    r = run_script(INFERENCE, *common, "--engine", f"{FAULTY_ENGINES}:Int8OneLayerOffEngine", "--against", "format")
+    assert r.code == 1 and "KL mean" in r.out, r
+
+
+@pytest.mark.parametrize("engine,first", [("Int8Engine", None), ("Int8OneLayerOffEngine", "layers.1.v_proj")])
+def test_against_its_format_layer_by_layer_a_1pct_fault_is_located(engine, first, llama_checkpoint, tmp_path):
+    r = run_script(INTERMEDIATE, "--model_path", llama_checkpoint, "--engine", f"{FAULTY_ENGINES}:{engine}",
+                   "--dtype", "float32", "--against", "format", json_path=tmp_path / "r.json")
+    if first is None:
+        assert r.code == 0, r
+    else:
+        assert r.code == 1 and f"first divergence: {first}" in r.out, r
+
+
+def test_against_format_needs_a_declared_format(llama_checkpoint):
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", "compile", "--against", "format")
+    assert r.code == 2 and "declares no format" in r.err, r

@@ -64,7 +64,9 @@ class Checkpoint:
 
     @cached_property
     def fingerprint(self):
-        """sha256 over config.json and the weights (full bytes for small files, header + samples otherwise)."""
+        """sha256 over config.json and the weights: full bytes for small files; for larger ones the first MiB (the
+        header) and, of every tensor, 4 KiB at its start, middle and end: a tensor scaled, permuted or replaced in
+        a copy (a planted fault) changes the fingerprint, and with it every cache keyed by it (GGUFs, references)."""
         h = hashlib.sha256()
         h.update((self.path / "config.json").read_bytes())
         for f in self.weight_files:
@@ -75,9 +77,15 @@ class Checkpoint:
                 if size <= _FULL_HASH_LIMIT:
                     h.update(fh.read())
                 else:
-                    for offset in (0, size // 2, size - (1 << 20)):
-                        fh.seek(offset)
-                        h.update(fh.read(1 << 20))
+                    h.update(fh.read(1 << 20))
+                    header = _read_safetensors_header(f)
+                    fh.seek(0)
+                    base = 8 + struct.unpack("<Q", fh.read(8))[0]  # where the tensors' data begins
+                    for name in sorted(k for k in header if k != "__metadata__"):
+                        start, end = header[name]["data_offsets"]
+                        for offset in sorted({start, max(start, (start + end) // 2 - 2048), max(start, end - 4096)}):
+                            fh.seek(base + offset)
+                            h.update(fh.read(min(4096, end - offset)))
         return h.hexdigest()[:16]
 
     def load_tensors(self, names):

@@ -23,6 +23,7 @@ arithmetic rounds to the other side of a quantisation step; a kernel bug differs
 measures both). Dense Llama models; the fused experts of a Qwen3-MoE are not simulated (refused, exit 3).
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -204,13 +205,13 @@ def _projections(model):
 
 @torch.no_grad()
 def apply(model, spec, rotate=True):
-    """Round `model` (a transformers Llama, in place) to the format `spec`: its weights once, a forward pre-hook on
-    each stored matrix for its activations, an attention function for the KV cache. Returns the hooks' handles."""
+    """Round `model` (a transformers Llama, in place) to the format `spec`: its weights once, each stored matrix's
+    input inside its forward (a capture hook on the module still reads the input unrounded, as an engine's capture
+    does), an attention function for the KV cache."""
     config = model.config
     if config.model_type not in ("llama", "qwen2"):
         raise Unavailable(f"format {spec}: simulated for dense Llama models; this checkpoint is a "
                           f"{config.model_type} (its experts are not nn.Linear matrices)")
-    handles = []
     for part in parse(spec):
         if part.weights:
             matrices = [m for _, m in _projections(model)]
@@ -221,9 +222,7 @@ def apply(model, spec, rotate=True):
                     embed.weight.copy_(round_weights(embed.weight, part.weights))
             for m in matrices:
                 m.weight.copy_(round_weights(m.weight, part.weights))
-                kind = part.activations
-                handles.append(m.register_forward_pre_hook(
-                    lambda mod, args, kind=kind: (round_activations(args[0], kind), *args[1:])))
+                m.forward = functools.partial(_rounded_linear, m, part.activations)
         if part.kv:
             from transformers import AttentionInterface
 
@@ -231,7 +230,10 @@ def apply(model, spec, rotate=True):
             AttentionInterface.register(name, rounded_attention(part.kv, rotate,
                                                                 interleaved_qk=config.model_type == "llama"))
             model.set_attn_implementation(name)
-    return handles
+
+
+def _rounded_linear(linear, kind, x):
+    return torch.nn.functional.linear(round_activations(x, kind), linear.weight, linear.bias)
 
 
 def simulated(spec, config):
@@ -265,7 +267,7 @@ class FormatEngine(HFEngine):
     def __init__(self, model_path, device, dtype, attn="sdpa", format=None):
         super().__init__(model_path, device, dtype, attn)
         self.format, self.name = format, f"hf+{format}"
-        self._hooks = apply(self.model, format)
+        apply(self.model, format)
         self.description = f"HF Transformers with {describe(format)} simulated (kitcore.formats)"
 
     def attest(self):

@@ -80,6 +80,10 @@ def build_parser(doc, decode=False, batch=False):
     p.add_argument("--reference_cache_gb", type=float, default=refcache.DEFAULT_MAX_BYTES / 2**30,
                    help=f"size bound of the reference cache, oldest entries removed first "
                         f"(default {refcache.DEFAULT_MAX_BYTES / 2**30:g})")
+    p.add_argument("--against", default="reference", choices=["reference", "format"],
+                   help="reference (default): HF float32 on the CPU; format: the candidate's number format's exact value "
+                        "(HF float64 with its declared format simulated, kitcore/formats.py) and the peer that format "
+                        "in the candidate's precision: faithfulness to the format, layer by layer, without its cost")
     p.add_argument("--peer", default="hf", choices=["hf", "none"],
                    help="hf (default): judge the candidate against a correct peer measured in this run, HF "
                         "Transformers in --dtype on the device (kitcore/judges.py); none: the static table")
@@ -455,7 +459,8 @@ class Session:
                 for spec, engine in self.engines.items()}
             self_peer = [spec for spec, engine in self.engines.items() if engine is self.peer]
             peer = (None if self.peer is None else loaded[self_peer[0]] if self_peer
-                    else _build_peer(self.args, self.reference_checkpoint, self.device, dtype, self.candidate)[0])
+                    else _build_peer(self.args, self.reference_checkpoint, self.device, dtype, self.candidate,
+                                     every_format=self.args.against == "format")[0])
         self.results.env.setdefault("engines", {}).update(
             {f"{spec} {name}": engine.description for spec, engine in loaded.items()
              if protocol.declared(engine, "description")})
@@ -538,20 +543,21 @@ class Session:
         # plain `--engine hf` on the reference's checkpoint *is* the peer
         self_peer_spec = "hf" if "hf" in under_test and same_checkpoint else None
         peer_kind = decide_peer(args.peer, bool(under_test) and all(s == self_peer_spec for s in under_test))
-        source, why = plan.choose_reference(reference_checkpoint.config, dtype_name,
-                                            _models_in_memory(under_test, device, peer_kind, self_peer_spec),
-                                            reference_dtype_name, args.reference_mode)
-        print(f"  reference source: {source} ({why})")
-        results.env["reference_source"] = source
         phases = memory.Phases(device)
-        with phases("reference_load"):
-            reference_class = engines.StreamedHFEngine if source == "streamed" else engines.HFEngine
-            reference = reference_class(str(reference_checkpoint.path), devices.Device("cpu", "cpu"),
-                                        args.reference_dtype, "eager")
-        if not args.no_reference_cache:
-            cache = refcache.ReferenceCache(reference_checkpoint, reference_dtype_name,
-                                            int(args.reference_cache_gb * 2**30))
-            reference = refcache.CachedReference(reference, cache)
+        if args.against == "reference":
+            source, why = plan.choose_reference(reference_checkpoint.config, dtype_name,
+                                                _models_in_memory(under_test, device, peer_kind, self_peer_spec),
+                                                reference_dtype_name, args.reference_mode)
+            print(f"  reference source: {source} ({why})")
+            results.env["reference_source"] = source
+            with phases("reference_load"):
+                reference_class = engines.StreamedHFEngine if source == "streamed" else engines.HFEngine
+                reference = reference_class(str(reference_checkpoint.path), devices.Device("cpu", "cpu"),
+                                            args.reference_dtype, "eager")
+            if not args.no_reference_cache:
+                cache = refcache.ReferenceCache(reference_checkpoint, reference_dtype_name,
+                                                int(args.reference_cache_gb * 2**30))
+                reference = refcache.CachedReference(reference, cache)
         # n_ctx: the positions this check uses, for engines that allocate their context up front
         options = {**engines.flag_options(args), "engine_args": engine_args(args.engine_args),
                    "reference_path": str(reference_checkpoint.path),
@@ -559,6 +565,9 @@ class Session:
         with phases("candidate_load"):
             loaded = {spec: engines.load_engine(spec, checkpoint.path, device, dtype, args.attn, options)
                       for spec in under_test}
+        if args.against == "format":
+            with phases("reference_load"):
+                reference = _format_reference(reference_checkpoint, loaded[under_test[0]], specs[0], results)
         loaded = {spec: reference if spec == REFERENCE else loaded[spec] for spec in specs}
         for spec, engine in loaded.items():
             if protocol.declared(engine, "description"):
@@ -576,7 +585,8 @@ class Session:
             peer, note = loaded[self_peer_spec], _peer_note(dtype_name, args.attn, device)
         else:
             with phases("peer_load"):
-                peer, note = _build_peer(args, reference_checkpoint, device, dtype, loaded[under_test[0]])
+                peer, note = _build_peer(args, reference_checkpoint, device, dtype, loaded[under_test[0]],
+                                         every_format=args.against == "format")
         print(f"  peer: {note}")
         results.env["peer"] = note
         return cls(args, results, device, dtype, checkpoint, reference_checkpoint, inputs, reference, loaded, peer,
@@ -588,11 +598,29 @@ def _peer_note(dtype_name, attn, device):
             f"by its error (k={judges.PEER_K:g})")
 
 
-def _build_peer(args, reference_checkpoint, device, dtype, candidate):
+def _format_reference(checkpoint, candidate, spec, results):
+    """`--against format`: the reference is the candidate's format's exact value, HF float64 eager on the CPU with
+    that format simulated (kitcore.formats): what is checked is faithfulness to the format, not its cost."""
+    fmt = protocol.declared(candidate, "format")
+    if not fmt:
+        raise UsageError(f"--against format: engine {spec} declares no format (kitcore/formats.py); check it "
+                         "--against reference")
+    simulated, why = formats.simulated(fmt, checkpoint.config)
+    if not simulated:
+        raise Unavailable(f"--against format: {fmt} is not simulated here ({why})")
+    print(f"  reference: the format's exact value, HF float64 eager on cpu with {fmt} simulated "
+          f"({formats.describe(fmt)})")
+    results.env["reference"].update(dtype="float64", format=fmt)
+    results.env["reference_source"] = "format"
+    return formats.FormatEngine(str(checkpoint.path), devices.Device("cpu", "cpu"), torch.float64, "eager", format=fmt)
+
+
+def _build_peer(args, reference_checkpoint, device, dtype, candidate, every_format=False):
     """The peer of `candidate` and the line that says what it is: HF Transformers in `dtype` on the device, with
-    the candidate's weight format simulated where it declares one the kit simulates (kitcore.formats)."""
+    the candidate's weight format simulated where it declares one the kit simulates (kitcore.formats); with
+    `every_format` (--against format) any format it declares."""
     declared = protocol.declared(candidate, "format")
-    fmt = formats.peer_format(declared, reference_checkpoint.config)
+    fmt = (declared if every_format else formats.peer_format(declared, reference_checkpoint.config))
     if fmt:
         judged = protocol.declared(candidate, "judged_dtype") or dtype
         peer = formats.FormatEngine(str(reference_checkpoint.path), device, judged, args.attn, format=fmt)
