@@ -12,6 +12,9 @@ cache with a q8_0 one.
 
   * timing rows (median_ms with its iqr_ms): SAME when the medians differ by less than the measured
     spread of both runs (sqrt(iqr_a^2 + iqr_b^2)), else FASTER or SLOWER. Never a fixed percent.
+  * figures with an interval (a `<metric>_low` and `<metric>_high` beside them: corpus scoring's block-bootstrap
+    intervals): SAME while the two intervals overlap, else GREW or SHRANK (same_top1, where higher is better: FELL
+    or ROSE). The interval is the spread; never a fixed factor.
   * error rows (max_abs, mean_abs, nmse): GREW when the current error is above twice the baseline
     (and above 1e-12), else SAME or SHRANK.
   * memory rows (unit bytes: peak memory per phase or case, growth per call under --repeat): GREW when
@@ -19,7 +22,7 @@ cache with a q8_0 one.
     than the leak limit, 64 KiB), else SAME or SHRANK. A verdict or `passed` flag that goes from pass to fail:
     REGRESSED.
   * records without a partner are listed as ONLY_BASELINE / ONLY_CURRENT, never dropped.
-SLOWER, GREW and REGRESSED are regressions.
+SLOWER, GREW, FELL and REGRESSED are regressions.
 """
 
 import json
@@ -38,7 +41,8 @@ KEY = ("script", "case", "device", "dtype", "engine", "attn", "impl", "gguf_type
        "phase", "kind", "expert", "sweep", "size", "cache", "metric")
 NOT_IDENTIFYING = {"value", "unit", "run_id", "session", "env", "log", "source", "line", "verdict", "commit"}
 ERROR_METRICS = {"max_abs", "mean_abs", "nmse", "own_max_abs", "own_nmse", "kl_mean", "kl_max"}
-REGRESSIONS = {"SLOWER", "GREW", "REGRESSED"}
+REGRESSIONS = {"SLOWER", "GREW", "FELL", "REGRESSED"}
+HIGHER_IS_BETTER = {"same_top1"}
 MEMORY_RELATIVE_NOISE, MEMORY_NOISE_BYTES = 0.10, 2**20
 
 
@@ -77,6 +81,17 @@ def timing_status(b, iqr_b, c, iqr_c):
     return ("SLOWER" if c > b else "FASTER"), f"{c - b:+.4g} ms ({(c / b - 1) * 100 if b else float('inf'):+.1f}%), spread {noise:.4g} ms"
 
 
+def interval_status(metric, low_b, high_b, low_c, high_c, b, c):
+    """Two figures with their intervals: SAME while the intervals overlap, else which way it moved."""
+    detail = f"{b:.4g} [{low_b:.4g}, {high_b:.4g}] -> {c:.4g} [{low_c:.4g}, {high_c:.4g}]"
+    if low_c <= high_b and low_b <= high_c:
+        return "SAME", detail
+    up = low_c > high_b
+    if metric in HIGHER_IS_BETTER:
+        return ("ROSE" if up else "FELL"), detail
+    return ("GREW" if up else "SHRANK"), detail
+
+
 def judge(key, base, cur, base_idx, cur_idx):
     metric = key[-1]
     b, c = float(base["value"]), float(cur["value"])
@@ -90,6 +105,9 @@ def judge(key, base, cur, base_idx, cur_idx):
         noise = max(MEMORY_RELATIVE_NOISE * abs(b), floor)
         detail = f"{b / 2**20:.2f} -> {c / 2**20:.2f} MiB"
         return ("GREW" if c - b > noise else "SHRANK" if b - c > noise else "SAME"), detail
+    bounds = [idx.get(key[:-1] + (f"{metric}_{end}",)) for idx in (base_idx, cur_idx) for end in ("low", "high")]
+    if all(bounds):
+        return interval_status(metric, *(float(x["value"]) for x in bounds), b, c)
     if metric in ERROR_METRICS:
         if c > 2 * b and c > 1e-12:
             return "GREW", f"{b:.3e} -> {c:.3e}"

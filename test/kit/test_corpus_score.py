@@ -166,3 +166,17 @@ def test_against_its_format_layer_by_layer_a_1pct_fault_is_located(engine, first
 def test_against_format_needs_a_declared_format(llama_checkpoint):
     r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", "compile", "--against", "format")
     assert r.code == 2 and "declares no format" in r.err, r
+
+
+@pytest.mark.parametrize("current,status", [((4.1e-3, 3.9e-3, 4.3e-3), "SAME"), ((4.6e-3, 4.4e-3, 4.8e-3), "GREW"),
+                                            ((3.0e-3, 2.9e-3, 3.1e-3), "SHRANK")])
+def test_compare_takes_an_interval_as_the_spread(current, status, tmp_path):
+    def rows(value, low, high):
+        base = {"script": "test_corpus_score", "case": "cost", "device": "cpu", "dtype": "float32", "engine": "llama.cpp"}
+        return "".join(json.dumps({**base, "metric": m, "value": v}) + "\n"
+                       for m, v in (("kl_mean", value), ("kl_mean_low", low), ("kl_mean_high", high)))
+    (tmp_path / "b.jsonl").write_text(rows(4.0e-3, 3.8e-3, 4.2e-3))
+    (tmp_path / "c.jsonl").write_text(rows(*current))
+    r = run_script("tools/compare.py", tmp_path / "b.jsonl", tmp_path / "c.jsonl", "--format", "json")
+    assert {row["metric"]: row["status"] for row in json.loads(r.out)}["kl_mean"] == status, r.out
+    assert r.code == (1 if status == "GREW" else 0)
