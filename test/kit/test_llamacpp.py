@@ -258,3 +258,20 @@ def test_llamacpp_against_hf_layer_by_layer_names_where_they_part(llama_checkpoi
     r = run_script(f"{LLAMA}/test_intermediate_validation.py", "--model_path", llama_checkpoint, "--dtype", "bfloat16",
                    "--engines", f"{FAULTY_ENGINES}:UnpermutedLlamaCpp,hf", json_path=tmp_path / "parted.json")
     assert r.code == 1 and r.json["parted"] == {"point": "layers.0.q_rope", "left": ["A"]}, r.json.get("parted")
+
+
+@needs_llamacpp
+@pytest.mark.parametrize("gguf_type,fault", [("q8_0", None), ("q4_0", None), ("q8_0", 1.01)])
+def test_llamacpp_over_a_corpus_is_faithful_to_its_format_and_a_gguf_fault_is_not(gguf_type, fault, llama_checkpoint,
+                                                                                    tmp_path):
+    """llama.cpp's q8_0 and q4_0 GGUFs against HF with the same format simulated (measured on the tiny Llama: 0.2x a
+    correct peer's KL from the format's exact value); layer 1's v_proj x1.01 in the GGUF only: ~60x, fails."""
+    model = llama_checkpoint
+    if fault:
+        model = copy_checkpoint(llama_checkpoint, tmp_path / "faulty")
+        edit_weights(model, lambda sd: sd["model.layers.1.self_attn.v_proj.weight"].mul_(fault))
+    r = run_script(f"{LLAMA}/test_corpus_score.py", "--model_path", model, "--reference_path", llama_checkpoint,
+                   "--engine", "llama.cpp", "--gguf_type", gguf_type, "--n_ctx", 64, "--tokens", 496,
+                   "--manifest", tmp_path / "m.json")
+    assert r.code == (1 if fault else 0), r
+    assert (f"not faithful to {gguf_type}" in r.out) == bool(fault), r.out

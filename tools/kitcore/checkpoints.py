@@ -88,6 +88,25 @@ class Checkpoint:
                             h.update(fh.read(min(4096, end - offset)))
         return h.hexdigest()[:16]
 
+    @cached_property
+    def truncated(self):
+        """What tools/truncate_checkpoint.py recorded when it wrote this checkpoint (kit_truncated.json), or None."""
+        path = self.path / "kit_truncated.json"
+        try:
+            return json.loads(path.read_text()) if path.is_file() else None
+        except ValueError:
+            raise UsageError(f"{path}: not JSON; the truncated checkpoint is damaged, write it again") from None
+
+    def truncation_note(self):
+        """One line on what a verdict on a truncated checkpoint means, or None."""
+        t = self.truncated
+        if not t:
+            return None
+        n = t["layers_kept"]
+        return (f"truncated: layers 0-{n - 1} of the {t['layers_in_source']} of {t['source']}: a verdict covers "
+                f"those layers' errors; the logits are those of a {n}-layer model, not a language model's (judge "
+                "tensors and KL, not text or perplexity)")
+
     def load_tensors(self, names):
         """Load the named tensors from whichever shards hold them (safetensors only)."""
         return dict(self.iter_tensors(names))

@@ -511,6 +511,8 @@ def main(argv=None, doc=None):
           f"seed={args.seed} threads={results.env['threads']}")
     print(f"  checkpoint {checkpoint.path} (hash {results.env['checkpoint_hash']}); reference, format and peer from "
           f"{reference_checkpoint.path}")
+    if reference_checkpoint.truncation_note():
+        print(f"  {reference_checkpoint.truncation_note()}")
     results.env["reference"] = {"checkpoint": str(reference_checkpoint.path),
                                 "checkpoint_hash": reference_checkpoint.fingerprint, "dtype": "float32", "attn": "eager"}
     a, b = manifest.scored

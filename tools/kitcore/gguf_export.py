@@ -2,7 +2,7 @@
 
     gguf_path(checkpoint, gguf_type) -> Path      converts once, cached by checkpoint fingerprint
 
-Weight types: f32, f16, bf16, q8_0 (1-D norm weights stay f32, as llama.cpp's own converter does).
+Weight types: f32, f16, bf16, q8_0, q4_0 (1-D norm weights stay f32, as llama.cpp's own converter does).
 Llama's q_proj/k_proj rows (and their biases, where `attention_bias` gives them) are permuted from HF's
 half-split RoPE layout to llama.cpp's interleaved one; Qwen3-MoE uses NeoX RoPE in llama.cpp too and is
 written unpermuted. Qwen3-MoE experts are stacked into [experts, rows, cols] tensors. The vocabulary is
@@ -23,7 +23,7 @@ from .checkpoints import cache_root
 from .errors import Unavailable, UsageError
 from .rope import half_to_interleaved_rows
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 ARCH = {"llama": "llama", "qwen3_moe": "qwen3moe"}
 # bump when the export changes, so that cached files are rewritten
 EXPORT_VERSION = 6  # the file's contents (6: BOS/EOS from the checkpoint's config, not its first special token)
@@ -139,7 +139,8 @@ def write_gguf(checkpoint, path, gguf_type, permute_qk=True):
     w.add_value_length(head_dim)
     w.add_vocab_size(cfg["vocab_size"])
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                  "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
     w.add_file_type(file_types[gguf_type])
     if cfg["model_type"] == "qwen3_moe":
         w.add_expert_count(cfg["num_experts"])
@@ -149,7 +150,7 @@ def write_gguf(checkpoint, path, gguf_type, permute_qk=True):
     if not _bpe_vocab(w, gguf, checkpoint.path, cfg["vocab_size"], cfg):
         _placeholder_vocab(w, gguf, cfg["vocab_size"])
     qtypes = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
-              "q8_0": gguf.GGMLQuantizationType.Q8_0}
+              "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
     expected = {}
     for name, arr in _tensors(checkpoint, permute_qk):
         expected[name] = tuple(arr.shape)

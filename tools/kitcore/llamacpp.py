@@ -1,7 +1,9 @@
 """`--engine llama.cpp`: llama.cpp through llama-cpp-python, on a GGUF the kit writes from the same checkpoint.
 
 Options (flags of test_llama_inference.py and test_forward_validation.py):
-    --gguf_type f32|f16|bf16|q8_0   weight type of the GGUF (default: from --dtype)
+    --gguf_type f32|f16|bf16|q8_0|q4_0
+                                    weight type of the GGUF (default: from --dtype); q8_0 and q4_0 are the
+                                    formats of the same names (kitcore.formats: q8_0 activations too)
     --kv_type f32|f16|q8_0|q4_0     KV-cache type (default f32: llama.cpp's default f16 cache costs ~2e-4);
                                     a quantised cache runs with flash attention (llama.cpp needs it for a
                                     quantised V cache) and is judged by its distribution thresholds
@@ -42,8 +44,10 @@ DTYPE_TO_GGUF = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf
 GGUF_TO_DTYPE = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 SETTINGS = ("n_batch", "n_ubatch", "flash_attn")
 KV_TYPES = ("f32", "f16", "q8_0", "q4_0")
+QUANTISED = ("q8_0", "q4_0")  # GGUF weight types that are formats (kitcore.formats), judged by their simulation
 # its own command-line flags (shown under "engine llama.cpp" in --help; handed over as OPTIONS)
-FLAGS = (("--gguf_type", dict(choices=["f32", "f16", "bf16", "q8_0"], help="GGUF weight type (default: from --dtype)")),
+FLAGS = (("--gguf_type", dict(choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+                               help="GGUF weight type (default: from --dtype)")),
          ("--kv_type", dict(default="f32", choices=list(KV_TYPES), help="KV-cache type (default f32)")))
 
 
@@ -140,9 +144,9 @@ class LlamaCppEngine:
         if kv_type not in KV_TYPES:
             raise UsageError(f"--kv_type {kv_type!r}: choose one of {', '.join(KV_TYPES)}")
         quantised_kv = kv_type not in ("f32", "f16")
-        if quantised_kv and self.gguf_type == "q8_0":
-            raise UsageError(f"--gguf_type q8_0 with --kv_type {kv_type}: the kit has thresholds for quantised "
-                             "weights or a quantised KV cache, not both at once; quantise one of them")
+        if quantised_kv and self.gguf_type in QUANTISED:
+            raise UsageError(f"--gguf_type {self.gguf_type} with --kv_type {kv_type}: the kit has thresholds for "
+                             "quantised weights or a quantised KV cache, not both at once; quantise one of them")
         if quantised_kv and settings.get("flash_attn") is False:
             raise UsageError(f"--kv_type {kv_type} with flash_attn false: llama.cpp quantises the V cache only "
                              "with flash attention; drop flash_attn from --engine_args")
@@ -153,7 +157,7 @@ class LlamaCppEngine:
         checkpoint = open_checkpoint(model_path)
         self.path = gguf_path(checkpoint, self.gguf_type, permute_qk=permute_qk)
         # the tolerance follows the least precise of weights and KV cache; quantised ones by distribution
-        self.format = "q8_0" if self.gguf_type == "q8_0" else f"kv-{kv_type}" if quantised_kv else None
+        self.format = self.gguf_type if self.gguf_type in QUANTISED else f"kv-{kv_type}" if quantised_kv else None
         weights = GGUF_TO_DTYPE.get(self.gguf_type, torch.float32)
         self.judged_dtype = weights
         # the context the check needs (prompt + decode steps): a max_position_embeddings context would

@@ -66,6 +66,8 @@ def environment(device=None, dtype=None, seed=None, checkpoint=None):
     if checkpoint is not None:
         env["checkpoint"] = str(checkpoint.path)
         env["checkpoint_hash"] = checkpoint.fingerprint
+        if checkpoint.truncated:
+            env["truncated"] = checkpoint.truncated
     return env
 
 

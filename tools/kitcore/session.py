@@ -538,6 +538,8 @@ class Session:
               f"{reference_dtype_name} on cpu from {reference_checkpoint.path}")
         print(f"  torch {env['torch']}, transformers {env['transformers']}; input: {tuple(inputs.input_ids.shape)} "
               f"tokens (batch x length)")
+        if reference_checkpoint.truncation_note():
+            print(f"  {reference_checkpoint.truncation_note()}")
         same_checkpoint = checkpoint.path.resolve() == reference_checkpoint.path.resolve()
         under_test = [s for s in specs if s != REFERENCE]
         # plain `--engine hf` on the reference's checkpoint *is* the peer
