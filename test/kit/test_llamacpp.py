@@ -275,3 +275,38 @@ def test_llamacpp_over_a_corpus_is_faithful_to_its_format_and_a_gguf_fault_is_no
                    "--manifest", tmp_path / "m.json")
     assert r.code == (1 if fault else 0), r
     assert (f"not faithful to {gguf_type}" in r.out) == bool(fault), r.out
+
+
+def test_a_gguf_as_shipped_is_its_activation_format(llama_checkpoint):
+    """A GGUF's format, read from its tensor types: q4_0 weights take q8_0 inputs in llama.cpp's dot products (the
+    K-quants q8_K, which the Q4_K_M GGUF of Qwen2.5 needs for its down_proj: activations:q8_0,down_proj=q8_K)."""
+    from kitcore.checkpoints import open_checkpoint
+    from kitcore.gguf_export import gguf_path
+    from kitcore.llamacpp import source_format
+
+    assert source_format(gguf_path(open_checkpoint(llama_checkpoint), "q4_0")) == "activations:q8_0"
+    parts = formats.parse("activations:q8_0,down_proj=q8_K")
+    assert parts[0].activations == ("q8_0", (("down_proj", "q8_K"),))
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(0))
+    y = formats.q8_K_activations(x)
+    peak = x.abs().argmax(-1)
+    assert torch.allclose(y.gather(-1, peak[:, None]), x.gather(-1, peak[:, None]), rtol=1e-6)  # the peak is kept
+    assert (y - x).abs().max() <= x.abs().max() / 127
+
+
+@needs_llamacpp
+def test_source_gguf_needs_a_checkpoint_converted_from_one(llama_checkpoint):
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", "llama.cpp", "--gguf_type", "source")
+    assert r.code == 2 and "was not converted from a GGUF" in r.err, r
+
+
+@needs_llamacpp
+@EXTENDED
+def test_qwen25_as_shipped_q4_k_m_is_faithful_to_its_format():
+    """llama.cpp on the Q4_K_M GGUF Qwen2.5 ships in (fetched with pip once): against HF with q8_0/q8_K
+    activations on the checkpoint's own weights (measured: KL 9.5e-4 against the peer's 8.9e-4)."""
+    from kitcore.real import real_checkpoint
+
+    r = run_script(INFERENCE, "--model_path", real_checkpoint(model="qwen2.5-0.5b"), "--engine", "llama.cpp",
+                   "--gguf_type", "source")
+    assert r.code == 0 and "activations:q8_0,down_proj=q8_K" in r.out, r

