@@ -263,7 +263,7 @@ def history(records):
         top = max(v["median_ms"] + v.get("iqr_ms", 0) for _, v in runs) or 1.0
         sx = lambda i: left + i * (w - left - 20) / max(len(runs) - 1, 1)  # noqa: E731
         sy = lambda ms: h - 20 - ms / top * (h - 40)  # noqa: E731
-        body = [f'<polyline fill="none" stroke="#1f77b4" points="'
+        body = ['<polyline fill="none" stroke="#1f77b4" points="'
                 + " ".join(f"{sx(i):.1f},{sy(v['median_ms']):.1f}" for i, (_, v) in enumerate(runs)) + '"/>']
         for i, ((run_id, commit), v) in enumerate(runs):
             status, why = ("FIRST", "") if i == 0 else compare.timing_status(
