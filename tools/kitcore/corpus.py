@@ -488,33 +488,40 @@ def parse_args(argv, doc):
     return args
 
 
-def main(argv=None, doc=None):
-    started = time.perf_counter()
-    args = parse_args(argv, doc)
+@dataclass
+class Run:
+    """One corpus scoring run, set up: where the results go, the tokens, the reference and the engines."""
+
+    results: Results
+    manifest: Manifest
+    reference: Reference
+    lineup: Lineup
+    phases: object
+    reference_checkpoint: object
+
+
+def open_run(args):
+    """Device, checkpoints, the manifest, the cached reference and the engines, each printed and recorded."""
     devices.set_threads(args.threads)
     device = devices.resolve_device(args)
-    dtype = args.dtype
-    device.check_dtype(dtype)
+    device.check_dtype(args.dtype)
     checkpoint = checkpoints.resolve_checkpoint(args.model_path, ("llama", "qwen3_moe"))
     reference_checkpoint = (checkpoints.open_checkpoint(args.reference_path, ("llama", "qwen3_moe"))
                             if args.reference_path else checkpoint)
     manifest = manifest_for(args, reference_checkpoint)
-    labels = {"device": str(device), "dtype": devices.dtype_name(dtype), "engine": args.engine}
-    if args.gguf_type:
-        labels["gguf_type"] = args.gguf_type
-    if args.kv_type != "f32":
-        labels["kv_type"] = args.kv_type
-    results = Results(SCRIPT, labels=labels)
-    results.env = environment(device, dtype, args.seed, checkpoint)
+    labels = {"device": str(device), "dtype": devices.dtype_name(args.dtype), "engine": args.engine,
+              "gguf_type": args.gguf_type, "kv_type": None if args.kv_type == "f32" else args.kv_type}
+    results = Results(SCRIPT, labels={k: v for k, v in labels.items() if v is not None})
+    results.env = environment(device, args.dtype, args.seed, checkpoint)
     results.env["manifest"] = manifest.summary()
-    print(f"{SCRIPT}: engine={args.engine} device={results.env['device_name']} dtype={devices.dtype_name(dtype)} "
+    results.env["reference"] = {"checkpoint": str(reference_checkpoint.path),
+                                "checkpoint_hash": reference_checkpoint.fingerprint, "dtype": "float32", "attn": "eager"}
+    print(f"{SCRIPT}: engine={args.engine} device={results.env['device_name']} dtype={labels['dtype']} "
           f"seed={args.seed} threads={results.env['threads']}")
     print(f"  checkpoint {checkpoint.path} (hash {results.env['checkpoint_hash']}); reference, format and peer from "
           f"{reference_checkpoint.path}")
     if reference_checkpoint.truncation_note():
         print(f"  {reference_checkpoint.truncation_note()}")
-    results.env["reference"] = {"checkpoint": str(reference_checkpoint.path),
-                                "checkpoint_hash": reference_checkpoint.fingerprint, "dtype": "float32", "attn": "eager"}
     a, b = manifest.scored
     print(f"  manifest {manifest.path}: {manifest.source['name']}, {manifest.windows} windows of {manifest.n_ctx} "
           f"tokens, positions {a}-{b - 1} scored ({manifest.windows * manifest.scored_per_window} tokens); ids sha256 "
@@ -522,17 +529,16 @@ def main(argv=None, doc=None):
     phases = memory.Phases(device)
     reference = Reference(reference_checkpoint, manifest, phases)
     per_1k = 1000 / (manifest.windows * manifest.scored_per_window)
-    results.env["reference_corpus"] = {"path": str(reference.path), "cached": reference.cached,
-                                       "bytes_per_1k_tokens": reference.path.stat().st_size * per_1k,
-                                       "seconds_per_1k_tokens": reference.seconds * per_1k}
-    cost = results.env["reference_corpus"]
+    cost = {"path": str(reference.path), "cached": reference.cached,
+            "bytes_per_1k_tokens": reference.path.stat().st_size * per_1k,
+            "seconds_per_1k_tokens": reference.seconds * per_1k}
+    results.env["reference_corpus"] = cost
     print(f"  reference: HF float32 eager on cpu, final hidden states {'read from' if reference.cached else 'cached in'} "
           f"{reference.path} ({cost['bytes_per_1k_tokens'] / 2**20:.2f} MiB and {cost['seconds_per_1k_tokens']:.1f} s "
           "per 1k scored tokens)")
-    run = lineup(args, checkpoint, reference_checkpoint, device, dtype, manifest, phases)
-    description = protocol.declared(run.candidate, "description")
-    if description:
-        print(f"  {args.engine}: {description}")
+    run = lineup(args, checkpoint, reference_checkpoint, device, args.dtype, manifest, phases)
+    if protocol.declared(run.candidate, "description"):
+        print(f"  {args.engine}: {protocol.declared(run.candidate, 'description')}")
     results.env["attested"] = {args.engine: protocol.attested(run.candidate)}
     results.env["format"] = run.format
     precision = devices.dtype_name(run.judged_dtype)
@@ -540,68 +546,100 @@ def main(argv=None, doc=None):
     exact = "HF float64 with the format simulated" if run.format else "the reference"
     peer = "none (the candidate is the peer)" if run.peer is None else f"{run.peer.name} {precision}"
     print(f"  format: {fmt}; its exact value: {exact}; correct peer: {peer}")
-    if args.plan:
-        return plan(args, run, reference, manifest, phases, results)
-    scores = score(run, reference, manifest, phases)
-    verdict = Verdict()
-    faithful = judge_faithfulness(scores, run.judged_dtype, args.confidence, args.seed)
-    print(f"\nintervals: {args.confidence:.0%}, block bootstrap over {manifest.windows} windows "
-          f"({stats.BOOTSTRAP_SAMPLES} resamples, seed {args.seed})")
-    print(f"faithful to {'its format' if run.format else 'the model'}: {faithful.message(run.format)}")
-    verdict.add("faithful to its format" if run.format else "faithful to the model", faithful.passed,
-                f"not faithful to {run.format or 'the model'}: {faithful.message(run.format)}")
-    results.add("faithfulness", "kl_mean", faithful.candidate.value, unit="nats")
-    results.add("faithfulness", "kl_mean_low", faithful.candidate.low, unit="nats")
-    results.add("faithfulness", "kl_mean_high", faithful.candidate.high, unit="nats")
+    return Run(results, manifest, reference, run, phases, reference_checkpoint)
+
+
+def answer_faithfulness(args, run, scores, verdict):
+    """The first answer, printed, recorded and added to the verdict."""
+    fmt = run.lineup.format
+    faithful = judge_faithfulness(scores, run.lineup.judged_dtype, args.confidence, args.seed)
+    print(f"faithful to {'its format' if fmt else 'the model'}: {faithful.message(fmt)}")
+    verdict.add("faithful to its format" if fmt else "faithful to the model", faithful.passed,
+                f"not faithful to {fmt or 'the model'}: {faithful.message(fmt)}")
+    figures = {"kl_mean": faithful.candidate.value, "kl_mean_low": faithful.candidate.low,
+               "kl_mean_high": faithful.candidate.high}
     if faithful.peer is not None:
-        results.add("faithfulness", "peer_kl_mean", faithful.peer.value, unit="nats")
-        results.add("faithfulness", "limit", faithful.limit, unit="nats")
-    results.add("faithfulness", "passed", faithful.passed, unit="bool")
+        figures.update(peer_kl_mean=faithful.peer.value, limit=faithful.limit)
+    for metric, value in figures.items():
+        run.results.add("faithfulness", metric, value, unit="nats")
+    run.results.add("faithfulness", "passed", faithful.passed, unit="bool")
+    return faithful
+
+
+MARGINS = (("max_kl_mean", "kl_mean", "KL mean"), ("max_log_ppl_ratio", "log_ppl_ratio", "log-PPL ratio"))
+
+
+def answer_cost(args, run, scores, verdict):
+    """The second answer: the cost figures with their intervals, the format's own beside them, and the sign-off
+    against each margin given."""
     cost = cost_figures(scores.cost, args.confidence, args.seed)
     print_figures("\ncost of the deployment (candidate against the float32 reference, per scored token):", cost)
-    report(results, "cost", cost)
+    report(run.results, "cost", cost)
     naive = stats.naive_mean(torch.cat(scores.column("cost", "dnll")), args.confidence)
     print(f"  (the log-PPL ratio's interval if tokens were independent: [{naive.low:.4g}, {naive.high:.4g}])")
     if scores.format_cost:
         own = cost_figures(scores.format_cost, args.confidence, args.seed)
-        print_figures(f"what the format ({run.format}) costs by itself:", own)
-        report(results, "format_cost", own)
-    kl = scores.column("cost", "kl")
-    results.extra["kl_histogram"] = histogram(torch.cat(kl))
-    results.extra["kl_by_position"] = by_position(kl)
-    results.extra["worst_tokens"] = worst_tokens(kl, manifest, reference_checkpoint)
-    print("KL per token, by decade: " + ", ".join(f"{k}: {v}" for k, v in results.extra["kl_histogram"].items() if v))
-    print("KL mean by position (8 bands, middle to end of the window): "
-          + " ".join(f"{x:.3g}" for x in results.extra["kl_by_position"]))
-    print("worst tokens:")
-    for t in results.extra["worst_tokens"]:
-        print(f"  window {t['window']} position {t['position']}: KL {t['kl']:.3g} at {t['context'][-60:]!r} -> "
-              f"{t['next']!r}")
-    for flag, key, label in (("max_kl_mean", "kl_mean", "KL mean"), ("max_log_ppl_ratio", "log_ppl_ratio",
-                                                                       "log-PPL ratio")):
+        print_figures(f"what the format ({run.lineup.format}) costs by itself:", own)
+        report(run.results, "format_cost", own)
+    for flag, key, label in MARGINS:
         margin = getattr(args, flag)
         if margin is not None:
-            e = cost[key]
-            verdict.add(f"cost: {label}", e.high < margin,
-                        f"{label} {e.describe('.3g')}: its upper end is not below the margin {margin:g}")
-    phases.report(results)
-    results.add("timing", "check_wall", time.perf_counter() - started, unit="s")
+            verdict.add(f"cost: {label}", cost[key].high < margin,
+                        f"{label} {cost[key].describe('.3g')}: its upper end is not below the margin {margin:g}")
+
+
+def print_distribution(run, scores):
+    """Where the cost sits: KL per token by decade, by position in the window, and the worst tokens in context."""
+    kl = scores.column("cost", "kl")
+    extra = run.results.extra
+    extra["kl_histogram"] = histogram(torch.cat(kl))
+    extra["kl_by_position"] = by_position(kl)
+    extra["worst_tokens"] = worst_tokens(kl, run.manifest, run.reference_checkpoint)
+    print("KL per token, by decade: " + ", ".join(f"{k}: {v}" for k, v in extra["kl_histogram"].items() if v))
+    print("KL mean by position (8 bands, middle to end of the window): "
+          + " ".join(f"{x:.3g}" for x in extra["kl_by_position"]))
+    print("worst tokens:")
+    for t in extra["worst_tokens"]:
+        print(f"  window {t['window']} position {t['position']}: KL {t['kl']:.3g} at {t['context'][-60:]!r} -> "
+              f"{t['next']!r}")
+
+
+def pass_notes(args, run, faithful):
+    """What a PASS could not have seen, and that an unjudged cost is only reported."""
     notes = []
-    if verdict.passed:
-        if faithful.peer is not None and run.format:
-            notes.append(f"note: faithful within k^2 x its format's own rounding noise here (a correct peer: "
-                         f"{faithful.peer.value:.2g} nats per token); an engine error that moves the output by less "
-                         "than that is not seen (intermediate validation reads it layer by layer)")
-        if args.max_kl_mean is None and args.max_log_ppl_ratio is None:
-            notes.append("note: the cost is reported, not judged: --max_kl_mean / --max_log_ppl_ratio sign it off "
-                         "(--plan says how many tokens a margin needs)")
-    return results.finish(verdict, args.json, notes)
+    if faithful.peer is not None and run.lineup.format:
+        notes.append(f"note: faithful within k^2 x its format's own rounding noise here (a correct peer: "
+                     f"{faithful.peer.value:.2g} nats per token); an engine error that moves the output by less than "
+                     "that is not seen (intermediate validation --against format reads it layer by layer)")
+    if args.max_kl_mean is None and args.max_log_ppl_ratio is None:
+        notes.append("note: the cost is reported, not judged: --max_kl_mean / --max_log_ppl_ratio sign it off "
+                     "(--plan says how many tokens a margin needs)")
+    return notes
 
 
-def plan(args, run, reference, manifest, phases, results):
+def main(argv=None, doc=None):
+    started = time.perf_counter()
+    args = parse_args(argv, doc)
+    run = open_run(args)
+    if args.plan:
+        return plan(args, run)
+    scores = score(run.lineup, run.reference, run.manifest, run.phases)
+    print(f"\nintervals: {args.confidence:.0%}, block bootstrap over {run.manifest.windows} windows "
+          f"({stats.BOOTSTRAP_SAMPLES} resamples, seed {args.seed})")
+    verdict = Verdict()
+    faithful = answer_faithfulness(args, run, scores, verdict)
+    answer_cost(args, run, scores, verdict)
+    print_distribution(run, scores)
+    run.phases.report(run.results)
+    run.results.add("timing", "check_wall", time.perf_counter() - started, unit="s")
+    return run.results.finish(verdict, args.json, pass_notes(args, run, faithful) if verdict.passed else [])
+
+
+def plan(args, run):
     """--plan: the pilot windows scored, and the windows each margin needs (stats.plan)."""
+    manifest, results = run.manifest, run.results
     pilot = range(min(args.pilot_windows, manifest.windows))
-    scores = score(run, reference, manifest, phases, pilot)
+    scores = score(run.lineup, run.reference, manifest, run.phases, pilot)
     kl, dnll = scores.column("cost", "kl"), scores.column("cost", "dnll")
     margins = [("KL mean", kl, args.max_kl_mean), ("log-PPL ratio", dnll, args.max_log_ppl_ratio)]
     print(f"\n--plan: {len(pilot)} pilot windows of {manifest.scored_per_window} scored tokens; confidence "
