@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
 from kitcore.engines import HFEngine  # noqa: E402
 from kitcore.formats import FormatEngine  # noqa: E402
+from kitcore.parallel import TensorParallelHFEngine  # noqa: E402
 from kitcore.llamacpp import LlamaCppEngine  # noqa: E402
 from kitcore.qwen3_moe import HFModules  # noqa: E402
 
@@ -646,3 +647,14 @@ class CoarserCacheEngine(FormatEngine):
     def __init__(self, model_path, device, dtype, attn="sdpa"):
         super().__init__(model_path, device, dtype, attn, format="kv-q4_0")
         self.format = "kv-q8_0"
+
+
+def read_rank0_shard(model, rank):
+    """Every rank of the group ends up with rank 0's shard of layer 1's v_proj (a broadcast into the local shard)."""
+    torch.distributed.broadcast(model.model.layers[1].self_attn.v_proj.weight.to_local(), src=0)
+
+
+class OtherShardTPEngine(TensorParallelHFEngine):
+    """HF tensor parallelism in which rank 1 reads rank 0's shard of one weight (layer 1's v_proj)."""
+
+    rank_patch = f"{__file__}:read_rank0_shard"

@@ -291,7 +291,8 @@ def lineup(args, checkpoint, reference_checkpoint, device, dtype, manifest, phas
                                          "eager", format=fmt)
             peer = formats.FormatEngine(str(reference_checkpoint.path), device, judged, args.attn, format=fmt)
         return Lineup(candidate, exact, peer, fmt, judged)
-    is_peer = args.engine == "hf" and judged == dtype and checkpoint.path.resolve() == reference_checkpoint.path.resolve()
+    is_peer = (args.engine == "hf" and args.tensor_parallel_size == 1 and judged == dtype
+               and checkpoint.path.resolve() == reference_checkpoint.path.resolve())
     peer = None
     if not is_peer:
         with phases("peer_load"):

