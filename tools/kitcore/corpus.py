@@ -198,6 +198,7 @@ class Reference:
         else:
             with phases("reference_corpus"):
                 self.hidden = self._compute(checkpoint, manifest)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".partial")
             save_file({"hidden": self.hidden}, str(tmp))
             tmp.replace(self.path)
