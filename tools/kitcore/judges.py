@@ -23,8 +23,8 @@ How far from the reference may a correct candidate be? Two answers:
 Distribution judges (an engine of a number format, MoE models in reduced precision, whose router near-ties
 flip discretely): an engine of a weight format kitcore.formats simulates is calibrated by HF with that format
 simulated, whose KL alone sets the limits (k^2 x its own) and the decisive positions; otherwise the table's
-limits stand, and a peer can only widen them to k^2 x its own figure, when this machine's rounding flips more. A distribution statistic is never gated on a single position: KL mean,
-p99 and the top-1/top-5 rates need `aggregate=True` (forward validation judges the steps together),
+limits stand, and a peer can only widen them to k^2 x its own figure, when this machine's rounding flips more.
+A distribution statistic is never gated on a single position: KL mean, p99 and the top-1/top-5 rates need `aggregate=True` (forward validation judges the steps together),
 and the p99 needs P99_MIN_POSITIONS positions (below that it is the maximum, gated as such); a rate fails on
 two misses or more (one flip at a near-tie is rounding; at a decisive position it fails by itself).
 
@@ -128,7 +128,8 @@ def judge_for(engine, model_type, calibrated, by_format=False):
     fmt = protocol.declared(engine, "format")
     dtype = protocol.declared(engine, "judged_dtype") or engine.dtype
     if fmt and by_format:  # uncalibrated (an engine against itself), its table, or q8_0's where it has none
-        return Judge(dtype, replace(DISTRIBUTIONS.get(moe + fmt, DISTRIBUTIONS["q8_0"]), name=fmt), True, peer_only=True)
+        rates = replace(DISTRIBUTIONS.get(moe + fmt, DISTRIBUTIONS["q8_0"]), name=fmt)
+        return Judge(dtype, rates, calibrated=True, peer_only=True)
     if fmt:
         key = moe + str(fmt)
         if key not in DISTRIBUTIONS:
