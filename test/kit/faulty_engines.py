@@ -658,3 +658,15 @@ class OtherShardTPEngine(TensorParallelHFEngine):
     """HF tensor parallelism in which rank 1 reads rank 0's shard of one weight (layer 1's v_proj)."""
 
     rank_patch = f"{__file__}:read_rank0_shard"
+
+
+def scale_rank1_norm(model, rank):
+    """Rank 1 alone holds layer 1's input norm x1.01: a replicated weight that differs between ranks."""
+    if rank == 1:
+        model.model.layers[1].input_layernorm.weight.mul_(1.01)
+
+
+class DivergentReplicaTPEngine(TensorParallelHFEngine):
+    """HF tensor parallelism in which rank 1's copy of one replicated weight differs from rank 0's."""
+
+    rank_patch = f"{__file__}:scale_rank1_norm"

@@ -45,3 +45,23 @@ def test_the_ranks_are_stopped_with_the_engine(llama_checkpoint):
 def test_tensor_parallel_refusals_are_one_line(llama_checkpoint):
     r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--tensor_parallel_size", 2, "--device_map", "auto")
     assert r.code == 2 and "choose one way to spread the model" in r.err, r
+
+
+INTERMEDIATE = f"{LLAMA}/test_intermediate_validation.py"
+
+
+@pytest.mark.parametrize("engine,first,finding", [
+    ("hf", None, None),
+    (f"{FAULTY_ENGINES}:OtherShardTPEngine", "layers.1.v_proj", "rank 1's features are the furthest off"),
+    (f"{FAULTY_ENGINES}:DivergentReplicaTPEngine", None, "rank 1's differs from rank 0's")])
+def test_layer_by_layer_through_the_ranks_names_the_rank(engine, first, finding, llama_checkpoint, tmp_path):
+    """Per-rank captures unsharded by HF's plan (column-parallel blocks concatenated in rank order, replicated
+    tensors from rank 0, each other rank checked equal): a correct run passes; a rank reading rank 0's shard is
+    located at its layer, component and rank; a replica that differs is a finding of its own."""
+    r = run_script(INTERMEDIATE, "--model_path", llama_checkpoint, "--engine", engine, "--tensor_parallel_size", 2,
+                   "--dtype", "float32", json_path=tmp_path / "r.json")
+    assert r.code == (0 if first is None and finding is None else 1), r
+    if first:
+        assert f"and {first} (FAIL" in r.out, r.out
+    if finding:
+        assert finding in r.out, r.out

@@ -429,12 +429,26 @@ def validate_row(run, cand, ids, pos, judge, peer, dual, results, verdict, other
                         heads = config["num_attention_heads"] if point == "q_proj" else config["num_key_value_heads"]
                         layout = layout_permutation(candidate[name], reference[name], heads, run.dtype)
                     finding = f"{name}: {layout} -- the interleaved-vs-half-split RoPE layout mistake" if layout else None
+                    if finding is None and "ranks_of" in protocol.capabilities(cand) and name in candidate:
+                        finding = rank_finding(name, candidate[name], reference[name], cand.ranks_of(name))
                     first = (layer, point, name, found, finding, last_agreeing)
                 if not failed and first is None:
                     last_agreeing = name
             output = f"layers.{i}.output"
             previous_output = {output: reference[output]} if output in reference else {}
     return points, first, (row.near_ties, len(row.rerouted)), row.parted
+
+
+def rank_finding(name, candidate, reference, ranks):
+    """Which rank's features of a column-parallel point are off (`ranks`: [(rank, slice of the last dimension)]
+    from the engine's ranks_of), or None for a replicated point."""
+    if not ranks:
+        return None
+    errors = {rank: float((candidate[..., s].double() - reference[..., s].double()).pow(2).sum()
+                          / reference[..., s].double().pow(2).sum().clamp_min(1e-300)) for rank, s in ranks}
+    worst = max(errors, key=errors.get)
+    shown = ", ".join(f"rank {r} nmse {e:.2e}" for r, e in errors.items())
+    return f"{name} by rank: {shown}: rank {worst}'s features are the furthest off"
 
 
 def validate_rows(run, judge, peer, dual, verdict, cand=None, results=None, other=None):
@@ -554,6 +568,10 @@ def check(run):
                  for i in range(run.reference_checkpoint.config["num_hidden_layers"]))
     coarse = protocol.declared(cand, "captured_points") is not None
     findings, worst_own = findings_of(rows, first, batched, routing if sparse else None, coarse)
+    for name, rank in protocol.declared(cand, "replicated_differences") or ():
+        message = f"{name} is replicated across ranks, and rank {rank}'s differs from rank 0's"
+        verdict.add(f"{name} replicated", False, message)
+        findings.append(message)
     if other is not None:
         findings.append(parting(run, parted, batched))
     rope_record, rope_finding, rope_ok = validate_rope(run, cand)

@@ -7,7 +7,14 @@ parent's requests over a local socket: every rank runs each forward (the collect
 hands the logits back. KV caches live in the ranks, one per new_cache(). Every request has a timeout; a rank that
 dies or hangs ends the check with its last stderr lines; the ranks are stopped with the engine and at exit.
 CPU ranks only (each bound to its share of the CPU threads); end-to-end, forward and batch validation and corpus
-scoring run through it. Not yet: per-rank captures (intermediate validation), expert parallelism, NCCL ranks.
+scoring run through it.
+
+Layer by layer (capture(), dense Llama models): every rank hands out its own tensors, unsharded by the layout of
+HF's plan (RANK_LAYOUT): the outputs of the column-parallel projections and the inputs of the row-parallel ones
+are each rank's block of features, concatenated in rank order; everything else is replicated after the
+all-reduce and taken from rank 0, each other rank checked equal to it (a difference is a finding of its own:
+`replicated_differences`). ranks_of() says which features of a point each rank computed, so a first divergence
+names the rank. Not yet: expert parallelism, partial sums before the all-reduce, NCCL ranks.
 """
 
 import atexit
@@ -30,6 +37,11 @@ from .errors import Unavailable, UsageError
 LOAD_TIMEOUT_S = 600
 REQUEST_TIMEOUT_S = 600
 STOP_TIMEOUT_S = 10
+# how a point's tensor is spread over the ranks under HF's Llama plan: "columns" (each rank its block of the last
+# dimension, in rank order: q/k/v/gate/up by output rows, o_proj and down_proj's inputs); every other point replicated
+RANK_LAYOUT = dict.fromkeys(("q_proj", "k_proj", "v_proj", "attn_out", "gate_proj", "up_proj", "act_mul"), "columns")
+CAPTURED = ("embed_tokens", "input_layernorm", "q_proj", "k_proj", "v_proj", "attn_out", "o_proj", "attn_residual",
+            "post_attention_layernorm", "gate_proj", "up_proj", "act_mul", "down_proj", "output", "final_norm", "logits")
 TOOLS = str(Path(__file__).resolve().parents[1])
 
 
@@ -53,9 +65,11 @@ def _free_port():
 
 class TensorParallelHFEngine:
     name = "hf-tp"
+    rank_slices, replicated_differences = {}, ()  # of the last capture()
     padding_sides = ("left", "right")
     OPTIONS = ("tensor_parallel_size",)
-    capabilities = frozenset({"new_cache", "attest"})
+    capabilities = frozenset({"new_cache", "attest", "capture", "ranks_of"})
+    captured_points = CAPTURED
     # "path/to/file.py:function": run in every rank on the loaded model, function(model, rank), before any request:
     # how a plugin puts its own sharded layer (or, in the kit's tests, a rank's bug) in place
     rank_patch = None
@@ -125,20 +139,41 @@ class TensorParallelHFEngine:
             raise RuntimeError(f"a tensor-parallel rank died{self._stderr()}") from None
 
     def _request(self, op, *args):
-        """`op` on every rank (each runs it: the collectives need all of them); rank 0's answer."""
+        """`op` on every rank (each runs it: the collectives need all of them): rank 0's answer, or every rank's for
+        a capture."""
         for conn in self._conns:
             conn.send((op, args))
         answers = [self._receive(conn, REQUEST_TIMEOUT_S) for conn in self._conns]
         for rank, status, detail in answers:
             if status != "ok":
                 raise RuntimeError(f"rank {rank}: {detail}")
-        return answers[0][2]
+        return [answer for _, _, answer in answers] if op == "capture" else answers[0][2]
 
     def new_cache(self):
         return self._request("new_cache")
 
     def forward(self, input_ids, position_ids, attention_mask=None, cache=None):
         return _unpack(self._request("forward", _pack((input_ids, position_ids, attention_mask)), cache))
+
+    def capture(self, input_ids, position_ids, layers=None):
+        """Every rank's captures of one forward, unsharded by RANK_LAYOUT (module docstring)."""
+        per_rank = [_unpack(raw) for raw in self._request("capture", _pack((input_ids, position_ids)))]
+        out, self.rank_slices, self.replicated_differences = {}, {}, []
+        for name in per_rank[0]:
+            parts = [captures[name] for captures in per_rank]
+            if RANK_LAYOUT.get(name.rsplit(".", 1)[-1]) == "columns":
+                out[name] = torch.cat(parts, -1)
+                edges = torch.tensor([0] + [p.shape[-1] for p in parts]).cumsum(0).tolist()
+                self.rank_slices[name] = [slice(a, b) for a, b in zip(edges, edges[1:])]
+            else:
+                out[name] = parts[0]
+                self.replicated_differences += [(name, r) for r, p in enumerate(parts[1:], 1) if not torch.equal(p, parts[0])]
+        return out
+
+    def ranks_of(self, name):
+        """[(rank, slice of the last dimension)] of a column-parallel point of the last capture, or None (replicated)."""
+        slices = self.rank_slices.get(name)
+        return None if slices is None else list(enumerate(slices))
 
     def attest(self):
         return {"engine": self.name, "tensor_parallel_size": self.size, "backend": "gloo",
@@ -169,6 +204,41 @@ def _patch(spec):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return getattr(module, function)
+
+
+def _rank_capture(model, ids, positions):
+    """This rank's tensors of one forward at the kit's points (CAPTURED), as they are on this rank."""
+    out, hooks = {}, []
+
+    def keep(name):
+        def hook(module, args, output):
+            out[name] = (output[0] if isinstance(output, tuple) else output).detach().clone()
+        return hook
+
+    def keep_input(name):
+        def hook(module, args):
+            out[name] = args[0].detach().clone()
+        return hook
+
+    base = model.model
+    hooks.append(base.embed_tokens.register_forward_hook(keep("embed_tokens")))
+    for i, layer in enumerate(base.layers):
+        attn, mlp, p = layer.self_attn, layer.mlp, f"layers.{i}."
+        for point, module in (("input_layernorm", layer.input_layernorm), ("q_proj", attn.q_proj),
+                              ("k_proj", attn.k_proj), ("v_proj", attn.v_proj), ("o_proj", attn.o_proj),
+                              ("post_attention_layernorm", layer.post_attention_layernorm), ("gate_proj", mlp.gate_proj),
+                              ("up_proj", mlp.up_proj), ("down_proj", mlp.down_proj), ("output", layer)):
+            hooks.append(module.register_forward_hook(keep(p + point)))
+        for point, module in (("attn_out", attn.o_proj), ("attn_residual", layer.post_attention_layernorm),
+                              ("act_mul", mlp.down_proj)):
+            hooks.append(module.register_forward_pre_hook(keep_input(p + point)))
+    hooks.append(base.norm.register_forward_hook(keep("final_norm")))
+    try:
+        out["logits"] = model(input_ids=ids, position_ids=positions).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
 
 
 def rank_main(model_path, dtype, attn, threads, address, authkey, rank_patch=None):
@@ -203,7 +273,9 @@ def rank_main(model_path, dtype, attn, threads, address, authkey, rank_patch=Non
             return
         try:
             with torch.no_grad():
-                if op == "new_cache":
+                if op == "capture":
+                    answer = _pack(_rank_capture(model, *_unpack(args[0])))
+                elif op == "new_cache":
                     caches[len(caches)] = DynamicCache(config=model.config)
                     answer = len(caches) - 1
                 else:

@@ -74,6 +74,10 @@ kit loads it):
         chunked prefill. Printed and recorded with every result (`env.attested`); `--require KEY=VALUE`
         fails the run when the engine attests another value (a silent fallback never passes under the
         target's name) and exits 3 when it does not attest KEY at all.
+    ranks_of(point_name) -> [(rank, slice)] | None
+        For an engine spread over ranks (kitcore.parallel): which block of a captured point's last dimension each
+        rank computed (None: replicated). Intermediate validation then names the rank of a first divergence; a
+        replicated tensor a rank holds otherwise (`replicated_differences`) fails by itself.
     reset_prefix_cache()
         Empty the engine's own prefix cache (an engine that decodes by itself, e.g. vLLM), which reports the
         prompt tokens each request took from it in the list `cached_tokens` (None per request, with
@@ -127,6 +131,7 @@ DECLARED = {
     "max_model_len": None,  # the longest sequence it takes (forward validation caps its steps)
     "recomputes_prefix": False,  # its "cache" recomputes the whole prefix: the cache check tests nothing
     "captured_points": None,  # the point kinds capture() hands out (kitcore.points), None for all of them
+    "replicated_differences": (),  # after capture(): (point, rank) of a replicated tensor a rank holds otherwise
 }
 
 
@@ -136,7 +141,7 @@ def declared(engine, attribute):
 
 
 OPTIONAL_METHODS = ("new_cache", "generate", "capture", "capture_layers", "run_component", "rope", "final_hidden",
-                    "attest", "tokenize", "stop_tokens", "baseline", "reset_prefix_cache")
+                    "attest", "tokenize", "stop_tokens", "baseline", "reset_prefix_cache", "ranks_of")
 
 
 def capabilities(engine):
