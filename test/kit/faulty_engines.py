@@ -670,3 +670,17 @@ class DivergentReplicaTPEngine(TensorParallelHFEngine):
     """HF tensor parallelism in which rank 1's copy of one replicated weight differs from rank 0's."""
 
     rank_patch = f"{__file__}:scale_rank1_norm"
+
+
+def drop_down_proj_all_reduce(model, rank):
+    """Layer 1's down_proj, row-parallel, without the all-reduce of its partial sums: HF's tp_forward replaced by the
+    plain product of this rank's input block and weight shard."""
+    module = model.model.layers[1].mlp.down_proj
+    weight = module.weight.to_local() if hasattr(module.weight, "to_local") else module.weight
+    module.forward = lambda x: torch.nn.functional.linear(x, weight)
+
+
+class MissingAllReduceTPEngine(TensorParallelHFEngine):
+    """HF tensor parallelism whose layer-1 down_proj leaves each rank with its partial sum (no all-reduce)."""
+
+    rank_patch = f"{__file__}:drop_down_proj_all_reduce"

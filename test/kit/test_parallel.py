@@ -53,11 +53,13 @@ INTERMEDIATE = f"{LLAMA}/test_intermediate_validation.py"
 @pytest.mark.parametrize("engine,first,finding", [
     ("hf", None, None),
     (f"{FAULTY_ENGINES}:OtherShardTPEngine", "layers.1.v_proj", "rank 1's features are the furthest off"),
-    (f"{FAULTY_ENGINES}:DivergentReplicaTPEngine", None, "rank 1's differs from rank 0's")])
+    (f"{FAULTY_ENGINES}:DivergentReplicaTPEngine", None, "rank 1's differs from rank 0's"),
+    (f"{FAULTY_ENGINES}:MissingAllReduceTPEngine", "layers.1.down_proj", "partial sums never all-reduced")])
 def test_layer_by_layer_through_the_ranks_names_the_rank(engine, first, finding, llama_checkpoint, tmp_path):
     """Per-rank captures unsharded by HF's plan (column-parallel blocks concatenated in rank order, replicated
     tensors from rank 0, each other rank checked equal): a correct run passes; a rank reading rank 0's shard is
-    located at its layer, component and rank; a replica that differs is a finding of its own."""
+    located at its layer, component and rank; a replica that differs is a finding of its own; a row-parallel
+    projection without its all-reduce is located and its partial sums found."""
     r = run_script(INTERMEDIATE, "--model_path", llama_checkpoint, "--engine", engine, "--tensor_parallel_size", 2,
                    "--dtype", "float32", json_path=tmp_path / "r.json")
     assert r.code == (0 if first is None and finding is None else 1), r

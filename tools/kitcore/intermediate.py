@@ -439,13 +439,25 @@ def validate_row(run, cand, ids, pos, judge, peer, dual, results, verdict, other
     return points, first, (row.near_ties, len(row.rerouted)), row.parted
 
 
+def _nmse(a, b):
+    return float((a.double() - b.double()).pow(2).sum() / b.double().pow(2).sum().clamp_min(1e-300))
+
+
 def rank_finding(name, candidate, reference, ranks):
     """Which rank's features of a column-parallel point are off (`ranks`: [(rank, slice of the last dimension)]
-    from the engine's ranks_of), or None for a replicated point."""
+    from the engine's ranks_of); for a replicated point the ranks hold differently ([(rank, its tensor)]), whether
+    their tensors sum to the reference while none alone is close (partial sums never all-reduced: the sum at least
+    1000x closer than the closest rank); None otherwise."""
     if not ranks:
         return None
-    errors = {rank: float((candidate[..., s].double() - reference[..., s].double()).pow(2).sum()
-                          / reference[..., s].double().pow(2).sum().clamp_min(1e-300)) for rank, s in ranks}
+    if all(torch.is_tensor(part) for _, part in ranks):
+        alone = min(_nmse(part, reference) for _, part in ranks)
+        summed = _nmse(sum(part.double() for _, part in ranks), reference)
+        if summed < 1e-3 * alone:
+            return (f"{name}: the ranks hold different tensors that sum to the reference (nmse {summed:.1e}; the "
+                    f"closest rank alone {alone:.1e}): partial sums never all-reduced")
+        return None
+    errors = {rank: _nmse(candidate[..., s], reference[..., s]) for rank, s in ranks}
     worst = max(errors, key=errors.get)
     shown = ", ".join(f"rank {r} nmse {e:.2e}" for r, e in errors.items())
     return f"{name} by rank: {shown}: rank {worst}'s features are the furthest off"

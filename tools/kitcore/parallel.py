@@ -65,7 +65,7 @@ def _free_port():
 
 class TensorParallelHFEngine:
     name = "hf-tp"
-    rank_slices, replicated_differences = {}, ()  # of the last capture()
+    rank_slices, replicated_differences, rank_parts = {}, (), {}  # of the last capture()
     padding_sides = ("left", "right")
     OPTIONS = ("tensor_parallel_size",)
     capabilities = frozenset({"new_cache", "attest", "capture", "ranks_of"})
@@ -158,7 +158,7 @@ class TensorParallelHFEngine:
     def capture(self, input_ids, position_ids, layers=None):
         """Every rank's captures of one forward, unsharded by RANK_LAYOUT (module docstring)."""
         per_rank = [_unpack(raw) for raw in self._request("capture", _pack((input_ids, position_ids)))]
-        out, self.rank_slices, self.replicated_differences = {}, {}, []
+        out, self.rank_slices, self.replicated_differences, self.rank_parts = {}, {}, [], {}
         for name in per_rank[0]:
             parts = [captures[name] for captures in per_rank]
             if RANK_LAYOUT.get(name.rsplit(".", 1)[-1]) == "columns":
@@ -167,11 +167,17 @@ class TensorParallelHFEngine:
                 self.rank_slices[name] = [slice(a, b) for a, b in zip(edges, edges[1:])]
             else:
                 out[name] = parts[0]
-                self.replicated_differences += [(name, r) for r, p in enumerate(parts[1:], 1) if not torch.equal(p, parts[0])]
+                differing = [(name, r) for r, p in enumerate(parts[1:], 1) if not torch.equal(p, parts[0])]
+                if differing:
+                    self.replicated_differences += differing
+                    self.rank_parts[name] = parts
         return out
 
     def ranks_of(self, name):
-        """[(rank, slice of the last dimension)] of a column-parallel point of the last capture, or None (replicated)."""
+        """[(rank, slice of the last dimension)] of a column-parallel point of the last capture; for a replicated one
+        that differs between ranks, every rank's whole tensor ([(rank, tensor)]); else None."""
+        if name in self.rank_parts:
+            return list(enumerate(self.rank_parts[name]))
         slices = self.rank_slices.get(name)
         return None if slices is None else list(enumerate(slices))
 

@@ -74,10 +74,11 @@ kit loads it):
         chunked prefill. Printed and recorded with every result (`env.attested`); `--require KEY=VALUE`
         fails the run when the engine attests another value (a silent fallback never passes under the
         target's name) and exits 3 when it does not attest KEY at all.
-    ranks_of(point_name) -> [(rank, slice)] | None
+    ranks_of(point_name) -> [(rank, slice)] | [(rank, Tensor)] | None
         For an engine spread over ranks (kitcore.parallel): which block of a captured point's last dimension each
-        rank computed (None: replicated). Intermediate validation then names the rank of a first divergence; a
-        replicated tensor a rank holds otherwise (`replicated_differences`) fails by itself.
+        rank computed; for a replicated point the ranks hold differently, each rank's tensor; None otherwise.
+        Intermediate validation then names the rank of a first divergence, or finds partial sums never
+        all-reduced; a replicated tensor a rank holds otherwise (`replicated_differences`) fails by itself.
     reset_prefix_cache()
         Empty the engine's own prefix cache (an engine that decodes by itself, e.g. vLLM), which reports the
         prompt tokens each request took from it in the list `cached_tokens` (None per request, with
