@@ -42,9 +42,12 @@ def test_the_ranks_are_stopped_with_the_engine(llama_checkpoint):
     assert all(p.poll() is not None for p in engine._ranks)
 
 
-def test_tensor_parallel_refusals_are_one_line(llama_checkpoint):
+def test_tensor_parallel_refusals_are_one_line(llama_checkpoint, moe_checkpoint):
     r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--tensor_parallel_size", 2, "--device_map", "auto")
     assert r.code == 2 and "choose one way to spread the model" in r.err, r
+    r = run_script(f"{LLAMA}/test_intermediate_validation.py", "--model_path", moe_checkpoint, "--tensor_parallel_size",
+                   2, "--dtype", "float32")
+    assert r.code == 3 and "dense Llama layers only" in r.err, r
 
 
 INTERMEDIATE = f"{LLAMA}/test_intermediate_validation.py"

@@ -17,7 +17,6 @@ all-reduce and taken from rank 0, each other rank checked equal to it (a differe
 names the rank. Not yet: expert parallelism, partial sums before the all-reduce, NCCL ranks.
 """
 
-import atexit
 import io
 import os
 import secrets
@@ -26,11 +25,13 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from multiprocessing.connection import Listener
 from pathlib import Path
 
 import torch
 
+from .checkpoints import open_checkpoint
 from .devices import dtype_name
 from .errors import Unavailable, UsageError
 
@@ -80,6 +81,7 @@ class TensorParallelHFEngine:
         if tensor_parallel_size < 2:
             raise UsageError(f"--tensor_parallel_size {tensor_parallel_size}: at least 2 for tensor parallelism")
         self.device, self.dtype, self.size = device, dtype, tensor_parallel_size
+        self.model_type = open_checkpoint(model_path).model_type
         threads = max(1, torch.get_num_threads() // tensor_parallel_size)
         authkey = secrets.token_bytes(16)
         self._listener = Listener(("127.0.0.1", 0), authkey=authkey)
@@ -89,7 +91,8 @@ class TensorParallelHFEngine:
                 f"rank_main({str(model_path)!r}, {dtype_name(dtype)!r}, {attn!r}, {threads}, "
                 f"{self._listener.address!r}, {authkey!r}, {self.rank_patch!r})")
         self._ranks, self._conns = [], [None] * tensor_parallel_size
-        atexit.register(self.close)
+        # the ranks stop with the engine: when it is closed, collected, or at exit
+        self.close = weakref.finalize(self, _stop, self._ranks, self._conns, self._listener)
         for rank in range(tensor_parallel_size):
             self._ranks.append(subprocess.Popen([sys.executable, "-c", code], env=dict(env, RANK=str(rank),
                                                 LOCAL_RANK=str(rank)), stdout=subprocess.DEVNULL,
@@ -157,6 +160,9 @@ class TensorParallelHFEngine:
 
     def capture(self, input_ids, position_ids, layers=None):
         """Every rank's captures of one forward, unsharded by RANK_LAYOUT (module docstring)."""
+        if self.model_type != "llama":
+            raise Unavailable(f"--tensor_parallel_size: per-rank captures of dense Llama layers only, not "
+                              f"{self.model_type}'s; its ranks are checked end to end and step by step")
         per_rank = [_unpack(raw) for raw in self._request("capture", _pack((input_ids, position_ids)))]
         out, self.rank_slices, self.replicated_differences, self.rank_parts = {}, {}, [], {}
         for name in per_rank[0]:
@@ -185,21 +191,23 @@ class TensorParallelHFEngine:
         return {"engine": self.name, "tensor_parallel_size": self.size, "backend": "gloo",
                 "q_proj_placement": self._placement, "dtype": dtype_name(self.dtype)}
 
-    def close(self):
-        for conn in self._conns:
-            if conn is not None:
-                try:
-                    conn.send(("stop", ()))
-                except OSError:
-                    pass
-        for p in self._ranks:
+
+def _stop(ranks, conns, listener):
+    """Ask every rank to stop, kill one that does not within STOP_TIMEOUT_S, close the listener."""
+    for conn in conns:
+        if conn is not None:
             try:
-                p.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self._conns = [None] * len(self._conns)
-        self._listener.close()
+                conn.send(("stop", ()))
+            except OSError:
+                pass
+    for p in ranks:
+        try:
+            p.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    conns[:] = [None] * len(conns)
+    listener.close()
 
 
 def _patch(spec):
