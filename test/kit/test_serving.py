@@ -228,9 +228,10 @@ def test_settings_vllm_refuses_are_one_line(llama_checkpoint):
 @needs_vllm
 def test_vllm_settings_reach_it_and_what_ran_is_attested(llama_checkpoint):
     """Prefix caching on and chunked prefill in chunks of 16 (the 32-token prompt in two), read back from vLLM;
-    and vLLM's own tokenisation of the prompt's text."""
+    and vLLM's own tokenisation of the prompt's text. In bfloat16: in float32 vLLM's CPU kernels flake (one position
+    of 32 above 6x the peer's RMS error in 1 of 6 full-suite runs, 2026-12-08; tools/measurements.md)."""
     argv = [servers.VLLM_PYTHON, ROOT / INFERENCE, "--model_path", llama_checkpoint, "--engine", "vllm", "--dtype",
-            "float32", "--engine_args", '{"enable_prefix_caching": true, "max_num_batched_tokens": 16}',
+            "bfloat16", "--engine_args", '{"enable_prefix_caching": true, "max_num_batched_tokens": 16}',
             "--require", "enable_prefix_caching=true", "--require", "max_num_batched_tokens=16", "--tokenization"]
     proc = subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and "enable_chunked_prefill=true" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
