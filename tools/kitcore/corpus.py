@@ -318,24 +318,24 @@ class Scores:
 
 
 def score(lineup_, reference, manifest, phases, windows=None):
+    """Every window through every engine of the lineup, in one phase ("score_corpus": all engines' forwards and the
+    figures together; a phase per window would keep only the last window's time)."""
     windows = range(manifest.windows) if windows is None else windows
     a, b = manifest.scored
     scores = Scores([], [], [], [])
-    for w in windows:
-        ids = manifest.window(w)
-        targets = ids[a + 1:b + 1]
-        ref = reference.logits(w)
-        with phases("candidate_corpus"):
+    with phases("score_corpus"):
+        for w in windows:
+            ids = manifest.window(w)
+            targets = ids[a + 1:b + 1]
+            ref = reference.logits(w)
             cand = _logits(lineup_.candidate, ids, a, b)
-        scores.cost.append(per_token(ref, cand, targets))
-        exact = ref
-        if lineup_.exact is not None:
-            with phases("format_corpus"):
+            scores.cost.append(per_token(ref, cand, targets))
+            exact = ref
+            if lineup_.exact is not None:
                 exact = _logits(lineup_.exact, ids, a, b)
-            scores.format_cost.append(per_token(ref, exact, targets))
-        scores.faithful.append(kl_only(exact, cand))
-        if lineup_.peer is not None:
-            with phases("peer_corpus"):
+                scores.format_cost.append(per_token(ref, exact, targets))
+            scores.faithful.append(kl_only(exact, cand))
+            if lineup_.peer is not None:
                 scores.peer.append(kl_only(exact, _logits(lineup_.peer, ids, a, b)))
     return scores
 
