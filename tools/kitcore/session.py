@@ -630,8 +630,9 @@ def _build_peer(args, reference_checkpoint, device, dtype, candidate, every_form
                       f"simulated ({fmt}: {formats.describe(fmt)}): KL limits k^2 x its (k={judges.PEER_K:g})")
     engine = engines.HFEngine(str(reference_checkpoint.path), device, dtype, args.attn, args.device_map)
     note = _peer_note(devices.dtype_name(dtype), args.attn, device)
-    if declared and formats.simulated(declared, reference_checkpoint.config)[0] is False:
-        note += f"; format {declared} not simulated here ({formats.simulated(declared, reference_checkpoint.config)[1]})"
+    simulated, why = formats.simulated(declared, reference_checkpoint.config) if declared else (True, "")
+    if not simulated:
+        note += f"; format {declared} not simulated here ({why})"
     return engine, note
 
 
