@@ -684,3 +684,51 @@ class MissingAllReduceTPEngine(TensorParallelHFEngine):
     """HF tensor parallelism whose layer-1 down_proj leaves each rank with its partial sum (no all-reduce)."""
 
     rank_patch = f"{__file__}:drop_down_proj_all_reduce"
+
+
+def global_expert_ids(model, rank):
+    """Layer 1's experts under expert parallelism handed the global expert ids where this rank's kernel takes local
+    ones (and skips ids past its own experts): rank 0's ids coincide, rank 1's routes are all dropped."""
+    from transformers.distributed.parallel_utils import _use_local_dtensor_params
+
+    experts = model.model.layers[1].mlp.experts
+    own = experts.num_experts  # experts per rank, once sharded
+
+    def forward(hidden_states, top_k_index, top_k_weights):
+        local_index = torch.where(top_k_index // own != rank, own, top_k_index)  # should be top_k_index % own
+        dropped = local_index >= own
+        with _use_local_dtensor_params(experts):
+            out = type(experts).forward(experts, hidden_states, local_index.clamp(max=own),
+                                        top_k_weights.masked_fill(dropped, 0.0))
+        torch.distributed.all_reduce(out)
+        return out
+
+    experts.forward = forward
+
+
+class GlobalExpertIdsEPEngine(TensorParallelHFEngine):
+    """HF expert parallelism in which layer 1's experts take global expert ids for local ones."""
+
+    rank_patch = f"{__file__}:global_expert_ids"
+
+
+def fused_qkv_split_by_rank(model, rank):
+    """Layer 1's q, k and v fused into one matrix and cut into equal row blocks per rank, each block then split as if
+    it were this rank's q, k and v shards: rank 0's q shard is right, everything after it is another's rows."""
+    attn = model.model.layers[1].self_attn
+    locals_ = [getattr(attn, name).weight.to_local() for name in ("q_proj", "k_proj", "v_proj")]
+    size = torch.distributed.get_world_size()
+    full = []
+    for local in locals_:
+        parts = [torch.empty_like(local) for _ in range(size)]
+        torch.distributed.all_gather(parts, local)
+        full.append(torch.cat(parts))
+    block = torch.cat(full).chunk(size)[rank]
+    for local, rows in zip(locals_, block.split([t.shape[0] for t in locals_])):
+        local.copy_(rows)
+
+
+class WrongQKVSplitTPEngine(TensorParallelHFEngine):
+    """HF tensor parallelism whose layer-1 q/k/v shards come from one fused matrix cut evenly by rank."""
+
+    rank_patch = f"{__file__}:fused_qkv_split_by_rank"

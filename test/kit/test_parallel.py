@@ -55,7 +55,7 @@ INTERMEDIATE = f"{LLAMA}/test_intermediate_validation.py"
 
 @pytest.mark.parametrize("engine,first,finding", [
     ("hf", None, None),
-    (f"{FAULTY_ENGINES}:OtherShardTPEngine", "layers.1.v_proj", "rank 1's features are the furthest off"),
+    (f"{FAULTY_ENGINES}:OtherShardTPEngine", "layers.1.v_proj", "rank 1's share is the furthest off"),
     (f"{FAULTY_ENGINES}:DivergentReplicaTPEngine", None, "rank 1's differs from rank 0's"),
     (f"{FAULTY_ENGINES}:MissingAllReduceTPEngine", "layers.1.down_proj", "partial sums never all-reduced")])
 def test_layer_by_layer_through_the_ranks_names_the_rank(engine, first, finding, llama_checkpoint, tmp_path):

@@ -510,7 +510,11 @@ FLAGS = (("--device_map", dict(choices=["auto", "balanced", "balanced_low_0", "s
 PARALLEL_FLAGS = (("--tensor_parallel_size", dict(type=int, default=1, metavar="N",
                                                   help="spread the model over N ranks: hf, HF's own tensor parallelism "
                                                        "(tp_plan auto) over N CPU processes the kit starts (gloo); "
-                                                       "vllm, its tensor parallelism (default 1)")),)
+                                                       "vllm, its tensor parallelism (default 1)")),
+                  ("--enable_expert_parallel", dict(action="store_true",
+                                                    help="with --tensor_parallel_size: a MoE model's experts spread "
+                                                         "whole over the ranks (expert parallelism, EP = TP) instead of "
+                                                         "each expert split")))
 
 
 def flag_groups():
@@ -567,6 +571,11 @@ def load_engine(spec, model_path, device, dtype, attn, options=None):
         cls = TensorParallelHFEngine
     if (options.get("tensor_parallel_size") or 1) > 1 and "tensor_parallel_size" not in getattr(cls, "OPTIONS", ()):
         raise UsageError(f"--tensor_parallel_size: engine {spec!r} does not spread a model over ranks (hf and vllm do)")
+    if options.get("enable_expert_parallel") and (options.get("tensor_parallel_size") or 1) < 2:
+        raise UsageError("--enable_expert_parallel spreads the experts over the tensor-parallel ranks: "
+                         "add --tensor_parallel_size N (N >= 2)")
+    if not options.get("enable_expert_parallel"):
+        options.pop("enable_expert_parallel", None)
     accepted = getattr(cls, "OPTIONS", ())
     if options.get("engine_args") is not None and "engine_args" not in accepted:
         raise UsageError(f"--engine_args: engine {spec!r} takes no engine settings; drop --engine_args")

@@ -444,23 +444,27 @@ def _nmse(a, b):
 
 
 def rank_finding(name, candidate, reference, ranks):
-    """Which rank's features of a column-parallel point are off (`ranks`: [(rank, slice of the last dimension)]
-    from the engine's ranks_of); for a replicated point the ranks hold differently ([(rank, its tensor)]), whether
-    their tensors sum to the reference while none alone is close (partial sums never all-reduced: the sum at least
-    1000x closer than the closest rank); None otherwise."""
+    """Which rank's share of a point is off (`ranks` from the engine's ranks_of: ("computed", [(rank, index)]), each
+    rank's elements as `tensor[index]`); for a replicated point the ranks hold differently (("held", [(rank, its
+    tensor)])), whether their tensors sum to the reference while none alone is close (partial sums never all-reduced:
+    the sum at least 1000x closer than the closest rank); None otherwise."""
     if not ranks:
         return None
-    if all(torch.is_tensor(part) for _, part in ranks):
-        alone = min(_nmse(part, reference) for _, part in ranks)
-        summed = _nmse(sum(part.double() for _, part in ranks), reference)
+    kind, shares = ranks
+    if kind == "held":
+        alone = min(_nmse(part, reference) for _, part in shares)
+        summed = _nmse(sum(part.double() for _, part in shares), reference)
         if summed < 1e-3 * alone:
             return (f"{name}: the ranks hold different tensors that sum to the reference (nmse {summed:.1e}; the "
                     f"closest rank alone {alone:.1e}): partial sums never all-reduced")
         return None
-    errors = {rank: _nmse(candidate[..., s], reference[..., s]) for rank, s in ranks}
+    errors = {rank: _nmse(candidate[index], reference[index]) for rank, index in shares
+              if candidate[index].numel()}
+    if not errors:
+        return None
     worst = max(errors, key=errors.get)
     shown = ", ".join(f"rank {r} nmse {e:.2e}" for r, e in errors.items())
-    return f"{name} by rank: {shown}: rank {worst}'s features are the furthest off"
+    return f"{name} by rank: {shown}: rank {worst}'s share is the furthest off"
 
 
 def validate_rows(run, judge, peer, dual, verdict, cand=None, results=None, other=None):

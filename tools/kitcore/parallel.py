@@ -9,12 +9,17 @@ dies or hangs ends the check with its last stderr lines; the ranks are stopped w
 CPU ranks only (each bound to its share of the CPU threads); end-to-end, forward and batch validation and corpus
 scoring run through it.
 
-Layer by layer (capture(), dense Llama models): every rank hands out its own tensors, unsharded by the layout of
-HF's plan (RANK_LAYOUT): the outputs of the column-parallel projections and the inputs of the row-parallel ones
-are each rank's block of features, concatenated in rank order; everything else is replicated after the
-all-reduce and taken from rank 0, each other rank checked equal to it (a difference is a finding of its own:
-`replicated_differences`). ranks_of() says which features of a point each rank computed, so a first divergence
-names the rank. Not yet: expert parallelism, partial sums before the all-reduce, NCCL ranks.
+With --enable_expert_parallel (a Qwen3-MoE model) HF's expert plan spreads the experts whole over the same ranks
+(EP = TP, as InfiniLM ties them): each rank runs its own experts on every token, the others' routes masked, and an
+all-reduce sums them.
+
+Layer by layer (capture()): every rank hands out its own tensors, unsharded by the layout of HF's plan (RANK_LAYOUT):
+the outputs of the column-parallel projections (and Qwen3's per-head q/k norms) and the inputs of the row-parallel
+ones are each rank's block of features, concatenated in rank order; under expert parallelism each [token, k] slot of
+expert_outputs belongs to the rank that holds the expert; everything else is replicated after the all-reduce and taken
+from rank 0, each other rank checked equal to it (a difference is a finding of its own: `replicated_differences`).
+ranks_of() says which elements of a point each rank computed, so a first divergence names the rank. Not yet:
+partial sums before the all-reduce, NCCL ranks.
 """
 
 import io
@@ -38,11 +43,16 @@ from .errors import Unavailable, UsageError
 LOAD_TIMEOUT_S = 600
 REQUEST_TIMEOUT_S = 600
 STOP_TIMEOUT_S = 10
-# how a point's tensor is spread over the ranks under HF's Llama plan: "columns" (each rank its block of the last
-# dimension, in rank order: q/k/v/gate/up by output rows, o_proj and down_proj's inputs); every other point replicated
-RANK_LAYOUT = dict.fromkeys(("q_proj", "k_proj", "v_proj", "attn_out", "gate_proj", "up_proj", "act_mul"), "columns")
-CAPTURED = ("embed_tokens", "input_layernorm", "q_proj", "k_proj", "v_proj", "attn_out", "o_proj", "attn_residual",
-            "post_attention_layernorm", "gate_proj", "up_proj", "act_mul", "down_proj", "output", "final_norm", "logits")
+# how a point's tensor is spread over the ranks under HF's plans: "columns" (each rank its block of the last
+# dimension, in rank order: q/k/v/gate/up by output rows, the per-head q/k norms, o_proj and down_proj's inputs);
+# "experts" (expert parallelism: each [token, k] slot of expert_outputs computed by the rank holding that expert);
+# every other point replicated (the router, moe_out, and each expert's output all-reduced under plain TP)
+RANK_LAYOUT = {**dict.fromkeys(("q_proj", "k_proj", "v_proj", "q_norm", "k_norm", "attn_out", "gate_proj", "up_proj",
+                                "act_mul"), "columns"), "expert_outputs": "experts"}
+CAPTURED = ("embed_tokens", "input_layernorm", "q_proj", "k_proj", "v_proj", "q_norm", "k_norm", "attn_out", "o_proj",
+            "attn_residual", "post_attention_layernorm", "gate_proj", "up_proj", "act_mul", "down_proj",
+            "router_logits", "experts_selected", "routing_weights", "expert_outputs", "moe_out", "output",
+            "final_norm", "logits")
 TOOLS = str(Path(__file__).resolve().parents[1])
 
 
@@ -68,20 +78,26 @@ class TensorParallelHFEngine:
     name = "hf-tp"
     rank_slices, replicated_differences, rank_parts = {}, (), {}  # of the last capture()
     padding_sides = ("left", "right")
-    OPTIONS = ("tensor_parallel_size",)
+    OPTIONS = ("tensor_parallel_size", "enable_expert_parallel")
     capabilities = frozenset({"new_cache", "attest", "capture", "ranks_of"})
     captured_points = CAPTURED
     # "path/to/file.py:function": run in every rank on the loaded model, function(model, rank), before any request:
     # how a plugin puts its own sharded layer (or, in the kit's tests, a rank's bug) in place
     rank_patch = None
 
-    def __init__(self, model_path, device, dtype, attn="sdpa", tensor_parallel_size=2):
+    def __init__(self, model_path, device, dtype, attn="sdpa", tensor_parallel_size=2, enable_expert_parallel=False):
         if device.type != "cpu":
             raise Unavailable(f"--tensor_parallel_size with --engine hf: CPU ranks over gloo only so far, not {device}")
         if tensor_parallel_size < 2:
             raise UsageError(f"--tensor_parallel_size {tensor_parallel_size}: at least 2 for tensor parallelism")
         self.device, self.dtype, self.size = device, dtype, tensor_parallel_size
-        self.model_type = open_checkpoint(model_path).model_type
+        config = open_checkpoint(model_path).config
+        self.model_type, experts = config.get("model_type"), config.get("num_experts") or 0
+        if enable_expert_parallel and experts % tensor_parallel_size:
+            raise UsageError(f"--enable_expert_parallel: {experts} experts do not spread evenly over "
+                             f"{tensor_parallel_size} ranks" if experts else
+                             f"--enable_expert_parallel: this {self.model_type} model has no experts; drop it")
+        self.experts_per_rank = experts // tensor_parallel_size if enable_expert_parallel else None
         threads = max(1, torch.get_num_threads() // tensor_parallel_size)
         authkey = secrets.token_bytes(16)
         self._listener = Listener(("127.0.0.1", 0), authkey=authkey)
@@ -89,7 +105,7 @@ class TensorParallelHFEngine:
                    MASTER_PORT=str(_free_port()), OMP_NUM_THREADS=str(threads))
         code = (f"import sys; sys.path.insert(0, {TOOLS!r}); from kitcore.parallel import rank_main; "
                 f"rank_main({str(model_path)!r}, {dtype_name(dtype)!r}, {attn!r}, {threads}, "
-                f"{self._listener.address!r}, {authkey!r}, {self.rank_patch!r})")
+                f"{self._listener.address!r}, {authkey!r}, {self.rank_patch!r}, {enable_expert_parallel!r})")
         self._ranks, self._conns = [], [None] * tensor_parallel_size
         # the ranks stop with the engine: when it is closed, collected, or at exit
         self.close = weakref.finalize(self, _stop, self._ranks, self._conns, self._listener)
@@ -105,8 +121,9 @@ class TensorParallelHFEngine:
             self._conns[rank] = conn
             if rank == 0:
                 self._placement = detail
-        self.description = (f"HF Transformers tp_plan=auto over {tensor_parallel_size} CPU ranks (gloo), "
-                            f"{threads} thread(s) each, {dtype_name(dtype)} {attn}")
+        self.description = (f"HF Transformers tp_plan=auto over {tensor_parallel_size} CPU ranks (gloo)"
+                            + (", experts spread whole over them (expert parallel)" if enable_expert_parallel else "")
+                            + f", {threads} thread(s) each, {dtype_name(dtype)} {attn}")
 
     def _accept_all(self):
         """Every rank's connection, in the order they come; a rank that exits or a start past LOAD_TIMEOUT_S ends it."""
@@ -160,36 +177,39 @@ class TensorParallelHFEngine:
 
     def capture(self, input_ids, position_ids, layers=None):
         """Every rank's captures of one forward, unsharded by RANK_LAYOUT (module docstring)."""
-        if self.model_type != "llama":
-            raise Unavailable(f"--tensor_parallel_size: per-rank captures of dense Llama layers only, not "
-                              f"{self.model_type}'s; its ranks are checked end to end and step by step")
         per_rank = [_unpack(raw) for raw in self._request("capture", _pack((input_ids, position_ids)))]
         out, self.rank_slices, self.replicated_differences, self.rank_parts = {}, {}, [], {}
         for name in per_rank[0]:
             parts = [captures[name] for captures in per_rank]
-            if RANK_LAYOUT.get(name.rsplit(".", 1)[-1]) == "columns":
+            layout = RANK_LAYOUT.get(name.rsplit(".", 1)[-1])
+            if layout == "columns":
                 out[name] = torch.cat(parts, -1)
                 edges = torch.tensor([0] + [p.shape[-1] for p in parts]).cumsum(0).tolist()
-                self.rank_slices[name] = [slice(a, b) for a, b in zip(edges, edges[1:])]
-            else:
-                out[name] = parts[0]
-                differing = [(name, r) for r, p in enumerate(parts[1:], 1) if not torch.equal(p, parts[0])]
-                if differing:
-                    self.replicated_differences += differing
-                    self.rank_parts[name] = parts
+                self.rank_slices[name] = [(..., slice(a, b)) for a, b in zip(edges, edges[1:])]
+                continue
+            if layout == "experts" and self.experts_per_rank:  # all-reduced; each slot owned by its expert's rank
+                owner = per_rank[0][name.replace("expert_outputs", "experts_selected")] // self.experts_per_rank
+                self.rank_slices[name] = [owner == rank for rank in range(self.size)]
+            out[name] = parts[0]
+            differing = [(name, r) for r, p in enumerate(parts[1:], 1) if not torch.equal(p, parts[0])]
+            if differing:
+                self.replicated_differences += differing
+                self.rank_parts[name] = parts
         return out
 
     def ranks_of(self, name):
-        """[(rank, slice of the last dimension)] of a column-parallel point of the last capture; for a replicated one
-        that differs between ranks, every rank's whole tensor ([(rank, tensor)]); else None."""
+        """("computed", [(rank, index)]): which elements of a point of the last capture each rank computed (`tensor[index]`:
+        a block of the last dimension, or a mask of expert_outputs' slots under expert parallelism); for a replicated
+        point that differs between ranks, ("held", [(rank, its whole tensor)]); else None."""
         if name in self.rank_parts:
-            return list(enumerate(self.rank_parts[name]))
-        slices = self.rank_slices.get(name)
-        return None if slices is None else list(enumerate(slices))
+            return "held", list(enumerate(self.rank_parts[name]))
+        indices = self.rank_slices.get(name)
+        return None if indices is None else ("computed", list(enumerate(indices)))
 
     def attest(self):
         return {"engine": self.name, "tensor_parallel_size": self.size, "backend": "gloo",
-                "q_proj_placement": self._placement, "dtype": dtype_name(self.dtype)}
+                "expert_parallel_size": self.size if self.experts_per_rank else 1, **self._placement,
+                "dtype": dtype_name(self.dtype)}
 
 
 def _stop(ranks, conns, listener):
@@ -222,16 +242,25 @@ def _patch(spec):
 
 def _rank_capture(model, ids, positions):
     """This rank's tensors of one forward at the kit's points (CAPTURED), as they are on this rank."""
+    from .engines import HFEngine
+
     out, hooks = {}, []
 
-    def keep(name):
+    def keep(name, flat=False):
         def hook(module, args, output):
-            out[name] = (output[0] if isinstance(output, tuple) else output).detach().clone()
+            tensor = (output[0] if isinstance(output, tuple) else output).detach().clone()
+            out[name] = tensor.flatten(-2) if flat else tensor  # q/k norms work on [B, S, heads, D]
         return hook
 
     def keep_input(name):
         def hook(module, args):
             out[name] = args[0].detach().clone()
+        return hook
+
+    def keep_routing(prefix, experts):
+        def hook(module, args, output):  # the router's points, each expert's output run through this rank's plan
+            for name, tensor in HFEngine._routing_points(experts, args[0], *output).items():
+                out[prefix + name] = tensor.reshape(*ids.shape, *tensor.shape[1:])
         return hook
 
     base = model.model
@@ -240,12 +269,21 @@ def _rank_capture(model, ids, positions):
         attn, mlp, p = layer.self_attn, layer.mlp, f"layers.{i}."
         for point, module in (("input_layernorm", layer.input_layernorm), ("q_proj", attn.q_proj),
                               ("k_proj", attn.k_proj), ("v_proj", attn.v_proj), ("o_proj", attn.o_proj),
-                              ("post_attention_layernorm", layer.post_attention_layernorm), ("gate_proj", mlp.gate_proj),
-                              ("up_proj", mlp.up_proj), ("down_proj", mlp.down_proj), ("output", layer)):
+                              ("post_attention_layernorm", layer.post_attention_layernorm), ("output", layer)):
             hooks.append(module.register_forward_hook(keep(p + point)))
-        for point, module in (("attn_out", attn.o_proj), ("attn_residual", layer.post_attention_layernorm),
-                              ("act_mul", mlp.down_proj)):
+        for point, module in (("attn_out", attn.o_proj), ("attn_residual", layer.post_attention_layernorm)):
             hooks.append(module.register_forward_pre_hook(keep_input(p + point)))
+        if getattr(attn, "q_norm", None) is not None:
+            hooks += [attn.q_norm.register_forward_hook(keep(p + "q_norm", flat=True)),
+                      attn.k_norm.register_forward_hook(keep(p + "k_norm", flat=True))]
+        if hasattr(mlp, "experts"):
+            hooks += [mlp.gate.register_forward_hook(keep_routing(p, mlp.experts)),
+                      mlp.register_forward_hook(keep(p + "moe_out"))]
+        else:
+            hooks += [mlp.gate_proj.register_forward_hook(keep(p + "gate_proj")),
+                      mlp.up_proj.register_forward_hook(keep(p + "up_proj")),
+                      mlp.down_proj.register_forward_pre_hook(keep_input(p + "act_mul")),
+                      mlp.down_proj.register_forward_hook(keep(p + "down_proj"))]
     hooks.append(base.norm.register_forward_hook(keep("final_norm")))
     try:
         out["logits"] = model(input_ids=ids, position_ids=positions).logits
@@ -255,7 +293,17 @@ def _rank_capture(model, ids, positions):
     return out
 
 
-def rank_main(model_path, dtype, attn, threads, address, authkey, rank_patch=None):
+def _placements(model):
+    """Where the ranks' shards of one attention and (a MoE model's) one experts weight lie, as torch names them."""
+    first = model.model.layers[0]
+    found = {"q_proj_placement": str(getattr(first.self_attn.q_proj.weight, "placements", "replicated"))}
+    experts = next((layer.mlp.experts for layer in model.model.layers if hasattr(layer.mlp, "experts")), None)
+    if experts is not None:
+        found["experts_placement"] = str(getattr(experts.gate_up_proj, "placements", "replicated"))
+    return found
+
+
+def rank_main(model_path, dtype, attn, threads, address, authkey, rank_patch=None, expert_parallel=False):
     """One rank: load the model under the group's tensor-parallel plan, then run the parent's requests until "stop"."""
     import inspect
     from multiprocessing.connection import Client
@@ -269,13 +317,19 @@ def rank_main(model_path, dtype, attn, threads, address, authkey, rank_patch=Non
         from .engines import quiet_transformers
 
         quiet_transformers()
-        model = AutoModelForCausalLM.from_pretrained(model_path, tp_plan="auto", dtype=getattr(torch, dtype),
-                                                     attn_implementation=attn).eval()
+        if expert_parallel:  # HF's expert plan (experts whole, Shard(0)) over the same ranks as its tensor plan
+            from transformers.distributed import DistributedConfig
+
+            size = int(os.environ["WORLD_SIZE"])
+            spread = dict(distributed_config=DistributedConfig(tp_size=size, ep_size=size))
+        else:
+            spread = dict(tp_plan="auto")
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype), attn_implementation=attn,
+                                                     **spread).eval()
         if rank_patch:
             with torch.no_grad():
                 _patch(rank_patch)(model, rank)
-        weight = model.model.layers[0].self_attn.q_proj.weight
-        conn.send((rank, "ready", str(getattr(weight, "placements", "replicated"))))
+        conn.send((rank, "ready", _placements(model)))
     except Exception as exc:  # the parent reports it and stops every rank
         conn.send((rank, "error", f"{type(exc).__name__}: {exc}"))
         return

