@@ -732,3 +732,65 @@ class WrongQKVSplitTPEngine(TensorParallelHFEngine):
     """HF tensor parallelism whose layer-1 q/k/v shards come from one fused matrix cut evenly by rank."""
 
     rank_patch = f"{__file__}:fused_qkv_split_by_rank"
+
+
+def bias_on_every_rank(model, rank):
+    """Layer 1's o_proj, row-parallel, adds its bias to each rank's partial sum: the all-reduce then sums it once per
+    rank (HF holds the bias back until after the all-reduce)."""
+    module = model.model.layers[1].self_attn.o_proj
+    weight, bias = module.weight.to_local(), module.bias
+    bias = bias.to_local() if hasattr(bias, "to_local") else bias
+
+    def forward(x):  # x: this rank's block of attn_out; HF's tp forward (all-reduce, then the bias) replaced
+        out = torch.nn.functional.linear(x, weight, bias)
+        torch.distributed.all_reduce(out)
+        return out
+
+    module.forward = forward
+
+
+class BiasOnEveryRankTPEngine(TensorParallelHFEngine):
+    """HF tensor parallelism whose layer-1 o_proj adds its bias on every rank before the all-reduce."""
+
+    rank_patch = f"{__file__}:bias_on_every_rank"
+
+
+def _replicate_kv_heads(model, rank, head_of):
+    """Every layer's k_proj and v_proj replaced by a plain projection onto one whole KV head (head_of(layer, rank)),
+    gathered from the shards HF's plan cut across heads; each rank's query heads then share that one KV head."""
+    size = torch.distributed.get_world_size()
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        for name in ("k_proj", "v_proj"):
+            local = getattr(attn, name).weight.to_local()
+            parts = [torch.empty_like(local) for _ in range(size)]
+            torch.distributed.all_gather(parts, local)
+            rows = torch.cat(parts).view(-1, attn.head_dim, local.shape[1])[head_of(i, rank)]
+            projection = torch.nn.Linear(local.shape[1], attn.head_dim, bias=False, dtype=local.dtype)
+            projection.weight.copy_(rows)
+            setattr(attn, name, projection)
+        attn.num_key_value_groups = attn.q_proj.weight.to_local().shape[0] // attn.head_dim
+
+
+def replicate_kv_heads(model, rank):
+    """More ranks than KV heads: rank r holds a copy of KV head r * kv_heads // ranks (the heads its queries use)."""
+    size, kv = torch.distributed.get_world_size(), model.config.num_key_value_heads
+    _replicate_kv_heads(model, rank, lambda layer, r: r * kv // size)
+
+
+def replicate_kv_heads_wrong_offset(model, rank):
+    """As replicate_kv_heads, but layer 1's copies taken at rank % kv_heads: ranks 1 and 2 hold the other head."""
+    size, kv = torch.distributed.get_world_size(), model.config.num_key_value_heads
+    _replicate_kv_heads(model, rank, lambda layer, r: r % kv if layer == 1 else r * kv // size)
+
+
+class ReplicatedKVTPEngine(TensorParallelHFEngine):
+    """A correct sharded attention for more ranks than KV heads (HF's plan would cut a head): KV heads copied."""
+
+    rank_patch = f"{__file__}:replicate_kv_heads"
+
+
+class KVHeadsWrongOffsetTPEngine(TensorParallelHFEngine):
+    """KV heads copied to more ranks than there are heads, layer 1's at the wrong offset."""
+
+    rank_patch = f"{__file__}:replicate_kv_heads_wrong_offset"

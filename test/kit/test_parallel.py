@@ -45,9 +45,30 @@ def test_the_ranks_are_stopped_with_the_engine(llama_checkpoint):
 def test_tensor_parallel_refusals_are_one_line(llama_checkpoint, moe_checkpoint):
     r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--tensor_parallel_size", 2, "--device_map", "auto")
     assert r.code == 2 and "choose one way to spread the model" in r.err, r
-    r = run_script(f"{LLAMA}/test_intermediate_validation.py", "--model_path", moe_checkpoint, "--tensor_parallel_size",
-                   2, "--dtype", "float32")
-    assert r.code == 3 and "dense Llama layers only" in r.err, r
+    r = run_script(INFERENCE, "--model_path", moe_checkpoint, "--enable_expert_parallel")
+    assert r.code == 2 and "add --tensor_parallel_size N" in r.err, r
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--tensor_parallel_size", 2, "--enable_expert_parallel")
+    assert r.code == 2 and "has no experts" in r.err, r
+    # two KV heads over four ranks: HF's plan would cut a head in two
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--tensor_parallel_size", 4)
+    assert r.code == 3 and "cannot replicate them" in r.err and "Traceback" not in r.err, r
+
+
+def test_the_peer_of_ranks_adds_their_sums_as_they_do(llama_checkpoint, moe_checkpoint):
+    """sum_as_ranks splits every row-parallel projection and the experts over the ranks and adds the partial sums in
+    rank order: in float32 the model computes what it did (a split that lost or doubled a block would not)."""
+    from kitcore.devices import Device
+    from kitcore.engines import HFEngine
+    from kitcore.parallel import sum_as_ranks
+
+    for ckpt, expert_parallel in ((llama_checkpoint, False), (moe_checkpoint, False), (moe_checkpoint, True)):
+        engine = HFEngine(str(ckpt), Device("cpu", "cpu"), torch.float32, "sdpa")
+        ids = torch.arange(3, 35)[None]
+        plain = engine.forward(ids, torch.arange(32)[None])
+        sum_as_ranks(engine.model, {"tensor_parallel_size": 2, "expert_parallel": expert_parallel})
+        summed = engine.forward(ids, torch.arange(32)[None])
+        torch.testing.assert_close(summed, plain, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(summed, plain)  # the sums were split: another rounding
 
 
 INTERMEDIATE = f"{LLAMA}/test_intermediate_validation.py"
@@ -57,12 +78,14 @@ INTERMEDIATE = f"{LLAMA}/test_intermediate_validation.py"
     ("hf", None, None),
     (f"{FAULTY_ENGINES}:OtherShardTPEngine", "layers.1.v_proj", "rank 1's share is the furthest off"),
     (f"{FAULTY_ENGINES}:DivergentReplicaTPEngine", None, "rank 1's differs from rank 0's"),
-    (f"{FAULTY_ENGINES}:MissingAllReduceTPEngine", "layers.1.down_proj", "partial sums never all-reduced")])
+    (f"{FAULTY_ENGINES}:MissingAllReduceTPEngine", "layers.1.down_proj", "partial sums never all-reduced"),
+    (f"{FAULTY_ENGINES}:WrongQKVSplitTPEngine", "layers.1.q_proj", "rank 1's share is the furthest off")])
 def test_layer_by_layer_through_the_ranks_names_the_rank(engine, first, finding, llama_checkpoint, tmp_path):
     """Per-rank captures unsharded by HF's plan (column-parallel blocks concatenated in rank order, replicated
-    tensors from rank 0, each other rank checked equal): a correct run passes; a rank reading rank 0's shard is
-    located at its layer, component and rank; a replica that differs is a finding of its own; a row-parallel
-    projection without its all-reduce is located and its partial sums found."""
+    tensors from rank 0, each other rank checked equal): a correct run passes; a rank reading rank 0's shard, or q/k/v
+    shards cut from one fused matrix evenly by rank, is located at its layer, component and rank; a replica that
+    differs is a finding of its own; a row-parallel projection without its all-reduce is located and its partial sums
+    found."""
     r = run_script(INTERMEDIATE, "--model_path", llama_checkpoint, "--engine", engine, "--tensor_parallel_size", 2,
                    "--dtype", "float32", json_path=tmp_path / "r.json")
     assert r.code == (0 if first is None and finding is None else 1), r
@@ -70,3 +93,74 @@ def test_layer_by_layer_through_the_ranks_names_the_rank(engine, first, finding,
         assert f"and {first} (FAIL" in r.out, r.out
     if finding:
         assert finding in r.out, r.out
+
+
+@pytest.mark.parametrize("dtype,expert_parallel", [("float32", True), ("bfloat16", False),
+                                                   pytest.param("bfloat16", True, marks=EXTENDED),
+                                                   pytest.param("float32", False, marks=EXTENDED)])
+def test_qwen3_moe_layer_by_layer_through_the_ranks(dtype, expert_parallel, moe_checkpoint, tmp_path):
+    """Qwen3-MoE over two ranks, each expert split (HF's tensor plan) or the experts spread whole (expert parallel):
+    every point passes, the router's and the experts' included, against a peer that adds the ranks' sums as they do."""
+    argv = ["--enable_expert_parallel"] if expert_parallel else []
+    r = run_script(INTERMEDIATE, "--model_path", moe_checkpoint, "--tensor_parallel_size", 2, "--dtype", dtype, *argv,
+                   json_path=tmp_path / "r.json")
+    assert r.code == 0, r
+    assert f"expert_parallel_size={2 if expert_parallel else 1}" in r.out and "as the all-reduce does" in r.out
+    seen = {p["point"].split(".")[-1] for p in r.json["points"] if p["status"] == "ok"}
+    assert {"q_norm", "router_logits", "experts_selected", "expert_outputs", "moe_out"} <= seen
+
+
+def test_global_expert_ids_under_expert_parallelism_name_the_rank(moe_checkpoint, tmp_path):
+    """Layer 1's experts handed global ids where local ones were meant: rank 0's coincide, rank 1's routes are lost;
+    located at layers.1.expert_outputs, and rank 1 named by the experts it holds."""
+    r = run_script(INTERMEDIATE, "--model_path", moe_checkpoint, "--engine", f"{FAULTY_ENGINES}:GlobalExpertIdsEPEngine",
+                   "--tensor_parallel_size", 2, "--enable_expert_parallel", "--dtype", "float32",
+                   json_path=tmp_path / "r.json")
+    assert r.code == 1 and r.json["first_divergence"] == {"layer": 1, "point": "expert_outputs"}, r
+    assert "rank 1's share is the furthest off" in r.out
+
+
+@pytest.fixture(scope="module")
+def biased_llama(llama_checkpoint, tmp_path_factory):
+    """The tiny Llama with q/k/v/o biases (seeded, 0.02 standard deviation): a row-parallel o_proj with a bias."""
+    from kit_helpers import copy_checkpoint, edit_config, edit_weights
+
+    ckpt = copy_checkpoint(llama_checkpoint, tmp_path_factory.mktemp("tp") / "attention_bias")
+    generator = torch.Generator().manual_seed(0)
+
+    def add_biases(sd):
+        for name in [n for n in sd if n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))]:
+            sd[name.removesuffix("weight") + "bias"] = 0.02 * torch.randn(sd[name].shape[0], generator=generator)
+
+    edit_weights(ckpt, add_biases)
+    edit_config(ckpt, attention_bias=True)
+    return ckpt
+
+
+@pytest.mark.parametrize("engine,dtype", [("hf", "bfloat16"), ("BiasOnEveryRankTPEngine", "bfloat16"),
+                                          pytest.param("BiasOnEveryRankTPEngine", "float32", marks=EXTENDED)])
+def test_a_row_parallel_bias_added_on_every_rank(engine, dtype, biased_llama, tmp_path):
+    """HF adds a row-parallel projection's bias once, after the all-reduce: passes. Added to each rank's partial sum,
+    it is located at layers.1.o_proj and found to be the bias added twice."""
+    spec = engine if engine == "hf" else f"{FAULTY_ENGINES}:{engine}"
+    r = run_script(INTERMEDIATE, "--model_path", biased_llama, "--engine", spec, "--tensor_parallel_size", 2,
+                   "--dtype", dtype, json_path=tmp_path / "r.json")
+    if engine == "hf":
+        assert r.code == 0, r
+        return
+    assert r.code == 1 and r.json["first_divergence"] == {"layer": 1, "point": "o_proj"}, r
+    assert "off by 1.00x its bias on every token" in r.out and "the bias added 2 times" in r.out, r.out
+
+
+@pytest.mark.parametrize("engine,code", [("ReplicatedKVTPEngine", 0), ("KVHeadsWrongOffsetTPEngine", 1)])
+def test_kv_heads_copied_to_more_ranks_than_heads(engine, code, llama_checkpoint, tmp_path):
+    """Two KV heads over four ranks: a sharded attention that copies KV head r * 2 // 4 to rank r passes; one that
+    takes layer 1's at rank % 2 is located at layers.1.k_proj, rank 2 named (the first holder of head 1), and the
+    copies that differ (rank 1 from rank 0, rank 3 from rank 2) are findings."""
+    r = run_script(INTERMEDIATE, "--model_path", llama_checkpoint, "--engine", f"{FAULTY_ENGINES}:{engine}",
+                   "--tensor_parallel_size", 4, "--dtype", "float32", json_path=tmp_path / "r.json")
+    assert r.code == code, r
+    if code:
+        assert r.json["first_divergence"] == {"layer": 1, "point": "k_proj"}, r.json["first_divergence"]
+        assert "rank 2's share is the furthest off" in r.out
+        assert "rank 1's differs from rank 0's" in r.out and "rank 3's differs from rank 2's" in r.out

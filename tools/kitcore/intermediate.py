@@ -431,6 +431,8 @@ def validate_row(run, cand, ids, pos, judge, peer, dual, results, verdict, other
                     finding = f"{name}: {layout} -- the interleaved-vs-half-split RoPE layout mistake" if layout else None
                     if finding is None and "ranks_of" in protocol.capabilities(cand) and name in candidate:
                         finding = rank_finding(name, candidate[name], reference[name], cand.ranks_of(name))
+                    if finding is None and name in candidate:
+                        finding = bias_finding(name, candidate[name], reference[name], run.reference_checkpoint)
                     first = (layer, point, name, found, finding, last_agreeing)
                 if not failed and first is None:
                     last_agreeing = name
@@ -465,6 +467,28 @@ def rank_finding(name, candidate, reference, ranks):
     worst = max(errors, key=errors.get)
     shown = ", ".join(f"rank {r} nmse {e:.2e}" for r, e in errors.items())
     return f"{name} by rank: {shown}: rank {worst}'s share is the furthest off"
+
+
+BIAS_OF = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+           "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+           "down_proj": "mlp.down_proj"}
+
+
+def bias_finding(name, candidate, reference, checkpoint):
+    """Whether a projection's error is a multiple of its bias on every token (what a bias added on each rank of a
+    row-parallel layer, or added twice, leaves): the multiple, when the rest is under 1% of the error; else None."""
+    layer, _, point = name.removeprefix("layers.").partition(".")
+    tensor = f"model.layers.{layer}.{BIAS_OF.get(point)}.bias"
+    if point not in BIAS_OF or tensor not in checkpoint.tensors:
+        return None
+    bias = checkpoint.load_tensors([tensor])[tensor].double()
+    error = (candidate.double() - reference.double()).reshape(-1, bias.numel())
+    times = float((error @ bias).mean() / bias.pow(2).sum().clamp_min(1e-300))
+    rest = float((error - times * bias).pow(2).sum() / error.pow(2).sum().clamp_min(1e-300))
+    if rest > 1e-2 or abs(times) < 0.5:
+        return None
+    return (f"{name} is off by {times:.2f}x its bias on every token (the rest {rest:.1e} of the error): the bias "
+            f"added {round(times) + 1} times (a row-parallel bias added on every rank?)")
 
 
 def validate_rows(run, judge, peer, dual, verdict, cand=None, results=None, other=None):
@@ -584,8 +608,8 @@ def check(run):
                  for i in range(run.reference_checkpoint.config["num_hidden_layers"]))
     coarse = protocol.declared(cand, "captured_points") is not None
     findings, worst_own = findings_of(rows, first, batched, routing if sparse else None, coarse)
-    for name, rank in protocol.declared(cand, "replicated_differences") or ():
-        message = f"{name} is replicated across ranks, and rank {rank}'s differs from rank 0's"
+    for name, rank, holder in protocol.declared(cand, "replicated_differences") or ():
+        message = f"{name} is replicated across ranks, and rank {rank}'s differs from rank {holder}'s"
         verdict.add(f"{name} replicated", False, message)
         findings.append(message)
     if other is not None:

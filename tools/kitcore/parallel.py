@@ -53,6 +53,7 @@ CAPTURED = ("embed_tokens", "input_layernorm", "q_proj", "k_proj", "v_proj", "q_
             "attn_residual", "post_attention_layernorm", "gate_proj", "up_proj", "act_mul", "down_proj",
             "router_logits", "experts_selected", "routing_weights", "expert_outputs", "moe_out", "output",
             "final_norm", "logits")
+KV_POINTS = ("k_proj", "v_proj", "k_norm")  # copies of a KV head on several ranks when there are fewer heads than ranks
 TOOLS = str(Path(__file__).resolve().parents[1])
 
 
@@ -93,11 +94,18 @@ class TensorParallelHFEngine:
         self.device, self.dtype, self.size = device, dtype, tensor_parallel_size
         config = open_checkpoint(model_path).config
         self.model_type, experts = config.get("model_type"), config.get("num_experts") or 0
-        if enable_expert_parallel and experts % tensor_parallel_size:
+        if enable_expert_parallel and (not experts or experts % tensor_parallel_size):
             raise UsageError(f"--enable_expert_parallel: {experts} experts do not spread evenly over "
                              f"{tensor_parallel_size} ranks" if experts else
                              f"--enable_expert_parallel: this {self.model_type} model has no experts; drop it")
         self.experts_per_rank = experts // tensor_parallel_size if enable_expert_parallel else None
+        self.ranks = {"tensor_parallel_size": tensor_parallel_size, "expert_parallel": enable_expert_parallel}
+        self.kv_heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
+        if self.kv_heads % tensor_parallel_size and tensor_parallel_size % self.kv_heads or (
+                self.kv_heads < tensor_parallel_size and self.rank_patch is None):
+            raise Unavailable(f"--tensor_parallel_size {tensor_parallel_size} over {self.kv_heads} KV heads: HF's plan "
+                              "cuts the KV heads evenly by rank and cannot replicate them; an engine that does puts "
+                              "its attention in every rank with rank_patch (tools/kitcore/parallel.py)")
         threads = max(1, torch.get_num_threads() // tensor_parallel_size)
         authkey = secrets.token_bytes(16)
         self._listener = Listener(("127.0.0.1", 0), authkey=authkey)
@@ -181,30 +189,50 @@ class TensorParallelHFEngine:
         out, self.rank_slices, self.replicated_differences, self.rank_parts = {}, {}, [], {}
         for name in per_rank[0]:
             parts = [captures[name] for captures in per_rank]
-            layout = RANK_LAYOUT.get(name.rsplit(".", 1)[-1])
+            point = name.rsplit(".", 1)[-1]
+            layout = RANK_LAYOUT.get(point)
+            if layout == "columns" and point in KV_POINTS and self.kv_heads < self.size:
+                self._unshard_kv_copies(name, parts, out)
+                continue
             if layout == "columns":
                 out[name] = torch.cat(parts, -1)
                 edges = torch.tensor([0] + [p.shape[-1] for p in parts]).cumsum(0).tolist()
-                self.rank_slices[name] = [(..., slice(a, b)) for a, b in zip(edges, edges[1:])]
+                self.rank_slices[name] = [(r, (..., slice(a, b))) for r, (a, b) in enumerate(zip(edges, edges[1:]))]
                 continue
             if layout == "experts" and self.experts_per_rank:  # all-reduced; each slot owned by its expert's rank
                 owner = per_rank[0][name.replace("expert_outputs", "experts_selected")] // self.experts_per_rank
-                self.rank_slices[name] = [owner == rank for rank in range(self.size)]
+                self.rank_slices[name] = [(rank, owner == rank) for rank in range(self.size)]
             out[name] = parts[0]
-            differing = [(name, r) for r, p in enumerate(parts[1:], 1) if not torch.equal(p, parts[0])]
-            if differing:
-                self.replicated_differences += differing
-                self.rank_parts[name] = parts
+            self._check_copies(name, parts, range(self.size))
         return out
+
+    def _unshard_kv_copies(self, name, parts, out):
+        """Fewer KV heads than ranks: rank r holds a copy of KV head r * kv_heads // size. The point is each head
+        from the first rank holding it; every other copy is checked equal to that one."""
+        width = parts[0].shape[-1]
+        holders = [[r for r in range(self.size) if r * self.kv_heads // self.size == h] for h in range(self.kv_heads)]
+        out[name] = torch.cat([parts[ranks[0]] for ranks in holders], -1)
+        self.rank_slices[name] = [(ranks[0], (..., slice(h * width, (h + 1) * width)))
+                                  for h, ranks in enumerate(holders)]
+        for ranks in holders:
+            self._check_copies(name, parts, ranks)
+
+    def _check_copies(self, name, parts, ranks):
+        """Every rank of `ranks` holds what the first one does; those that do not are findings."""
+        first, *others = ranks
+        differing = [(name, r, first) for r in others if not torch.equal(parts[r], parts[first])]
+        if differing:
+            self.replicated_differences += differing
+            self.rank_parts[name] = parts
 
     def ranks_of(self, name):
         """("computed", [(rank, index)]): which elements of a point of the last capture each rank computed (`tensor[index]`:
         a block of the last dimension, or a mask of expert_outputs' slots under expert parallelism); for a replicated
         point that differs between ranks, ("held", [(rank, its whole tensor)]); else None."""
-        if name in self.rank_parts:
+        if name in self.rank_parts and name not in self.rank_slices:
             return "held", list(enumerate(self.rank_parts[name]))
         indices = self.rank_slices.get(name)
-        return None if indices is None else ("computed", list(enumerate(indices)))
+        return None if indices is None else ("computed", indices)
 
     def attest(self):
         return {"engine": self.name, "tensor_parallel_size": self.size, "backend": "gloo",
@@ -354,3 +382,65 @@ def rank_main(model_path, dtype, attn, threads, address, authkey, rank_patch=Non
             conn.send((rank, "ok", answer))
         except Exception as exc:
             conn.send((rank, "error", f"{type(exc).__name__}: {exc}"))
+
+
+def sum_as_ranks(model, ranks):
+    """Make a one-process HF model add up what the ranks of `ranks` (an engine's declared `ranks`) sum: every
+    row-parallel projection (o_proj, a dense down_proj) as N partial products over blocks of its input, each in the
+    model's dtype, added in rank order in that dtype as an all-reduce does; a sparse block's experts as N partial
+    outputs (each rank's experts under expert parallelism, each rank's slice of every expert otherwise) added the same
+    way. The peer of a candidate spread over ranks: its error includes the all-reduce's own rounding."""
+    size, by_expert = ranks["tensor_parallel_size"], ranks["expert_parallel"]
+    for layer in model.model.layers:
+        projections = [layer.self_attn.o_proj] + ([layer.mlp.down_proj] if hasattr(layer.mlp, "down_proj") else [])
+        for module in projections:
+            module.forward = _row_parallel_sum(module, size)
+        if hasattr(layer.mlp, "experts"):
+            layer.mlp.experts.forward = _experts_sum(layer.mlp.experts, size, by_expert)
+
+
+def _add_in_rank_order(partials):
+    total = partials[0]
+    for part in partials[1:]:
+        total = total + part  # in the partials' dtype, as the all-reduce adds them
+    return total
+
+
+def _row_parallel_sum(module, size):
+    blocks = module.weight.shape[1] // size
+
+    def forward(x):
+        partials = [torch.nn.functional.linear(x[..., r * blocks:(r + 1) * blocks],
+                                               module.weight[:, r * blocks:(r + 1) * blocks]) for r in range(size)]
+        total = _add_in_rank_order(partials)
+        return total if module.bias is None else total + module.bias
+    return forward
+
+
+def _experts_sum(experts, size, by_expert):
+    import copy
+
+    whole = type(experts).forward
+    if by_expert:
+        own = experts.num_experts // size
+
+        def forward(hidden_states, top_k_index, top_k_weights):
+            return _add_in_rank_order([whole(experts, hidden_states, top_k_index,
+                                             top_k_weights.masked_fill(top_k_index // own != r, 0.0))
+                                       for r in range(size)])
+        return forward
+    inner = experts.down_proj.shape[-1]
+    block = inner // size
+    slices = []
+    for r in range(size):  # rank r's slice of every expert: its gate and up rows, its down_proj columns
+        part = copy.copy(experts)
+        rows = torch.cat([torch.arange(r * block, (r + 1) * block), inner + torch.arange(r * block, (r + 1) * block)])
+        part._parameters = {"gate_up_proj": torch.nn.Parameter(experts.gate_up_proj[:, rows], requires_grad=False),
+                            "down_proj": torch.nn.Parameter(experts.down_proj[..., r * block:(r + 1) * block],
+                                                            requires_grad=False)}
+        part.intermediate_dim = block
+        slices.append(part)
+
+    def forward(hidden_states, top_k_index, top_k_weights):
+        return _add_in_rank_order([whole(part, hidden_states, top_k_index, top_k_weights) for part in slices])
+    return forward

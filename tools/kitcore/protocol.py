@@ -133,7 +133,8 @@ DECLARED = {
     "max_model_len": None,  # the longest sequence it takes (forward validation caps its steps)
     "recomputes_prefix": False,  # its "cache" recomputes the whole prefix: the cache check tests nothing
     "captured_points": None,  # the point kinds capture() hands out (kitcore.points), None for all of them
-    "replicated_differences": (),  # after capture(): (point, rank) of a replicated tensor a rank holds otherwise
+    "replicated_differences": (),  # after capture(): (point, rank, the rank it should equal) of a replicated tensor
+    "ranks": None,  # spread over ranks: {"tensor_parallel_size": N, "expert_parallel": bool}; its peer sums as they do
 }
 
 

@@ -630,6 +630,13 @@ def _build_peer(args, reference_checkpoint, device, dtype, candidate, every_form
                       f"simulated ({fmt}: {formats.describe(fmt)}): KL limits k^2 x its (k={judges.PEER_K:g})")
     engine = engines.HFEngine(str(reference_checkpoint.path), device, dtype, args.attn, args.device_map)
     note = _peer_note(devices.dtype_name(dtype), args.attn, device)
+    ranks = protocol.declared(candidate, "ranks")
+    if ranks:
+        from .parallel import sum_as_ranks
+
+        sum_as_ranks(engine.model, ranks)
+        note += (f"; in one process, adding its {'experts and ' if ranks['expert_parallel'] else ''}row-parallel "
+                 f"sums over {ranks['tensor_parallel_size']} ranks in {devices.dtype_name(dtype)} as the all-reduce does")
     simulated, why = formats.simulated(declared, reference_checkpoint.config) if declared else (True, "")
     if not simulated:
         note += f"; format {declared} not simulated here ({why})"
