@@ -200,6 +200,20 @@ def test_vllm_in_process(model, dtype, script, code, llama_checkpoint, moe_check
 
 
 @needs_vllm
+def test_vllm_tensor_parallel_over_two_cpu_workers(llama_checkpoint):
+    """vLLM's CPU backend at tensor_parallel_size 2, a core bound to each worker (its own binding wants a NUMA node
+    per worker): passes end to end against a peer that adds the row-parallel sums as two ranks do; layer by layer it
+    is refused in one line (the workers are other processes)."""
+    argv = [servers.VLLM_PYTHON, ROOT / INFERENCE, "--model_path", llama_checkpoint, "--engine", "vllm", "--dtype",
+            "bfloat16", "--tensor_parallel_size", "2", "--require", "tensor_parallel_size=2"]
+    proc = subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "as the all-reduce does" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    argv[1] = ROOT / INTERMEDIATE
+    proc = subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 3 and "layer by layer with --tensor_parallel_size 1 only" in proc.stderr, proc.stderr[-3000:]
+
+
+@needs_vllm
 @pytest.mark.skipif(os.environ.get("KIT_SERVING") != "1", reason="a second vLLM server, as deployed: nox -s serving")
 def test_vllm_served_as_deployed(llama_checkpoint, tmp_path):
     """vLLM's server with its prefix cache on and chunked prefill in 16-token chunks: the cache pairs across its

@@ -39,6 +39,12 @@ class NotWhatWasAsked(KitError):
     exit_code = EXIT_FAIL
 
 
+class EngineFailed(KitError):
+    """The engine under test stopped working mid-check (a worker process died): its verdict (fail)."""
+
+    exit_code = EXIT_FAIL
+
+
 class Unavailable(KitError):
     """Something the run needs is not present on this machine."""
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .devices import dtype_name
-from .errors import Unavailable, UsageError
+from .errors import EngineFailed, Unavailable, UsageError
 
 VLLM_INSTALL_HINT = ("fix: make setup-vllm (builds .venv-vllm), then run the script with .venv-vllm/bin/python; "
                      "on a GPU machine install your own vLLM build in that environment")
@@ -118,7 +118,7 @@ class VLLMEngine(ServingEngine):
     (before sampling). What ran is read back from vLLM's own config (attest())."""
 
     name = "vllm"
-    OPTIONS = ("n_ctx", "tensor_parallel_size", "engine_args")
+    OPTIONS = ("n_ctx", "tensor_parallel_size", "enable_expert_parallel", "engine_args")
     SETTINGS = ("enable_prefix_caching", "enable_chunked_prefill", "max_num_batched_tokens", "max_num_seqs",
                 "kv_cache_dtype", "block_size", "enforce_eager")
     capabilities = frozenset({"generate", "attest", "tokenize", "baseline", "reset_prefix_cache", "capture"})
@@ -128,7 +128,8 @@ class VLLMEngine(ServingEngine):
                        "o_proj", "attn_residual", "post_attention_layernorm", "gate_proj", "up_proj", "act_mul",
                        "down_proj", "output", "final_norm")
 
-    def __init__(self, model_path, device, dtype, attn="sdpa", n_ctx=None, tensor_parallel_size=1, engine_args=None):
+    def __init__(self, model_path, device, dtype, attn="sdpa", n_ctx=None, tensor_parallel_size=1,
+                 enable_expert_parallel=False, engine_args=None):
         self._args = (model_path, device, dtype, attn, n_ctx, tensor_parallel_size)
         settings = {**self.DEFAULTS, **(engine_args or {})}
         self.settings = settings
@@ -161,7 +162,8 @@ class VLLMEngine(ServingEngine):
         self.max_model_len = max_len
         try:
             self.llm = vllm.LLM(model=model_path, dtype=dtype_name(dtype), max_model_len=max_len, max_logprobs=-1,
-                                seed=0, tensor_parallel_size=tensor_parallel_size, **settings)
+                                seed=0, tensor_parallel_size=tensor_parallel_size,
+                                enable_expert_parallel=enable_expert_parallel, **settings)
         except (ValueError, TypeError, NotImplementedError) as exc:  # the settings asked for, not the kit
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
             error = Unavailable if isinstance(exc, NotImplementedError) else UsageError  # not on this machine
@@ -170,6 +172,8 @@ class VLLMEngine(ServingEngine):
         self.description = (f"vLLM {vllm.__version__} in-process on {platform}, {dtype_name(dtype)}"
                             + (f", tensor parallel over {tensor_parallel_size}" if tensor_parallel_size > 1 else ""))
         self.cached_tokens = []  # per request, as vLLM reports it (num_cached_tokens): prefix-cache hits
+        if tensor_parallel_size > 1:  # its peer adds the row-parallel sums as its ranks do
+            self.ranks = {"tensor_parallel_size": tensor_parallel_size, "expert_parallel": enable_expert_parallel}
 
     def attest(self):
         config = self.llm.llm_engine.vllm_config
@@ -181,6 +185,7 @@ class VLLMEngine(ServingEngine):
                 "max_num_batched_tokens": scheduler.max_num_batched_tokens,
                 "attention_backend": getattr(getattr(config, "attention_config", None), "backend", None) or "auto",
                 "tensor_parallel_size": config.parallel_config.tensor_parallel_size,
+                "enable_expert_parallel": config.parallel_config.enable_expert_parallel,
                 **({"cpu_threads_bind": os.environ["VLLM_CPU_OMP_THREADS_BIND"]}
                    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ else {})}
 
@@ -286,7 +291,13 @@ class VLLMEngine(ServingEngine):
     def complete(self, rows, max_tokens, prompt_logprobs):
         params = self._vllm.SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=-1, ignore_eos=True,
                                            prompt_logprobs=-1 if prompt_logprobs else None)
-        outs = self.llm.generate([{"prompt_token_ids": r} for r in rows], params, use_tqdm=False)
+        try:
+            outs = self.llm.generate([{"prompt_token_ids": r} for r in rows], params, use_tqdm=False)
+        except RuntimeError as exc:
+            if self._args[5] == 1:
+                raise
+            raise EngineFailed(f"engine vllm: its tensor-parallel workers stopped mid-request ({exc}); their output "
+                               "above says why") from None
         self.cached_tokens += [getattr(out, "num_cached_tokens", None) for out in outs]
         completions = []
         for row, out in zip(rows, outs):
