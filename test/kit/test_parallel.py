@@ -20,9 +20,13 @@ def test_two_ranks_pass_end_to_end(family, dtype, llama_checkpoint, moe_checkpoi
     assert "calibrated by its error" in r.out  # the ranks are a candidate, HF on one process its peer
 
 
-def test_two_ranks_keep_their_kv_caches_through_forward_validation(llama_checkpoint):
-    r = run_script(FORWARD, "--model_path", llama_checkpoint, "--tensor_parallel_size", 2, "--dtype", "float32",
-                   "--decode_steps", 4)
+@pytest.mark.parametrize("family,dtype,argv", [("llama", "float32", ()),
+                                               ("qwen3_moe", "bfloat16", ("--enable_expert_parallel",))])
+def test_two_ranks_keep_their_kv_caches_through_forward_validation(family, dtype, argv, llama_checkpoint,
+                                                                   moe_checkpoint):
+    ckpt = llama_checkpoint if family == "llama" else moe_checkpoint
+    r = run_script(FORWARD, "--model_path", ckpt, "--tensor_parallel_size", 2, "--dtype", dtype, "--decode_steps", 4,
+                   *argv)
     assert r.code == 0 and "every step CLOSE" in r.out, r
 
 
