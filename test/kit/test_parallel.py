@@ -101,7 +101,8 @@ def test_layer_by_layer_through_the_ranks_names_the_rank(engine, first, finding,
 
 @pytest.mark.parametrize("dtype,expert_parallel", [("float32", True), ("bfloat16", False),
                                                    pytest.param("bfloat16", True, marks=EXTENDED),
-                                                   pytest.param("float32", False, marks=EXTENDED)])
+                                                   pytest.param("float32", False, marks=EXTENDED),
+                                                   pytest.param("float16", True, marks=EXTENDED)])
 def test_qwen3_moe_layer_by_layer_through_the_ranks(dtype, expert_parallel, moe_checkpoint, tmp_path):
     """Qwen3-MoE over two ranks, each expert split (HF's tensor plan) or the experts spread whole (expert parallel):
     every point passes, the router's and the experts' included, against a peer that adds the ranks' sums as they do."""
