@@ -169,3 +169,23 @@ def test_kv_heads_copied_to_more_ranks_than_heads(engine, code, llama_checkpoint
         assert r.json["first_divergence"] == {"layer": 1, "point": "k_proj"}, r.json["first_divergence"]
         assert "rank 2's share is the furthest off" in r.out
         assert "rank 1's differs from rank 0's" in r.out and "rank 3's differs from rank 2's" in r.out
+
+
+@pytest.mark.parametrize("family,argv,tensor,first,rank", [
+    ("llama", (), "model.layers.1.mlp.down_proj.weight", "down_proj", None),
+    ("qwen3_moe", ("--enable_expert_parallel",), "model.layers.1.mlp.experts.6.down_proj.weight", "expert_outputs",
+     "rank 1's share is the furthest off")])
+def test_a_checkpoint_fault_read_by_the_ranks_is_located(family, argv, tensor, first, rank, llama_checkpoint,
+                                                         moe_checkpoint, tmp_path):
+    """The ranks load a copy with one weight x1.01 (an expert's x1.05), the reference the clean checkpoint: the first
+    divergence is that layer and component; under expert parallelism the rank holding the expert (6 of 8: rank 1)."""
+    from kit_helpers import copy_checkpoint, edit_weights, scale_weight
+
+    clean = llama_checkpoint if family == "llama" else moe_checkpoint
+    faulty = copy_checkpoint(clean, tmp_path / "faulty")
+    edit_weights(faulty, scale_weight(tensor, 1.01 if family == "llama" else 1.05))
+    r = run_script(INTERMEDIATE, "--model_path", faulty, "--reference_path", clean, "--tensor_parallel_size", 2,
+                   "--dtype", "float32", *argv, json_path=tmp_path / "r.json")
+    assert r.code == 1 and r.json["first_divergence"] == {"layer": 1, "point": first}, r
+    if rank:
+        assert rank in r.out, r.out
