@@ -93,8 +93,10 @@ def test_layer_by_layer_through_the_ranks_names_the_rank(engine, first, finding,
     r = run_script(INTERMEDIATE, "--model_path", llama_checkpoint, "--engine", engine, "--tensor_parallel_size", 2,
                    "--dtype", "float32", json_path=tmp_path / "r.json")
     assert r.code == (0 if first is None and finding is None else 1), r
+    if engine == "hf":  # every point handed out, q/k after RoPE from each rank's heads, the RoPE check run
+        assert "not seen" not in r.out and "RoPE: PASS" in r.out, r.out
     if first:
-        assert f"and {first} (FAIL" in r.out, r.out
+        assert r.json["first_divergence"] == {"layer": 1, "point": first.rsplit(".", 1)[-1]}, r.out
     if finding:
         assert finding in r.out, r.out
 

@@ -22,6 +22,7 @@ ranks_of() says which elements of a point each rank computed, so a first diverge
 partial sums before the all-reduce, NCCL ranks.
 """
 
+import importlib
 import io
 import os
 import secrets
@@ -48,12 +49,11 @@ STOP_TIMEOUT_S = 10
 # "experts" (expert parallelism: each [token, k] slot of expert_outputs computed by the rank holding that expert);
 # every other point replicated (the router, moe_out, and each expert's output all-reduced under plain TP)
 RANK_LAYOUT = {**dict.fromkeys(("q_proj", "k_proj", "v_proj", "q_norm", "k_norm", "attn_out", "gate_proj", "up_proj",
-                                "act_mul"), "columns"), "expert_outputs": "experts"}
-CAPTURED = ("embed_tokens", "input_layernorm", "q_proj", "k_proj", "v_proj", "q_norm", "k_norm", "attn_out", "o_proj",
-            "attn_residual", "post_attention_layernorm", "gate_proj", "up_proj", "act_mul", "down_proj",
-            "router_logits", "experts_selected", "routing_weights", "expert_outputs", "moe_out", "output",
-            "final_norm", "logits")
-KV_POINTS = ("k_proj", "v_proj", "k_norm")  # copies of a KV head on several ranks when there are fewer heads than ranks
+                                "act_mul"), "columns"), **dict.fromkeys(("q_rope", "k_rope"), "heads"),
+               "expert_outputs": "experts"}
+SPLIT_DIM = {"columns": -1, "heads": 1}  # q/k after RoPE are [B, heads, S, D]: each rank its heads
+# where there are fewer KV heads than ranks, copies of one KV head on several ranks
+KV_POINTS = ("k_proj", "v_proj", "k_norm", "k_rope")
 TOOLS = str(Path(__file__).resolve().parents[1])
 
 
@@ -80,8 +80,7 @@ class TensorParallelHFEngine:
     rank_slices, replicated_differences, rank_parts = {}, (), {}  # of the last capture()
     padding_sides = ("left", "right")
     OPTIONS = ("tensor_parallel_size", "enable_expert_parallel")
-    capabilities = frozenset({"new_cache", "attest", "capture", "ranks_of"})
-    captured_points = CAPTURED
+    capabilities = frozenset({"new_cache", "attest", "capture", "ranks_of", "rope"})
     # "path/to/file.py:function": run in every rank on the loaded model, function(model, rank), before any request:
     # how a plugin puts its own sharded layer (or, in the kit's tests, a rank's bug) in place
     rank_patch = None
@@ -183,6 +182,10 @@ class TensorParallelHFEngine:
     def forward(self, input_ids, position_ids, attention_mask=None, cache=None):
         return _unpack(self._request("forward", _pack((input_ids, position_ids, attention_mask)), cache))
 
+    def rope(self, x, position_ids):
+        """x [B, heads, S, D] rotated by rank 0's rotary embedding (the one every rank holds)."""
+        return _unpack(self._request("rope", _pack((x, position_ids))))
+
     def capture(self, input_ids, position_ids, layers=None):
         """Every rank's captures of one forward, unsharded by RANK_LAYOUT (module docstring)."""
         per_rank = [_unpack(raw) for raw in self._request("capture", _pack((input_ids, position_ids)))]
@@ -191,13 +194,14 @@ class TensorParallelHFEngine:
             parts = [captures[name] for captures in per_rank]
             point = name.rsplit(".", 1)[-1]
             layout = RANK_LAYOUT.get(point)
-            if layout == "columns" and point in KV_POINTS and self.kv_heads < self.size:
-                self._unshard_kv_copies(name, parts, out)
+            if layout in SPLIT_DIM and point in KV_POINTS and self.kv_heads < self.size:
+                self._unshard_kv_copies(name, parts, out, SPLIT_DIM[layout])
                 continue
-            if layout == "columns":
-                out[name] = torch.cat(parts, -1)
-                edges = torch.tensor([0] + [p.shape[-1] for p in parts]).cumsum(0).tolist()
-                self.rank_slices[name] = [(r, (..., slice(a, b))) for r, (a, b) in enumerate(zip(edges, edges[1:]))]
+            if layout in SPLIT_DIM:
+                dim = SPLIT_DIM[layout]
+                out[name] = torch.cat(parts, dim)
+                edges = torch.tensor([0] + [p.shape[dim] for p in parts]).cumsum(0).tolist()
+                self.rank_slices[name] = [(r, _block(dim, a, b)) for r, (a, b) in enumerate(zip(edges, edges[1:]))]
                 continue
             if layout == "experts" and self.experts_per_rank:  # all-reduced; each slot owned by its expert's rank
                 owner = per_rank[0][name.replace("expert_outputs", "experts_selected")] // self.experts_per_rank
@@ -206,13 +210,13 @@ class TensorParallelHFEngine:
             self._check_copies(name, parts, range(self.size))
         return out
 
-    def _unshard_kv_copies(self, name, parts, out):
+    def _unshard_kv_copies(self, name, parts, out, dim):
         """Fewer KV heads than ranks: rank r holds a copy of KV head r * kv_heads // size. The point is each head
         from the first rank holding it; every other copy is checked equal to that one."""
-        width = parts[0].shape[-1]
+        width = parts[0].shape[dim]
         holders = [[r for r in range(self.size) if r * self.kv_heads // self.size == h] for h in range(self.kv_heads)]
-        out[name] = torch.cat([parts[ranks[0]] for ranks in holders], -1)
-        self.rank_slices[name] = [(ranks[0], (..., slice(h * width, (h + 1) * width)))
+        out[name] = torch.cat([parts[ranks[0]] for ranks in holders], dim)
+        self.rank_slices[name] = [(ranks[0], _block(dim, h * width, (h + 1) * width))
                                   for h, ranks in enumerate(holders)]
         for ranks in holders:
             self._check_copies(name, parts, ranks)
@@ -238,6 +242,11 @@ class TensorParallelHFEngine:
         return {"engine": self.name, "tensor_parallel_size": self.size, "backend": "gloo",
                 "expert_parallel_size": self.size if self.experts_per_rank else 1, **self._placement,
                 "dtype": dtype_name(self.dtype)}
+
+
+def _block(dim, start, stop):
+    """The index of elements start:stop along `dim` (-1 or 1) of a tensor: `tensor[_block(...)]`."""
+    return (..., slice(start, stop)) if dim == -1 else (slice(None), slice(start, stop))
 
 
 def _stop(ranks, conns, listener):
@@ -269,7 +278,8 @@ def _patch(spec):
 
 
 def _rank_capture(model, ids, positions):
-    """This rank's tensors of one forward at the kit's points (CAPTURED), as they are on this rank."""
+    """This rank's tensors of one forward at every one of the kit's points (kitcore.points), as they are
+    on this rank."""
     from .engines import HFEngine
 
     out, hooks = {}, []
@@ -318,7 +328,19 @@ def _rank_capture(model, ids, positions):
     finally:
         for h in hooks:
             h.remove()
+    head_dim = base.layers[0].self_attn.head_dim
+    for i in range(len(base.layers)):  # HF rotates inside the attention, unhooked: q/k again with its own RoPE
+        for point in ("q", "k"):
+            flat = out.get(f"layers.{i}.{point}_norm", out[f"layers.{i}.{point}_proj"])
+            out[f"layers.{i}.{point}_rope"] = _rotate(model, flat.view(*flat.shape[:2], -1, head_dim).transpose(1, 2),
+                                                      positions)
     return out
+
+
+def _rotate(model, heads, positions):
+    """[B, heads, S, D] after the model's own rotary embedding."""
+    cos, sin = model.model.rotary_emb(heads, positions)
+    return importlib.import_module(type(model).__module__).apply_rotary_pos_emb(heads, heads, cos, sin)[0]
 
 
 def _placements(model):
@@ -371,6 +393,8 @@ def rank_main(model_path, dtype, attn, threads, address, authkey, rank_patch=Non
             with torch.no_grad():
                 if op == "capture":
                     answer = _pack(_rank_capture(model, *_unpack(args[0])))
+                elif op == "rope":
+                    answer = _pack(_rotate(model, *_unpack(args[0]))) if rank == 0 else None
                 elif op == "new_cache":
                     caches[len(caches)] = DynamicCache(config=model.config)
                     answer = len(caches) - 1
