@@ -78,20 +78,24 @@ def test_the_peer_of_ranks_adds_their_sums_as_they_do(llama_checkpoint, moe_chec
 INTERMEDIATE = f"{LLAMA}/test_intermediate_validation.py"
 
 
-@pytest.mark.parametrize("engine,first,finding", [
-    ("hf", None, None),
-    (f"{FAULTY_ENGINES}:OtherShardTPEngine", "layers.1.v_proj", "rank 1's share is the furthest off"),
-    (f"{FAULTY_ENGINES}:DivergentReplicaTPEngine", None, "rank 1's differs from rank 0's"),
-    (f"{FAULTY_ENGINES}:MissingAllReduceTPEngine", "layers.1.down_proj", "partial sums never all-reduced"),
-    (f"{FAULTY_ENGINES}:WrongQKVSplitTPEngine", "layers.1.q_proj", "rank 1's share is the furthest off")])
-def test_layer_by_layer_through_the_ranks_names_the_rank(engine, first, finding, llama_checkpoint, tmp_path):
+@pytest.mark.parametrize("engine,first,finding,dtype", [
+    ("hf", None, None, "float32"),
+    (f"{FAULTY_ENGINES}:OtherShardTPEngine", "layers.1.v_proj", "rank 1's share is the furthest off", "float32"),
+    (f"{FAULTY_ENGINES}:DivergentReplicaTPEngine", None, "rank 1's differs from rank 0's", "float32"),
+    (f"{FAULTY_ENGINES}:MissingAllReduceTPEngine", "layers.1.down_proj", "partial sums never all-reduced", "float32"),
+    (f"{FAULTY_ENGINES}:WrongQKVSplitTPEngine", "layers.1.q_proj", "rank 1's share is the furthest off", "float32"),
+    pytest.param(f"{FAULTY_ENGINES}:WrongQKVSplitTPEngine", "layers.1.q_proj", "rank 1's share is the furthest off",
+                 "bfloat16", marks=EXTENDED),
+    pytest.param(f"{FAULTY_ENGINES}:MissingAllReduceTPEngine", "layers.1.down_proj", "partial sums never all-reduced",
+                 "bfloat16", marks=EXTENDED)])
+def test_layer_by_layer_through_the_ranks_names_the_rank(engine, first, finding, dtype, llama_checkpoint, tmp_path):
     """Per-rank captures unsharded by HF's plan (column-parallel blocks concatenated in rank order, replicated
     tensors from rank 0, each other rank checked equal): a correct run passes; a rank reading rank 0's shard, or q/k/v
     shards cut from one fused matrix evenly by rank, is located at its layer, component and rank; a replica that
     differs is a finding of its own; a row-parallel projection without its all-reduce is located and its partial sums
     found."""
     r = run_script(INTERMEDIATE, "--model_path", llama_checkpoint, "--engine", engine, "--tensor_parallel_size", 2,
-                   "--dtype", "float32", json_path=tmp_path / "r.json")
+                   "--dtype", dtype, json_path=tmp_path / "r.json")
     assert r.code == (0 if first is None and finding is None else 1), r
     if engine == "hf":  # every point handed out, q/k after RoPE from each rank's heads, the RoPE check run
         assert "not seen" not in r.out and "RoPE: PASS" in r.out, r.out
