@@ -200,30 +200,41 @@ def test_vllm_in_process(model, dtype, script, code, llama_checkpoint, moe_check
 
 
 @needs_vllm
-def test_vllm_tensor_parallel_over_two_cpu_workers(llama_checkpoint):
+def test_vllm_tensor_parallel_over_two_cpu_workers(llama_checkpoint, tmp_path):
     """vLLM's CPU backend at tensor_parallel_size 2, a core bound to each worker (its own binding wants a NUMA node
-    per worker): passes end to end against a peer that adds the row-parallel sums as two ranks do."""
+    per worker): passes end to end against a peer that adds the row-parallel sums as two ranks do; layer by layer,
+    each worker's tensors unsharded, a checkpoint whose layer-1 v_proj rows of rank 1 (KV head 1) are x1.05 is located
+    at layers.1.v_proj, rank 1."""
     argv = [servers.VLLM_PYTHON, ROOT / INFERENCE, "--model_path", llama_checkpoint, "--engine", "vllm", "--dtype",
             "bfloat16", "--tensor_parallel_size", "2", "--require", "tensor_parallel_size=2"]
     proc = subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and "as the all-reduce does" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
+    faulty = copy_checkpoint(llama_checkpoint, tmp_path / "v_proj_rank1_x1.05")
 
-def test_vllm_workers_get_a_core_group_each_and_layer_by_layer_is_refused(monkeypatch):
-    """VLLM_CPU_OMP_THREADS_BIND cut from this process's cores; too few cores, or layer by layer over worker
-    processes the kit's hooks cannot reach: one line, exit 3."""
-    import torch
+    def scale_rank1_rows(sd):
+        weight = sd["model.layers.1.self_attn.v_proj.weight"].clone()
+        weight[weight.shape[0] // 2:] *= 1.05
+        sd["model.layers.1.self_attn.v_proj.weight"] = weight
+
+    edit_weights(faulty, scale_rank1_rows)
+    argv = [servers.VLLM_PYTHON, ROOT / INTERMEDIATE, "--model_path", faulty, "--reference_path", llama_checkpoint,
+            "--engine", "vllm", "--dtype", "bfloat16", "--tensor_parallel_size", "2", "--json", tmp_path / "iv.json"]
+    proc = subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((tmp_path / "iv.json").read_text())["first_divergence"] == {"layer": 1, "point": "v_proj"}
+    assert "rank 1's share is the furthest off" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_vllm_workers_get_a_core_group_each(monkeypatch):
+    """VLLM_CPU_OMP_THREADS_BIND cut from this process's cores; too few cores for the workers: one line, exit 3."""
     from kitcore.errors import Unavailable
-    from kitcore.serving import VLLMEngine, cpu_rank_binding
+    from kitcore.serving import cpu_rank_binding
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
     assert cpu_rank_binding(2) == "0,1|2,3"
     with pytest.raises(Unavailable, match="need a core each; this process has 5"):
         cpu_rank_binding(8)
-    engine = object.__new__(VLLMEngine)
-    engine._args = (None, None, None, None, None, 2)
-    with pytest.raises(Unavailable, match="layer by layer with --tensor_parallel_size 1 only"):
-        engine.capture(torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
 
 
 @needs_vllm

@@ -75,9 +75,66 @@ def _free_port():
         return s.getsockname()[1]
 
 
-class TensorParallelHFEngine:
+class RankCaptures:
+    """Captures handed out by every rank, unsharded by RANK_LAYOUT (module docstring); an engine spread over ranks
+    sets `size`, `kv_heads` and `experts_per_rank` (None without expert parallelism) and offers ranks_of()."""
+
+    rank_slices, replicated_differences, rank_parts = {}, (), {}  # of the last unshard()
+
+    def unshard(self, per_rank):
+        """[{point: this rank's tensor}] in rank order -> {point: the whole tensor}."""
+        out, self.rank_slices, self.replicated_differences, self.rank_parts = {}, {}, [], {}
+        for name in per_rank[0]:
+            parts = [captures[name] for captures in per_rank]
+            point = name.rsplit(".", 1)[-1]
+            layout = RANK_LAYOUT.get(point)
+            if layout in SPLIT_DIM and point in KV_POINTS and self.kv_heads < self.size:
+                self._unshard_kv_copies(name, parts, out, SPLIT_DIM[layout])
+                continue
+            if layout in SPLIT_DIM:
+                dim = SPLIT_DIM[layout]
+                out[name] = torch.cat(parts, dim)
+                edges = torch.tensor([0] + [p.shape[dim] for p in parts]).cumsum(0).tolist()
+                self.rank_slices[name] = [(r, _block(dim, a, b)) for r, (a, b) in enumerate(zip(edges, edges[1:]))]
+                continue
+            if layout == "experts" and self.experts_per_rank:  # all-reduced; each slot owned by its expert's rank
+                owner = per_rank[0][name.replace("expert_outputs", "experts_selected")] // self.experts_per_rank
+                self.rank_slices[name] = [(rank, owner == rank) for rank in range(self.size)]
+            out[name] = parts[0]
+            self._check_copies(name, parts, range(self.size))
+        return out
+
+    def _unshard_kv_copies(self, name, parts, out, dim):
+        """Fewer KV heads than ranks: rank r holds a copy of KV head r * kv_heads // size. The point is each head
+        from the first rank holding it; every other copy is checked equal to that one."""
+        width = parts[0].shape[dim]
+        holders = [[r for r in range(self.size) if r * self.kv_heads // self.size == h] for h in range(self.kv_heads)]
+        out[name] = torch.cat([parts[ranks[0]] for ranks in holders], dim)
+        self.rank_slices[name] = [(ranks[0], _block(dim, h * width, (h + 1) * width))
+                                  for h, ranks in enumerate(holders)]
+        for ranks in holders:
+            self._check_copies(name, parts, ranks)
+
+    def _check_copies(self, name, parts, ranks):
+        """Every rank of `ranks` holds what the first one does; those that do not are findings."""
+        first, *others = ranks
+        differing = [(name, r, first) for r in others if not torch.equal(parts[r], parts[first])]
+        if differing:
+            self.replicated_differences += differing
+            self.rank_parts[name] = parts
+
+    def ranks_of(self, name):
+        """("computed", [(rank, index)]): which elements of a point of the last capture each rank computed (`tensor[index]`:
+        a block of the last dimension, or a mask of expert_outputs' slots under expert parallelism); for a replicated
+        point that differs between ranks, ("held", [(rank, its whole tensor)]); else None."""
+        if name in self.rank_parts and name not in self.rank_slices:
+            return "held", list(enumerate(self.rank_parts[name]))
+        indices = self.rank_slices.get(name)
+        return None if indices is None else ("computed", indices)
+
+
+class TensorParallelHFEngine(RankCaptures):
     name = "hf-tp"
-    rank_slices, replicated_differences, rank_parts = {}, (), {}  # of the last capture()
     padding_sides = ("left", "right")
     OPTIONS = ("tensor_parallel_size", "enable_expert_parallel")
     capabilities = frozenset({"new_cache", "attest", "capture", "ranks_of", "rope"})
@@ -188,55 +245,7 @@ class TensorParallelHFEngine:
 
     def capture(self, input_ids, position_ids, layers=None):
         """Every rank's captures of one forward, unsharded by RANK_LAYOUT (module docstring)."""
-        per_rank = [_unpack(raw) for raw in self._request("capture", _pack((input_ids, position_ids)))]
-        out, self.rank_slices, self.replicated_differences, self.rank_parts = {}, {}, [], {}
-        for name in per_rank[0]:
-            parts = [captures[name] for captures in per_rank]
-            point = name.rsplit(".", 1)[-1]
-            layout = RANK_LAYOUT.get(point)
-            if layout in SPLIT_DIM and point in KV_POINTS and self.kv_heads < self.size:
-                self._unshard_kv_copies(name, parts, out, SPLIT_DIM[layout])
-                continue
-            if layout in SPLIT_DIM:
-                dim = SPLIT_DIM[layout]
-                out[name] = torch.cat(parts, dim)
-                edges = torch.tensor([0] + [p.shape[dim] for p in parts]).cumsum(0).tolist()
-                self.rank_slices[name] = [(r, _block(dim, a, b)) for r, (a, b) in enumerate(zip(edges, edges[1:]))]
-                continue
-            if layout == "experts" and self.experts_per_rank:  # all-reduced; each slot owned by its expert's rank
-                owner = per_rank[0][name.replace("expert_outputs", "experts_selected")] // self.experts_per_rank
-                self.rank_slices[name] = [(rank, owner == rank) for rank in range(self.size)]
-            out[name] = parts[0]
-            self._check_copies(name, parts, range(self.size))
-        return out
-
-    def _unshard_kv_copies(self, name, parts, out, dim):
-        """Fewer KV heads than ranks: rank r holds a copy of KV head r * kv_heads // size. The point is each head
-        from the first rank holding it; every other copy is checked equal to that one."""
-        width = parts[0].shape[dim]
-        holders = [[r for r in range(self.size) if r * self.kv_heads // self.size == h] for h in range(self.kv_heads)]
-        out[name] = torch.cat([parts[ranks[0]] for ranks in holders], dim)
-        self.rank_slices[name] = [(ranks[0], _block(dim, h * width, (h + 1) * width))
-                                  for h, ranks in enumerate(holders)]
-        for ranks in holders:
-            self._check_copies(name, parts, ranks)
-
-    def _check_copies(self, name, parts, ranks):
-        """Every rank of `ranks` holds what the first one does; those that do not are findings."""
-        first, *others = ranks
-        differing = [(name, r, first) for r in others if not torch.equal(parts[r], parts[first])]
-        if differing:
-            self.replicated_differences += differing
-            self.rank_parts[name] = parts
-
-    def ranks_of(self, name):
-        """("computed", [(rank, index)]): which elements of a point of the last capture each rank computed (`tensor[index]`:
-        a block of the last dimension, or a mask of expert_outputs' slots under expert parallelism); for a replicated
-        point that differs between ranks, ("held", [(rank, its whole tensor)]); else None."""
-        if name in self.rank_parts and name not in self.rank_slices:
-            return "held", list(enumerate(self.rank_parts[name]))
-        indices = self.rank_slices.get(name)
-        return None if indices is None else ("computed", indices)
+        return self.unshard([_unpack(raw) for raw in self._request("capture", _pack((input_ids, position_ids)))])
 
     def attest(self):
         return {"engine": self.name, "tensor_parallel_size": self.size, "backend": "gloo",

