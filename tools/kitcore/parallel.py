@@ -13,13 +13,15 @@ With --enable_expert_parallel (a Qwen3-MoE model) HF's expert plan spreads the e
 (EP = TP, as InfiniLM ties them): each rank runs its own experts on every token, the others' routes masked, and an
 all-reduce sums them.
 
-Layer by layer (capture()): every rank hands out its own tensors, unsharded by the layout of HF's plan (RANK_LAYOUT):
-the outputs of the column-parallel projections (and Qwen3's per-head q/k norms) and the inputs of the row-parallel
-ones are each rank's block of features, concatenated in rank order; under expert parallelism each [token, k] slot of
-expert_outputs belongs to the rank that holds the expert; everything else is replicated after the all-reduce and taken
-from rank 0, each other rank checked equal to it (a difference is a finding of its own: `replicated_differences`).
-ranks_of() says which elements of a point each rank computed, so a first divergence names the rank. Not yet:
-partial sums before the all-reduce, NCCL ranks.
+Layer by layer (capture()): every rank hands out its own tensors, unsharded by the layout of the plan (RANK_LAYOUT,
+RankCaptures; vLLM's workers are unsharded the same way): the outputs of the column-parallel projections (and
+Qwen3's per-head q/k norms, q/k after RoPE by heads) and the inputs of the row-parallel ones are each rank's block,
+concatenated in rank order; copies of a KV head where there are fewer KV heads than ranks, each from its first
+holder; under expert parallelism each [token, k] slot of expert_outputs belongs to the rank that holds the expert;
+everything else is replicated after the all-reduce and taken from rank 0. Every copy is checked equal to the one
+taken (a difference is a finding of its own: `replicated_differences`). ranks_of() says which elements of a point
+each rank computed, so a first divergence names the rank. The peer of a candidate over ranks adds its sums as the
+ranks do (sum_as_ranks). Not yet: partial sums before the all-reduce as points, NCCL ranks.
 """
 
 import importlib
