@@ -9,7 +9,7 @@ INFERENCE = f"{LLAMA}/test_llama_inference.py"
 FORWARD = f"{LLAMA}/test_forward_validation.py"
 
 
-@pytest.mark.parametrize("family,dtype", [("llama", "float32"), ("qwen3_moe", "bfloat16"),
+@pytest.mark.parametrize("family,dtype", [("llama", "float32"), pytest.param("qwen3_moe", "bfloat16", marks=EXTENDED),
                                           pytest.param("llama", "bfloat16", marks=EXTENDED),
                                           pytest.param("qwen3_moe", "float32", marks=EXTENDED)])
 def test_two_ranks_pass_end_to_end(family, dtype, llama_checkpoint, moe_checkpoint):
@@ -178,7 +178,7 @@ def test_kv_heads_copied_to_more_ranks_than_heads(engine, code, llama_checkpoint
 
 
 @pytest.mark.parametrize("family,argv,tensor,first,rank", [
-    ("llama", (), "model.layers.1.mlp.down_proj.weight", "down_proj", None),
+    pytest.param("llama", (), "model.layers.1.mlp.down_proj.weight", "down_proj", None, marks=EXTENDED),
     ("qwen3_moe", ("--enable_expert_parallel",), "model.layers.1.mlp.experts.6.down_proj.weight", "expert_outputs",
      "rank 1's share is the furthest off")])
 def test_a_checkpoint_fault_read_by_the_ranks_is_located(family, argv, tensor, first, rank, llama_checkpoint,
