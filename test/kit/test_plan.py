@@ -37,6 +37,14 @@ def test_plan_from_a_config_alone(config, billions, active, tmp_path):
     assert plan["estimated_reference_seconds"] > 0
 
 
+def test_plan_over_ranks(tmp_path):
+    """Qwen3-235B over 8 ranks in bfloat16: 438 GiB in all; its decoder layers split, the embeddings and LM head on
+    every rank."""
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_235B))
+    r = run_script(INFERENCE, "--plan", "--model_path", tmp_path, "--tensor_parallel_size", 8)
+    assert r.code == 0 and "over 8 ranks: about 56.77 GiB each, 454.1 GiB together" in r.out, r
+
+
 def test_plan_needs_a_config(tmp_path):
     r = run_script(INFERENCE, "--plan")
     assert r.code == 2 and "--plan needs --model_path" in r.err, r

@@ -248,6 +248,11 @@ def print_plan(args, script):
           f"{p.reference_bytes_per_layer / gib:.2f} GiB; streamed (one layer + embedding + LM head) "
           f"{p.reference_bytes_streamed / gib:.2f} GiB")
     print(f"  candidate ({devices.dtype_name(args.dtype)}): {p.candidate_bytes / gib:.1f} GiB")
+    ranks = getattr(args, "tensor_parallel_size", 1) or 1
+    if ranks > 1:  # the decoder layers' matrices split over the ranks, the embeddings, LM head and norms on each
+        per_rank = p.candidate_bytes * (p.layers * p.parameters_per_layer / ranks + p.parameters - p.layers
+                                        * p.parameters_per_layer) / p.parameters
+        print(f"  over {ranks} ranks: about {per_rank / gib:.2f} GiB each, {ranks * per_rank / gib:.1f} GiB together")
     print(f"  reference cache per 1k tokens: logits {p.reference_cache_bytes_per_1k_tokens / 2**20:.0f} MiB, "
           f"every capture point {p.capture_cache_bytes_per_1k_tokens / gib:.2f} GiB")
     print(f"  estimated reference forward of {p.tokens} tokens on this CPU: {p.estimated_reference_seconds:.0f} s "
