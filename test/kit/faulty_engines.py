@@ -61,6 +61,15 @@ class GQAOffByOneEngine(HFEngine):
         self.model.config._attn_implementation = "kit_gqa_off_by_one"
 
 
+class DroppedBiasEngine(HFEngine):
+    """Layer 1's o_proj without its bias (a fused kernel that takes none)."""
+
+    def __init__(self, model_path, device, dtype, attn="sdpa"):
+        super().__init__(model_path, device, dtype, attn)
+        module = self.model.model.layers[1].self_attn.o_proj
+        module.forward = lambda x: torch.nn.functional.linear(x, module.weight)
+
+
 class RecomputingEngine:
     """A correct engine whose KV cache the kit cannot reach (a third-party runtime that takes whole prompts):
     its "cache" is the tokens so far, and every forward recomputes the prefix. It says so."""

@@ -148,26 +148,32 @@ def biased_llama(llama_checkpoint, tmp_path_factory):
     return ckpt
 
 
-@pytest.mark.parametrize("engine,dtype", [("hf", "bfloat16"), ("BiasOnEveryRankTPEngine", "bfloat16"),
-                                          pytest.param("BiasOnEveryRankTPEngine", "float32", marks=EXTENDED)])
-def test_a_row_parallel_bias_added_on_every_rank(engine, dtype, biased_llama, tmp_path):
-    """HF adds a row-parallel projection's bias once, after the all-reduce: passes. Added to each rank's partial sum,
-    it is located at layers.1.o_proj and found to be the bias added twice."""
+@pytest.mark.parametrize("engine,dtype,ranks,found", [
+    ("BiasOnEveryRankTPEngine", "bfloat16", 2, "off by 1.00x its bias on every token"),
+    ("DroppedBiasEngine", "float32", 1, "off by -1.00x its bias on every token"),
+    pytest.param("hf", "bfloat16", 2, None, marks=EXTENDED),
+    pytest.param("BiasOnEveryRankTPEngine", "float32", 2, "off by 1.00x its bias on every token", marks=EXTENDED)])
+def test_a_bias_added_on_every_rank_or_never(engine, dtype, ranks, found, biased_llama, tmp_path):
+    """HF adds a row-parallel projection's bias once, after the all-reduce: passes (and layer 0 does so in the
+    faulty runs). Added to each rank's partial sum, it is located at layers.1.o_proj and found to be the bias added
+    twice; a kernel that drops it, found to be the bias never added."""
     spec = engine if engine == "hf" else f"{FAULTY_ENGINES}:{engine}"
-    r = run_script(INTERMEDIATE, "--model_path", biased_llama, "--engine", spec, "--tensor_parallel_size", 2,
-                   "--dtype", dtype, json_path=tmp_path / "r.json")
-    if engine == "hf":
+    argv = ["--tensor_parallel_size", ranks] if ranks > 1 else []
+    r = run_script(INTERMEDIATE, "--model_path", biased_llama, "--engine", spec, "--dtype", dtype, *argv,
+                   json_path=tmp_path / "r.json")
+    if found is None:
         assert r.code == 0, r
         return
     assert r.code == 1 and r.json["first_divergence"] == {"layer": 1, "point": "o_proj"}, r
-    assert "off by 1.00x its bias on every token" in r.out and "the bias added 2 times" in r.out, r.out
+    assert found in r.out and ("added 2 times" if ranks > 1 else "never added") in r.out, r.out
 
 
-@pytest.mark.parametrize("engine,code", [("ReplicatedKVTPEngine", 0), ("KVHeadsWrongOffsetTPEngine", 1)])
+@pytest.mark.parametrize("engine,code", [pytest.param("ReplicatedKVTPEngine", 0, marks=EXTENDED),
+                                         ("KVHeadsWrongOffsetTPEngine", 1)])
 def test_kv_heads_copied_to_more_ranks_than_heads(engine, code, llama_checkpoint, tmp_path):
-    """Two KV heads over four ranks: a sharded attention that copies KV head r * 2 // 4 to rank r passes; one that
-    takes layer 1's at rank % 2 is located at layers.1.k_proj, rank 2 named (the first holder of head 1), and the
-    copies that differ (rank 1 from rank 0, rank 3 from rank 2) are findings."""
+    """Two KV heads over four ranks: a sharded attention that copies KV head r * 2 // 4 to rank r passes (layer 0 of
+    the faulty one too); one that takes layer 1's at rank % 2 is located at layers.1.k_proj, rank 2 named (the first
+    holder of head 1), and the copies that differ (rank 1 from rank 0, rank 3 from rank 2) are findings."""
     r = run_script(INTERMEDIATE, "--model_path", llama_checkpoint, "--engine", f"{FAULTY_ENGINES}:{engine}",
                    "--tensor_parallel_size", 4, "--dtype", "float32", json_path=tmp_path / "r.json")
     assert r.code == code, r

@@ -487,8 +487,10 @@ def bias_finding(name, candidate, reference, checkpoint):
     rest = float((error - times * bias).pow(2).sum() / error.pow(2).sum().clamp_min(1e-300))
     if rest > 1e-2 or abs(times) < 0.5:
         return None
-    return (f"{name} is off by {times:.2f}x its bias on every token (the rest {rest:.1e} of the error): the bias "
-            f"added {round(times) + 1} times (a row-parallel bias added on every rank?)")
+    added = round(times) + 1
+    what = ("never added" if added == 0 else f"added {added} times (a row-parallel bias added on every rank?)"
+            if added > 1 else f"scaled by {times + 1:.2f}")
+    return f"{name} is off by {times:.2f}x its bias on every token (the rest {rest:.1e} of the error): the bias {what}"
 
 
 def validate_rows(run, judge, peer, dual, verdict, cand=None, results=None, other=None):
