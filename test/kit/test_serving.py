@@ -188,9 +188,11 @@ def test_vllm_served_passes_all_and_top_20(llama_checkpoint, tmp_path):
 
 @needs_vllm
 @pytest.mark.parametrize("model, dtype, script, code", [
-    ("llama", "float32", INFERENCE, 0), ("qwen3_moe", "bfloat16", FORWARD, 0), ("faulty", "float32", INFERENCE, 1)])
+    ("llama", "bfloat16", INFERENCE, 0), pytest.param("llama", "float32", INFERENCE, 0, marks=EXTENDED),
+    ("qwen3_moe", "bfloat16", FORWARD, 0), ("faulty", "float32", INFERENCE, 1)])
 def test_vllm_in_process(model, dtype, script, code, llama_checkpoint, moe_checkpoint, faulty_llama):
-    """The kit's scripts as they are, run by .venv-vllm's Python; the faulty checkpoint against the correct one."""
+    """The kit's scripts as they are, run by .venv-vllm's Python; the faulty checkpoint against the correct one. The
+    correct one in bfloat16: in float32 vLLM's CPU kernels flake in full-suite runs (tools/measurements.md)."""
     ckpt = {"llama": llama_checkpoint, "qwen3_moe": moe_checkpoint, "faulty": faulty_llama}[model]
     argv = [servers.VLLM_PYTHON, ROOT / script, "--model_path", ckpt, "--engine", "vllm", "--dtype", dtype]
     argv += ["--decode_steps", "4"] if script == FORWARD else []
