@@ -803,3 +803,13 @@ class KVHeadsWrongOffsetTPEngine(TensorParallelHFEngine):
     """KV heads copied to more ranks than there are heads, layer 1's at the wrong offset."""
 
     rank_patch = f"{__file__}:replicate_kv_heads_wrong_offset"
+
+
+def raise_on_load(model, rank):
+    raise ValueError("a shape this plugin did not expect")
+
+
+class RaisingPatchTPEngine(TensorParallelHFEngine):
+    """HF tensor parallelism whose rank_patch raises: the engine's failure, not the kit's."""
+
+    rank_patch = f"{__file__}:raise_on_load"

@@ -53,9 +53,17 @@ def test_tensor_parallel_refusals_are_one_line(llama_checkpoint, moe_checkpoint)
     assert r.code == 2 and "add --tensor_parallel_size N" in r.err, r
     r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--tensor_parallel_size", 2, "--enable_expert_parallel")
     assert r.code == 2 and "has no experts" in r.err, r
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--tensor_parallel_size", 3)
+    assert r.code == 3 and "attention heads 4, intermediate_size 256 do not split evenly" in r.err, r
     # two KV heads over four ranks: HF's plan would cut a head in two
     r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--tensor_parallel_size", 4)
     assert r.code == 3 and "cannot replicate them" in r.err and "Traceback" not in r.err, r
+
+
+def test_a_rank_patch_that_raises_is_the_engines_failure(llama_checkpoint):
+    r = run_script(INFERENCE, "--model_path", llama_checkpoint, "--engine", f"{FAULTY_ENGINES}:RaisingPatchTPEngine",
+                   "--tensor_parallel_size", 2)
+    assert r.code == 1 and "raised on rank" in r.out and "a shape this plugin did not expect" in r.out, r
 
 
 def test_the_peer_of_ranks_adds_their_sums_as_they_do(llama_checkpoint, moe_checkpoint):

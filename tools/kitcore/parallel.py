@@ -41,7 +41,7 @@ import torch
 
 from .checkpoints import open_checkpoint
 from .devices import dtype_name
-from .errors import Unavailable, UsageError
+from .errors import EngineFailed, Unavailable, UsageError
 
 LOAD_TIMEOUT_S = 600
 REQUEST_TIMEOUT_S = 600
@@ -126,9 +126,10 @@ class RankCaptures:
             self.rank_parts[name] = parts
 
     def ranks_of(self, name):
-        """("computed", [(rank, index)]): which elements of a point of the last capture each rank computed (`tensor[index]`:
-        a block of the last dimension, or a mask of expert_outputs' slots under expert parallelism); for a replicated
-        point that differs between ranks, ("held", [(rank, its whole tensor)]); else None."""
+        """("computed", [(rank, index)]): which elements of a point of the last capture each rank computed
+        (`tensor[index]`: a block along the split dimension, or a mask of expert_outputs' slots under expert
+        parallelism); for a replicated point that differs between ranks, ("held", [(rank, its whole tensor)]);
+        else None."""
         if name in self.rank_parts and name not in self.rank_slices:
             return "held", list(enumerate(self.rank_parts[name]))
         indices = self.rank_slices.get(name)
@@ -159,6 +160,14 @@ class TensorParallelHFEngine(RankCaptures):
         self.experts_per_rank = experts // tensor_parallel_size if enable_expert_parallel else None
         self.ranks = {"tensor_parallel_size": tensor_parallel_size, "expert_parallel": enable_expert_parallel}
         self.kv_heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
+        split = {"attention heads": config.get("num_attention_heads"),
+                 "intermediate_size": config.get("intermediate_size")}
+        if not enable_expert_parallel:  # each expert's intermediate split too
+            split["moe_intermediate_size"] = config.get("moe_intermediate_size")
+        uneven = [f"{what} {n}" for what, n in split.items() if n and n % tensor_parallel_size]
+        if uneven:
+            raise Unavailable(f"--tensor_parallel_size {tensor_parallel_size}: {', '.join(uneven)} do not split evenly "
+                              "over the ranks; choose a size that divides them")
         if self.kv_heads % tensor_parallel_size and tensor_parallel_size % self.kv_heads or (
                 self.kv_heads < tensor_parallel_size and self.rank_patch is None):
             raise Unavailable(f"--tensor_parallel_size {tensor_parallel_size} over {self.kv_heads} KV heads: HF's plan "
@@ -181,9 +190,13 @@ class TensorParallelHFEngine(RankCaptures):
                                                 stderr=subprocess.PIPE, text=True))
         for conn in self._accept_all():
             rank, status, detail = self._receive(conn, LOAD_TIMEOUT_S)
+            if status == "patch error":
+                self.close()
+                raise EngineFailed(f"rank_patch {self.rank_patch} raised on rank {rank}: {detail}")
             if status != "ready":
                 self.close()
-                raise RuntimeError(f"rank {rank} could not load the model: {detail}")
+                raise Unavailable(f"--tensor_parallel_size {tensor_parallel_size}: HF could not load the model over "
+                                  f"the ranks (rank {rank}: {detail})")
             self._conns[rank] = conn
             if rank == 0:
                 self._placement = detail
@@ -202,7 +215,7 @@ class TensorParallelHFEngine(RankCaptures):
             thread.join(0.2)
         if len(accepted) < len(self._ranks):
             self.close()
-            raise RuntimeError(f"a tensor-parallel rank did not start{self._stderr()}")
+            raise Unavailable(f"a tensor-parallel rank did not start{self._stderr()}")
         return accepted
 
     def _stderr(self):
@@ -217,12 +230,12 @@ class TensorParallelHFEngine(RankCaptures):
     def _receive(self, conn, timeout):
         if not conn.poll(timeout):
             self.close()
-            raise RuntimeError(f"a tensor-parallel rank sent nothing for {timeout} s{self._stderr()}")
+            raise EngineFailed(f"a tensor-parallel rank sent nothing for {timeout} s{self._stderr()}")
         try:
             return conn.recv()
         except EOFError:
             self.close()
-            raise RuntimeError(f"a tensor-parallel rank died{self._stderr()}") from None
+            raise EngineFailed(f"a tensor-parallel rank died{self._stderr()}") from None
 
     def _request(self, op, *args):
         """`op` on every rank (each runs it: the collectives need all of them): rank 0's answer, or every rank's for
@@ -232,7 +245,7 @@ class TensorParallelHFEngine(RankCaptures):
         answers = [self._receive(conn, REQUEST_TIMEOUT_S) for conn in self._conns]
         for rank, status, detail in answers:
             if status != "ok":
-                raise RuntimeError(f"rank {rank}: {detail}")
+                raise EngineFailed(f"tensor-parallel rank {rank} raised {detail}")
         return [answer for _, _, answer in answers] if op == "capture" else answers[0][2]
 
     def new_cache(self):
@@ -387,13 +400,17 @@ def rank_main(model_path, dtype, attn, threads, address, authkey, rank_patch=Non
             spread = dict(tp_plan="auto")
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype), attn_implementation=attn,
                                                      **spread).eval()
-        if rank_patch:
-            with torch.no_grad():
-                _patch(rank_patch)(model, rank)
-        conn.send((rank, "ready", _placements(model)))
     except Exception as exc:  # the parent reports it and stops every rank
         conn.send((rank, "error", f"{type(exc).__name__}: {exc}"))
         return
+    try:
+        if rank_patch:
+            with torch.no_grad():
+                _patch(rank_patch)(model, rank)
+    except Exception as exc:  # the engine's own code: its failure
+        conn.send((rank, "patch error", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send((rank, "ready", _placements(model)))
     cache_kwarg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
     caches = {}
     while True:
