@@ -574,8 +574,6 @@ def load_engine(spec, model_path, device, dtype, attn, options=None):
     if options.get("enable_expert_parallel") and (options.get("tensor_parallel_size") or 1) < 2:
         raise UsageError("--enable_expert_parallel spreads the experts over the tensor-parallel ranks: "
                          "add --tensor_parallel_size N (N >= 2)")
-    if not options.get("enable_expert_parallel"):
-        options.pop("enable_expert_parallel", None)
     accepted = getattr(cls, "OPTIONS", ())
     if options.get("engine_args") is not None and "engine_args" not in accepted:
         raise UsageError(f"--engine_args: engine {spec!r} takes no engine settings; drop --engine_args")

@@ -153,10 +153,11 @@ class TensorParallelHFEngine(RankCaptures):
         self.device, self.dtype, self.size = device, dtype, tensor_parallel_size
         config = open_checkpoint(model_path).config
         self.model_type, experts = config.get("model_type"), config.get("num_experts") or 0
-        if enable_expert_parallel and (not experts or experts % tensor_parallel_size):
+        if enable_expert_parallel and not experts:
+            raise UsageError(f"--enable_expert_parallel: this {self.model_type} model has no experts; drop it")
+        if enable_expert_parallel and experts % tensor_parallel_size:
             raise UsageError(f"--enable_expert_parallel: {experts} experts do not spread evenly over "
-                             f"{tensor_parallel_size} ranks" if experts else
-                             f"--enable_expert_parallel: this {self.model_type} model has no experts; drop it")
+                             f"{tensor_parallel_size} ranks")
         self.experts_per_rank = experts // tensor_parallel_size if enable_expert_parallel else None
         self.ranks = {"tensor_parallel_size": tensor_parallel_size, "expert_parallel": enable_expert_parallel}
         self.kv_heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
@@ -168,8 +169,8 @@ class TensorParallelHFEngine(RankCaptures):
         if uneven:
             raise Unavailable(f"--tensor_parallel_size {tensor_parallel_size}: {', '.join(uneven)} do not split evenly "
                               "over the ranks; choose a size that divides them")
-        if self.kv_heads % tensor_parallel_size and tensor_parallel_size % self.kv_heads or (
-                self.kv_heads < tensor_parallel_size and self.rank_patch is None):
+        # fewer KV heads than ranks need copies of them, which only a rank_patch of the engine's own makes
+        if self.kv_heads % tensor_parallel_size and (tensor_parallel_size % self.kv_heads or self.rank_patch is None):
             raise Unavailable(f"--tensor_parallel_size {tensor_parallel_size} over {self.kv_heads} KV heads: HF's plan "
                               "cuts the KV heads evenly by rank and cannot replicate them; an engine that does puts "
                               "its attention in every rank with rank_patch (tools/kitcore/parallel.py)")
