@@ -40,7 +40,7 @@ class NotWhatWasAsked(KitError):
 
 
 class EngineFailed(KitError):
-    """The engine under test stopped working mid-check (a worker process died): its verdict (fail)."""
+    """The engine under test stopped working mid-check (a worker or rank died, hung or raised): its verdict (fail)."""
 
     exit_code = EXIT_FAIL
 

